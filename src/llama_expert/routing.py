@@ -1,0 +1,107 @@
+"""Noisy top-k gating (Shazeer et al. 2017) and the two router losses of DESIGN.md section 2.
+
+The router always runs in float32: bf16 logits tie and flip top-k choices between runs, and the
+z-loss squares a logsumexp that overflows half precision quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    """One routing decision for N tokens."""
+
+    indices: torch.Tensor  # [N, k] chosen experts, distinct within a row
+    gates: torch.Tensor  # [N, k] float32, softmax over the k kept logits, rows sum to 1
+    probs: torch.Tensor  # [N, E] float32, softmax over all E routing logits
+    logits: torch.Tensor  # [N, E] float32, clean logits h @ W_g (no noise)
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss ``E * sum_i f_i * P_i``; exactly 1 for uniform routing.
+
+    ``f_i``: fraction of the T*k (token, slot) assignments sent to expert i; ``P_i``: mean router
+    probability of expert i. Padding tokens (mask == False) count in neither.
+    """
+    if mask is not None:
+        probs, indices = probs[mask], indices[mask]
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    assignments = F.one_hot(indices, num_experts).to(probs.dtype)  # [T, k, E]
+    fraction = assignments.sum(dim=(0, 1)) / (indices.shape[0] * indices.shape[1])
+    mean_prob = probs.mean(dim=0)
+    return num_experts * torch.sum(fraction * mean_prob)
+
+
+def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ST-MoE z-loss ``mean_t (logsumexp_j z_tj)^2``: keeps router logits small and stable."""
+    if mask is not None:
+        logits = logits[mask]
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class NoisyTopKGating(nn.Module):
+    """Router ``z = h W_g``; in training adds ``eps * softplus(h W_noise)``; keeps the top k.
+
+    After each forward the module holds the losses of that pass (``aux_loss``, ``z_loss``) and adds the
+    chosen experts to ``expert_counts`` so that usage statistics need no second pass.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise: bool = True):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} > num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noise = noise
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=torch.float32)) \
+            if noise else None
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5 * 0.1)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def reset_statistics(self) -> None:
+        self.expert_counts.zero_()
+        self.entropy_sum.zero_()
+        self.tokens_seen.zero_()
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Routing:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self._route(hidden.float(), mask)
+
+    def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
+        logits = F.linear(hidden, self.weight)
+        routing_logits = logits
+        if self.training and self.noise:
+            noise_std = F.softplus(F.linear(hidden, self.noise_weight))
+            routing_logits = logits + torch.randn_like(logits) * noise_std
+        top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
+        gates = torch.softmax(top_logits, dim=-1)
+        probs = torch.softmax(routing_logits, dim=-1)
+        self.aux_loss = load_balancing_loss(probs, indices, self.num_experts, mask)
+        self.z_loss = router_z_loss(logits, mask)
+        self._record(indices, probs, mask)
+        return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
+
+    @torch.no_grad()
+    def _record(self, indices: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if mask is not None:
+            indices, probs = indices[mask], probs[mask]
+        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).double()
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        self.entropy_sum += entropy.sum().double()
+        self.tokens_seen += indices.shape[0]
