@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ExpertConfig
 from .errors import AdapterError, ConfigError
-from .surgery import adapter_state_dict, augment_model, is_augmented
+from .surgery import adapter_state_dict, augment_model, is_augmented, remove_adapters
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -74,7 +74,7 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], base_model_name_or_
         "format_version": FORMAT_VERSION,
         "library": "llama-expert",
         "peft_type": "LLAMA_EXPERT_MOE",
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "base_model_architecture": architecture_fingerprint(model),
         "base_model_weights_checksum": weights_checksum(model),
         "expert_config": model.expert_config.to_dict(),
@@ -136,11 +136,14 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights} is corrupt ({exc}). Re-save or re-train the adapter.") from exc
-    if not is_augmented(model):
+    augmented_here = not is_augmented(model)
+    if augmented_here:
         augment_model(model, config)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
+        if augmented_here:
+            remove_adapters(model)  # leave the model as it was given
         raise AdapterError(f"{weights} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
     with torch.no_grad():
         for key, target in expected.items():
@@ -162,8 +165,12 @@ def load_augmented_model(model_id: Optional[str] = None, adapter_path: Optional[
     from .models import DEFAULT_MODEL, load_base_model
 
     meta = read_adapter_config(adapter_path) if adapter_path is not None else None
-    if model_id is None:
-        model_id = (meta or {}).get("base_model_name_or_path") or DEFAULT_MODEL
+    if model_id is None and meta is not None:
+        model_id = meta.get("base_model_name_or_path")
+        if not model_id:
+            raise AdapterError(f"the adapter in {adapter_path} does not record its base model; pass model_id "
+                               f"(--model) explicitly.")
+    model_id = model_id or DEFAULT_MODEL
     if meta is not None and config is not None:
         raise ConfigError("pass either adapter_path or config: an adapter carries its own ExpertConfig.")
     config = config or ExpertConfig()

@@ -114,6 +114,8 @@ class ExpertConfig:
         if alloc == "uniform":
             return [self.num_experts] * num_layers
         high = self.num_experts
+        if num_layers <= 2:
+            return [high] * num_layers
         low = max(self.top_k, math.ceil(high / 2))
         mid = (low + high) / 2
         counts = []
@@ -123,8 +125,8 @@ class ExpertConfig:
             if layer < first_end:
                 value = low
             elif layer < middle_end:
-                span = max(1, middle_end - 1 - first_end)
-                value = mid + (high - mid) * (layer - first_end) / span
+                span = middle_end - 1 - first_end
+                value = high if span <= 0 else mid + (high - mid) * (layer - first_end) / span
             else:
                 span = max(1, num_layers - 1 - middle_end)
                 value = mid + (low - mid) * (layer - middle_end) / span

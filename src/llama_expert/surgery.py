@@ -60,6 +60,7 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
         device = next(layer.mlp.parameters()).device
         with torch.device(device):  # build in place: works for CPU, CUDA and the meta device alike
             adapter = MoEAdapter(layer.mlp, hidden_size, num_experts, config, token_mask)
+        adapter.train(model.training)  # a new module starts in training mode; follow the model's mode
         layer.mlp = adapter
 
     def remember_mask(module, args, kwargs):
