@@ -1,0 +1,37 @@
+"""Token-level perplexity over non-overlapping windows: ``exp(mean NLL)`` over every predicted token.
+
+This is the protocol of the quantisation papers (GPTQ, AWQ): the split's lines joined with blank lines,
+tokenised once, cut into windows of ``seq_len`` (2048 by default there). Each window predicts its
+``seq_len - 1`` next tokens; no context crosses a window boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, windows: torch.Tensor, batch_size: int = 1, autocast_dtype=None) -> Dict[str, float]:
+    """``windows``: ``[n, seq_len]`` token ids. Returns perplexity, mean NLL and the counts evaluated."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=batch).logits
+            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                  batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += nll.item()
+            total_tokens += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    mean = total_nll / max(total_tokens, 1)
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1])}
