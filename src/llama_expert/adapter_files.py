@@ -42,7 +42,8 @@ def weights_checksum(model: nn.Module) -> str:
     weight = model.get_input_embeddings().weight
     if weight.device.type == "meta":
         return ""
-    sample = weight[:16, :64].detach().float().cpu().numpy().round(4)
+    # Through bfloat16, so the same model loaded in float32 or bfloat16 gives the same digest.
+    sample = weight[:16, :64].detach().to(torch.bfloat16).float().cpu().numpy()
     return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
 
 

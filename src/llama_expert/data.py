@@ -144,6 +144,17 @@ def select_split(splits: Dict[str, List[str]], split: str, source: str) -> List[
     return docs
 
 
+def load_split(name: Optional[str], config: Optional[str], tokenizer, split: str) -> List[str]:
+    """Documents of one split; a single local file counts whole (it is the split). ``validation`` falls
+    back to ``test`` for datasets without one."""
+    if name and Path(name).expanduser().is_file():
+        return read_documents(Path(name).expanduser(), tokenizer)
+    splits = load_text_dataset(name, config, tokenizer)
+    if split == "validation" and not splits.get("validation") and splits.get("test"):
+        split = "test"
+    return select_split(splits, split, name or EMBEDDED_DATASET)
+
+
 def tokenize_documents(docs: List[str], tokenizer) -> torch.Tensor:
     """One 1-D LongTensor: the documents joined with blank lines and tokenised once."""
     text = "\n\n".join(docs)

@@ -18,22 +18,13 @@ import torch
 
 from .adapter_files import load_adapter_weights, save_adapter
 from .config import ExpertConfig
-from .data import EMBEDDED_DATASET, load_text_dataset, read_documents, pack_blocks, select_split, tokenize_documents
+from .data import (EMBEDDED_DATASET, load_split, load_text_dataset, pack_blocks, select_split,
+                   tokenize_documents)
 from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
 from .perplexity import evaluate_perplexity
 from .surgery import augment_model, parameter_report, router_losses
 from .trainer import TrainingArguments, TrainResult, train_model
 from .usage import measure_expert_usage, save_usage_heatmap
-
-
-def load_documents(name: Optional[str], config: Optional[str], tokenizer, split: str):
-    """Documents of one split; a single local file counts whole (it is the split)."""
-    if name and Path(name).expanduser().is_file():
-        return read_documents(Path(name).expanduser(), tokenizer)
-    splits = load_text_dataset(name, config, tokenizer)
-    if split == "validation" and not splits.get("validation") and splits.get("test"):
-        split = "test"
-    return select_split(splits, split, name or EMBEDDED_DATASET)
 
 
 def router_loss_terms(model):
@@ -42,6 +33,79 @@ def router_loss_terms(model):
     losses = router_losses(model)
     added = config.router_aux_loss_coef * losses["aux_loss"] + config.router_z_loss_coef * losses["z_loss"]
     return added, losses
+
+
+class RecipeData:
+    """Training blocks, validation windows and optional test windows, all from one tokenizer."""
+
+    def __init__(self, tokenizer, dataset_name, dataset_config, eval_dataset, test_dataset, seq_len, max_samples,
+                 eval_max_tokens, test_max_tokens, test_seq_len):
+        train_docs = load_split(dataset_name, dataset_config, tokenizer, "train")
+        if eval_dataset:
+            eval_docs = load_split(eval_dataset, dataset_config, tokenizer, "validation")
+        else:
+            eval_docs = select_split(load_text_dataset(dataset_name, dataset_config, tokenizer), "validation",
+                                     dataset_name or EMBEDDED_DATASET)
+        self.train = pack_blocks(tokenize_documents(train_docs, tokenizer), seq_len, max_blocks=max_samples)
+        self.eval = pack_blocks(tokenize_documents(eval_docs, tokenizer), seq_len, max_tokens=eval_max_tokens)
+        self.test = None
+        if test_dataset:
+            test_docs = load_split(test_dataset, None, tokenizer, "test")
+            self.test = pack_blocks(tokenize_documents(test_docs, tokenizer), test_seq_len or seq_len,
+                                    max_tokens=test_max_tokens)
+
+
+def run_recipe(method: str, model, save, load, extra_loss, data: RecipeData, args: TrainingArguments, accelerator,
+               settings: dict, after_training=None) -> TrainResult:
+    """Shared by the MoE and LoRA recipes: test before, train, test after, write the summary."""
+    main = accelerator.is_main_process
+    say = print if main else (lambda *a, **k: None)
+    say(f"data: {data.train.shape[0]} training blocks x {args.seq_len} tokens ({data.train.numel():,} tokens), "
+        f"validation {data.eval.numel():,} tokens")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    model.to(accelerator.device)
+    test_before = evaluate_perplexity(model, data.test, autocast_dtype=autocast) \
+        if data.test is not None and main and not args.resume else None
+    run_config = {"method": method, **settings, **asdict(args)}
+    result = train_model(model, data.train, data.eval, args, save_model=save, load_model=load,
+                         extra_loss=extra_loss, run_config=run_config, accelerator=accelerator)
+    if not main:
+        return result
+    if after_training is not None:
+        after_training(model, result)
+    summary = {"method": method, "settings": settings, "training_arguments": asdict(args), "steps": result.steps,
+               "tokens": result.tokens, "seconds": result.seconds, "peak_memory": result.peak_memory,
+               "initial_validation": result.initial_eval, "final_validation": result.final_eval,
+               "best_validation": result.best_eval, "stopped_early": result.stopped_early,
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    say("")
+    say(result.summary())
+    if data.test is not None:
+        test_after = evaluate_perplexity(model, data.test, autocast_dtype=autocast)
+        result.test = summary["test"] = {"dataset": settings.get("test_dataset"), "before": test_before,
+                                         "after": test_after}
+        if test_before:
+            change = 100 * (test_after["perplexity"] - test_before["perplexity"]) / test_before["perplexity"]
+            say(f"test perplexity {test_before['perplexity']:.3f} -> {test_after['perplexity']:.3f} ({change:+.1f}%) "
+                f"on {test_after['tokens']:,} tokens in {test_after['windows']} windows of {test_after['seq_len']}")
+        else:
+            say(f"test perplexity {test_after['perplexity']:.3f} on {test_after['tokens']:,} tokens")
+    (Path(args.output_dir) / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return result
+
+
+def _setup(output_dir, num_train_epochs, batch_size, training_kwargs):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from .trainer import resolve_mixed_precision
+
+    args = TrainingArguments(output_dir=output_dir, num_train_epochs=num_train_epochs, batch_size=batch_size,
+                             **training_kwargs)
+    args.validate()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    return args, accelerator
 
 
 def fine_tune_augmented_model(model_id: Optional[str] = DEFAULT_MODEL, dataset_name: Optional[str] = EMBEDDED_DATASET,
@@ -58,82 +122,38 @@ def fine_tune_augmented_model(model_id: Optional[str] = DEFAULT_MODEL, dataset_n
     protocol (windows of ``test_seq_len``, the first ``test_max_tokens`` tokens).
     Other keyword arguments are fields of ``TrainingArguments``.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import set_seed
 
-    from .trainer import resolve_mixed_precision
-
-    args = TrainingArguments(output_dir=output_dir, num_train_epochs=num_train_epochs, batch_size=batch_size,
-                             **training_kwargs)
-    args.validate()
+    args, accelerator = _setup(output_dir, num_train_epochs, batch_size, training_kwargs)
     config = config or ExpertConfig()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    main = accelerator.is_main_process
-    say = print if main else (lambda *a, **k: None)
-
     tokenizer = load_tokenizer(model_id, auth_token=auth_token)
-    train_docs = load_documents(dataset_name, dataset_config, tokenizer, "train")
-    if eval_dataset:
-        eval_docs = load_documents(eval_dataset, dataset_config, tokenizer, "validation")
-    else:
-        eval_docs = select_split(load_text_dataset(dataset_name, dataset_config, tokenizer), "validation",
-                                 dataset_name or EMBEDDED_DATASET)
-    train_blocks = pack_blocks(tokenize_documents(train_docs, tokenizer), args.seq_len, max_blocks=args.max_samples)
-    eval_windows = pack_blocks(tokenize_documents(eval_docs, tokenizer), args.seq_len, max_tokens=args.eval_max_tokens)
-    test_windows = None
-    if test_dataset:
-        test_docs = load_documents(test_dataset, None, tokenizer, "test")
-        test_windows = pack_blocks(tokenize_documents(test_docs, tokenizer), test_seq_len or args.seq_len,
-                                   max_tokens=test_max_tokens)
-
+    data = RecipeData(tokenizer, dataset_name, dataset_config, eval_dataset, test_dataset, args.seq_len,
+                      args.max_samples, args.eval_max_tokens, test_max_tokens, test_seq_len)
     set_seed(args.seed)  # identical adapter initialisation on every rank
     model = load_base_model(model_id, auth_token=auth_token, dtype=dtype, quantization_4bit=config.quantization_4bit)
     base_name = model.name_or_path
     augment_model(model, config)
-    say(parameter_report(model))
-    say(f"data: {train_blocks.shape[0]} training blocks x {args.seq_len} tokens "
-        f"({train_blocks.numel():,} tokens), validation {eval_windows.numel():,} tokens")
-
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    model.to(accelerator.device)
-    test_before = evaluate_perplexity(model, test_windows, autocast_dtype=autocast) \
-        if test_windows is not None and main and not args.resume else None
+    if accelerator.is_main_process:
+        print(parameter_report(model))
 
     def save(m, folder):
         save_adapter(m, folder, base_model_name_or_path=base_name)
 
-    run_config = {"model": base_name, "dataset": dataset_name, "expert_config": config.to_dict(), **asdict(args)}
-    result = train_model(model, train_blocks, eval_windows, args, save_model=save, load_model=load_adapter_weights,
-                         extra_loss=router_loss_terms, run_config=run_config, accelerator=accelerator)
-    if not main:
-        return result
+    def record_usage(m, result):
+        out = Path(args.output_dir)
+        usage = measure_expert_usage(m, data.eval[: max(1, 8192 // args.seq_len)])
+        (out / "expert_usage.json").write_text(json.dumps(usage, indent=1) + "\n")
+        try:
+            save_usage_heatmap(usage, out / "expert_usage.png", title=f"Expert usage after {result.steps} steps")
+        except ImportError:
+            print("matplotlib is not installed: skipped expert_usage.png (pip install matplotlib)")
 
-    out = Path(args.output_dir)
-    usage = measure_expert_usage(model, eval_windows[: max(1, 8192 // args.seq_len)])
-    (out / "expert_usage.json").write_text(json.dumps(usage, indent=1) + "\n")
-    try:
-        save_usage_heatmap(usage, out / "expert_usage.png", title=f"Expert usage after {result.steps} steps")
-    except ImportError:
-        say("matplotlib is not installed: skipped expert_usage.png (pip install matplotlib)")
-    summary = {"model": base_name, "dataset": dataset_name, "steps": result.steps, "tokens": result.tokens,
-               "seconds": result.seconds, "initial_validation": result.initial_eval,
-               "final_validation": result.final_eval, "best_validation": result.best_eval,
-               "stopped_early": result.stopped_early}
-    say("")
-    say(result.summary())
-    if test_windows is not None:
-        test_after = evaluate_perplexity(model, test_windows, autocast_dtype=autocast)
-        summary["test"] = {"dataset": test_dataset, "before": test_before, "after": test_after}
-        if test_before:
-            change = 100 * (test_after["perplexity"] - test_before["perplexity"]) / test_before["perplexity"]
-            say(f"test perplexity {test_before['perplexity']:.3f} -> {test_after['perplexity']:.3f} ({change:+.1f}%) "
-                f"on {test_after['tokens']:,} tokens in {test_after['windows']} windows of {test_after['seq_len']}")
-        else:
-            say(f"test perplexity {test_after['perplexity']:.3f} on {test_after['tokens']:,} tokens")
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    result.test = summary.get("test")
-    return result
+    settings = {"model": base_name, "dataset": dataset_name, "dataset_config": dataset_config,
+                "eval_dataset": eval_dataset, "test_dataset": test_dataset, "test_max_tokens": test_max_tokens,
+                "test_seq_len": test_seq_len, "dtype": str(model.dtype).replace("torch.", ""),
+                "expert_config": config.to_dict()}
+    return run_recipe("moe", model, save, load_adapter_weights, router_loss_terms, data, args, accelerator, settings,
+                      after_training=record_usage)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -154,6 +174,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-samples", type=int, default=None, help="cap on packed training blocks")
     g.add_argument("--seq-len", type=int, default=d.seq_len)
     g = p.add_argument_group("experts")
+    g.add_argument("--method", default="moe", choices=["moe", "lora"],
+                   help="moe: MoE adapters; lora: the plain PEFT LoRA baseline (rank --lora-r on the MLP)")
     g.add_argument("--num-experts", type=int, default=c.num_experts)
     g.add_argument("--top-k", type=int, default=c.top_k)
     g.add_argument("--lora-r", type=int, default=c.lora_r)
@@ -211,11 +233,17 @@ def config_from_args(a) -> ExpertConfig:
 
 
 def run_cli(a) -> int:
-    config = config_from_args(a)
-    fine_tune_augmented_model(
-        model_id=a.model, dataset_name=a.dataset, dataset_config=a.dataset_config, eval_dataset=a.eval_dataset,
-        test_dataset=a.test_dataset, test_max_tokens=a.test_max_tokens, test_seq_len=a.test_seq_len,
-        output_dir=a.output_dir, config=config, num_train_epochs=a.epochs, batch_size=a.batch_size,
+    if a.method == "lora":
+        from .lora_baseline import fine_tune_lora_model
+
+        recipe, specific = fine_tune_lora_model, {"lora_r": a.lora_r, "lora_alpha": a.lora_alpha,
+                                                  "lora_dropout": a.lora_dropout}
+    else:
+        recipe, specific = fine_tune_augmented_model, {"config": config_from_args(a)}
+    recipe(
+        **specific, model_id=a.model, dataset_name=a.dataset, dataset_config=a.dataset_config,
+        eval_dataset=a.eval_dataset, test_dataset=a.test_dataset, test_max_tokens=a.test_max_tokens,
+        test_seq_len=a.test_seq_len, output_dir=a.output_dir, num_train_epochs=a.epochs, batch_size=a.batch_size,
         auth_token=a.auth_token, dtype=a.dtype, max_steps=a.max_steps,
         gradient_accumulation_steps=a.gradient_accumulation, learning_rate=a.learning_rate,
         weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, max_grad_norm=a.max_grad_norm,

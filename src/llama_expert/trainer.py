@@ -80,6 +80,7 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
     stopped_early: bool = False
     test: Optional[dict] = None  # test perplexity before/after, when a test set was given
+    peak_memory: Optional[dict] = None  # {"bytes", "kind"}: CUDA peak allocated, or the process's peak RSS
 
     def summary(self) -> str:
         lines = [f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.0f} s "
@@ -101,6 +102,15 @@ def resolve_mixed_precision(choice: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "peak CUDA allocated"}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+            "kind": "peak RSS of the process (includes loading the model)"}
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -212,6 +222,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     unwrapped = model
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -345,6 +357,6 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     accelerator.wait_for_everyone()
     if main:
         save_model(unwrapped, output_dir)
-    return TrainResult(output_dir=str(output_dir), steps=step, tokens=tokens_seen,
+    return TrainResult(output_dir=str(output_dir), steps=step, tokens=tokens_seen, peak_memory=peak_memory(device),
                        seconds=elapsed_before + time.perf_counter() - started, initial_eval=initial_eval,
                        final_eval=final_eval, best_eval=best, history=history, stopped_early=step < total_steps)
