@@ -153,7 +153,10 @@ def test_router_losses_before_forward_raises(tiny_model):
     augment_model(tiny_model, ExpertConfig())
     with pytest.raises(RuntimeError, match="forward"):
         router_losses(tiny_model)
-    _logits(tiny_model, _batch())
+    _logits(tiny_model, _batch())  # eval under no_grad: inference computes no router losses
+    with pytest.raises(RuntimeError, match="no_grad"):
+        router_losses(tiny_model)
+    tiny_model(input_ids=_batch())
     losses = router_losses(tiny_model)
     assert set(losses) == {"aux_loss", "z_loss"}
     mods = [layer.mlp for layer in tiny_model.model.layers]

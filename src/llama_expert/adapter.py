@@ -18,16 +18,33 @@ from .routing import NoisyTopKGating
 
 
 class TokenMask:
-    """The attention mask of the current forward pass, shared by every adapter of a model."""
+    """The attention mask of the current forward pass, shared by every adapter of a model.
+
+    The flat mask is worked out once per forward pass (by the first layer) and reused by the others:
+    in decoding, per-layer mask handling would cost as much as the router itself.
+    """
 
     def __init__(self):
         self.attention_mask: Optional[torch.Tensor] = None
+        self._key = None
+        self._flat: Optional[torch.Tensor] = None
+
+    def set(self, mask: Optional[torch.Tensor]) -> None:
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._key = None
 
     def for_hidden(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """Flat boolean mask [B*T] matching ``hidden`` [B, T, d], or None when there is no padding."""
         mask = self.attention_mask
         if mask is None or mask.dim() != 2 or hidden.dim() != 3:
             return None
+        key = (hidden.shape[0], hidden.shape[1], hidden.device)
+        if key != self._key:
+            self._key, self._flat = key, self._flatten(mask, hidden)
+        return self._flat
+
+    @staticmethod
+    def _flatten(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         batch, length = hidden.shape[:2]
         if mask.shape[0] != batch or mask.shape[1] < length:
             return None

@@ -53,8 +53,9 @@ def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> 
 class NoisyTopKGating(nn.Module):
     """Router ``z = h W_g``; in training adds ``eps * softplus(h W_noise)``; keeps the top k.
 
-    After each forward the module holds the losses of that pass (``aux_loss``, ``z_loss``) and adds the
-    chosen experts to ``expert_counts`` so that usage statistics need no second pass.
+    After each forward the module holds the losses of that pass (``aux_loss``, ``z_loss``; None after
+    an eval-mode pass under ``torch.no_grad``, where nothing could use them) and adds the chosen experts
+    to ``expert_counts`` so that usage statistics need no second pass.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise: bool = True):
@@ -92,8 +93,11 @@ class NoisyTopKGating(nn.Module):
         top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
         probs = torch.softmax(routing_logits, dim=-1)
-        self.aux_loss = load_balancing_loss(probs, indices, self.num_experts, mask)
-        self.z_loss = router_z_loss(logits, mask)
+        if self.training or torch.is_grad_enabled():  # inference under no_grad needs no losses
+            self.aux_loss = load_balancing_loss(probs, indices, self.num_experts, mask)
+            self.z_loss = router_z_loss(logits, mask)
+        else:
+            self.aux_loss = self.z_loss = None
         self._record(indices, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
 
@@ -102,6 +106,5 @@ class NoisyTopKGating(nn.Module):
         if mask is not None:
             indices, probs = indices[mask], probs[mask]
         self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).double()
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        self.entropy_sum += entropy.sum().double()
+        self.entropy_sum += torch.special.entr(probs).sum().double()
         self.tokens_seen += indices.shape[0]

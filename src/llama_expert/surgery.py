@@ -65,7 +65,7 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
 
     def remember_mask(module, args, kwargs):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        token_mask.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        token_mask.set(mask)
 
     handle = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
     setattr(model, _STATE, {"hook": handle, "requires_grad": requires_grad, "token_mask": token_mask})
@@ -110,7 +110,8 @@ def router_losses(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Mean over MoE layers of the load-balancing and z losses of the last forward pass."""
     mods = [a for _, a in adapters(model)]
     if not mods or mods[0].aux_loss is None:
-        raise RuntimeError("no router losses yet: run a forward pass of the augmented model first.")
+        raise RuntimeError("no router losses: run a forward pass of the augmented model first, in training mode "
+                           "or with gradients enabled (eval passes under torch.no_grad skip them).")
     return {"aux_loss": torch.stack([a.aux_loss for a in mods]).mean(),
             "z_loss": torch.stack([a.z_loss for a in mods]).mean()}
 
