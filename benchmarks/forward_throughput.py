@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     base_med, aug_med = statistics.median(base_tps), statistics.median(aug_tps)
     paired = statistics.median(a / b for a, b in zip(aug_tps, base_tps))
 
-    print(f"| model | seq_len | batch | base tok/s | augmented tok/s | ratio |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| model | seq_len | batch | base tok/s | augmented tok/s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
     print(f"| {args.model} | {args.seq_len} | {args.batch_size} | {base_med:,.0f} | {aug_med:,.0f} "
           f"| {aug_med / base_med:.3f} |")
     print()

@@ -208,6 +208,8 @@ def test_padding_mask_reaches_the_routers(tiny_model):
     augment_model(tiny_model, ExpertConfig())
     ids, mask = _batch(), _padded_mask()
     routers = [layer.mlp.router for layer in tiny_model.model.layers]
+    for r in routers:
+        r.record_statistics = True
     _logits(tiny_model, ids, mask)
     real_tokens = int(mask.sum())
     assert real_tokens < ids.numel()

@@ -30,7 +30,8 @@ import torch
 from .data import load_split, pack_blocks, tokenize_documents
 from .errors import ConfigError
 from .perplexity import evaluate_perplexity
-from .surgery import adapters, is_augmented, parameter_counts, reset_routing_statistics
+from .surgery import adapters, is_augmented, parameter_counts
+from .usage import measure_expert_usage
 
 LOW_LOAD_FACTOR = 0.1  # warn when an expert gets less than LOW_LOAD_FACTOR / E of the assignments
 COLLAPSE_SHARE = 0.9  # warn when more than this share of the tokens routes to one expert
@@ -367,25 +368,13 @@ class ExpertModelBenchmark:
         windows = self.windows()
         if max_windows is not None:
             windows = windows[:max_windows]
-        was_training = model.training
-        model.eval()
-        reset_routing_statistics(model)
-        try:
-            for start in range(0, windows.shape[0], self.batch_size):
-                model(input_ids=windows[start:start + self.batch_size].to(self.device), use_cache=False)
-        finally:
-            model.train(was_training)
         layers, warnings = [], []
-        for index, (name, adapter) in enumerate(adapters(model)):
-            router = adapter.router
-            counts = router.expert_counts.double().cpu()
-            num_experts, top_k = int(router.num_experts), int(router.top_k)
-            tokens = float(router.tokens_seen)
-            total = float(counts.sum())
-            load = (counts / total).tolist() if total > 0 else [0.0] * num_experts
-            share = (counts / tokens).tolist() if tokens > 0 else [0.0] * num_experts
-            entropy = float(router.entropy_sum) / tokens if tokens > 0 else 0.0
-            normalised = entropy / math.log(num_experts) if num_experts > 1 else 1.0
+        for row in measure_expert_usage(model, windows, self.batch_size):
+            index, num_experts, tokens = row["layer"], row["num_experts"], row["tokens"]
+            router = adapters(model)[index][1].router
+            top_k = int(router.top_k)
+            load = row["fractions"]
+            share = [c / tokens if tokens else 0.0 for c in row["counts"]]
             layer_warnings = []
             for e in range(num_experts):
                 if load[e] < LOW_LOAD_FACTOR / num_experts:
@@ -395,10 +384,10 @@ class ExpertModelBenchmark:
                     layer_warnings.append(f"layer {index}: expert {e} is picked by {100 * share[e]:.1f}% of the "
                                           f"tokens (> {100 * COLLAPSE_SHARE:.0f}%): collapse")
             warnings += layer_warnings
-            layers.append({"layer": index, "module": name, "num_experts": num_experts, "top_k": top_k,
-                           "tokens": int(tokens), "load": load, "token_share": share,
-                           "min_load": min(load), "max_load": max(load), "entropy": entropy,
-                           "normalized_entropy": normalised, "warnings": layer_warnings})
+            layers.append({"layer": index, "module": row["module"], "num_experts": num_experts, "top_k": top_k,
+                           "tokens": tokens, "load": load, "token_share": share,
+                           "min_load": min(load), "max_load": max(load), "entropy": row["entropy"],
+                           "normalized_entropy": row["normalized_entropy"], "warnings": layer_warnings})
         return {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
                 "thresholds": {"nearly_unused_load_below": "0.1/E", "collapse_token_share_above": COLLAPSE_SHARE},
                 "layers": layers, "warnings": warnings, "healthy": not warnings}

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 
 from .errors import ConfigError
 from .models import DEFAULT_MODEL

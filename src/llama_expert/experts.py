@@ -46,12 +46,11 @@ class SharedCoreExperts(nn.Module):
         nn.init.normal_(self.core_out, std=core_size ** -0.5)
 
     def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        z = F.linear(self.dropout(hidden), self.down)  # [N, r]
-        inner = F.silu(torch.einsum("nr,erc->nec", z, self.core_in))  # [N, E, e]
-        cores = torch.einsum("nec,ecr->ner", inner, self.core_out)  # [N, E, r]
+        z = F.linear(self.dropout(hidden) if self.training else hidden, self.down)  # [N, r]
+        inner = F.silu(torch.matmul(z, self.core_in))  # [E, N, e]: every expert's core, one batched matmul
         weights = gate_matrix(indices, gates, self.num_experts).to(z.dtype)  # [N, E]
-        mixed = z + torch.einsum("ne,ner->nr", weights, cores)
-        return F.linear(mixed, self.up) * self.scaling
+        routed = torch.matmul(weights.t().unsqueeze(-1) * inner, self.core_out).sum(0)  # gate, W2_i, sum
+        return F.linear(z + routed, self.up) * self.scaling
 
 
 class SharedDownExperts(nn.Module):
@@ -71,7 +70,7 @@ class SharedDownExperts(nn.Module):
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
 
     def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        z = F.linear(self.dropout(hidden), self.down)  # [N, r]
+        z = F.linear(self.dropout(hidden) if self.training else hidden, self.down)  # [N, r]
         weights = gate_matrix(indices, gates, self.num_experts).to(z.dtype)  # [N, E]
         scaled = (weights.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1)  # [N, E*r]
         return scaled @ self.up.reshape(-1, self.up.shape[-1]) * self.scaling

@@ -20,7 +20,7 @@ class Routing:
 
     indices: torch.Tensor  # [N, k] chosen experts, distinct within a row
     gates: torch.Tensor  # [N, k] float32, softmax over the k kept logits, rows sum to 1
-    probs: torch.Tensor  # [N, E] float32, softmax over all E routing logits
+    probs: Optional[torch.Tensor]  # [N, E] float32 softmax over all E logits; None on the inference path
     logits: torch.Tensor  # [N, E] float32, clean logits h @ W_g (no noise)
 
 
@@ -54,8 +54,9 @@ class NoisyTopKGating(nn.Module):
     """Router ``z = h W_g``; in training adds ``eps * softplus(h W_noise)``; keeps the top k.
 
     After each forward the module holds the losses of that pass (``aux_loss``, ``z_loss``; None after
-    an eval-mode pass under ``torch.no_grad``, where nothing could use them) and adds the chosen experts
-    to ``expert_counts`` so that usage statistics need no second pass.
+    an eval-mode pass under ``torch.no_grad``, where nothing could use them). With ``record_statistics``
+    on, it also adds its choices to ``expert_counts`` (and router entropy to ``entropy_sum``). Decoding
+    runs this module once per layer per token, so the inference path does only logits, top-k and gates.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise: bool = True):
@@ -71,6 +72,7 @@ class NoisyTopKGating(nn.Module):
         nn.init.normal_(self.weight, std=hidden_size ** -0.5 * 0.1)
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
+        self.record_statistics = False  # switched on by llama_expert.usage while it measures expert usage
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -81,8 +83,10 @@ class NoisyTopKGating(nn.Module):
         self.tokens_seen.zero_()
 
     def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Routing:
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return self._route(hidden.float(), mask)
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                return self._route(hidden.float(), mask)
+        return self._route(hidden.float(), mask)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
@@ -92,13 +96,15 @@ class NoisyTopKGating(nn.Module):
             routing_logits = logits + torch.randn_like(logits) * noise_std
         top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
-        probs = torch.softmax(routing_logits, dim=-1)
-        if self.training or torch.is_grad_enabled():  # inference under no_grad needs no losses
+        need_losses = self.training or torch.is_grad_enabled()  # inference under no_grad needs none
+        probs = torch.softmax(routing_logits, dim=-1) if need_losses or self.record_statistics else None
+        if need_losses:
             self.aux_loss = load_balancing_loss(probs, indices, self.num_experts, mask)
             self.z_loss = router_z_loss(logits, mask)
         else:
             self.aux_loss = self.z_loss = None
-        self._record(indices, probs, mask)
+        if self.record_statistics:
+            self._record(indices, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
 
     @torch.no_grad()

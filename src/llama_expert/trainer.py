@@ -21,7 +21,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .checkpoint import STATE_NAME, latest_checkpoint, rng_state, set_rng_state, write_checkpoint
-from .config import ExpertConfig
 from .errors import ConfigError, LlamaExpertError
 from .perplexity import evaluate_perplexity
 

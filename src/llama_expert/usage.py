@@ -1,12 +1,13 @@
 """Expert usage per layer: how often each expert is chosen, router entropy, and a heatmap.
 
-The routers count their choices in every forward pass (``NoisyTopKGating.expert_counts``); these
-helpers read those counts, turn them into fractions and draw them.
+The routers count their choices (``NoisyTopKGating.expert_counts``) while ``recording_routing`` is on;
+these helpers run that pass, turn the counts into fractions and draw them.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List
 
@@ -27,7 +28,7 @@ def expert_usage(model) -> List[Dict[str, object]]:
         rows.append({"layer": layer, "module": name, "num_experts": adapter.num_experts,
                      "counts": [int(c) for c in counts.tolist()],
                      "fractions": [float(c) / total if total else 0.0 for c in counts.tolist()],
-                     "tokens": int(tokens),
+                     "tokens": int(tokens), "entropy": entropy,
                      "normalized_entropy": entropy / math.log(adapter.num_experts) if adapter.num_experts > 1 else 1.0})
     return rows
 
@@ -37,14 +38,28 @@ def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1) -> L
     """Route ``windows`` in eval mode (no noise) and return the usage table."""
     was_training = model.training
     model.eval()
-    reset_routing_statistics(model)
     device = next(model.parameters()).device
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start:start + batch_size].to(device))
+        with recording_routing(model):
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
     finally:
         model.train(was_training)
     return expert_usage(model)
+
+
+@contextmanager
+def recording_routing(model):
+    """Reset the routers' statistics and count every routing decision made inside the block."""
+    routers = [adapter.router for _, adapter in adapters(model)]
+    reset_routing_statistics(model)
+    for router in routers:
+        router.record_statistics = True
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.record_statistics = False
 
 
 def save_usage_heatmap(usage: List[Dict[str, object]], path, title: str = "Expert usage") -> Path:
