@@ -155,6 +155,18 @@ def _quantization_config(dtype: Optional[torch.dtype]):
                               bnb_4bit_compute_dtype=dtype or torch.bfloat16, bnb_4bit_use_double_quant=True)
 
 
+def _from_pretrained(auto_class, kind: str, location: str, what: str, auth_token: Optional[str], **kwargs):
+    """``auto_class.from_pretrained`` with the token for the Hub only, and errors that name the fix."""
+    if kind == "hub":
+        kwargs["token"] = auth_token or os.environ.get("HF_TOKEN") or None
+    try:
+        return auto_class.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(location, exc) from None
+        raise ModelLoadError(f"cannot load the {what} in {location}: {exc}") from exc
+
+
 def load_base_model(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional[str] = None,
                     dtype: Union[None, str, torch.dtype] = None, device: Optional[str] = None,
                     quantization_4bit: bool = False):
@@ -170,14 +182,7 @@ def load_base_model(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optiona
     if quantization_4bit:
         kwargs["quantization_config"] = _quantization_config(torch_dtype)
         kwargs["device_map"] = device or "auto"
-    if kind == "hub":
-        kwargs["token"] = auth_token or os.environ.get("HF_TOKEN") or None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise _hub_error(location, exc) from None
-        raise ModelLoadError(f"cannot load the model in {location}: {exc}") from exc
+    model = _from_pretrained(AutoModelForCausalLM, kind, location, "model", auth_token, **kwargs)
     if device and not quantization_4bit:
         model.to(device)
     model.eval()
@@ -191,13 +196,7 @@ def load_tokenizer(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional
     from transformers import AutoTokenizer
 
     kind, location, _ = _local_location(model_id)
-    kwargs = {"token": auth_token or os.environ.get("HF_TOKEN") or None} if kind == "hub" else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as exc:
-        if kind == "hub":
-            raise _hub_error(location, exc) from None
-        raise ModelLoadError(f"cannot load the tokenizer in {location}: {exc}") from exc
+    tokenizer = _from_pretrained(AutoTokenizer, kind, location, "tokenizer", auth_token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

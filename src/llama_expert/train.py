@@ -95,17 +95,12 @@ def run_recipe(method: str, model, save, load, extra_loss, data: RecipeData, arg
 
 
 def _setup(output_dir, num_train_epochs, batch_size, training_kwargs):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    from .trainer import resolve_mixed_precision
+    from .trainer import make_accelerator
 
     args = TrainingArguments(output_dir=output_dir, num_train_epochs=num_train_epochs, batch_size=batch_size,
                              **training_kwargs)
     args.validate()
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    return args, accelerator
+    return args, make_accelerator(args)
 
 
 def fine_tune_augmented_model(model_id: Optional[str] = DEFAULT_MODEL, dataset_name: Optional[str] = EMBEDDED_DATASET,

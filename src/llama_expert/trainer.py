@@ -103,6 +103,15 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
+def make_accelerator(args: TrainingArguments):
+    """Accelerate for this loop. Buffers are not broadcast: each rank keeps its own routing statistics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
 def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "peak CUDA allocated"}
@@ -191,13 +200,10 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     losses, read after each forward pass); ``save_model`` and
     ``load_model`` write and read the trained tensors of a checkpoint folder.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+    from accelerate.utils import gather_object, set_seed
 
     args.validate()
-    if accelerator is None:
-        accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
-                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    accelerator = accelerator or make_accelerator(args)
     set_seed(args.seed)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     output_dir = Path(args.output_dir)
