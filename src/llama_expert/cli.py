@@ -1,4 +1,4 @@
-"""The ``llama-expert`` command: train, benchmark, compare, inference.
+"""llama-expert: train, benchmark, compare and run MoE adapters on a frozen Llama-family model.
 
 Each subcommand lives beside the code it drives: the module exposes ``add_cli_arguments(parser)`` and
 ``run_cli(args)``. Errors a user can act on (LlamaExpertError) print one line, without a traceback.
