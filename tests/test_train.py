@@ -175,9 +175,14 @@ def test_recipe_end_to_end_on_the_embedded_model(tmp_path, smollm):
     from llama_expert.train import fine_tune_augmented_model
 
     out = tmp_path / "adapter"
+    secret = "hf_TESTSECRET123"
     result = fine_tune_augmented_model(output_dir=str(out), max_steps=3, batch_size=2, seq_len=64, eval_every=3,
                                        eval_max_tokens=256, test_dataset="embedded", test_max_tokens=256,
-                                       learning_rate=1e-3, progress=False, use_tensorboard=True)
+                                       learning_rate=1e-3, progress=False, use_tensorboard=True,
+                                       auth_token=secret)
+    for path in out.rglob("*"):  # adapter, checkpoints (optimizer/RNG state), logs, TensorBoard events
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "expert_usage.json",
                  "expert_usage.png", "training_summary.json"):
         assert (out / name).is_file(), name
