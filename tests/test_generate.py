@@ -1,7 +1,6 @@
 """generate_text, the interactive session (in-process and through a pseudo-terminal), model resolution for
 the CLI, and the `inference` command."""
 
-import importlib
 import io
 import os
 import sys
@@ -184,22 +183,8 @@ def test_load_model_for_cli_resolves_bases_and_adapters(chat_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _cli_missing():
-    """The CLI imports every subcommand's module; name one that is not importable yet."""
-    from llama_expert import cli
-
-    for module, _ in cli.SUBCOMMANDS.values():
-        try:
-            importlib.import_module(f"llama_expert.{module}")
-        except ImportError as exc:
-            return f"llama_expert.cli cannot be built yet: {exc}"
-    return None
 
 
-needs_cli = pytest.mark.skipif(_cli_missing() is not None, reason=str(_cli_missing()))
-
-
-@needs_cli
 def test_cli_one_prompt(chat_folder, capsys):
     from llama_expert.cli import main
 
@@ -211,7 +196,6 @@ def test_cli_one_prompt(chat_folder, capsys):
     assert captured.out.endswith("\n")
 
 
-@needs_cli
 def test_cli_missing_adapter_is_a_clear_error(tmp_path, capsys):
     from llama_expert.cli import main
 
@@ -231,7 +215,6 @@ def _spawn_interactive():
     return pexpect, child
 
 
-@needs_cli
 def test_interactive_terminal_streams_and_exits_on_ctrl_d():
     pexpect, child = _spawn_interactive()
     try:
@@ -247,7 +230,6 @@ def test_interactive_terminal_streams_and_exits_on_ctrl_d():
     assert "Traceback" not in (child.before or "")
 
 
-@needs_cli
 def test_interactive_terminal_exits_on_ctrl_c():
     pexpect, child = _spawn_interactive()
     try:

@@ -212,9 +212,10 @@ def _charts(report: dict, out: Path) -> List[str]:
     names = list(rows)
     made = []
 
-    def bar(filename, values, title, ylabel, fmt):
+    def bar(filename, labels, values, title, ylabel, fmt):
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        bars = ax.bar(names, values, color=["#888888", "#2a7ab9", "#d9822b"][: len(names)])
+        colors = {"base": "#888888", "moe": "#2a7ab9", "lora": "#d9822b"}
+        bars = ax.bar(labels, values, color=[colors.get(n, "#555555") for n in labels])
         for b, v in zip(bars, values):
             ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
         ax.set_title(title)
@@ -224,17 +225,15 @@ def _charts(report: dict, out: Path) -> List[str]:
         plt.close(fig)
         made.append(filename)
 
-    bar("perplexity.png", [rows[n]["perplexity"] for n in names], "Test perplexity (lower is better)", "perplexity",
-        "{:.2f}")
+    bar("perplexity.png", names, [rows[n]["perplexity"] for n in names], "Test perplexity (lower is better)",
+        "perplexity", "{:.2f}")
     if all(rows[n].get("throughput") for n in names):
-        bar("throughput.png", [rows[n]["throughput"][0]["decode_ratio"] for n in names],
+        bar("throughput.png", names, [rows[n]["throughput"][0]["decode_ratio"] for n in names],
             "Decode tokens/s relative to base (batch 1)", "ratio", "{:.3f}")
-    peaks = [rows[n]["training_peak_memory_bytes"] for n in names if n != "base"]
-    if peaks and all(peaks):
-        names_saved = names
-        names = [n for n in names_saved if n != "base"]
-        bar("memory.png", [p / 2**20 for p in peaks], "Peak training memory", "MiB", "{:,.0f}")
-        names = names_saved
+    trained = [n for n in names if n != "base"]
+    if trained and all(rows[n]["training_peak_memory_bytes"] for n in trained):
+        bar("memory.png", trained, [rows[n]["training_peak_memory_bytes"] / 2**20 for n in trained],
+            "Peak training memory", "MiB", "{:,.0f}")
     return made
 
 
