@@ -2,7 +2,7 @@
 # The README headline: MoE adapters on the embedded SmolLM2-135M, trained on WikiText-2 (wiki.valid.raw;
 # the train split is not available offline here), tested on wiki.test.raw (different articles):
 # test perplexity before and after, first 16,384 test tokens in 512-token windows.
-# The frozen base runs in bfloat16 (about 1.8x faster than float32 on CPUs with AMX; adapters stay float32).
+# The frozen base runs in bfloat16 (faster than float32 on CPUs with AMX; adapters stay float32).
 set -euo pipefail
 DATA=${DATA:-../shared/data/wikitext-2-raw}
 OUT=${OUT:-docs/results/wikitext-moe}

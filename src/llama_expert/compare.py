@@ -259,7 +259,7 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--eval-max-tokens", type=int, default=8192)
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--dtype", default=None, help="base weights dtype while training (bfloat16 is ~1.8x faster on CPUs with AMX)")
+    g.add_argument("--dtype", default=None, help="base weights dtype while training (bfloat16 is faster on CPUs with AMX)")
     g = p.add_argument_group("measurement (all models, identical)")
     g.add_argument("--test-dataset", default="embedded", help="dataset (file, folder, Hub name) to measure on")
     g.add_argument("--split", default="test")
