@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import ConfigError
+from .options import option
 
-ALLOCATIONS = ("progressive", "uniform")
-EXPERT_TYPES = ("shared_core", "shared_down")
+
+def parse_allocation(text: str) -> Union[str, List[int]]:
+    """``--expert-allocation``: a registered rule name, or counts like ``4,6,8,6``."""
+    if not any(ch.isdigit() for ch in text):
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--expert-allocation {text!r}: use progressive, uniform or counts like 4,6,8,6") from None
+
 
 
 @dataclass
@@ -31,23 +39,32 @@ class ExpertConfig:
     expert_allocation:
         ``progressive`` (few experts in the first and last layers, most in the middle), ``uniform``
         (``num_experts`` everywhere) or an explicit list with one count per decoder layer.
+
+    Two factors scale the experts' output, and they are named apart: the fixed LoRA factor
+    ``lora_alpha / lora_r`` inside each bank, and the learnable per-layer ``residual_scale`` (alpha_l in
+    docs/design.md) of each adapter, which starts at ``residual_scale_init``.
+
+    Names of strategies (``expert_type``, ``router_type``, ``expert_allocation``) are checked against
+    their registries by ``llama_expert.modeling.check_config``; this class checks types and ranges.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden_size: Optional[int] = None  # width of each expert's core; None -> lora_r
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router_noise: bool = True  # noisy top-k in training mode (Shazeer et al. 2017)
-    expert_allocation: Union[str, List[int]] = "progressive"
-    expert_type: str = "shared_core"
-    scale_init: float = 1.0  # initial value of the per-layer learnable scale alpha_l
-    use_gradient_checkpointing: bool = False
-    quantization_4bit: bool = False
-    extra: dict = field(default_factory=dict)  # free-form notes that travel with the adapter
+    num_experts: int = option(8, "most experts in a layer (the progressive allocation peaks here)")
+    top_k: int = option(2, "experts each token is routed to")
+    expert_hidden_size: Optional[int] = option(None, "width of each shared_core expert's core (default: --lora-r)")
+    lora_r: int = option(16, "rank of the experts (with --method lora: the LoRA rank)")
+    lora_alpha: float = option(32.0, "LoRA alpha: the experts' output is scaled by lora_alpha / lora_r")
+    lora_dropout: float = option(0.05, "dropout on the experts' input while training")
+    router_aux_loss_coef: float = option(0.01, "weight of the load-balancing loss")
+    router_z_loss_coef: float = option(0.001, "weight of the router z-loss")
+    router_noise: bool = option(True, "switch off the noise of noisy top-k routing in training (Shazeer et al. 2017)")
+    expert_allocation: Union[str, List[int]] = option(
+        "progressive", "progressive, uniform, or a comma-separated expert count per layer", parse=parse_allocation)
+    expert_type: str = option("shared_core", "a registered expert bank: shared_core or shared_down")
+    router_type: str = option("noisy_top_k", "a registered router")
+    residual_scale_init: float = option(1.0, "initial value of the learnable per-layer scale alpha_l")
+    use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
+                                              flag="--gradient-checkpointing")
+    quantization_4bit: bool = option(False, "load the base in 4 bit (CUDA + bitsandbytes)")
 
     def __post_init__(self):
         if isinstance(self.expert_allocation, tuple):
@@ -76,62 +93,16 @@ class ExpertConfig:
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef must be >= 0.")
         need(self.router_z_loss_coef >= 0, "router_z_loss_coef must be >= 0.")
-        need(self.expert_type in EXPERT_TYPES,
-             f"unknown expert_type {self.expert_type!r}; choose one of {', '.join(EXPERT_TYPES)}.")
+        for name in ("expert_type", "router_type"):
+            need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
+                 f"{name} must be the name of a registered strategy, got {getattr(self, name)!r}.")
         alloc = self.expert_allocation
-        if isinstance(alloc, str):
-            need(alloc in ALLOCATIONS,
-                 f"unknown expert_allocation {alloc!r}; choose 'progressive', 'uniform' or give a list "
-                 f"with one expert count per layer.")
-        else:
+        if not isinstance(alloc, str):
             need(isinstance(alloc, list) and len(alloc) > 0 and all(isinstance(n, int) for n in alloc),
                  f"expert_allocation must be 'progressive', 'uniform' or a list of integers, got {alloc!r}.")
             bad = [n for n in alloc if not self.top_k <= n <= self.num_experts]
             need(not bad, f"expert_allocation {alloc} has counts {bad} outside [top_k={self.top_k}, "
                           f"num_experts={self.num_experts}]; every layer needs at least top_k experts.")
-
-    # ------------------------------------------------------------------ derived values
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / self.lora_r
-
-    @property
-    def core_size(self) -> int:
-        return self.expert_hidden_size or self.lora_r
-
-    def experts_per_layer(self, num_layers: int) -> List[int]:
-        """Number of experts in each decoder layer.
-
-        ``progressive`` follows the seed on 16 layers (layers 0-1 get 4, layers 2-7 ramp 6->8, layers
-        8-15 ramp 6->4) and scales the same shape to any depth by relative position.
-        """
-        alloc = self.expert_allocation
-        if isinstance(alloc, list):
-            if len(alloc) != num_layers:
-                raise ConfigError(f"expert_allocation lists {len(alloc)} layers but the model has "
-                                  f"{num_layers} decoder layers; give exactly one count per layer.")
-            return list(alloc)
-        if alloc == "uniform":
-            return [self.num_experts] * num_layers
-        high = self.num_experts
-        if num_layers <= 2:
-            return [high] * num_layers
-        low = max(self.top_k, math.ceil(high / 2))
-        mid = (low + high) / 2
-        counts = []
-        first_end = max(1, round(num_layers / 8))  # the first 1/8 of the layers
-        middle_end = max(first_end + 1, round(num_layers / 2))  # ... up to the middle
-        for layer in range(num_layers):
-            if layer < first_end:
-                value = low
-            elif layer < middle_end:
-                span = middle_end - 1 - first_end
-                value = high if span <= 0 else mid + (high - mid) * (layer - first_end) / span
-            else:
-                span = max(1, num_layers - 1 - middle_end)
-                value = mid + (low - mid) * (layer - middle_end) / span
-            counts.append(int(min(high, max(low, math.floor(value + 0.5)))))
-        return counts
 
     # ------------------------------------------------------------------ JSON round trip
     def to_dict(self) -> dict:

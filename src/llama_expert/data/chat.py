@@ -1,0 +1,16 @@
+"""Rows of a dataset as training text: a ``text`` string, or chat ``messages`` rendered by the chat template."""
+
+from __future__ import annotations
+
+from ..errors import DataError
+
+
+def row_text(row: dict, tokenizer, where: str) -> str:
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    if isinstance(row.get("messages"), list):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where} holds chat messages but the tokenizer has no chat template; "
+                            f"use a model with one or give plain 'text' rows.")
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    raise DataError(f"{where}: each row needs a 'text' string or a 'messages' list, got keys {sorted(row)}.")

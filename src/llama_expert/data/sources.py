@@ -1,0 +1,142 @@
+"""Text datasets: the Hub, local files and folders, and an embedded corpus.
+
+Every source becomes ``{split: [document, ...]}``; ``packing`` turns documents into token blocks. Local
+WikiText files are read line by line with their newlines kept, so a local
+``wiki.test.raw`` gives the same token stream as the Hub's ``wikitext-2-raw-v1`` test split.
+
+``embedded`` is the documentation text of the standard library module ``pydoc_data.topics``
+(about 0.5 MB of English prose about Python), present in every Python install: the offline quickstart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..errors import DataError
+from .chat import row_text
+
+EMBEDDED_DATASET = "embedded"
+SPLIT_NAMES = {
+    "train": ("train", "wiki.train.raw", "train.txt", "train.jsonl", "train.raw"),
+    "validation": ("validation", "valid", "wiki.valid.raw", "valid.txt", "validation.txt", "valid.jsonl",
+                   "validation.jsonl", "valid.raw", "dev.txt", "dev.jsonl"),
+    "test": ("test", "wiki.test.raw", "test.txt", "test.jsonl", "test.raw"),
+}
+HUB_SPLIT_ALIASES = {"train": ("train", "train_sft"), "validation": ("validation", "valid", "test_sft"),
+                     "test": ("test", "test_sft")}
+
+
+def embedded_corpus() -> Dict[str, List[str]]:
+    """pydoc topics split deterministically by sorted topic name: 80% train, 10% validation, 10% test."""
+    from pydoc_data.topics import topics
+
+    texts = list(dict.fromkeys(topics[key].strip() + "\n" for key in sorted(topics)))  # some topics repeat
+    splits: Dict[str, List[str]] = {"train": [], "validation": [], "test": []}
+    for i, text in enumerate(texts):
+        split = "test" if i % 10 == 0 else "validation" if i % 10 == 5 else "train"
+        splits[split].append(text)
+    return splits
+
+
+def read_documents(path: Path, tokenizer=None) -> List[str]:
+    """Lines of a text file (newlines kept), or the documents of a JSON-lines file."""
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n} is not valid JSON ({exc}).") from exc
+            docs.append(row_text(row, tokenizer, f"{path}:{n}"))
+        return docs
+    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def _split_of_file(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    for split, names in SPLIT_NAMES.items():
+        if name in names or path.stem.lower() in names:
+            return split
+    return None
+
+
+def _hold_out(lines: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
+    cut = max(1, int(len(lines) * (1 - fraction))) if len(lines) > 1 else len(lines)
+    return {"train": lines[:cut], "validation": lines[cut:]}
+
+
+def _local_dataset(path: Path, tokenizer) -> Dict[str, List[str]]:
+    if path.is_file():
+        if path.suffix not in (".txt", ".jsonl", ".raw", ".md", ".text"):
+            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use a .txt, .raw or .jsonl file.")
+        return _hold_out(read_documents(path, tokenizer))  # one file: its last 5% of rows become validation
+    splits: Dict[str, List[str]] = {}
+    for child in sorted(path.iterdir()):
+        split = _split_of_file(child) if child.is_file() else None
+        if split and split not in splits:
+            splits[split] = read_documents(child, tokenizer)
+    if not splits:
+        raise DataError(f"{path} holds no train/valid/test files (train.txt, valid.jsonl, wiki.test.raw, ...). "
+                        f"Name the files by split or pass one file with --dataset.")
+    return splits
+
+
+def _hub_dataset(name: str, config: Optional[str], tokenizer) -> Dict[str, List[str]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(f"'{name}' is not a local file or folder, and loading Hub datasets needs the 'datasets' "
+                        f"package: pip install datasets. Or pass a local .txt/.jsonl file, or --dataset "
+                        f"{EMBEDDED_DATASET}.") from exc
+    try:
+        loaded = datasets.load_dataset(name, config)
+    except Exception as exc:  # offline, missing, or a bad config name all land here
+        raise DataError(f"cannot load dataset '{name}'{f' ({config})' if config else ''} from the Hub or its cache "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Pass a local "
+                        f".txt/.jsonl file or folder, or --dataset {EMBEDDED_DATASET} for the offline "
+                        f"corpus.") from None
+    splits = {}
+    for split, aliases in HUB_SPLIT_ALIASES.items():
+        hub_split = next((a for a in aliases if a in loaded), None)
+        if hub_split is not None:
+            rows = loaded[hub_split]
+            splits[split] = [row_text(r, tokenizer, f"{name}[{hub_split}]") for r in rows]
+    return splits
+
+
+def load_text_dataset(name: Optional[str] = None, config: Optional[str] = None,
+                      tokenizer=None) -> Dict[str, List[str]]:
+    """Resolve ``name`` to ``{split: documents}``: ``embedded``, a local file or folder, or a Hub dataset."""
+    if name in (None, "", EMBEDDED_DATASET):
+        return embedded_corpus()
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local_dataset(path, tokenizer)
+    if name.startswith((".", "/", "~")) or Path(name).suffix in (".txt", ".jsonl", ".raw") or os.sep * 2 in name:
+        raise DataError(f"dataset path not found: {name}. Check the path.")
+    return _hub_dataset(name, config, tokenizer)
+
+
+def select_split(splits: Dict[str, List[str]], split: str, source: str) -> List[str]:
+    docs = splits.get(split)
+    if not docs or not "".join(docs).strip():
+        have = ", ".join(k for k, v in splits.items() if v) or "none"
+        raise DataError(f"dataset '{source}' has no (or an empty) '{split}' split (splits with text: {have}). "
+                        f"Pass a file or folder that has one.")
+    return docs
+
+
+def load_split(name: Optional[str], config: Optional[str], tokenizer, split: str) -> List[str]:
+    """Documents of one split; a single local file counts whole (it is the split). ``validation`` falls
+    back to ``test`` for datasets without one."""
+    if name and Path(name).expanduser().is_file():
+        return read_documents(Path(name).expanduser(), tokenizer)
+    splits = load_text_dataset(name, config, tokenizer)
+    if split == "validation" and not splits.get("validation") and splits.get("test"):
+        split = "test"
+    return select_split(splits, split, name or EMBEDDED_DATASET)

@@ -1,0 +1,193 @@
+"""``compare``: the base model, the MoE-augmented model and (``--lora-baseline``) plain LoRA, in one run.
+
+Training happens in child processes (``llama-expert train``), one per method with identical data, steps,
+batch, sequence length and learning rate, so each reports its own peak memory. The measurements then
+happen here, in one process, on the same windows: perplexity of each model, decode/prefill throughput
+with the repeats interleaved (ratios to the base from the same run), parameter and memory figures, and
+the MoE expert usage. Output: a terminal table, ``compare.json``, ``report.md`` and PNG charts.
+
+A LoRA adapter is measured as trained (unmerged). Merged into the base weights it would decode at the
+base's speed; MoE adapters cannot be merged, since their routing depends on the token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..errors import ConfigError
+from ..files import atomic_write_text
+from ..integration.adapter_files import load_adapter_weights
+from ..integration.base_models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from ..integration.loading import ModelArguments
+from ..integration.surgery import adapter_parameters, adapters, is_augmented, parameter_counts
+from ..options import fields_named, flag_of, option
+from ..training.arguments import DataArguments, TrainingArguments
+from ..training.lora import load_lora_model, matched_lora_rank
+from .benchmark import ExpertModelBenchmark, environment
+from .reports import compare_charts, compare_markdown, compare_table, save_usage_heatmap
+from .routing_health import measure_expert_usage
+from .throughput import ThroughputArguments, measure_interleaved
+
+# The training settings both methods share, and compare's defaults for them (a short run).
+TRAINING_FIELDS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "max_samples",
+                   "learning_rate", "eval_every", "eval_max_tokens", "seed")
+DATA_FIELDS = ("dataset", "dataset_config", "eval_dataset")
+TRAINING_DEFAULTS = {"seq_len": 512, "batch_size": 4, "max_steps": 100, "learning_rate": 2e-3, "eval_every": 50,
+                     "eval_max_tokens": 8192}
+
+
+@dataclass
+class CompareArguments:
+    lora_baseline: bool = option(False, "add a PEFT LoRA baseline at a matched budget")
+    lora_adapter: Optional[str] = option(None, "a trained LoRA folder (else one is trained here)")
+    lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
+    moe_args: Optional[str] = option(None, "extra `train` flags for the MoE run, e.g. '--lora-r 32'")
+    output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
+    test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on")
+    split: str = option("test", "split to measure on")
+    eval_seq_len: int = option(512, "perplexity window length")
+    max_tokens: int = option(16384, "tokens measured")
+    eval_dtype: Optional[str] = option(None, "base weights dtype while measuring (default float32)")
+    routing_windows: int = option(8, "test windows routed to measure MoE expert usage")
+    progress: bool = option(True, "no progress bars")
+
+
+def training_command(method: str, out: Path, model_args: ModelArguments, training: TrainingArguments,
+                     data: DataArguments, extra: List[str]) -> List[str]:
+    """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv."""
+    cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method,
+           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out), "--no-progress"]
+    if model_args.dtype:
+        cmd += ["--dtype", model_args.dtype]
+    for settings, names in ((data, DATA_FIELDS), (training, TRAINING_FIELDS)):
+        for field in fields_named(type(settings), names):
+            value = getattr(settings, field.name)
+            if value is not None:
+                cmd += [flag_of(field), str(value)]
+    return cmd + extra
+
+
+def _run_training(method: str, cmd: List[str], auth_token: Optional[str]) -> None:
+    print(f"\n[{method}] python {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if auth_token:
+        env["HF_TOKEN"] = auth_token
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env)
+    if done.returncode != 0:
+        raise ConfigError(f"training the {method} adapter failed (exit {done.returncode}); see the output above.")
+    print(f"[{method}] trained in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _summary(folder: Optional[Path]) -> dict:
+    path = folder / "training_summary.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
+def _adapter_size(model) -> int:
+    """Parameters the method added and trained (PEFT loads LoRA frozen, so count by name)."""
+    if is_augmented(model):
+        return sum(p.numel() for p in adapter_parameters(model))
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,
+                training: Optional[TrainingArguments] = None, data: Optional[DataArguments] = None,
+                throughput_args: Optional[ThroughputArguments] = None, command: Optional[str] = None) -> dict:
+    """Train (or load) the MoE adapter and optionally a LoRA baseline, then measure all models side by side.
+
+    ``model_args``: the base model, the MoE adapter folder (else one is trained), the token and the
+    training dtype. ``training``/``data``: the settings both methods train with. ``command``: the command
+    line to record in the report (tokens must already be redacted).
+    """
+    model_args = model_args or ModelArguments(model=DEFAULT_MODEL)
+    a = settings or CompareArguments()
+    training = training or TrainingArguments(**TRAINING_DEFAULTS)
+    data = data or DataArguments()
+    t = throughput_args or ThroughputArguments()
+    if a.lora_adapter and not a.lora_baseline:
+        raise ConfigError("--lora-adapter needs --lora-baseline.")
+    model_id = model_args.model or DEFAULT_MODEL
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
+    if not model_args.adapter:
+        _run_training("moe", training_command("moe", moe_dir, model_args, training, data,
+                                              a.moe_args.split() if a.moe_args else []), model_args.auth_token)
+    base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
+    tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
+    moe = load_adapter_weights(copy.deepcopy(base), moe_dir).eval()
+    moe_trainable = parameter_counts(moe)["trainable"]
+
+    lora, lora_dir = None, None
+    if a.lora_baseline:
+        lora_dir = Path(a.lora_adapter) if a.lora_adapter else out / "lora"
+        if not a.lora_adapter:
+            rank = a.lora_r or matched_lora_rank(base, moe_trainable)
+            _run_training("lora", training_command("lora", lora_dir, model_args, training, data,
+                                                   ["--lora-r", str(rank)]), model_args.auth_token)
+        lora = load_lora_model(copy.deepcopy(base), lora_dir)
+
+    models = {"base": base, "moe": moe}
+    if lora is not None:
+        models["lora"] = lora
+    summaries = {"base": {}, "moe": _summary(moe_dir), "lora": _summary(lora_dir)}
+    rows: Dict[str, dict] = {}
+    windows = None
+    for name, model in models.items():
+        bench = ExpertModelBenchmark(model, tokenizer, dataset=a.test_dataset, split=a.split, seq_len=a.eval_seq_len,
+                                     max_tokens=a.max_tokens, windows=windows)
+        ppl = bench.benchmark_perplexity()
+        windows = bench.windows()  # the very same windows for every model
+        s = summaries[name]
+        rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
+                      "trainable_parameters": _adapter_size(model),
+                      "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                      "training_peak_memory_bytes": (s.get("peak_memory") or {}).get("bytes"),
+                      "training_seconds": s.get("seconds"), "training_steps": s.get("steps"),
+                      "training_tokens": s.get("tokens")}
+        print(f"[{name}] perplexity {ppl['perplexity']:.3f} on {ppl['tokens_evaluated']:,} tokens", flush=True)
+    if lora is not None and rows["moe"]["training_steps"] != rows["lora"]["training_steps"]:
+        print(f"warning: MoE trained {rows['moe']['training_steps']} steps, LoRA {rows['lora']['training_steps']}")
+
+    throughput = None
+    if not t.skip_throughput:
+        names = list(models)
+        measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
+                                       t.throughput_batch_sizes)
+        throughput = {n: m for n, m in zip(names, measured)}
+        for n in names:
+            rows[n]["throughput"] = []
+            for mine, base_row in zip(throughput[n]["results"], throughput["base"]["results"]):
+                rows[n]["throughput"].append({
+                    "batch_size": mine["batch_size"], "decode_tokens_per_s": mine["decode_tokens_per_s"],
+                    "prefill_tokens_per_s": mine["prefill_tokens_per_s"],
+                    "decode_ratio": mine["decode_tokens_per_s"] / base_row["decode_tokens_per_s"],
+                    "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]})
+
+    usage = measure_expert_usage(moe, windows[: a.routing_windows])
+    report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
+              "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
+              "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+              "moe_adapter": str(moe_dir), "lora_adapter": str(lora_dir) if lora_dir else None,
+              "training": {n: summaries[n].get("training_arguments") for n in ("moe", "lora") if summaries[n]},
+              "results": rows, "throughput_detail": throughput, "expert_usage": usage,
+              "moe_layers": len(adapters(moe)), "command": command or "run_compare(...) from Python"}
+    if lora is not None:
+        report["winner_perplexity"] = "moe" if rows["moe"]["perplexity"] < rows["lora"]["perplexity"] else "lora"
+    atomic_write_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
+    charts = compare_charts(report, out)
+    save_usage_heatmap(usage, out / "expert_usage.png", title="MoE expert usage on the test windows")
+    atomic_write_text(out / "report.md", compare_markdown(report, charts + ["expert_usage.png"]))
+    print()
+    print(compare_table(report))
+    print(f"\nwrote {out / 'compare.json'}, {out / 'report.md'} and charts in {out}")
+    return report

@@ -1,0 +1,24 @@
+"""Peak memory of this process: CUDA's peak allocation on a GPU, the peak resident set size elsewhere.
+
+The one place that reads it, for training summaries and the benchmark alike. ``ru_maxrss`` is in
+kilobytes on Linux and in bytes on macOS; the peak RSS cannot be reset, so it covers everything the
+process did before (model loading included).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Dict
+
+import torch
+
+
+def peak_memory(device: torch.device) -> Dict:
+    if device.type == "cuda":
+        return {"kind": "peak CUDA memory allocated", "bytes": int(torch.cuda.max_memory_allocated(device)),
+                "note": "since the last reset of CUDA's peak statistics"}
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"kind": "peak RSS of the process", "bytes": int(usage * scale),
+            "note": "cannot be reset: covers everything this process did so far, model loading included"}

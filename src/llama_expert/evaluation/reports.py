@@ -1,0 +1,211 @@
+"""Reports for people: the benchmark's terminal table, compare's table, Markdown report and charts, and the
+expert-usage heatmap. The only module that imports matplotlib (lazily, so the rest never pays for it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def _matplotlib_pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def format_report(report: Dict, info: Optional[Dict] = None) -> str:
+    """The terminal table of a ``run_full_benchmark`` report."""
+    lines = []
+    model, ppl = report["model"], report["perplexity"]
+    params = model["parameters"]
+    name = model["name"]
+    if info and info.get("adapter"):
+        what = f"{info['base_model']} + adapter {info['adapter']}"
+    elif model["augmented"]:
+        what = f"{name} + fresh MoE adapters"
+    else:
+        what = f"{name} (base model, no adapters)"
+    env = report["environment"]
+    lines.append("llama-expert benchmark")
+    lines.append("=" * 72)
+    lines.append(f"model              {what}")
+    if info and info.get("fresh_adapter"):
+        lines.append("                   note: untrained adapters compute exactly the base model, so these "
+                     "numbers are the base's (plus adapter overhead in speed and memory)")
+    if model["augmented"]:
+        lines.append(f"parameters         {params['total']:,} total, {params['trainable']:,} trainable "
+                     f"({params['trainable_percent']:.4f}%), experts per layer {params['experts_per_layer']}")
+    else:
+        lines.append(f"parameters         {params['total']:,}")
+    lines.append(f"device             {env['device']} ({env['torch_threads']} threads), torch {env['torch']}, "
+                 f"transformers {env['transformers']}")
+    lines.append("")
+    lines.append("Perplexity (token-level, non-overlapping windows)")
+    lines.append("-" * 72)
+    source = ppl["dataset"] + (f" ({ppl['dataset_config']})" if ppl.get("dataset_config") else "")
+    lines.append(f"dataset            {source} [{ppl['split']}]")
+    cap = f"; capped by --max-tokens {ppl['max_tokens']}" if ppl["capped"] else ""
+    lines.append(f"evaluated          {ppl['windows']} windows x {ppl['seq_len']} tokens = "
+                 f"{ppl['tokens_in_windows']:,} of {ppl['tokens_available']:,} tokens{cap}")
+    lines.append(f"tokens predicted   {ppl['tokens_evaluated']:,}")
+    lines.append(f"perplexity         {ppl['perplexity']:.4f}   (mean NLL {ppl['mean_nll']:.4f} nats/token)")
+    if "word_perplexity" in ppl:
+        lines.append(f"word perplexity    {ppl['word_perplexity']:.4f}   ({ppl['words']:,} words; lm-eval-harness "
+                     f"style, a different number: do not compare with token perplexity)")
+    health = report.get("routing_health")
+    if health:
+        lines.append("")
+        lines.append(f"Routing health ({health['windows']} windows, {health['tokens']:,} tokens)")
+        lines.append("-" * 72)
+        lines.append(f"{'layer':>5} {'experts':>7} {'min load':>9} {'max load':>9} {'entropy':>8}  warnings")
+        for layer in health["layers"]:
+            lines.append(f"{layer['layer']:>5} {layer['num_experts']:>7} {layer['min_load']:>9.3f} "
+                         f"{layer['max_load']:>9.3f} {layer['normalized_entropy']:>8.3f}  {len(layer['warnings'])}")
+        lines.append("load: share of the token-slot assignments (uniform = 1/E); entropy normalised by log E")
+        if health["warnings"]:
+            shown = health["warnings"][:10]
+            lines.append(f"WARNINGS ({len(health['warnings'])}):")
+            lines += [f"  {w}" for w in shown]
+            if len(health["warnings"]) > len(shown):
+                lines.append(f"  ... {len(health['warnings']) - len(shown)} more in the JSON output")
+        else:
+            lines.append("no warnings: every expert gets at least 0.1/E of the load, none collapses")
+    thr = report.get("throughput")
+    if thr:
+        lines.append("")
+        lines.append(f"Throughput (greedy, KV cache, prompt {thr['prompt_len']} + {thr['new_tokens']} new tokens, "
+                     f"median of {thr['num_samples']} after warm-up)")
+        lines.append("-" * 72)
+        lines.append(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15}")
+        for row in thr["results"]:
+            lines.append(f"{row['batch_size']:>5} {row['prefill_tokens_per_s']:>14,.1f} "
+                         f"{row['decode_tokens_per_s']:>13,.1f} {row['decode_ms_per_step']:>15.1f}")
+    mem = report.get("memory")
+    if mem:
+        lines.append("")
+        lines.append("Memory")
+        lines.append("-" * 72)
+        lines.append(f"parameters         {_mb(mem['parameter_bytes'])} ({mem['dtype']}); adapters "
+                     f"{_mb(mem['adapter_parameter_bytes'])}")
+        lines.append(f"KV cache           {mem['kv_cache_bytes_per_token']:,} bytes/token ({mem['kv_cache_formula']})")
+        if mem.get("kv_cache_bytes_full_context"):
+            lines.append(f"                   {_mb(mem['kv_cache_bytes_per_window'])} per eval batch, "
+                         f"{_mb(mem['kv_cache_bytes_full_context'])} for the full context")
+        lines.append(f"peak               {_mb(mem['peak']['bytes'])} ({mem['peak']['kind']}; {mem['peak']['note']})")
+    return "\n".join(lines)
+
+
+
+def _machine(env: dict) -> str:
+    return (f"{env.get('platform')}, {os.cpu_count()} CPUs, device {env.get('device')} "
+            f"({env.get('gpu', str(env.get('torch_threads')) + ' threads')}), torch {env.get('torch')}, "
+            f"transformers {env.get('transformers')}")
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n else "-"
+
+
+def compare_table(report: dict) -> str:
+    rows = report["results"]
+    head = "| model | trainable params | test PPL | decode tok/s (b=1) | decode ratio | training peak memory | training time |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        t = (r.get("throughput") or [{}])[0]
+        lines.append(f"| {name} | {r['trainable_parameters']:,} | {r['perplexity']:.3f} | "
+                     f"{t.get('decode_tokens_per_s', float('nan')):.1f} | {t.get('decode_ratio', float('nan')):.3f} | "
+                     f"{_fmt_bytes(r['training_peak_memory_bytes'])} | "
+                     f"{(str(round(r['training_seconds'])) + ' s') if r['training_seconds'] else '-'} |")
+    return "\n".join(lines)
+
+
+def compare_markdown(report: dict, charts: List[str]) -> str:
+    rows = report["results"]
+    lines = [f"# Comparison: base vs MoE adapters{' vs LoRA' if 'lora' in rows else ''}", "",
+             f"- Date: {report['date']}; machine: {_machine(report['environment'])}",
+             f"- Model: `{report['model']}`; test: `{report['test_dataset']}` ({report['split']}), windows of "
+             f"{report['eval_seq_len']} tokens, {rows['base']['tokens_evaluated']:,} tokens predicted, "
+             f"evaluation dtype {report['eval_dtype']}",
+             f"- Command: `{report['command']}`", ""]
+    for method, args in (report.get("training") or {}).items():
+        if args:
+            lines.append(f"- {method} training: {args.get('max_steps')} steps x batch {args.get('batch_size')} x "
+                         f"{args.get('seq_len')} tokens, learning rate {args.get('learning_rate')}")
+    lines += ["", compare_table(report), ""]
+    if "lora" in rows:
+        moe, lora = rows["moe"]["perplexity"], rows["lora"]["perplexity"]
+        winner = "MoE adapters" if moe < lora else "LoRA"
+        lines.append(f"**Perplexity winner: {winner}** (MoE {moe:.3f} vs LoRA {lora:.3f}, base "
+                     f"{rows['base']['perplexity']:.3f}; trainable parameters MoE "
+                     f"{rows['moe']['trainable_parameters']:,} vs LoRA {rows['lora']['trainable_parameters']:,}).")
+        lines.append("")
+    lines.append("Decode ratio: tokens/s of the model divided by the base's, measured in the same run with the "
+                 "repeats interleaved. LoRA is measured unmerged; merged, it decodes at the base's speed.")
+    lines.append("")
+    lines += [f"![{c}]({c})" for c in charts]
+    return "\n".join(lines) + "\n"
+
+
+def compare_charts(report: dict, out: Path) -> List[str]:
+    plt = _matplotlib_pyplot()
+    rows = report["results"]
+    names = list(rows)
+    made = []
+
+    def bar(filename, labels, values, title, ylabel, fmt):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        colors = {"base": "#888888", "moe": "#2a7ab9", "lora": "#d9822b"}
+        bars = ax.bar(labels, values, color=[colors.get(n, "#555555") for n in labels])
+        for b, v in zip(bars, values):
+            ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=100)
+        plt.close(fig)
+        made.append(filename)
+
+    bar("perplexity.png", names, [rows[n]["perplexity"] for n in names], "Test perplexity (lower is better)",
+        "perplexity", "{:.2f}")
+    if all(rows[n].get("throughput") for n in names):
+        bar("throughput.png", names, [rows[n]["throughput"][0]["decode_ratio"] for n in names],
+            "Decode tokens/s relative to base (batch 1)", "ratio", "{:.3f}")
+    trained = [n for n in names if n != "base"]
+    if trained and all(rows[n]["training_peak_memory_bytes"] for n in trained):
+        bar("memory.png", trained, [rows[n]["training_peak_memory_bytes"] / 2**20 for n in trained],
+            "Peak training memory", "MiB", "{:,.0f}")
+    return made
+
+
+def save_usage_heatmap(usage: List[Dict[str, object]], path, title: str = "Expert usage") -> Path:
+    """A layers x experts heatmap of load fractions (blank where a layer has fewer experts)."""
+    import numpy as np
+
+    plt = _matplotlib_pyplot()
+
+    width = max(row["num_experts"] for row in usage)
+    grid = np.full((len(usage), width), np.nan)
+    for row in usage:
+        grid[row["layer"], : row["num_experts"]] = row["fractions"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * width, 1.0 + 0.25 * len(usage)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(width))
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of (token, slot) assignments")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,104 @@
+"""Routing health: how often each expert is chosen per layer, router entropy, and collapse warnings.
+
+The routers count their choices (``NoisyTopKGating.expert_counts``) while ``recording_routing`` is on;
+these helpers run that pass, turn the counts into fractions and flag experts that take almost nothing
+or almost everything (``reports.save_usage_heatmap`` draws the fractions).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Dict, List
+
+import torch
+
+from ..errors import ConfigError
+from ..integration.surgery import adapters, is_augmented, reset_routing_statistics
+
+
+def expert_usage(model) -> List[Dict[str, object]]:
+    """Per layer: counts, load fractions (sum to 1), normalised router entropy (1 = uniform)."""
+    rows = []
+    for layer, (name, adapter) in enumerate(adapters(model)):
+        router = adapter.router
+        counts = router.expert_counts.detach().cpu().double()
+        total = float(counts.sum())
+        tokens = float(router.tokens_seen)
+        entropy = float(router.entropy_sum) / tokens if tokens else 0.0
+        rows.append({"layer": layer, "module": name, "num_experts": adapter.num_experts,
+                     "counts": [int(c) for c in counts.tolist()],
+                     "fractions": [float(c) / total if total else 0.0 for c in counts.tolist()],
+                     "tokens": int(tokens), "entropy": entropy,
+                     "normalized_entropy": entropy / math.log(adapter.num_experts) if adapter.num_experts > 1 else 1.0})
+    return rows
+
+
+@torch.no_grad()
+def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1) -> List[Dict[str, object]]:
+    """Route ``windows`` in eval mode (no noise) and return the usage table."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with recording_routing(model):
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return expert_usage(model)
+
+
+@contextmanager
+def recording_routing(model):
+    """Reset the routers' statistics and count every routing decision made inside the block."""
+    routers = [adapter.router for _, adapter in adapters(model)]
+    reset_routing_statistics(model)
+    for router in routers:
+        router.record_statistics = True
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.record_statistics = False
+
+
+LOW_LOAD_FACTOR = 0.1  # warn when an expert gets less than LOW_LOAD_FACTOR / E of the assignments
+COLLAPSE_SHARE = 0.9  # warn when more than this share of the tokens routes to one expert
+
+
+def routing_health(model, windows: torch.Tensor, batch_size: int = 1) -> Dict:
+    """Per-layer expert load and router entropy over ``windows``.
+
+    ``load``: each expert's share of the T*k (token, slot) assignments (sums to 1 per layer; uniform
+    is 1/E). ``token_share``: the share of tokens that picked the expert (k * load, at most 1).
+    ``entropy``: mean over tokens of the router's entropy over all E experts divided by log E
+    (1 = uniform probabilities, 0 = one expert certain). Warnings: an expert with load below
+    0.1/E ("nearly unused"), or picked by more than 90% of the tokens ("collapse"; checked only
+    when E > k, since with E == k every expert serves every token).
+    """
+    if not is_augmented(model):
+        raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
+    layers, warnings = [], []
+    for row in measure_expert_usage(model, windows, batch_size):
+        index, num_experts, tokens = row["layer"], row["num_experts"], row["tokens"]
+        router = adapters(model)[index][1].router
+        top_k = int(router.top_k)
+        load = row["fractions"]
+        share = [c / tokens if tokens else 0.0 for c in row["counts"]]
+        layer_warnings = []
+        for e in range(num_experts):
+            if load[e] < LOW_LOAD_FACTOR / num_experts:
+                layer_warnings.append(f"layer {index}: expert {e} takes {100 * load[e]:.2f}% of the assignments "
+                                      f"(< {100 * LOW_LOAD_FACTOR / num_experts:.2f}% = 0.1/E): nearly unused")
+            if num_experts > top_k and share[e] > COLLAPSE_SHARE:
+                layer_warnings.append(f"layer {index}: expert {e} is picked by {100 * share[e]:.1f}% of the "
+                                      f"tokens (> {100 * COLLAPSE_SHARE:.0f}%): collapse")
+        warnings += layer_warnings
+        layers.append({"layer": index, "module": row["module"], "num_experts": num_experts, "top_k": top_k,
+                       "tokens": tokens, "load": load, "token_share": share,
+                       "min_load": min(load), "max_load": max(load), "entropy": row["entropy"],
+                       "normalized_entropy": row["normalized_entropy"], "warnings": layer_warnings})
+    return {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
+            "thresholds": {"nearly_unused_load_below": "0.1/E", "collapse_token_share_above": COLLAPSE_SHARE},
+            "layers": layers, "warnings": warnings, "healthy": not warnings}

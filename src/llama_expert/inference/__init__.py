@@ -1,0 +1,1 @@
+"""Floor 3: text generation and the interactive chat."""

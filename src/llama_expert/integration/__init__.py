@@ -1,0 +1,1 @@
+"""Floor 2: the adapters on a Transformers model: surgery, base-model loading, adapter files."""

@@ -1,0 +1,182 @@
+"""Adapter folders in PEFT's habit: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+The JSON records the format version, the base model (``base_model_name_or_path``), a fingerprint of the
+base architecture, and the ExpertConfig. Loading onto a base with another architecture fails with a
+message naming both; the same architecture with different weights only warns (a fine-tuned sibling
+is a legitimate base). Files are written to a temporary name and renamed, so a crash never leaves a
+half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ExpertConfig
+from ..errors import AdapterError, ConfigError
+from ..files import atomic_write, atomic_write_text
+from .base_models import DEFAULT_MODEL, load_base_model
+from .surgery import adapter_state_dict, augment_model, is_augmented, remove_adapters
+
+# Version 2 renamed the learnable per-layer scale: tensor ``*.scale`` -> ``*.residual_scale`` and config
+# field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
+# adapters are read through ``_upgrade_v1``.
+FORMAT_VERSION = 2
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+
+
+def architecture_fingerprint(model: nn.Module) -> dict:
+    return {f: getattr(model.config, f, None) for f in _ARCH_FIELDS}
+
+
+def weights_checksum(model: nn.Module) -> str:
+    """A cheap digest of the input embeddings: tells two bases of the same shape apart."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return ""
+    # Through bfloat16, so the same model loaded in float32 or bfloat16 gives the same digest.
+    sample = weight[:16, :64].detach().to(torch.bfloat16).float().cpu().numpy()
+    return hashlib.sha256(sample.tobytes()).hexdigest()[:16]
+
+
+def save_adapter(model: nn.Module, folder: Union[str, Path], base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write the trained tensors and the config of an augmented model to ``folder``."""
+    if not is_augmented(model):
+        raise AdapterError("this model carries no MoE adapters; call augment_model(model, config) first.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "llama-expert",
+        "peft_type": "LLAMA_EXPERT_MOE",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "base_model_architecture": architecture_fingerprint(model),
+        "base_model_weights_checksum": weights_checksum(model),
+        "expert_config": model.expert_config.to_dict(),
+    }
+    atomic_write_text(folder / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_adapter_config(folder: Union[str, Path]) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` run "
+                           f"(it holds {CONFIG_NAME} and {WEIGHTS_NAME}).")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{folder} holds no {CONFIG_NAME}; it is not a llama-expert adapter folder.")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter is corrupt. Re-save it.") from exc
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this llama-expert "
+                           f"understands ({FORMAT_VERSION}). Upgrade llama-expert.")
+    if "expert_config" not in meta:
+        raise AdapterError(f"{path} has no 'expert_config'; it is not a llama-expert adapter.")
+    if meta.get("format_version", 1) < 2:
+        meta = {**meta, "expert_config": _upgrade_v1_config(meta["expert_config"])}
+    return meta
+
+
+def _upgrade_v1_config(config: dict) -> dict:
+    config = {k: v for k, v in config.items() if k != "extra"}
+    if "scale_init" in config:
+        config["residual_scale_init"] = config.pop("scale_init")
+    return config
+
+
+def _upgrade_v1_tensors(state: dict) -> dict:
+    return {(k[: -len(".scale")] + ".residual_scale" if k.endswith(".scale") else k): v for k, v in state.items()}
+
+
+def check_base_matches(model: nn.Module, meta: dict, folder: Union[str, Path]) -> None:
+    saved = meta.get("base_model_architecture") or {}
+    here = architecture_fingerprint(model)
+    diff = {k: (saved.get(k), here.get(k)) for k in _ARCH_FIELDS if k in saved and saved.get(k) != here.get(k)}
+    if diff:
+        details = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+        raise AdapterError(f"the adapter in {folder} was saved for base model "
+                           f"'{meta.get('base_model_name_or_path')}', whose architecture differs from this "
+                           f"model ({details}). Load it with --model {meta.get('base_model_name_or_path')}.")
+    saved_sum, here_sum = meta.get("base_model_weights_checksum"), weights_checksum(model)
+    if saved_sum and here_sum and saved_sum != here_sum:
+        warnings.warn(f"the adapter in {folder} was trained on '{meta.get('base_model_name_or_path')}', which has "
+                      f"the same architecture as this base but different weights; results may differ.")
+
+
+def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
+    """Augment ``model`` with the config stored in ``folder`` and load its trained tensors exactly."""
+    meta = read_adapter_config(folder)
+    check_base_matches(model, meta, folder)
+    try:
+        config = ExpertConfig.from_dict(meta["expert_config"])
+    except (ConfigError, TypeError) as exc:
+        raise AdapterError(f"{Path(folder) / CONFIG_NAME} holds an invalid expert_config: {exc}") from exc
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}; the adapter is incomplete. Re-save it.")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights} is corrupt ({exc}). Re-save or re-train the adapter.") from exc
+    if meta.get("format_version", 1) < 2:
+        state = _upgrade_v1_tensors(state)
+    augmented_here = not is_augmented(model)
+    if augmented_here:
+        augment_model(model, config)
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        if augmented_here:
+            remove_adapters(model)  # leave the model as it was given
+        raise AdapterError(f"{weights} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if state[key].shape != target.shape:
+                raise AdapterError(f"{weights}: tensor {key} has shape {tuple(state[key].shape)}, the model "
+                                   f"expects {tuple(target.shape)}.")
+            target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+    return model
+
+
+def load_augmented_model(model_id: Optional[str] = None, adapter_path: Optional[Union[str, Path]] = None,
+                         config: Optional[ExpertConfig] = None, use_auth_token: Optional[str] = None,
+                         dtype=None, device: Optional[str] = None) -> Tuple[nn.Module, ExpertConfig]:
+    """Return ``(model, config)``: the base (by default the one the adapter records) with MoE adapters.
+
+    With ``adapter_path`` the trained adapter is loaded; without it fresh adapters are built from
+    ``config`` (default ExpertConfig()), which compute exactly the base model until trained.
+    """
+    meta = read_adapter_config(adapter_path) if adapter_path is not None else None
+    if model_id is None and meta is not None:
+        model_id = meta.get("base_model_name_or_path")
+        if not model_id:
+            raise AdapterError(f"the adapter in {adapter_path} does not record its base model; pass model_id "
+                               f"(--model) explicitly.")
+    model_id = model_id or DEFAULT_MODEL
+    if meta is not None and config is not None:
+        raise ConfigError("pass either adapter_path or config: an adapter carries its own ExpertConfig.")
+    config = config or ExpertConfig()
+    model = load_base_model(model_id, auth_token=use_auth_token, dtype=dtype, device=device,
+                            quantization_4bit=config.quantization_4bit if meta is None else
+                            bool(meta["expert_config"].get("quantization_4bit", False)))
+    if meta is not None:
+        load_adapter_weights(model, adapter_path)
+    else:
+        augment_model(model, config)
+    return model, model.expert_config

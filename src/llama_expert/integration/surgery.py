@@ -1,0 +1,165 @@
+"""Inject MoE adapters into a stock Transformers model, freeze the base, count, and take them out again.
+
+Works on any causal LM whose decoder layers carry an ``mlp`` attribute (Llama, Mistral, Qwen2,
+SmolLM2, ...). Nothing in Transformers is patched: ``layer.mlp`` is swapped for an ``MoEAdapter`` that
+holds the original MLP, and a forward pre-hook hands the attention mask to the routers.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ExpertConfig
+from ..errors import ConfigError
+from ..modeling import MoEAdapter, TokenMask, check_config, experts_per_layer
+
+_STATE = "_llama_expert_state"  # attribute on the model: hook handle, mask, requires_grad flags
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers: the longest ModuleList whose blocks all have an ``mlp``."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(hasattr(b, "mlp") for b in module):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no list of decoder layers with an `mlp` attribute; "
+                          f"llama-expert supports Llama-family models (Llama, Mistral, Qwen2, SmolLM2).")
+    return best
+
+
+def is_augmented(model: nn.Module) -> bool:
+    return hasattr(model, _STATE)
+
+
+def adapters(model: nn.Module) -> List[Tuple[str, MoEAdapter]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEAdapter)]
+
+
+def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
+    """Freeze every base parameter and put an MoE adapter beside each decoder layer's MLP (in place).
+
+    Adapter weights are float32 whatever the base dtype (as PEFT does for LoRA): their updates are
+    tiny compared with the weights, and bf16 would round many of them away.
+    """
+    if is_augmented(model):
+        raise ConfigError("this model already carries MoE adapters; call remove_adapters(model) first.")
+    config.validate()
+    check_config(config)
+    layers = decoder_layers(model)
+    hidden_size = model.config.hidden_size
+    counts = experts_per_layer(config, len(layers))
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    token_mask = TokenMask()
+    for layer, num_experts in zip(layers, counts):
+        device = next(layer.mlp.parameters()).device
+        with torch.device(device):  # build in place: works for CPU, CUDA and the meta device alike
+            adapter = MoEAdapter(layer.mlp, hidden_size, num_experts, config, token_mask)
+        adapter.train(model.training)  # a new module starts in training mode; follow the model's mode
+        layer.mlp = adapter
+
+    def remember_mask(module, args, kwargs):
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        token_mask.set(mask)
+
+    handle = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    setattr(model, _STATE, {"hook": handle, "requires_grad": requires_grad, "token_mask": token_mask})
+    model.expert_config = config
+    if config.use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Take the adapters out and restore the base model exactly as it was given to augment_model."""
+    if not is_augmented(model):
+        raise ConfigError("this model carries no MoE adapters.")
+    for layer in decoder_layers(model):
+        if isinstance(layer.mlp, MoEAdapter):
+            layer.mlp = layer.mlp.base_mlp
+    state = getattr(model, _STATE)
+    state["hook"].remove()
+    for name, p in model.named_parameters():
+        p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
+    delattr(model, _STATE)
+    del model.expert_config
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only the trained tensors (routers, experts, scales), keyed by their full module path."""
+    state = {}
+    for prefix, adapter in adapters(model):
+        for name, p in adapter.named_parameters():
+            if not name.startswith("base_mlp."):
+                state[f"{prefix}.{name}"] = p.detach()
+    return state
+
+
+def adapter_parameters(model: nn.Module) -> List[nn.Parameter]:
+    return [p for _, adapter in adapters(model) for name, p in adapter.named_parameters()
+            if not name.startswith("base_mlp.")]
+
+
+def router_losses(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Mean over MoE layers of the load-balancing and z losses of the last forward pass."""
+    mods = [a for _, a in adapters(model)]
+    if not mods or mods[0].aux_loss is None:
+        raise RuntimeError("no router losses: run a forward pass of the augmented model first, in training mode "
+                           "or with gradients enabled (eval passes under torch.no_grad skip them).")
+    return {"aux_loss": torch.stack([a.aux_loss for a in mods]).mean(),
+            "z_loss": torch.stack([a.z_loss for a in mods]).mean()}
+
+
+def weighted_router_loss(model: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``aux_coef * mean_l L_aux + z_coef * mean_l L_z`` (docs/design.md section 2), and the raw losses.
+
+    The first value is what training adds to the LM loss; the second holds ``aux_loss`` and ``z_loss`` for
+    logging (``aux_loss`` is 1 for perfectly balanced routing).
+    """
+    config: ExpertConfig = model.expert_config
+    losses = router_losses(model)
+    weighted = config.router_aux_loss_coef * losses["aux_loss"] + config.router_z_loss_coef * losses["z_loss"]
+    return weighted, losses
+
+
+def reset_routing_statistics(model: nn.Module) -> None:
+    for _, adapter in adapters(model):
+        adapter.router.reset_statistics()
+
+
+def parameter_counts(model: nn.Module) -> Dict[str, object]:
+    routers = experts = scales = 0
+    per_layer = []
+    for _, adapter in adapters(model):
+        routers += sum(p.numel() for p in adapter.router.parameters())
+        experts += sum(p.numel() for p in adapter.experts.parameters())
+        scales += adapter.residual_scale.numel()
+        per_layer.append(adapter.num_experts)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable,
+            "routers": routers, "experts": experts, "scales": scales,
+            "trainable_percent": 100.0 * trainable / total if total else 0.0,
+            "experts_per_layer": per_layer}
+
+
+def parameter_report(model: nn.Module) -> str:
+    """A printable breakdown: routers, experts, scales, frozen and the trainable share."""
+    c = parameter_counts(model)
+    rows = [("routers (W_g, W_noise)", c["routers"]), ("experts (A, B, cores)", c["experts"]),
+            ("residual scales (alpha_l)", c["scales"]), ("trainable total", c["trainable"]),
+            ("frozen base", c["frozen"]), ("all parameters", c["total"])]
+    lines = ["Parameter breakdown", "-" * 44]
+    lines += [f"{label:<26}{value:>18,}" for label, value in rows]
+    lines.append(f"{'trainable share':<26}{c['trainable_percent']:>17.4f}%")
+    if c["experts_per_layer"]:
+        lines.append(f"experts per layer: {c['experts_per_layer']} "
+                     f"({sum(c['experts_per_layer'])} in {len(c['experts_per_layer'])} layers)")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""Floor 1: the MoE adapter as plain torch modules (no Transformers, Accelerate, PEFT or matplotlib).
+
+Routers, expert banks and allocation rules are registered by name; ``check_config`` tells, before any
+model is loaded, whether an ``ExpertConfig`` names strategies that exist.
+"""
+
+from .adapter import MoEAdapter, TokenMask
+from .allocation import ALLOCATIONS, experts_per_layer
+from .experts import EXPERT_BANKS, SharedCoreExperts, SharedDownExperts, gate_matrix
+from .routing import ROUTERS, NoisyTopKGating, Routing, load_balancing_loss, router_z_loss
+
+
+def check_config(config) -> None:
+    """Raise ConfigError when ``config`` names a router, expert bank or allocation that is not registered."""
+    ROUTERS.get(config.router_type)
+    EXPERT_BANKS.get(config.expert_type)
+    if isinstance(config.expert_allocation, str):
+        ALLOCATIONS.get(config.expert_allocation)
+
+
+__all__ = ["MoEAdapter", "TokenMask", "ALLOCATIONS", "experts_per_layer", "EXPERT_BANKS", "SharedCoreExperts",
+           "SharedDownExperts", "gate_matrix", "ROUTERS", "NoisyTopKGating", "Routing", "load_balancing_loss",
+           "router_z_loss", "check_config"]

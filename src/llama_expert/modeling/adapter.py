@@ -1,0 +1,84 @@
+"""MoEAdapter: the frozen MLP of one decoder layer plus a routed expert bank, ``y = MLP(h) + a_l*MoE(h)``.
+
+``a_l`` is ``residual_scale``, a learnable scalar per layer (docs/design.md section 1).
+
+The adapter replaces ``layer.mlp`` and keeps the original module inside it (``base_mlp``), so removing
+it gives back the very same MLP object. The padding mask reaches the router through a small shared
+``TokenMask`` that a forward pre-hook on the whole model fills; Transformers itself is not patched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ExpertConfig
+from .experts import EXPERT_BANKS
+from .routing import ROUTERS
+
+
+class TokenMask:
+    """The attention mask of the current forward pass, shared by every adapter of a model.
+
+    The flat mask is worked out once per forward pass (by the first layer) and reused by the others:
+    in decoding, per-layer mask handling would cost as much as the router itself.
+    """
+
+    def __init__(self):
+        self.attention_mask: Optional[torch.Tensor] = None
+        self._key = None
+        self._flat: Optional[torch.Tensor] = None
+
+    def set(self, mask: Optional[torch.Tensor]) -> None:
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._key = None
+
+    def for_hidden(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Flat boolean mask [B*T] matching ``hidden`` [B, T, d], or None when there is no padding."""
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or hidden.dim() != 3:
+            return None
+        key = (hidden.shape[0], hidden.shape[1], hidden.device)
+        if key != self._key:
+            self._key, self._flat = key, self._flatten(mask, hidden)
+        return self._flat
+
+    @staticmethod
+    def _flatten(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        batch, length = hidden.shape[:2]
+        if mask.shape[0] != batch or mask.shape[1] < length:
+            return None
+        mask = mask[:, -length:].to(device=hidden.device, dtype=torch.bool)  # with a KV cache: the new tokens
+        if bool(mask.all()):
+            return None
+        return mask.reshape(-1)
+
+
+class MoEAdapter(nn.Module):
+    def __init__(self, base_mlp: nn.Module, hidden_size: int, num_experts: int, config: ExpertConfig,
+                 token_mask: Optional[TokenMask] = None):
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.num_experts = num_experts
+        self.token_mask = token_mask or TokenMask()
+        self.router = ROUTERS.get(config.router_type).from_config(hidden_size, num_experts, config)
+        self.experts = EXPERT_BANKS.get(config.expert_type).from_config(hidden_size, num_experts, config)
+        self.residual_scale = nn.Parameter(torch.tensor(float(config.residual_scale_init)))
+
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        return self.router.aux_loss
+
+    @property
+    def z_loss(self) -> Optional[torch.Tensor]:
+        return self.router.z_loss
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        base = self.base_mlp(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        routing = self.router(flat, self.token_mask.for_hidden(hidden))
+        compute_dtype = self.experts.down.dtype
+        moe = self.experts(flat.to(compute_dtype), routing.indices, routing.gates)
+        return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)

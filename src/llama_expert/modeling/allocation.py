@@ -1,0 +1,55 @@
+"""How many experts each decoder layer gets: registered allocation rules, or an explicit list.
+
+``progressive`` follows the seed on 16 layers (layers 0-1 get 4, layers 2-7 ramp 6->8, layers 8-15 ramp
+6->4) and scales the same shape to any depth by relative position; MoLA (NAACL 2025) reports that such a
+shape matches uniform allocation with fewer parameters. ``uniform`` gives ``num_experts`` everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+from ..errors import ConfigError
+from .registry import Registry
+
+ALLOCATIONS = Registry("expert allocation", "expert_allocation")
+
+
+@ALLOCATIONS.register("uniform")
+def uniform(num_experts: int, top_k: int, num_layers: int) -> List[int]:
+    return [num_experts] * num_layers
+
+
+@ALLOCATIONS.register("progressive")
+def progressive(num_experts: int, top_k: int, num_layers: int) -> List[int]:
+    high = num_experts
+    if num_layers <= 2:
+        return [high] * num_layers
+    low = max(top_k, math.ceil(high / 2))
+    mid = (low + high) / 2
+    counts = []
+    first_end = max(1, round(num_layers / 8))  # the first 1/8 of the layers
+    middle_end = max(first_end + 1, round(num_layers / 2))  # ... up to the middle
+    for layer in range(num_layers):
+        if layer < first_end:
+            value = low
+        elif layer < middle_end:
+            span = middle_end - 1 - first_end
+            value = high if span <= 0 else mid + (high - mid) * (layer - first_end) / span
+        else:
+            span = max(1, num_layers - 1 - middle_end)
+            value = mid + (low - mid) * (layer - middle_end) / span
+        counts.append(int(min(high, max(low, math.floor(value + 0.5)))))
+    return counts
+
+
+def experts_per_layer(config, num_layers: int) -> List[int]:
+    """Number of experts in each of ``num_layers`` decoder layers under ``config.expert_allocation``."""
+    allocation = config.expert_allocation
+    if isinstance(allocation, list):
+        if len(allocation) != num_layers:
+            raise ConfigError(f"expert_allocation lists {len(allocation)} layers but the model has "
+                              f"{num_layers} decoder layers; give exactly one count per layer.")
+        return list(allocation)
+    return ALLOCATIONS.get(allocation)(config.num_experts, config.top_k, num_layers)

@@ -1,0 +1,12 @@
+"""Routers: one module per strategy, registered by name, plus the losses they share.
+
+Every router is built as ``ROUTERS.get(name).from_config(hidden_size, num_experts, config)`` and returns
+a ``Routing`` for a ``[N, d]`` batch of tokens. Routers must be causal: a token's choice may depend on
+that token's hidden state only (tests check it for every registered router).
+"""
+
+from .losses import Routing, load_balancing_loss, router_z_loss
+from .noisy_topk import NoisyTopKGating
+from .registry import ROUTERS, register_router
+
+__all__ = ["ROUTERS", "register_router", "Routing", "NoisyTopKGating", "load_balancing_loss", "router_z_loss"]

@@ -1,0 +1,63 @@
+"""The training settings, one dataclass: the defaults live here and the CLI flags are generated from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import ConfigError
+from ..options import option
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = option("outputs/llama-expert", "where the adapter, checkpoints and logs go")
+    num_train_epochs: float = option(1.0, "passes over the training blocks", flag="--epochs")
+    max_steps: Optional[int] = option(None, "optimizer steps; overrides --epochs")
+    batch_size: int = option(8, "training blocks per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", flag="--gradient-accumulation")
+    learning_rate: float = option(1e-3, "peak learning rate of AdamW (warm-up, then cosine decay)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.05, "share of the steps spent warming the learning rate up")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seq_len: int = option(512, "tokens per training block (and validation window)")
+    max_samples: Optional[int] = option(None, "cap on packed training blocks")
+    eval_every: int = option(50, "steps between validations (0: never)")
+    eval_max_tokens: Optional[int] = option(16384, "validation tokens evaluated each time")
+    save_every: Optional[int] = option(None, "steps between checkpoints (default: --eval-every)")
+    mixed_precision: str = option("auto", "autocast: auto (bf16/fp16 on a GPU, none on a CPU), no, bf16, fp16",
+                                  choices=("auto", "no", "bf16", "fp16"))
+    seed: int = option(42, "seed of the data order, adapter initialisation and router noise")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoints/last")
+    stop_after_steps: Optional[int] = option(None, "end this run after N steps (preemptible jobs; resume later)")
+    use_wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works without an account)")
+    wandb_project: str = option("llama-expert", "Weights & Biases project")
+    use_tensorboard: bool = option(False, "log to TensorBoard in OUTPUT_DIR/tensorboard")
+    progress: bool = option(True, "no progress bar")
+    log_every: int = option(1, "steps between records in train_log.jsonl")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
+
+
+@dataclass
+class DataArguments:
+    """What the recipe trains, validates and tests on (see ``llama_expert.data.load_text_dataset``)."""
+
+    dataset: Optional[str] = option("embedded", "Hub dataset, local .txt/.jsonl file or folder, or 'embedded' "
+                                                "(the offline corpus)")
+    dataset_config: Optional[str] = option(None, "Hub dataset config, e.g. wikitext-2-raw-v1")
+    eval_dataset: Optional[str] = option(None, "validation text (default: the dataset's validation split)")
+    test_dataset: Optional[str] = option(None, "measure test perplexity on this before and after training")
+    test_max_tokens: Optional[int] = option(16384, "test tokens evaluated")
+    test_seq_len: Optional[int] = option(None, "window length for the test (default: --seq-len)")

@@ -1,0 +1,273 @@
+"""The training loop: trains whatever requires grad in a model, resumably, through Accelerate.
+
+``train_model`` is a plain loop over pre-packed token blocks, driven by Hugging Face Accelerate so that
+``accelerate launch`` gives DDP (or FSDP) with no launcher of our own. It trains whatever parameters
+require grad, so the PEFT LoRA baseline of ``compare`` runs through the very same loop.
+
+Data order is a pure function of (seed, epoch): step ``s`` always sees the same blocks, which is what
+makes resuming exact: a checkpoint stores the step, the optimizer, scheduler and every rank's RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import ConfigError, LlamaExpertError
+from ..evaluation.memory import peak_memory
+from ..evaluation.perplexity import evaluate_perplexity
+from .arguments import TrainingArguments
+from .checkpoints import STATE_NAME, latest_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .loggers import TrainingLoggers
+
+
+class TrainingDiverged(LlamaExpertError):
+    """The loss or the gradients became NaN/inf."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    steps: int
+    tokens: int
+    seconds: float
+    initial_eval: Optional[Dict[str, float]] = None
+    final_eval: Optional[Dict[str, float]] = None
+    best_eval: Optional[Dict[str, float]] = None
+    history: List[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    test: Optional[dict] = None  # test perplexity before/after, when a test set was given
+    peak_memory: Optional[dict] = None  # {"bytes", "kind"}: CUDA peak allocated, or the process's peak RSS
+
+    def summary(self) -> str:
+        lines = [f"trained {self.steps} steps, {self.tokens:,} tokens in {self.seconds:.0f} s "
+                 f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s)"]
+        if self.initial_eval and self.final_eval:
+            a, b = self.initial_eval["perplexity"], self.final_eval["perplexity"]
+            lines.append(f"validation perplexity {a:.3f} -> {b:.3f} ({100 * (b - a) / a:+.1f}%) on "
+                         f"{self.final_eval['tokens']:,} tokens")
+        if self.best_eval:
+            lines.append(f"best validation perplexity {self.best_eval['perplexity']:.3f} at step "
+                         f"{self.best_eval['step']}")
+        lines.append(f"adapter: {self.output_dir}")
+        return "\n".join(lines)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(args: TrainingArguments):
+    """Accelerate for this loop. Buffers are not broadcast: each rank keeps its own routing statistics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision),
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def block_rows(step: int, micro: int, accumulation: int, batch_size: int, rank: int, world: int,
+               num_blocks: int, seed: int) -> torch.Tensor:
+    """Indices of the training blocks for (step, micro-batch, rank): a pure function, hence resumable."""
+    per_epoch = num_blocks // (batch_size * world)
+    global_micro = step * accumulation + micro
+    epoch, within = divmod(global_micro, per_epoch)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed + epoch))
+    start = (within * world + rank) * batch_size
+    return order[start:start + batch_size]
+
+
+def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.Tensor], args: TrainingArguments,
+                save_model: Callable[[object, Path], None], load_model: Callable[[object, Path], None],
+                extra_loss: Optional[Callable[[object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
+                run_config: Optional[dict] = None, accelerator=None) -> TrainResult:
+    """Train every parameter of ``model`` that requires grad on ``train_blocks`` ([n, seq_len]).
+
+    ``extra_loss(model)`` returns a term to add to the LM loss and named values to log (the router
+    losses, read after each forward pass); ``save_model`` and
+    ``load_model`` write and read the trained tensors of a checkpoint folder.
+    """
+    from accelerate.utils import gather_object, set_seed
+
+    args.validate()
+    accelerator = accelerator or make_accelerator(args)
+    set_seed(args.seed)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    output_dir = Path(args.output_dir)
+    last_dir, best_dir = output_dir / "checkpoints" / "last", output_dir / "checkpoints" / "best"
+
+    num_blocks = train_blocks.shape[0]
+    micro_per_epoch = num_blocks // (args.batch_size * world)
+    if micro_per_epoch < args.gradient_accumulation_steps:
+        raise ConfigError(f"{num_blocks} training blocks of {args.seq_len} tokens cannot fill one step of "
+                          f"{args.batch_size} x {args.gradient_accumulation_steps} x {world} processes; "
+                          f"lower --batch-size / --gradient-accumulation or give more data.")
+    steps_per_epoch = micro_per_epoch // args.gradient_accumulation_steps
+    total_steps = args.max_steps or max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+    warmup_steps = int(args.warmup_ratio * total_steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; augment it (or add LoRA) first.")
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+    unwrapped = model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    history: List[dict] = []
+    best: Optional[dict] = None
+    initial_eval: Optional[dict] = None
+    if args.resume:
+        found = latest_checkpoint(last_dir)
+        if found is None:
+            if main:
+                print(f"no checkpoint in {last_dir}: starting from step 0")
+        else:
+            state = torch.load(found / STATE_NAME, map_location="cpu", weights_only=False)
+            for key in ("batch_size", "gradient_accumulation_steps", "seq_len", "seed"):
+                if state["args"].get(key) != getattr(args, key):
+                    raise ConfigError(f"cannot resume from {found}: it was trained with {key}="
+                                      f"{state['args'].get(key)}, this run has {getattr(args, key)}. Use the same "
+                                      f"setting, or a new --output-dir.")
+            if state["world_size"] != world:
+                raise ConfigError(f"cannot resume from {found}: it ran on {state['world_size']} processes, "
+                                  f"this run has {world}.")
+            load_model(unwrapped, found)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"][rank])
+            start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+            history, best, initial_eval = state["history"], state["best"], state["initial_eval"]
+            if main:
+                print(f"resumed from {found} at step {start_step}")
+
+    def evaluate(step: int) -> Optional[dict]:
+        if eval_windows is None:
+            return None
+        mine = eval_windows[rank::world]
+        result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast_dtype) if len(mine) else \
+            {"nll": 0.0, "tokens": 0}
+        totals = torch.tensor([result["nll"] * result["tokens"], float(result["tokens"])], device=device,
+                              dtype=torch.float64)
+        totals = accelerator.reduce(totals, reduction="sum")
+        nll = (totals[0] / totals[1]).item()
+        return {"step": step, "perplexity": math.exp(nll), "nll": nll, "tokens": int(totals[1].item())}
+
+    def save_checkpoint(folder: Path, step: int, elapsed: float) -> None:
+        rngs = gather_object([rng_state()])  # every rank's RNG, so each resumes its own stream
+        if not main:
+            return
+
+        def fill(tmp: Path) -> None:
+            save_model(unwrapped, tmp)
+            torch.save({"step": step, "tokens": tokens_seen, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": world,
+                        "args": asdict(args), "history": history, "best": best, "initial_eval": initial_eval},
+                       tmp / STATE_NAME)
+        write_checkpoint(folder, fill)
+
+    loggers = TrainingLoggers(args, main, run_config or {})
+    if initial_eval is None:
+        initial_eval = evaluate(0)
+        if initial_eval:
+            loggers.log({"event": "eval", **{f"eval_{k}": v for k, v in initial_eval.items() if k != "step"},
+                         "step": 0})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (main and args.progress), desc="training",
+               unit="step", dynamic_ncols=True)
+    save_every = args.save_every or args.eval_every or total_steps
+    end_step = total_steps if args.stop_after_steps is None else min(total_steps, start_step + args.stop_after_steps)
+    tokens_per_step = args.batch_size * args.seq_len * args.gradient_accumulation_steps * world
+    started = time.perf_counter()
+    final_eval = None
+    model.train()
+    step = start_step
+    try:
+        while step < end_step:
+            step_started = time.perf_counter()
+            terms: Dict[str, float] = {}
+            for micro in range(args.gradient_accumulation_steps):
+                rows = block_rows(step, micro, args.gradient_accumulation_steps, args.batch_size, rank, world,
+                                  num_blocks, args.seed)
+                batch = train_blocks[rows].to(device)
+                last_micro = micro == args.gradient_accumulation_steps - 1
+                with (nullcontext() if last_micro else accelerator.no_sync(model)):
+                    with accelerator.autocast():
+                        lm_loss = model(input_ids=batch, labels=batch).loss
+                        added, extra = extra_loss(unwrapped) if extra_loss else (0.0, {})
+                        loss = lm_loss + added
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"the loss became {loss.item()} at step {step + 1}; training stopped. The last good "
+                            f"checkpoint is in {last_dir}. Lower --learning-rate, or use --mixed-precision no.")
+                    accelerator.backward(loss / args.gradient_accumulation_steps)
+                for name, value in {"lm_loss": lm_loss, "loss": loss, **extra}.items():
+                    terms[name] = terms.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
+            grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"the gradients became {grad_norm.item()} at step {step + 1}; training "
+                                       f"stopped. The last good checkpoint is in {last_dir}. Lower --learning-rate.")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            seconds = time.perf_counter() - step_started
+            record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / seconds}
+            if step % args.log_every == 0 or step == end_step:
+                loggers.log(record)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", aux=f"{terms.get('aux_loss', 0):.3f}",
+                            z=f"{terms.get('z_loss', 0):.2f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            elapsed = elapsed_before + time.perf_counter() - started
+            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+                final_eval = evaluate(step)
+                if final_eval:
+                    history.append(final_eval)
+                    loggers.log({"event": "eval", "step": step,
+                                 **{f"eval_{k}": v for k, v in final_eval.items() if k != "step"}})
+                    if main:
+                        bar.write(f"step {step}: validation perplexity {final_eval['perplexity']:.3f}")
+                    if best is None or final_eval["perplexity"] < best["perplexity"]:
+                        best = final_eval
+                        save_checkpoint(best_dir, step, elapsed)
+            if step % save_every == 0 or step == end_step:
+                save_checkpoint(last_dir, step, elapsed)
+    finally:
+        bar.close()
+        loggers.close()
+    if final_eval is None or final_eval["step"] != step:
+        final_eval = evaluate(step) if step == total_steps else final_eval
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(unwrapped, output_dir)
+    return TrainResult(output_dir=str(output_dir), steps=step, tokens=tokens_seen, peak_memory=peak_memory(device),
+                       seconds=elapsed_before + time.perf_counter() - started, initial_eval=initial_eval,
+                       final_eval=final_eval, best_eval=best, history=history, stopped_early=step < total_steps)

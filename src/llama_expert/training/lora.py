@@ -1,0 +1,66 @@
+"""The plain-LoRA baseline: PEFT LoRA on the MLP projections (the recipe trains it as the ``lora`` method).
+
+``compare`` uses it to answer the one question that matters: do the MoE adapters beat plain LoRA at the
+same trainable-parameter budget? ``matched_lora_rank`` picks the LoRA rank whose parameter count is
+closest to a given budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ConfigError
+
+LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise ConfigError("the LoRA baseline needs PEFT: pip install peft") from exc
+    return peft
+
+
+def lora_parameters_per_rank(model, targets: Sequence[str] = LORA_TARGETS) -> int:
+    """Trainable parameters one unit of LoRA rank adds: ``in + out`` features per targeted Linear."""
+    import torch.nn as nn
+
+    return sum(m.in_features + m.out_features for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.split(".")[-1] in targets)
+
+
+def matched_lora_rank(model, budget: int, targets: Sequence[str] = LORA_TARGETS) -> int:
+    per_rank = lora_parameters_per_rank(model, targets)
+    if per_rank == 0:
+        raise ConfigError(f"the model has no Linear layers named {list(targets)} to put LoRA on.")
+    return max(1, round(budget / per_rank))
+
+
+def add_lora(model, rank: int, alpha: Optional[float] = None, dropout: float = 0.05,
+             targets: Sequence[str] = LORA_TARGETS):
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout,
+                             target_modules=list(targets), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def save_lora(model, folder) -> None:
+    model.save_pretrained(str(folder))
+
+
+def load_lora_weights(model, folder) -> None:
+    """Load a saved LoRA state into a PeftModel built with the same config (used when resuming)."""
+    from safetensors.torch import load_file
+
+    _peft().set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+
+
+def load_lora_model(base_model, folder):
+    """A base model with the LoRA adapter in ``folder`` (as saved by PEFT), in eval mode."""
+    peft = _peft()
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ConfigError(f"{folder} holds no PEFT adapter_config.json; pass a folder written by "
+                          f"`llama-expert train --method lora` or PEFT's save_pretrained.")
+    return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()

@@ -1,0 +1,128 @@
+"""What the recipe trains: MoE adapters or plain PEFT LoRA, behind one small interface.
+
+A method adds its trainable parameters to a freshly loaded base model, says what it built, writes and
+reads its trained tensors (the final adapter and every checkpoint), and may add a loss term (the MoE
+router losses). The recipe drives every method the same way, so ``compare`` measures them under
+identical data, steps and schedule. New methods are registered in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from ..config import ExpertConfig
+from ..files import atomic_write_text
+from ..integration.adapter_files import load_adapter_weights, save_adapter
+from ..integration.surgery import augment_model, parameter_report, weighted_router_loss
+from ..modeling import check_config
+from ..modeling.registry import Registry
+from . import lora
+
+METHODS = Registry("training method", "method")
+
+
+class TrainingMethod:
+    """The interface the recipe drives; subclasses fill in what differs."""
+
+    name: str = ""
+    quantization_4bit: bool = False
+
+    def check(self) -> None:
+        """Fail before any model is loaded when the settings cannot work."""
+
+    def add_to(self, model):
+        """Add the trainable parameters to ``model`` (base frozen); return the model to train."""
+        raise NotImplementedError
+
+    def describe(self, model) -> str:
+        raise NotImplementedError
+
+    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
+        raise NotImplementedError
+
+    def load(self, model, folder: Path) -> None:
+        """Load the trained tensors of ``folder`` into ``model`` built by ``add_to`` (resume)."""
+        raise NotImplementedError
+
+    # ``extra_loss(model) -> (term added to the LM loss, values to log)``, read after each forward pass;
+    # None where the method adds nothing.
+    extra_loss: Optional[Callable[[object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int) -> None:
+        """Write method-specific measurements beside the adapter."""
+
+
+@METHODS.register("moe")
+class MoEMethod(TrainingMethod):
+    name = "moe"
+
+    def __init__(self, config: Optional[ExpertConfig] = None):
+        self.config = config or ExpertConfig()
+        self.quantization_4bit = self.config.quantization_4bit
+
+    def check(self) -> None:
+        self.config.validate()
+        check_config(self.config)
+
+    def add_to(self, model):
+        return augment_model(model, self.config)
+
+    def describe(self, model) -> str:
+        return parameter_report(model)
+
+    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
+        save_adapter(model, folder, base_model_name_or_path=base_model_name_or_path)
+
+    def load(self, model, folder: Path) -> None:
+        load_adapter_weights(model, folder)
+
+    def extra_loss(self, model):
+        return weighted_router_loss(model)
+
+    def settings(self) -> dict:
+        return {"expert_config": self.config.to_dict()}
+
+    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int) -> None:
+        from ..evaluation.reports import save_usage_heatmap
+        from ..evaluation.routing_health import measure_expert_usage
+
+        usage = measure_expert_usage(model, eval_windows)
+        atomic_write_text(output_dir / "expert_usage.json", json.dumps(usage, indent=1) + "\n")
+        try:
+            save_usage_heatmap(usage, output_dir / "expert_usage.png", title=f"Expert usage after {steps} steps")
+        except ImportError:
+            print("matplotlib is not installed: skipped expert_usage.png (pip install matplotlib)")
+
+
+@METHODS.register("lora")
+class LoRAMethod(TrainingMethod):
+    name = "lora"
+
+    def __init__(self, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.05):
+        self.rank, self.alpha, self.dropout = rank, alpha or 2 * rank, dropout
+
+    def add_to(self, model):
+        return lora.add_lora(model, self.rank, self.alpha, self.dropout)
+
+    def describe(self, model) -> str:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return (f"LoRA r={self.rank} on {', '.join(lora.LORA_TARGETS)}: {trainable:,} trainable of {total:,} "
+                f"({100 * trainable / total:.4f}%)")
+
+    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
+        lora.save_lora(model, folder)
+
+    def load(self, model, folder: Path) -> None:
+        lora.load_lora_weights(model, folder)
+
+    def settings(self) -> dict:
+        return {"lora": {"r": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                         "targets": list(lora.LORA_TARGETS)}}

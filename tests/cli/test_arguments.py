@@ -1,0 +1,66 @@
+"""Flags generated from the settings dataclasses: names kept, defaults from the dataclass, values typed."""
+
+import argparse
+
+import pytest
+
+from llama_expert import ExpertConfig
+from llama_expert.cli import build_parser
+from llama_expert.cli.arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
+from llama_expert.training.arguments import TrainingArguments
+
+
+def _train(argv):
+    return build_parser("train").parse_args(["train", *argv])
+
+
+def test_train_defaults_come_from_the_dataclasses():
+    args = _train([])
+    assert dataclass_from_args(ExpertConfig, args) == ExpertConfig()
+    assert dataclass_from_args(TrainingArguments, args) == TrainingArguments()
+
+
+def test_seed_flag_names_map_onto_fields():
+    args = _train(["--epochs", "2.5", "--gradient-accumulation", "4", "--gradient-checkpointing",
+                   "--no-router-noise", "--expert-allocation", "4,6,8,6", "--no-progress", "--log-every", "5",
+                   "--wandb-project", "p", "--model", "m", "--num-experts", "8", "--top-k", "1"])
+    training = dataclass_from_args(TrainingArguments, args)
+    config = dataclass_from_args(ExpertConfig, args)
+    assert (training.num_train_epochs, training.gradient_accumulation_steps) == (2.5, 4)
+    assert (training.progress, training.log_every, training.wandb_project) == (False, 5, "p")
+    assert config.use_gradient_checkpointing and not config.router_noise
+    assert config.expert_allocation == [4, 6, 8, 6] and config.top_k == 1
+    assert args.model == "m"
+
+
+@pytest.mark.parametrize("alias", ["--model", "--model-path", "--base-model"])
+def test_model_flag_aliases(alias):
+    args = build_parser("compare").parse_args(["compare", alias, "x", "--augmented-model", "a"])
+    assert (args.model, args.adapter) == ("x", "a")
+
+
+def test_per_command_default_override_and_only():
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainingArguments, only=("max_steps", "seq_len"), defaults={"max_steps": 100})
+    args = parser.parse_args([])
+    assert vars(args) == {"max_steps": 100, "seq_len": 512}
+
+
+def test_list_fields_take_several_values():
+    args = build_parser("benchmark").parse_args(["benchmark", "--throughput-batch-sizes", "1", "2", "8"])
+    assert args.throughput_batch_sizes == [1, 2, 8]
+
+
+def test_bad_value_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        _train(["--top-k", "two"])
+    assert info.value.code == 2
+    assert "--top-k: invalid int value: 'two'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["compare", "--auth-token", "hf_SECRET", "--lora-baseline"], "llama-expert compare --auth-token *** --lora-baseline"),
+    (["train", "--auth-token=hf_SECRET"], "llama-expert train --auth-token=***"),
+])
+def test_redacted_command_hides_tokens(argv, shown):
+    assert redacted_command(argv) == shown

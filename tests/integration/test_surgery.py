@@ -1,0 +1,245 @@
+import re
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, SharedCoreExperts, SharedDownExperts,
+                          adapter_parameters, augment_model, parameter_counts, parameter_report, remove_adapters,
+                          router_losses, weighted_router_loss)
+
+ADAPTER_NAME = re.compile(r"\.mlp\.(router\.|experts\.|residual_scale$)")
+
+
+def _batch(vocab=128, batch=3, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def _padded_mask(batch=3, length=10):
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    return mask
+
+
+@torch.no_grad()
+def _logits(model, ids, mask=None):
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("expert_type", ["shared_core", "shared_down"])
+def test_augmented_logits_equal_base_at_step_zero(tiny_model, expert_type):
+    ids, mask = _batch(), _padded_mask()
+    base, base_padded = _logits(tiny_model, ids), _logits(tiny_model, ids, mask)
+    augment_model(tiny_model, ExpertConfig(expert_type=expert_type))
+    assert all(isinstance(layer.mlp, MoEAdapter) for layer in tiny_model.model.layers)
+    expected_bank = SharedCoreExperts if expert_type == "shared_core" else SharedDownExperts
+    assert all(isinstance(layer.mlp.experts, expected_bank) for layer in tiny_model.model.layers)
+    assert (_logits(tiny_model, ids) - base).abs().max().item() <= 1e-5
+    assert (_logits(tiny_model, ids, mask) - base_padded).abs().max().item() <= 1e-5
+
+
+def test_adapters_are_float32_and_base_dtype_kept(tiny_model):
+    tiny_model.to(torch.bfloat16)
+    ids = _batch()
+    base = _logits(tiny_model, ids)
+    augment_model(tiny_model, ExpertConfig())
+    assert all(p.dtype == torch.float32 for p in adapter_parameters(tiny_model))
+    out = _logits(tiny_model, ids)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - base.float()).abs().max().item() <= 1e-5
+
+
+def test_greedy_generate_identical_at_step_zero(tiny_model):
+    ids = _batch(batch=2, length=6, seed=1)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left-padded prompt
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    base = tiny_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    augment_model(tiny_model, ExpertConfig())
+    out = tiny_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert out.shape == (2, 18)
+    assert torch.equal(out, base)
+
+
+def test_gradients_reach_only_adapter_parameters(tiny_model):
+    augment_model(tiny_model, ExpertConfig())
+    tiny_model.train()
+    ids = _batch()
+    loss = tiny_model(input_ids=ids, attention_mask=_padded_mask(), labels=ids).loss
+    loss = loss + weighted_router_loss(tiny_model)[0]
+    loss.backward()
+    adapter_names = []
+    for name, p in tiny_model.named_parameters():
+        if ADAPTER_NAME.search(name):
+            adapter_names.append(name)
+            assert p.requires_grad, name
+            assert p.grad is not None, name
+        else:
+            assert not p.requires_grad, name
+            assert p.grad is None, name
+    assert len(adapter_names) == len(adapter_parameters(tiny_model))
+    # the zero-initialised up-projections and the routers do receive a signal
+    for layer in tiny_model.model.layers:
+        assert layer.mlp.experts.up.grad.abs().sum() > 0
+        assert layer.mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_optimizer_step_leaves_base_bit_identical(tiny_model):
+    before = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    augment_model(tiny_model, ExpertConfig())
+    adapter_before = [p.detach().clone() for p in adapter_parameters(tiny_model)]
+    tiny_model.train()
+    opt = torch.optim.AdamW(adapter_parameters(tiny_model), lr=1e-2, weight_decay=0.1)
+    ids = _batch()
+    for _ in range(2):
+        loss = tiny_model(input_ids=ids, labels=ids).loss + weighted_router_loss(tiny_model)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = tiny_model.state_dict()
+    for key, value in before.items():
+        key_now = key.replace(".mlp.", ".mlp.base_mlp.")
+        assert torch.equal(after[key_now], value), key
+    assert any(not torch.equal(a, p) for a, p in zip(adapter_before, adapter_parameters(tiny_model)))
+
+
+def test_remove_adapters_restores_the_model(tiny_model):
+    tiny_model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
+    mlps = [layer.mlp for layer in tiny_model.model.layers]
+    ids, mask = _batch(), _padded_mask()
+    base = _logits(tiny_model, ids, mask)
+    augment_model(tiny_model, ExpertConfig())
+    with torch.no_grad():  # make the adapters non-trivial, so that a leftover adapter would show
+        for p in adapter_parameters(tiny_model):
+            p.normal_(std=0.1)
+    assert not torch.equal(_logits(tiny_model, ids, mask), base)
+    assert remove_adapters(tiny_model) is tiny_model
+    assert all(layer.mlp is mlp for layer, mlp in zip(tiny_model.model.layers, mlps))
+    assert torch.equal(_logits(tiny_model, ids, mask), base)
+    assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == flags
+    assert not hasattr(tiny_model, "expert_config")
+    assert len(tiny_model._forward_pre_hooks) == 0
+    with pytest.raises(ConfigError):
+        remove_adapters(tiny_model)
+    augment_model(tiny_model, ExpertConfig())  # can be augmented again
+    assert (_logits(tiny_model, ids, mask) - base).abs().max().item() <= 1e-5
+
+
+def test_augmenting_twice_raises(tiny_model):
+    augment_model(tiny_model, ExpertConfig())
+    with pytest.raises(ConfigError, match="remove_adapters"):
+        augment_model(tiny_model, ExpertConfig())
+
+
+def test_model_without_mlp_layers_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Linear(4, 4)]))
+    with pytest.raises(ConfigError, match="Llama-family"):
+        augment_model(model, ExpertConfig())
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+
+
+def test_allocation_list_of_wrong_length_raises(tiny_model):
+    with pytest.raises(ConfigError, match="one count per layer"):
+        augment_model(tiny_model, ExpertConfig(expert_allocation=[4, 4, 4]))
+
+
+def test_router_losses_before_forward_raises(tiny_model):
+    with pytest.raises(RuntimeError, match="forward"):
+        router_losses(tiny_model)
+    augment_model(tiny_model, ExpertConfig())
+    with pytest.raises(RuntimeError, match="forward"):
+        router_losses(tiny_model)
+    _logits(tiny_model, _batch())  # eval under no_grad: inference computes no router losses
+    with pytest.raises(RuntimeError, match="no_grad"):
+        router_losses(tiny_model)
+    tiny_model(input_ids=_batch())
+    losses = router_losses(tiny_model)
+    assert set(losses) == {"aux_loss", "z_loss"}
+    mods = [layer.mlp for layer in tiny_model.model.layers]
+    assert losses["aux_loss"].item() == pytest.approx(sum(m.aux_loss.item() for m in mods) / 4, rel=1e-6)
+    assert losses["z_loss"].item() == pytest.approx(sum(m.z_loss.item() for m in mods) / 4, rel=1e-6)
+    assert weighted_router_loss(tiny_model)[0].item() == pytest.approx(
+        0.01 * losses["aux_loss"].item() + 0.001 * losses["z_loss"].item(), rel=1e-6)
+
+
+def test_parameter_counts(tiny_model):
+    base_total = sum(p.numel() for p in tiny_model.parameters())
+    augment_model(tiny_model, ExpertConfig())
+    c = parameter_counts(tiny_model)
+    assert c["trainable"] == c["routers"] + c["experts"] + c["scales"]
+    assert c["trainable"] == sum(p.numel() for p in adapter_parameters(tiny_model))
+    assert c["total"] == base_total + c["trainable"]
+    assert c["frozen"] == base_total
+    assert c["scales"] == 4
+    assert c["experts_per_layer"] == [4, 8, 6, 4]
+    # router: W_g and W_noise, E x d each
+    assert c["routers"] == 2 * 64 * sum(c["experts_per_layer"])
+    # shared_core: A and B (r x d each) + per-expert cores (r x r twice)
+    assert c["experts"] == 4 * 2 * 16 * 64 + 2 * 16 * 16 * sum(c["experts_per_layer"])
+
+
+LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
+
+
+def test_budget_on_llama_3_2_1b_architecture():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B))
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+    augment_model(model, ExpertConfig())
+    c = parameter_counts(model)
+    assert c["frozen"] == 1_235_814_400
+    assert c["trainable"] > 0
+    assert c["trainable"] / c["total"] <= 0.002
+    assert c["experts_per_layer"] == [4, 4, 6, 6, 7, 7, 8, 8, 6, 6, 5, 5, 5, 5, 4, 4]
+    assert all(p.device.type == "meta" for p in adapter_parameters(model))
+    report = parameter_report(model)
+    for word in ("routers", "experts", "scales", "trainable"):
+        assert word in report
+    assert f"{c['trainable']:,}" in report
+    assert "1,235,814,400" in report
+
+
+def test_padding_mask_reaches_the_routers(tiny_model):
+    augment_model(tiny_model, ExpertConfig())
+    ids, mask = _batch(), _padded_mask()
+    routers = [layer.mlp.router for layer in tiny_model.model.layers]
+    for r in routers:
+        r.record_statistics = True
+    _logits(tiny_model, ids, mask)
+    real_tokens = int(mask.sum())
+    assert real_tokens < ids.numel()
+    for r in routers:
+        assert r.tokens_seen.item() == real_tokens
+        assert r.expert_counts.sum().item() == real_tokens * 2
+        r.reset_statistics()
+    # the next call without a mask counts every token again (no stale mask)
+    _logits(tiny_model, ids)
+    for r in routers:
+        assert r.tokens_seen.item() == ids.numel()
+        assert r.expert_counts.sum().item() == ids.numel() * 2
+
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_adapters_follow_the_model_mode(tiny_model, training):
+    """Adapters injected into an eval-mode model must be in eval mode too (no router noise, no dropout)."""
+    tiny_model.train(training)
+    augment_model(tiny_model, ExpertConfig())
+    for layer in tiny_model.model.layers:
+        assert all(m.training == training for m in layer.mlp.modules()), layer.mlp
+
+
+def test_trained_adapter_is_deterministic_in_eval_mode(tiny_model):
+    tiny_model.eval()
+    augment_model(tiny_model, ExpertConfig())
+    with torch.no_grad():
+        for layer in tiny_model.model.layers:
+            layer.mlp.experts.up.normal_(std=0.5)
+            layer.mlp.router.noise_weight.normal_(std=1.0)
+    ids = _batch()
+    assert torch.equal(_logits(tiny_model, ids), _logits(tiny_model, ids))

@@ -1,0 +1,222 @@
+"""The training loop: exact resume, the NaN guard, crash safety, two-rank DDP, and the recipe end to end."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_expert import load_adapter_weights, save_adapter
+from llama_expert.training.checkpoints import STATE_NAME, latest_checkpoint
+from llama_expert.integration.surgery import adapter_state_dict
+from llama_expert.training.arguments import TrainingArguments
+from llama_expert.training.loop import TrainingDiverged, block_rows, train_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import tiny_training_setup  # noqa: E402
+
+WORKER = str(Path(__file__).parent / "train_worker.py")
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), batch_size=4, seq_len=16, eval_every=0, save_every=1, learning_rate=1e-2,
+                progress=False, mixed_precision="no")
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _noisy_setup():
+    """Tiny model with dropout and router noise on: resume must restore the RNG to match."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_expert import ExpertConfig, augment_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    augment_model(model, ExpertConfig(lora_dropout=0.1))
+    blocks = torch.randint(0, 128, (40, 16), generator=torch.Generator().manual_seed(1))
+    return model, blocks
+
+
+def _train(model, blocks, args, eval_windows=None, extra_loss=None):
+    from llama_expert.integration.surgery import weighted_router_loss as router_loss_terms
+
+    return train_model(model, blocks, eval_windows, args, save_model=lambda m, f: save_adapter(m, f),
+                       load_model=load_adapter_weights, extra_loss=extra_loss or router_loss_terms)
+
+
+def test_block_rows_partition_each_epoch_across_ranks():
+    num_blocks, batch, world = 24, 3, 2
+    seen = []
+    for micro in range(num_blocks // (batch * world)):
+        for rank in range(world):
+            seen += block_rows(0, micro, 1, batch, rank, world, num_blocks, seed=7).tolist()
+    assert sorted(seen) == list(range(num_blocks))
+    assert torch.equal(block_rows(5, 1, 2, batch, 1, world, num_blocks, 7),
+                       block_rows(5, 1, 2, batch, 1, world, num_blocks, 7))
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    model, blocks = _noisy_setup()
+    whole = _train(model, blocks, _args(tmp_path / "whole", max_steps=8, eval_every=4),
+                   eval_windows=blocks[:4])
+    one_go = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+
+    model, blocks = _noisy_setup()
+    first = _train(model, blocks, _args(tmp_path / "split", max_steps=8, eval_every=4, stop_after_steps=4),
+                   eval_windows=blocks[:4])
+    assert first.steps == 4 and first.stopped_early
+    model, blocks = _noisy_setup()  # a fresh process would start from a fresh model
+    second = _train(model, blocks, _args(tmp_path / "split", max_steps=8, eval_every=4, resume=True),
+                    eval_windows=blocks[:4])
+    assert second.steps == 8 and not second.stopped_early
+    resumed = adapter_state_dict(model)
+    assert one_go.keys() == resumed.keys()
+    for key in one_go:
+        assert torch.equal(one_go[key], resumed[key]), key
+    assert second.final_eval["perplexity"] == whole.final_eval["perplexity"]
+    assert json.loads((tmp_path / "split" / "adapter_config.json").read_text())["expert_config"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    model, blocks = _noisy_setup()
+    _train(model, blocks, _args(tmp_path, max_steps=2))
+    model, blocks = _noisy_setup()
+    with pytest.raises(Exception, match="batch_size"):
+        _train(model, blocks, _args(tmp_path, max_steps=4, batch_size=2, resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from llama_expert.integration.surgery import weighted_router_loss as router_loss_terms
+
+    calls = {"n": 0}
+
+    def poisoned(model):
+        calls["n"] += 1
+        added, logged = router_loss_terms(model)
+        return (added * float("nan") if calls["n"] > 3 else added), logged
+
+    model, blocks = _noisy_setup()
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        _train(model, blocks, _args(tmp_path, max_steps=10), extra_loss=poisoned)
+    found = latest_checkpoint(tmp_path / "checkpoints" / "last")
+    state = torch.load(found / STATE_NAME, weights_only=False)
+    assert state["step"] == 3
+    fresh, _ = _noisy_setup()
+    load_adapter_weights(fresh, found)
+    assert all(torch.isfinite(v).all() for v in adapter_state_dict(fresh).values())
+
+
+def test_kill_minus_nine_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, WORKER, str(out), "100000", "4", "--slow"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while latest_checkpoint(out / "checkpoints" / "last") is None:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint written in time"
+            time.sleep(0.2)
+        time.sleep(1.5)  # let it run on, so the kill lands at an arbitrary point of the loop
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    found = latest_checkpoint(out / "checkpoints" / "last")
+    assert found is not None
+    state = torch.load(found / STATE_NAME, weights_only=False)
+    assert state["step"] >= 1
+    model, _ = tiny_training_setup()
+    load_adapter_weights(model, found)  # complete and loadable
+    # ... and training resumes from it.
+    done = subprocess.run([sys.executable, WORKER, str(out), str(state["step"] + 2), "4", "--resume"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+
+
+def test_two_cpu_ranks_match_single_process_math(tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    run = subprocess.run(torchrun + [WORKER, str(ddp), "4", "2"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rank0, rank1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
+
+    run = subprocess.run([sys.executable, WORKER, str(single), "4", "4"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = load_file(str(single / "rank0.safetensors"))
+    moved = False
+    for key in one:
+        torch.testing.assert_close(rank0[key], one[key], rtol=1e-4, atol=1e-6)
+        moved |= bool(one[key].abs().sum() > 0) and "up" in key
+    assert moved, "the adapters did not train"
+
+
+@pytest.mark.slow
+def test_recipe_end_to_end_on_the_embedded_model(tmp_path, smollm):
+    from llama_expert import load_augmented_model
+    from llama_expert.training.recipe import fine_tune_augmented_model
+
+    out = tmp_path / "adapter"
+    secret = "hf_TESTSECRET123"
+    result = fine_tune_augmented_model(output_dir=str(out), max_steps=3, batch_size=2, seq_len=64, eval_every=3,
+                                       eval_max_tokens=256, test_dataset="embedded", test_max_tokens=256,
+                                       learning_rate=1e-3, progress=False, use_tensorboard=True,
+                                       auth_token=secret)
+    for path in out.rglob("*"):  # adapter, checkpoints (optimizer/RNG state), logs, TensorBoard events
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "expert_usage.json",
+                 "expert_usage.png", "training_summary.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    assert result.steps == 3 and result.tokens == 3 * 2 * 64
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["test"]["before"]["tokens"] == summary["test"]["after"]["tokens"] > 0
+    usage = json.loads((out / "expert_usage.json").read_text())
+    assert len(usage) == 30 and all(abs(sum(row["fractions"]) - 1) < 1e-6 for row in usage)
+    model, config = load_augmented_model(adapter_path=out)
+    assert model.name_or_path == "smollm2-135m"
+    assert config.top_k == 2
+
+
+def test_cli_train_reports_bad_input_without_traceback(tmp_path, capsys):
+    from llama_expert.cli import main
+
+    assert main(["train", "--dataset", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "dataset path not found" in err and "Traceback" not in err
+    assert main(["train", "--top-k", "9", "--num-experts", "8", "--output-dir", str(tmp_path)]) == 1
+    assert "top_k=9 > num_experts=8" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["train", "--dataset", str(empty), "--output-dir", str(tmp_path)]) == 1
+    assert "empty" in capsys.readouterr().err
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    model, blocks = _noisy_setup()
+    _train(model, blocks, _args(tmp_path, max_steps=2, use_wandb=True))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    shutil.rmtree(tmp_path / "wandb", ignore_errors=True)
