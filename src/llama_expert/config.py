@@ -42,7 +42,7 @@ class ExpertConfig:
 
     Two factors scale the experts' output, and they are named apart: the fixed LoRA factor
     ``lora_alpha / lora_r`` inside each bank, and the learnable per-layer ``residual_scale`` (alpha_l in
-    docs/design.md) of each adapter, which starts at ``residual_scale_init``.
+    docs/design.md section 3) of each adapter, which starts at ``residual_scale_init``.
 
     Names of strategies (``expert_type``, ``router_type``, ``expert_allocation``) are checked against
     their registries by ``llama_expert.modeling.check_config``; this class checks types and ranges.
