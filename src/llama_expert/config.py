@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
@@ -77,28 +78,39 @@ class ExpertConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(isinstance(self.num_experts, int) and self.num_experts >= 1,
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def finite(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        need(integer(self.num_experts) and self.num_experts >= 1,
              f"num_experts must be a positive integer, got {self.num_experts!r}.")
-        need(isinstance(self.top_k, int) and self.top_k >= 1,
-             f"top_k must be a positive integer, got {self.top_k!r}.")
+        need(integer(self.top_k) and self.top_k >= 1, f"top_k must be a positive integer, got {self.top_k!r}.")
         need(self.top_k <= self.num_experts,
              f"top_k={self.top_k} > num_experts={self.num_experts}: a token cannot pick more experts "
              f"than exist. Lower --top-k or raise --num-experts.")
-        need(isinstance(self.lora_r, int) and self.lora_r >= 1,
+        need(integer(self.lora_r) and self.lora_r >= 1,
              f"lora_r must be a positive integer (the rank of the experts), got {self.lora_r!r}.")
-        need(self.expert_hidden_size is None or (isinstance(self.expert_hidden_size, int)
-                                                 and self.expert_hidden_size >= 1),
+        need(self.expert_hidden_size is None or (integer(self.expert_hidden_size) and self.expert_hidden_size >= 1),
              f"expert_hidden_size must be a positive integer or None, got {self.expert_hidden_size!r}.")
-        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}.")
-        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
-        need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef must be >= 0.")
-        need(self.router_z_loss_coef >= 0, "router_z_loss_coef must be >= 0.")
+        need(finite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be a finite number > 0, got "
+                                                              f"{self.lora_alpha!r}.")
+        need(finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+             f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            need(finite(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be a finite number >= 0, got {getattr(self, name)!r}.")
+        need(finite(self.residual_scale_init), f"residual_scale_init must be a finite number, got "
+                                               f"{self.residual_scale_init!r}.")
+        for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("expert_type", "router_type"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
                  f"{name} must be the name of a registered strategy, got {getattr(self, name)!r}.")
         alloc = self.expert_allocation
         if not isinstance(alloc, str):
-            need(isinstance(alloc, list) and len(alloc) > 0 and all(isinstance(n, int) for n in alloc),
+            need(isinstance(alloc, list) and len(alloc) > 0 and all(integer(n) for n in alloc),
                  f"expert_allocation must be 'progressive', 'uniform' or a list of integers, got {alloc!r}.")
             bad = [n for n in alloc if not self.top_k <= n <= self.num_experts]
             need(not bad, f"expert_allocation {alloc} has counts {bad} outside [top_k={self.top_k}, "

@@ -17,6 +17,17 @@ from typing import Callable, Union
 PathLike = Union[str, Path]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: PathLike, directory: bool) -> None:
+    """tempfile creates 0600 files and 0700 folders; what we keep gets the user's usual mode (umask)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync(path: PathLike) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -28,6 +39,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        _usual_mode(tmp, directory=False)
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
@@ -54,6 +66,7 @@ def write_folder(folder: PathLike, fill: Callable[[Path], None]) -> Path:
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
     old = previous_version(folder)
     try:
+        _usual_mode(staging, directory=True)
         fill(staging)
         for f in staging.rglob("*"):
             if f.is_file():

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_expert import load_adapter_weights, save_adapter
-from llama_expert.training.checkpoints import STATE_NAME, latest_checkpoint
+from llama_expert.training.checkpoints import latest_checkpoint, load_training_state
 from llama_expert.integration.surgery import adapter_state_dict
 from llama_expert.training.arguments import TrainingArguments
 from llama_expert.training.loop import TrainingDiverged, block_rows, train_model
@@ -88,11 +88,22 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
+    import re
+
+    from llama_expert import ConfigError
+
     model, blocks = _noisy_setup()
     _train(model, blocks, _args(tmp_path, max_steps=2))
+    found = latest_checkpoint(tmp_path / "checkpoints" / "last")
+    before = {p: p.read_bytes() for p in sorted(found.rglob("*")) if p.is_file()}
     model, blocks = _noisy_setup()
-    with pytest.raises(Exception, match="batch_size"):
+    with pytest.raises(ConfigError) as info:
         _train(model, blocks, _args(tmp_path, max_steps=4, batch_size=2, resume=True))
+    message = str(info.value)
+    assert message.startswith("cannot resume from") and str(found) in message, message
+    assert re.search(r"batch_size\D+4\D+2\b", message), message  # names the setting, the old and the new value
+    assert latest_checkpoint(tmp_path / "checkpoints" / "last") == found  # the checkpoint is left as it was
+    assert {p: p.read_bytes() for p in sorted(found.rglob("*")) if p.is_file()} == before
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -109,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
         _train(model, blocks, _args(tmp_path, max_steps=10), extra_loss=poisoned)
     found = latest_checkpoint(tmp_path / "checkpoints" / "last")
-    state = torch.load(found / STATE_NAME, weights_only=False)
+    state = load_training_state(found)
     assert state["step"] == 3
     fresh, _ = _noisy_setup()
     load_adapter_weights(fresh, found)
@@ -133,12 +144,12 @@ def test_kill_minus_nine_leaves_a_loadable_checkpoint(tmp_path):
         proc.wait()
     found = latest_checkpoint(out / "checkpoints" / "last")
     assert found is not None
-    state = torch.load(found / STATE_NAME, weights_only=False)
+    state = load_training_state(found)
     assert state["step"] >= 1
     model, _ = tiny_training_setup()
     load_adapter_weights(model, found)  # complete and loadable
-    # ... and training resumes from it.
-    done = subprocess.run([sys.executable, WORKER, str(out), str(state["step"] + 2), "4", "--resume"], env=env,
+    # ... and training resumes from it (same settings; two more steps).
+    done = subprocess.run([sys.executable, WORKER, str(out), "100000", "4", "--resume", "--stop-after", "2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout

@@ -1,6 +1,6 @@
 """Trains a tiny augmented Llama in a separate process: for the kill -9 test and the two-rank DDP test.
 
-Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow]
+Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N]
 Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors.
 """
 
@@ -45,7 +45,9 @@ def main():
 
     args = TrainingArguments(output_dir=out, max_steps=steps, batch_size=batch, seq_len=16, eval_every=0,
                              save_every=1, learning_rate=1e-2, progress=False, mixed_precision="no",
-                             resume="--resume" in sys.argv)
+                             resume="--resume" in sys.argv,
+                             stop_after_steps=int(sys.argv[sys.argv.index("--stop-after") + 1])
+                             if "--stop-after" in sys.argv else None)
     train_model(model, blocks, None, args, save_model=save, load_model=load_adapter_weights)
     rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}

@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = args._run(args)
     except LlamaExpertError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import ExpertConfig
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.methods import METHODS, LoRAMethod, MoEMethod
+from ..training.loop import TrainingInterrupted
 from ..training.recipe import fine_tune
-from .arguments import add_dataclass_arguments, dataclass_from_args
+from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
 
 
 
@@ -29,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
     method = LoRAMethod(config.lora_r, config.lora_alpha, config.lora_dropout) if args.method == "lora" \
         else MoEMethod(config)
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
-    fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),
-              model_id=model.model, auth_token=model.auth_token, dtype=model.dtype)
+    try:
+        fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),
+                  model_id=model.model, auth_token=model.auth_token, dtype=model.dtype)
+    except TrainingInterrupted as exc:
+        argv = [a for a in sys.argv[1:] if a != "--overwrite"]
+        exc.args = (f"{exc}\nto continue: {redacted_command(argv + ([] if '--resume' in argv else ['--resume']))}",)
+        raise
     return 0

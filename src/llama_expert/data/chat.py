@@ -6,6 +6,9 @@ from ..errors import DataError
 
 
 def row_text(row: dict, tokenizer, where: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each row must be a JSON object with a 'text' string or a 'messages' list, "
+                        f"got a {type(row).__name__}.")
     if isinstance(row.get("text"), str):
         return row["text"]
     if isinstance(row.get("messages"), list):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import DataError
+from ..network import hub_offline_reason, offline_mode
 from .chat import row_text
 
 EMBEDDED_DATASET = "embedded"
@@ -41,11 +42,28 @@ def embedded_corpus() -> Dict[str, List[str]]:
     return splits
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".raw", ".md", ".text")
+
+
+def _read_text(path: Path) -> str:
+    if path.suffix not in TEXT_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use a .txt, .raw or .jsonl file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); pass a UTF-8 "
+                        f".txt/.raw/.jsonl file.") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty; give a file with text in it.")
+    return text
+
+
 def read_documents(path: Path, tokenizer=None) -> List[str]:
     """Lines of a text file (newlines kept), or the documents of a JSON-lines file."""
+    text = _read_text(path)
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -54,7 +72,7 @@ def read_documents(path: Path, tokenizer=None) -> List[str]:
                 raise DataError(f"{path}:{n} is not valid JSON ({exc}).") from exc
             docs.append(row_text(row, tokenizer, f"{path}:{n}"))
         return docs
-    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return text.splitlines(keepends=True)
 
 
 def _split_of_file(path: Path) -> Optional[str]:
@@ -72,8 +90,6 @@ def _hold_out(lines: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
 
 def _local_dataset(path: Path, tokenizer) -> Dict[str, List[str]]:
     if path.is_file():
-        if path.suffix not in (".txt", ".jsonl", ".raw", ".md", ".text"):
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use a .txt, .raw or .jsonl file.")
         return _hold_out(read_documents(path, tokenizer))  # one file: its last 5% of rows become validation
     splits: Dict[str, List[str]] = {}
     for child in sorted(path.iterdir()):
@@ -93,11 +109,14 @@ def _hub_dataset(name: str, config: Optional[str], tokenizer) -> Dict[str, List[
         raise DataError(f"'{name}' is not a local file or folder, and loading Hub datasets needs the 'datasets' "
                         f"package: pip install datasets. Or pass a local .txt/.jsonl file, or --dataset "
                         f"{EMBEDDED_DATASET}.") from exc
+    offline = hub_offline_reason()
     try:
-        loaded = datasets.load_dataset(name, config)
+        with offline_mode(offline is not None):
+            loaded = datasets.load_dataset(name, config)
     except Exception as exc:  # offline, missing, or a bad config name all land here
-        raise DataError(f"cannot load dataset '{name}'{f' ({config})' if config else ''} from the Hub or its cache "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Pass a local "
+        why = f"the Hub cannot be used ({offline}) and it is not in the local cache" if offline else \
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise DataError(f"cannot load dataset '{name}'{f' ({config})' if config else ''}: {why}. Pass a local "
                         f".txt/.jsonl file or folder, or --dataset {EMBEDDED_DATASET} for the offline "
                         f"corpus.") from None
     splits = {}

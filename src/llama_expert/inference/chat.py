@@ -68,6 +68,10 @@ def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature
             output.write("\n")
             output.flush()
             return 0
+        except UnicodeDecodeError:
+            output.write("error: that line is not valid UTF-8; check the terminal's encoding.\n")
+            output.flush()
+            continue
         text = line.strip()
         if not text:
             continue
@@ -78,11 +82,11 @@ def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature
             output.write("(conversation cleared)\n")
             output.flush()
             continue
-        if chat:
-            kept, input_ids = trim_history(tokenizer, history + [{"role": "user", "content": text}], budget)
-        else:
-            kept, input_ids = [], encode_prompt(tokenizer, text, use_chat_template=False)
         try:
+            if chat:
+                kept, input_ids = trim_history(tokenizer, history + [{"role": "user", "content": text}], budget)
+            else:
+                kept, input_ids = [], encode_prompt(tokenizer, text, use_chat_template=False)
             new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p,
                                    streamer=make_streamer(tokenizer, output))
         except ConfigError as exc:

@@ -8,6 +8,7 @@ when ``temperature == 0``.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from typing import Optional, TextIO
 
@@ -25,8 +26,19 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Command-line text with bytes that are not UTF-8 arrives with surrogates: say so instead of failing later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid UTF-8 (character {exc.start} came from a byte that is not UTF-8); "
+                          f"check the terminal's or file's encoding.") from None
+
+
 def encode_prompt(tokenizer, prompt, use_chat_template: bool = True) -> torch.Tensor:
     """``[1, n]`` input ids. ``prompt``: a string, or a list of chat messages (needs a chat template)."""
+    for text in ([m.get("content", "") for m in prompt] if isinstance(prompt, list) else [prompt]):
+        check_text(text)
     if isinstance(prompt, list):
         if not has_chat_template(tokenizer):
             raise ConfigError("a conversation needs a tokenizer with a chat template; this one has none.")
@@ -52,9 +64,9 @@ def check_prompt_fits(model, prompt_len: int, max_new_tokens: int) -> None:
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+    if not 0 < top_p <= 1:  # also False for NaN
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
 
 

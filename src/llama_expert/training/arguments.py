@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,7 +29,8 @@ class TrainingArguments:
     mixed_precision: str = option("auto", "autocast: auto (bf16/fp16 on a GPU, none on a CPU), no, bf16, fp16",
                                   choices=("auto", "no", "bf16", "fp16"))
     seed: int = option(42, "seed of the data order, adapter initialisation and router noise")
-    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoints/last")
+    resume: bool = option(False, "continue from OUTPUT_DIR/checkpoints/last (same settings)")
+    overwrite: bool = option(False, "replace the training outputs already in OUTPUT_DIR (other files stay)")
     stop_after_steps: Optional[int] = option(None, "end this run after N steps (preemptible jobs; resume later)")
     use_wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works without an account)")
     wandb_project: str = option("llama-expert", "Weights & Biases project")
@@ -37,17 +39,30 @@ class TrainingArguments:
     log_every: int = option(1, "steps between records in train_log.jsonl")
 
     def validate(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}.")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every must be >= 1, got {self.log_every}.")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
+        """Fail before any model loads on settings that cannot work (booleans are not numbers here)."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        def number(name: str, kinds=(int, float)) -> float:
+            value = getattr(self, name)
+            need(isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value),
+                 f"{name} must be a finite number, got {value!r}.")
+            return value
+
+        for name in ("batch_size", "gradient_accumulation_steps", "seq_len", "log_every"):
+            need(number(name, int) >= 1, f"{name} must be >= 1, got {getattr(self, name)}.")
+        need(number("learning_rate") > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
+        need(number("num_train_epochs") > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}.")
+        need(number("weight_decay") >= 0, f"weight_decay must be >= 0, got {self.weight_decay}.")
+        need(0 <= number("warmup_ratio") < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        need(number("max_grad_norm") > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}.")
+        need(number("eval_every", int) >= 0, f"eval_every must be >= 0 (0: never), got {self.eval_every}.")
+        for name in ("max_steps", "max_samples", "save_every", "stop_after_steps", "eval_max_tokens"):
+            need(getattr(self, name) is None or number(name, int) >= 1,
+                 f"{name} must be >= 1 (or unset), got {getattr(self, name)}.")
+        need(self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+             f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
 
 
 @dataclass

@@ -1,22 +1,107 @@
-"""Training checkpoints that survive a crash: written beside their final name, then swapped in.
+"""Training checkpoints that survive a crash and run no code when read.
 
-A checkpoint folder holds the adapter files (loadable on their own) and ``training_state.pt``: the
-optimizer, scheduler and RNG states and the position in the data. Swapping is two renames; a crash
-between them leaves ``.old-<name>``, which ``latest_checkpoint`` still finds.
+A checkpoint folder holds the adapter files (loadable on their own) and the training state: the step,
+the optimizer, scheduler and every rank's RNG states, the run's settings and its validation history.
+The state is ``training_state.json`` plus ``training_state.safetensors`` for its tensors: no pickle, so
+a checkpoint folder from someone else cannot execute anything on ``--resume`` (``torch.load`` of a
+pickle can). Nested values are stored as JSON with tensors, numpy arrays and tuples replaced by
+markers that point into the safetensors file, and restored to the same types.
+
+Folders are written beside their final name and swapped in (``llama_expert.files.write_folder``); a
+crash between the two renames leaves ``.old-<name>``, which ``checkpoint_candidates`` still finds.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from ..files import previous_version, write_folder
+from ..errors import LlamaExpertError
+from ..files import atomic_write_text, previous_version, write_folder
 
-STATE_NAME = "training_state.pt"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+LEGACY_STATE = "training_state.pt"  # pickled state of older versions: never loaded
+
+
+class CheckpointError(LlamaExpertError):
+    """A checkpoint that cannot be read: corrupt, truncated, or of a format that is not loaded."""
+
+
+def _pack(value: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        key = f"t{len(tensors)}"
+        tensors[key] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "ui" else value.copy())
+        return {"__ndarray__": key, "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_pack(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_pack(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"cannot store a dict with keys {list(value)[:3]} in a checkpoint")
+        # JSON keys are strings: remember which were ints (optimizer state is keyed by parameter index)
+        return {"__dict__": [[k, _pack(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _unpack(value: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_unpack(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(value["dtype"])
+    if "__tuple__" in value:
+        return tuple(_unpack(v, tensors) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {k: _unpack(v, tensors) for k, v in value["__dict__"]}
+    if "__float__" in value:
+        return float(value["__float__"])
+    raise CheckpointError(f"unknown marker in a training state: {sorted(value)}")
+
+
+def save_training_state(folder: Path, state: dict) -> None:
+    tensors: Dict[str, torch.Tensor] = {}
+    packed = _pack(state, tensors)
+    save_file(tensors, str(Path(folder) / STATE_TENSORS))
+    atomic_write_text(Path(folder) / STATE_JSON, json.dumps(packed, allow_nan=False) + "\n")
+
+
+def load_training_state(folder: Path) -> dict:
+    """The state saved by ``save_training_state``; CheckpointError when it is missing, corrupt or pickled."""
+    folder = Path(folder)
+    if not (folder / STATE_JSON).is_file() and (folder / LEGACY_STATE).is_file():
+        raise CheckpointError(f"{folder} holds a pickled {LEGACY_STATE}, which llama-expert no longer loads: "
+                              f"unpickling can run arbitrary code. Train again in a new --output-dir (the adapter "
+                              f"files in {folder} still load with --adapter).")
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+        return _unpack(json.loads((folder / STATE_JSON).read_text()), tensors)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # json and safetensors errors are ValueErrors
+        raise CheckpointError(f"the training state in {folder} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / STATE_JSON).is_file() or (Path(folder) / LEGACY_STATE).is_file()
 
 
 def write_checkpoint(folder: Path, fill: Callable[[Path], None]) -> Path:
@@ -24,12 +109,32 @@ def write_checkpoint(folder: Path, fill: Callable[[Path], None]) -> Path:
     return write_folder(folder, fill)
 
 
+def checkpoint_candidates(checkpoints: Path) -> List[Path]:
+    """Checkpoints to resume from, newest first: ``last``, its previous version after a crash mid-swap, ``best``."""
+    checkpoints = Path(checkpoints)
+    ordered = [checkpoints / "last", previous_version(checkpoints / "last"), checkpoints / "best"]
+    return [c for c in ordered if is_checkpoint(c)]
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
     """The complete checkpoint at ``folder`` (or its previous version after a crash mid-swap), if any."""
     for candidate in (Path(folder), previous_version(folder)):
-        if (candidate / STATE_NAME).is_file():
+        if is_checkpoint(candidate):
             return candidate
     return None
+
+
+def remove_stale_staging(checkpoints: Path) -> List[Path]:
+    """Delete half-written ``.tmp-*`` folders a kill left behind (only ours: written by write_folder)."""
+    removed = []
+    if Path(checkpoints).is_dir():
+        import shutil
+
+        for staging in Path(checkpoints).glob(".tmp-*"):
+            if staging.is_dir():
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
+    return removed
 
 
 def rng_state() -> dict:

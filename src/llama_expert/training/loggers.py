@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import ConfigError
 from .arguments import TrainingArguments
+
+
+def strict_json(record: dict) -> dict:
+    """JSON has no NaN or Infinity: a non-finite number is logged as null (the run stops on one anyway)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 class TrainingLoggers:
@@ -39,7 +45,7 @@ class TrainingLoggers:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self.jsonl.flush()
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

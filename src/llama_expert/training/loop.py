@@ -20,15 +20,50 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import ConfigError, LlamaExpertError
+from ..files import previous_version
 from ..evaluation.memory import peak_memory
 from ..evaluation.perplexity import evaluate_perplexity
 from .arguments import TrainingArguments
-from .checkpoints import STATE_NAME, latest_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoints import (CheckpointError, checkpoint_candidates, load_training_state, remove_stale_staging,
+                          rng_state, save_training_state, set_rng_state, write_checkpoint)
 from .loggers import TrainingLoggers
+from .stopping import StopRequests
+
+# Settings that do not change the trained weights: a resumed run may change them.
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
+                               "use_tensorboard", "wandb_project", "log_every", "save_every", "eval_every",
+                               "eval_max_tokens", "test_dataset", "test_max_tokens", "test_seq_len"})
 
 
 class TrainingDiverged(LlamaExpertError):
-    """The loss or the gradients became NaN/inf."""
+    """The loss, the gradients or the weights became NaN/inf."""
+
+
+class TrainingInterrupted(LlamaExpertError):
+    """SIGINT or SIGTERM stopped the run after a step; a checkpoint of that step was saved."""
+
+    exit_code = 130
+
+
+def _flat_settings(config: dict, prefix: str = "") -> Dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        elif key not in RESUMABLE_CHANGES:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_changes(saved: dict, current: dict) -> List[str]:
+    """``key: checkpoint X, now Y`` for every setting that changes the result and differs."""
+    before, now = _flat_settings(saved), _flat_settings(current)
+    return [f"{key.split('.')[-1]}: checkpoint {before.get(key)!r}, now {now.get(key)!r}"
+            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+
+
+def _finite(params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 @dataclass
@@ -103,8 +138,11 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     """Train every parameter of ``model`` that requires grad on ``train_blocks`` ([n, seq_len]).
 
     ``extra_loss(model)`` returns a term to add to the LM loss and named values to log (the router
-    losses, read after each forward pass); ``save_model`` and
-    ``load_model`` write and read the trained tensors of a checkpoint folder.
+    losses, read after each forward pass); ``save_model`` and ``load_model`` write and read the trained
+    tensors of a checkpoint folder. ``run_config`` holds the settings that made the run (method, model,
+    data); with the training arguments they are stored in every checkpoint, and ``--resume`` refuses a
+    checkpoint whose result-changing settings differ. SIGINT/SIGTERM stop the run after the current step
+    with a checkpoint of it.
     """
     from accelerate.utils import gather_object, set_seed
 
@@ -141,29 +179,47 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     history: List[dict] = []
     best: Optional[dict] = None
     initial_eval: Optional[dict] = None
+    run_config = {**(run_config or {}), **asdict(args)}
+    resumed_from = None
     if args.resume:
-        found = latest_checkpoint(last_dir)
-        if found is None:
-            if main:
-                print(f"no checkpoint in {last_dir}: starting from step 0")
-        else:
-            state = torch.load(found / STATE_NAME, map_location="cpu", weights_only=False)
-            for key in ("batch_size", "gradient_accumulation_steps", "seq_len", "seed"):
-                if state["args"].get(key) != getattr(args, key):
-                    raise ConfigError(f"cannot resume from {found}: it was trained with {key}="
-                                      f"{state['args'].get(key)}, this run has {getattr(args, key)}. Use the same "
-                                      f"setting, or a new --output-dir.")
+        for found in checkpoint_candidates(output_dir / "checkpoints"):
+            try:
+                state = load_training_state(found)
+            except CheckpointError as exc:
+                if main:
+                    print(f"warning: {exc}; trying an older checkpoint")
+                continue
+            changes = settings_changes(state["run_config"], run_config)
+            if changes:
+                raise ConfigError(f"cannot resume from {found}: these settings differ from the checkpoint's: "
+                                  f"{'; '.join(changes)}. Rerun with the checkpoint's settings, or train in a new "
+                                  f"--output-dir.")
             if state["world_size"] != world:
                 raise ConfigError(f"cannot resume from {found}: it ran on {state['world_size']} processes, "
                                   f"this run has {world}.")
-            load_model(unwrapped, found)
+            try:
+                load_model(unwrapped, found)
+            except LlamaExpertError as exc:
+                if main:
+                    print(f"warning: the adapter in {found} cannot be loaded ({exc}); trying an older checkpoint")
+                continue
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"][rank])
             start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
             history, best, initial_eval = state["history"], state["best"], state["initial_eval"]
+            resumed_from = found
             if main:
                 print(f"resumed from {found} at step {start_step}")
+            break
+        else:
+            if any(p.exists() for p in (last_dir, previous_version(last_dir), best_dir)):
+                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read; delete that "
+                                      f"folder to start again from step 0, or pass a new --output-dir.")
+            if main:
+                print(f"no checkpoint in {last_dir}: starting from step 0")
+    if main:
+        remove_stale_staging(output_dir / "checkpoints")
 
     def evaluate(step: int) -> Optional[dict]:
         if eval_windows is None:
@@ -178,24 +234,48 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
         return {"step": step, "perplexity": math.exp(nll), "nll": nll, "tokens": int(totals[1].item())}
 
     def save_checkpoint(folder: Path, step: int, elapsed: float) -> None:
+        """Write ``folder`` after checking the weights: a NaN adapter is never called a good checkpoint."""
+        if not _finite(params):
+            raise TrainingDiverged(f"the weights became NaN/inf at step {step}; training stopped without saving "
+                                   f"them. {good_checkpoint()} Lower --learning-rate.")
         rngs = gather_object([rng_state()])  # every rank's RNG, so each resumes its own stream
         if not main:
             return
 
         def fill(tmp: Path) -> None:
             save_model(unwrapped, tmp)
-            torch.save({"step": step, "tokens": tokens_seen, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": world,
-                        "args": asdict(args), "history": history, "best": best, "initial_eval": initial_eval},
-                       tmp / STATE_NAME)
-        write_checkpoint(folder, fill)
+            save_training_state(tmp, {
+                "step": step, "tokens": tokens_seen, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": world, "run_config": run_config,
+                "history": history, "best": best, "initial_eval": initial_eval})
+        try:
+            write_checkpoint(folder, fill)
+        except OSError as exc:
+            raise LlamaExpertError(f"cannot write the checkpoint {folder}: {exc.strerror or exc} "
+                                   f"({exc.filename or folder}). Free disk space or fix the folder's permissions, "
+                                   f"then rerun with --resume.") from None
 
-    loggers = TrainingLoggers(args, main, run_config or {})
+    def good_checkpoint() -> str:
+        for folder in (last_dir, best_dir):
+            if folder.is_dir():
+                return f"The last good checkpoint is in {folder}."
+        return "No checkpoint was written before that."
+
+    def is_better(result: Optional[dict]) -> bool:
+        return bool(result) and math.isfinite(result["perplexity"]) and \
+            (best is None or result["perplexity"] < best["perplexity"])
+
+    loggers = TrainingLoggers(args, main, run_config)
+    loggers.log({"event": "resume", "step": start_step, "checkpoint": str(resumed_from)} if resumed_from
+                else {"event": "start", "step": start_step, "resume": bool(args.resume)})
     if initial_eval is None:
         initial_eval = evaluate(0)
         if initial_eval:
             loggers.log({"event": "eval", **{f"eval_{k}": v for k, v in initial_eval.items() if k != "step"},
                          "step": 0})
+        if is_better(initial_eval):  # the untrained adapter is a candidate too: training can make things worse
+            best = initial_eval
+            save_checkpoint(best_dir, 0, 0.0)
 
     from tqdm.auto import tqdm
 
@@ -208,64 +288,78 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     final_eval = None
     model.train()
     step = start_step
+    stop = StopRequests(world_size=world, reduce=accelerator.reduce, device=device, announce=main)
     try:
-        while step < end_step:
-            step_started = time.perf_counter()
-            terms: Dict[str, float] = {}
-            for micro in range(args.gradient_accumulation_steps):
-                rows = block_rows(step, micro, args.gradient_accumulation_steps, args.batch_size, rank, world,
-                                  num_blocks, args.seed)
-                batch = train_blocks[rows].to(device)
-                last_micro = micro == args.gradient_accumulation_steps - 1
-                with (nullcontext() if last_micro else accelerator.no_sync(model)):
-                    with accelerator.autocast():
-                        lm_loss = model(input_ids=batch, labels=batch).loss
-                        added, extra = extra_loss(unwrapped) if extra_loss else (0.0, {})
-                        loss = lm_loss + added
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"the loss became {loss.item()} at step {step + 1}; training stopped. The last good "
-                            f"checkpoint is in {last_dir}. Lower --learning-rate, or use --mixed-precision no.")
-                    accelerator.backward(loss / args.gradient_accumulation_steps)
-                for name, value in {"lm_loss": lm_loss, "loss": loss, **extra}.items():
-                    terms[name] = terms.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
-            grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"the gradients became {grad_norm.item()} at step {step + 1}; training "
-                                       f"stopped. The last good checkpoint is in {last_dir}. Lower --learning-rate.")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            seconds = time.perf_counter() - step_started
-            record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / seconds}
-            if step % args.log_every == 0 or step == end_step:
-                loggers.log(record)
-            bar.set_postfix(loss=f"{terms['loss']:.3f}", aux=f"{terms.get('aux_loss', 0):.3f}",
-                            z=f"{terms.get('z_loss', 0):.2f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            bar.update(1)
-            elapsed = elapsed_before + time.perf_counter() - started
-            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
-                final_eval = evaluate(step)
-                if final_eval:
-                    history.append(final_eval)
-                    loggers.log({"event": "eval", "step": step,
-                                 **{f"eval_{k}": v for k, v in final_eval.items() if k != "step"}})
-                    if main:
-                        bar.write(f"step {step}: validation perplexity {final_eval['perplexity']:.3f}")
-                    if best is None or final_eval["perplexity"] < best["perplexity"]:
-                        best = final_eval
-                        save_checkpoint(best_dir, step, elapsed)
-            if step % save_every == 0 or step == end_step:
-                save_checkpoint(last_dir, step, elapsed)
+        with stop:
+            while step < end_step:
+                step_started = time.perf_counter()
+                terms: Dict[str, float] = {}
+                for micro in range(args.gradient_accumulation_steps):
+                    rows = block_rows(step, micro, args.gradient_accumulation_steps, args.batch_size, rank, world,
+                                      num_blocks, args.seed)
+                    batch = train_blocks[rows].to(device)
+                    last_micro = micro == args.gradient_accumulation_steps - 1
+                    with (nullcontext() if last_micro else accelerator.no_sync(model)):
+                        with accelerator.autocast():
+                            lm_loss = model(input_ids=batch, labels=batch).loss
+                            added, extra = extra_loss(unwrapped) if extra_loss else (0.0, {})
+                            loss = lm_loss + added
+                        if not torch.isfinite(loss):
+                            raise TrainingDiverged(
+                                f"the loss became {loss.item()} at step {step + 1}; training stopped. "
+                                f"{good_checkpoint()} Lower --learning-rate, or use --mixed-precision no.")
+                        accelerator.backward(loss / args.gradient_accumulation_steps)
+                    for name, value in {"lm_loss": lm_loss, "loss": loss, **extra}.items():
+                        terms[name] = terms.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
+                grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(f"the gradients became {grad_norm.item()} at step {step + 1}; training "
+                                           f"stopped. {good_checkpoint()} Lower --learning-rate.")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                seconds = time.perf_counter() - step_started
+                record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "tokens": tokens_seen, "tokens_per_s": tokens_per_step / seconds}
+                if step % args.log_every == 0 or step == end_step:
+                    loggers.log(record)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", aux=f"{terms.get('aux_loss', 0):.3f}",
+                                z=f"{terms.get('z_loss', 0):.2f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                refresh=False)
+                bar.update(1)
+                elapsed = elapsed_before + time.perf_counter() - started
+                if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+                    final_eval = evaluate(step)
+                    if final_eval:
+                        history.append(final_eval)
+                        loggers.log({"event": "eval", "step": step,
+                                     **{f"eval_{k}": v for k, v in final_eval.items() if k != "step"}})
+                        if main:
+                            bar.write(f"step {step}: validation perplexity {final_eval['perplexity']:.3f}")
+                        if is_better(final_eval):
+                            best = final_eval
+                            save_checkpoint(best_dir, step, elapsed)
+                saved = step % save_every == 0 or step == end_step
+                if saved:
+                    save_checkpoint(last_dir, step, elapsed)
+                if stop.requested():
+                    if not saved:
+                        save_checkpoint(last_dir, step, elapsed)
+                    loggers.log({"event": "interrupted", "step": step, "signal": stop.signal_name})
+                    raise TrainingInterrupted(f"{stop.signal_name} stopped training after step {step} of "
+                                              f"{total_steps}; a checkpoint of that step is in {last_dir}. Rerun the "
+                                              f"same command with --resume to continue exactly where it stopped.")
     finally:
         bar.close()
         loggers.close()
     if final_eval is None or final_eval["step"] != step:
         final_eval = evaluate(step) if step == total_steps else final_eval
     accelerator.wait_for_everyone()
+    if not _finite(params):
+        raise TrainingDiverged(f"the weights became NaN/inf; the adapter was not saved. {good_checkpoint()} "
+                               f"Lower --learning-rate.")
     if main:
         save_model(unwrapped, output_dir)
     return TrainResult(output_dir=str(output_dir), steps=step, tokens=tokens_seen, peak_memory=peak_memory(device),

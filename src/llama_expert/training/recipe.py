@@ -10,6 +10,7 @@ each. It writes to ``output_dir``: the adapter, ``checkpoints/last`` and ``check
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -20,10 +21,12 @@ from ..config import ExpertConfig
 from ..data import EMBEDDED_DATASET, load_split, load_text_dataset, pack_blocks, select_split, tokenize_documents
 from ..evaluation.perplexity import evaluate_perplexity
 from ..files import atomic_write_text
-from ..integration.base_models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from ..errors import ConfigError
+from ..integration.base_models import DEFAULT_MODEL, context_length, load_base_config, load_base_model, load_tokenizer
 from .arguments import DataArguments, TrainingArguments
 from .loop import TrainResult, make_accelerator, train_model
 from .methods import LoRAMethod, MoEMethod, TrainingMethod
+from .run_folder import RunLock, check_output_folder, clear_run_outputs
 
 USAGE_TOKENS = 8192  # held-out tokens routed to measure expert usage after training
 
@@ -50,16 +53,43 @@ class RecipeData:
 
 def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Optional[DataArguments] = None,
               model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optional[str] = None, dtype=None) -> TrainResult:
-    """Train ``method``'s adapters on a frozen ``model_id``: test before, train, test after, write the summary."""
-    from accelerate.utils import set_seed
+    """Train ``method``'s adapters on a frozen ``model_id``: test before, train, test after, write the summary.
 
+    Everything that can be checked before the model loads is: the settings, the output folder (never
+    clobbered: ``resume`` continues it, ``overwrite`` replaces only its training outputs), the lock that
+    keeps a second run out of it, and the sequence lengths against the model's context.
+    """
     data_args = data_args or DataArguments()
     args.validate()
     method.check()
+    output_dir = Path(args.output_dir)
+    check_output_folder(output_dir, args.resume, args.overwrite)
     accelerator = make_accelerator(args)
+    with RunLock(output_dir) if accelerator.is_main_process else nullcontext():
+        if args.overwrite and accelerator.is_main_process:
+            removed = clear_run_outputs(output_dir)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {output_dir}")
+        accelerator.wait_for_everyone()
+        return _fine_tune(method, args, data_args, model_id, auth_token, dtype, accelerator)
+
+
+def _check_context(model_id, auth_token, args: TrainingArguments, data_args: DataArguments) -> None:
+    limit = context_length(load_base_config(model_id, auth_token=auth_token))
+    for flag, value in (("--seq-len", args.seq_len), ("--test-seq-len", data_args.test_seq_len)):
+        if limit is not None and value is not None and value > limit:
+            raise ConfigError(f"{flag} {value} exceeds the model's context of {limit} tokens "
+                              f"(max_position_embeddings); lower {flag}.")
+
+
+def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataArguments, model_id, auth_token,
+               dtype, accelerator) -> TrainResult:
+    from accelerate.utils import set_seed
+
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
     tokenizer = load_tokenizer(model_id, auth_token=auth_token)
+    _check_context(model_id, auth_token, args, data_args)
     data = RecipeData(tokenizer, data_args, args.seq_len, args.max_samples, args.eval_max_tokens)
     set_seed(args.seed)  # identical adapter initialisation on every rank
     base = load_base_model(model_id, auth_token=auth_token, dtype=dtype, quantization_4bit=method.quantization_4bit)
