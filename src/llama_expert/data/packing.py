@@ -11,12 +11,21 @@ from typing import List, Optional
 import torch
 
 from ..errors import DataError
+from ..progress import progress_bar
 
 
-def tokenize_documents(docs: List[str], tokenizer) -> torch.Tensor:
-    """One 1-D LongTensor: the documents joined with blank lines and tokenised once."""
+def tokenize_documents(docs: List[str], tokenizer, progress: bool = True) -> torch.Tensor:
+    """One 1-D LongTensor: the documents joined with blank lines and tokenised once.
+
+    Tokenising in pieces could change the tokens where the pieces meet, so the text stays one call and
+    ``progress`` shows a one-step bar naming what is being tokenised while the call runs (a large corpus
+    takes a while), then the token count; not a fraction done, which one call cannot report.
+    """
     text = "\n\n".join(docs)
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    with progress_bar(1, f"tokenising {len(text):,} characters", "text", progress) as bar:
+        ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+        bar.set_postfix_str(f"{len(ids):,} tokens")
+        bar.update()
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -18,7 +18,7 @@ import math
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from ..integration.loading import ModelArguments, is_adapter_folder, load_model_
 from ..integration.surgery import adapters, is_augmented, parameter_counts
 from .memory import peak_memory
 from .perplexity import evaluate_perplexity
-from .reports import format_report
+from .reports import format_header, format_section
 from .routing_health import routing_health
 from .throughput import ThroughputArguments, measure_throughput, model_device, prompt_ids, synchronize
 
@@ -47,14 +47,15 @@ class ExpertModelBenchmark:
     folder such as ``../shared/data/wikitext-2-raw``, a ``.txt``/``.jsonl`` file, or a Hub name with
     ``dataset_config``). ``max_tokens`` caps the evaluated tokens (whole windows only). ``windows``
     (``[n, seq_len]`` token ids) replaces the dataset: ``compare`` measures every model on the same ones.
-    ``device`` moves the model there; by default it stays where it is.
+    ``device`` moves the model there; by default it stays where it is. ``progress``: bars on stderr for
+    tokenising and for every measuring loop (see ``llama_expert.progress``).
     """
 
     def __init__(self, model=None, tokenizer=None, dataset: Optional[str] = None, dataset_config: Optional[str] = None,
                  split: str = "test", seq_len: int = 2048, max_tokens: Optional[int] = None, batch_size: int = 1,
                  device: Optional[str] = None, *, model_path: Optional[str] = None,
                  is_augmented: Optional[bool] = None, auth_token: Optional[str] = None, dtype=None,
-                 windows: Optional[torch.Tensor] = None):
+                 windows: Optional[torch.Tensor] = None, progress: bool = True):
         if isinstance(model, (str, Path)):  # ExpertModelBenchmark("./models/llama-expert")
             model, model_path = None, str(model)
         if model is None:
@@ -79,6 +80,7 @@ class ExpertModelBenchmark:
         self.seq_len = seq_len
         self.max_tokens = max_tokens
         self.batch_size = batch_size
+        self.progress = progress
         self.device = model_device(model)
         self._ids: Optional[torch.Tensor] = None
         self._windows: Optional[torch.Tensor] = windows
@@ -108,7 +110,7 @@ class ExpertModelBenchmark:
         """The whole split tokenised once (cached)."""
         if self._ids is None:
             docs = load_split(self.dataset, self.dataset_config, self.tokenizer, self.split)
-            self._ids = tokenize_documents(docs, self.tokenizer)
+            self._ids = tokenize_documents(docs, self.tokenizer, self.progress)
         return self._ids
 
     def windows(self) -> torch.Tensor:
@@ -129,7 +131,7 @@ class ExpertModelBenchmark:
         equal to, the harness's rolling-window value.
         """
         windows = self.windows()
-        result = evaluate_perplexity(self.model, windows, batch_size=self.batch_size)
+        result = evaluate_perplexity(self.model, windows, batch_size=self.batch_size, progress=self.progress)
         available = int(self.token_ids().numel())
         out = {
             "protocol": "token-level exp(mean NLL) over non-overlapping windows of the split joined with blank "
@@ -164,7 +166,7 @@ class ExpertModelBenchmark:
         per sequence. One warm-up run per batch size, then the median of ``num_samples`` repeats; CUDA
         is synchronised around every timed phase.
         """
-        return measure_throughput(self.model, num_samples, prompt_len, new_tokens, batch_sizes)
+        return measure_throughput(self.model, num_samples, prompt_len, new_tokens, batch_sizes, self.progress)
 
     @torch.no_grad()
     def benchmark_memory(self) -> Dict:
@@ -220,15 +222,14 @@ class ExpertModelBenchmark:
         if not is_augmented(self.model):
             raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
         windows = self.windows()
-        return routing_health(self.model, windows if max_windows is None else windows[:max_windows], self.batch_size)
+        return routing_health(self.model, windows if max_windows is None else windows[:max_windows], self.batch_size,
+                              self.progress)
 
-    def run_full_benchmark(self, word_perplexity: bool = False, throughput: bool = True, num_samples: int = 5,
-                           prompt_len: int = 128, new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 4),
-                           routing_windows: Optional[int] = 8) -> Dict:
-        """All sections in one JSON-serialisable dict; ``routing_health`` is None for a base model."""
+    def describe(self) -> Dict:
+        """What is measured, where and how: the report's ``model``, ``environment`` and ``settings``."""
         model = self.model
         counts = parameter_counts(model)
-        report = {
+        return {
             "model": {"name": (getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
                                or type(model).__name__),
                       "augmented": is_augmented(model),
@@ -238,11 +239,31 @@ class ExpertModelBenchmark:
             "settings": {"dataset": self.dataset, "dataset_config": self.dataset_config, "split": self.split,
                          "seq_len": self.seq_len, "max_tokens": self.max_tokens, "batch_size": self.batch_size},
         }
-        report["perplexity"] = self.benchmark_perplexity(word_perplexity=word_perplexity)
-        report["routing_health"] = self.routing_health(routing_windows) if is_augmented(model) else None
-        report["throughput"] = self.benchmark_throughput(num_samples, prompt_len, new_tokens, batch_sizes) \
-            if throughput else None
-        report["memory"] = self.benchmark_memory()
+
+    def run_full_benchmark(self, word_perplexity: bool = False, throughput: bool = True, num_samples: int = 5,
+                           prompt_len: int = 128, new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 4),
+                           routing_windows: Optional[int] = 8,
+                           on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
+        """All sections in one JSON-serialisable dict; ``routing_health`` is None for a base model.
+
+        ``on_section(name, result)`` is called as each section is measured (perplexity, routing_health,
+        throughput, memory; skipped sections are not), with the very dict that goes into the report, so a
+        caller can show results while the slower sections still run.
+        """
+        report = self.describe()
+        report.update(perplexity=None, routing_health=None, throughput=None, memory=None)  # the JSON's order
+
+        def record(name: str, result: Dict) -> None:
+            report[name] = result
+            if on_section is not None:
+                on_section(name, result)
+
+        record("perplexity", self.benchmark_perplexity(word_perplexity=word_perplexity))
+        if is_augmented(self.model):
+            record("routing_health", self.routing_health(routing_windows))
+        if throughput:
+            record("throughput", self.benchmark_throughput(num_samples, prompt_len, new_tokens, batch_sizes))
+        record("memory", self.benchmark_memory())
         return report
 
 
@@ -271,6 +292,7 @@ class BenchmarkArguments:
     routing_windows: int = option(8, "eval windows used for routing health")
     word_perplexity: bool = option(False, "also report lm-eval-harness style word perplexity (a different number)")
     output_json: Optional[str] = option(None, "write the full report to this JSON file")
+    progress: bool = option(True, "no progress bars")
 
 
 def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments,
@@ -283,16 +305,19 @@ def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments,
     model, tokenizer, info = load_model_and_tokenizer(**asdict(model_args), augmented=args.augmented)
     bench = ExpertModelBenchmark(model, tokenizer, dataset=args.dataset, dataset_config=args.dataset_config,
                                  split=args.split, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, progress=args.progress)
+    # The report is printed as it is measured: the header now, each section when done (together the same
+    # text as format_report), so a long run on a CPU shows its perplexity long before the throughput.
+    print(format_header(bench.describe(), info), flush=True)
     report = bench.run_full_benchmark(word_perplexity=args.word_perplexity, throughput=not throughput.skip_throughput,
                                       num_samples=throughput.num_samples, prompt_len=throughput.prompt_len,
                                       new_tokens=throughput.new_tokens, batch_sizes=throughput.throughput_batch_sizes,
-                                      routing_windows=args.routing_windows)
+                                      routing_windows=args.routing_windows,
+                                      on_section=lambda name, result: print(format_section(name, result), flush=True))
     report["model"].update({"base_model": info["base_model"], "adapter": info["adapter"],
                             "fresh_adapter": info["fresh_adapter"]})
     if info["fresh_adapter"]:
         report["model"]["note"] = "fresh (untrained) adapters compute exactly the base model"
-    print(format_report(report, info))
     if args.output_json:
         path = Path(args.output_json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -29,6 +30,7 @@ from ..integration.base_models import DEFAULT_MODEL, load_base_model, load_token
 from ..integration.loading import ModelArguments
 from ..integration.surgery import adapter_parameters, adapters, is_augmented, parameter_counts
 from ..options import fields_named, flag_of, option
+from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.lora import load_lora_model, matched_lora_rank
 from .benchmark import ExpertModelBenchmark, environment
@@ -61,10 +63,14 @@ class CompareArguments:
 
 
 def training_command(method: str, out: Path, model_args: ModelArguments, training: TrainingArguments,
-                     data: DataArguments, extra: List[str]) -> List[str]:
-    """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv."""
+                     data: DataArguments, extra: List[str], progress: bool = False) -> List[str]:
+    """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv.
+
+    ``progress``: let the child draw its training bar (it shares our stderr; pass it only for a terminal)."""
     cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method,
-           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out), "--no-progress"]
+           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out)]
+    if not progress:
+        cmd.append("--no-progress")
     if model_args.dtype:
         cmd += ["--dtype", model_args.dtype]
     for settings, names in ((data, DATA_FIELDS), (training, TRAINING_FIELDS)):
@@ -75,16 +81,26 @@ def training_command(method: str, out: Path, model_args: ModelArguments, trainin
     return cmd + extra
 
 
+@contextmanager
+def _stage(what: str):
+    """A line as a stage starts and one as it ends: compare runs for many minutes, one stage after another."""
+    print(f"{what} ...", flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"{what}: done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def _run_training(method: str, cmd: List[str], auth_token: Optional[str]) -> None:
-    print(f"\n[{method}] python {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if auth_token:
         env["HF_TOKEN"] = auth_token
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0:
-        raise ConfigError(f"training the {method} adapter failed (exit {done.returncode}); see the output above.")
-    print(f"[{method}] trained in {time.perf_counter() - started:.0f} s", flush=True)
+    print(flush=True)
+    with _stage(f"[{method}] training"):
+        print(f"[{method}] python {' '.join(cmd[1:])}", flush=True)
+        done = subprocess.run(cmd, env=env)
+        if done.returncode != 0:
+            raise ConfigError(f"training the {method} adapter failed (exit {done.returncode}); see the output "
+                              f"above.")
 
 
 def _summary(folder: Optional[Path]) -> dict:
@@ -119,9 +135,11 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
+    child_progress = shows_progress(a.progress)
     if not model_args.adapter:
         _run_training("moe", training_command("moe", moe_dir, model_args, training, data,
-                                              a.moe_args.split() if a.moe_args else []), model_args.auth_token)
+                                              a.moe_args.split() if a.moe_args else [], child_progress),
+                      model_args.auth_token)
     base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
     tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
     moe = load_adapter_weights(copy.deepcopy(base), moe_dir).eval()
@@ -133,7 +151,7 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
         if not a.lora_adapter:
             rank = a.lora_r or matched_lora_rank(base, moe_trainable)
             _run_training("lora", training_command("lora", lora_dir, model_args, training, data,
-                                                   ["--lora-r", str(rank)]), model_args.auth_token)
+                                                   ["--lora-r", str(rank)], child_progress), model_args.auth_token)
         lora = load_lora_model(copy.deepcopy(base), lora_dir)
 
     models = {"base": base, "moe": moe}
@@ -144,8 +162,9 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     windows = None
     for name, model in models.items():
         bench = ExpertModelBenchmark(model, tokenizer, dataset=a.test_dataset, split=a.split, seq_len=a.eval_seq_len,
-                                     max_tokens=a.max_tokens, windows=windows)
-        ppl = bench.benchmark_perplexity()
+                                     max_tokens=a.max_tokens, windows=windows, progress=a.progress)
+        with _stage(f"[{name}] perplexity"):
+            ppl = bench.benchmark_perplexity()
         windows = bench.windows()  # the very same windows for every model
         s = summaries[name]
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
@@ -161,8 +180,9 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     throughput = None
     if not t.skip_throughput:
         names = list(models)
-        measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
-                                       t.throughput_batch_sizes)
+        with _stage(f"[{', '.join(names)}] throughput, repeats interleaved"):
+            measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
+                                           t.throughput_batch_sizes, a.progress)
         throughput = {n: m for n, m in zip(names, measured)}
         for n in names:
             rows[n]["throughput"] = []
@@ -173,7 +193,8 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
                     "decode_ratio": mine["decode_tokens_per_s"] / base_row["decode_tokens_per_s"],
                     "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]})
 
-    usage = measure_expert_usage(moe, windows[: a.routing_windows])
+    with _stage("[moe] expert usage"):
+        usage = measure_expert_usage(moe, windows[: a.routing_windows], progress=a.progress)
     report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
               "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
               "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),

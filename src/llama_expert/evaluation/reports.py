@@ -23,10 +23,12 @@ def _mb(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
-def format_report(report: Dict, info: Optional[Dict] = None) -> str:
-    """The terminal table of a ``run_full_benchmark`` report."""
+# One formatter per section, so that ``benchmark`` can print each section as soon as it is measured and
+# the sections together are exactly ``format_report``'s table.
+def format_header(report: Dict, info: Optional[Dict] = None) -> str:
+    """The model and machine lines: needs only the report's ``model`` and ``environment``."""
     lines = []
-    model, ppl = report["model"], report["perplexity"]
+    model = report["model"]
     params = model["parameters"]
     name = model["name"]
     if info and info.get("adapter"):
@@ -49,9 +51,11 @@ def format_report(report: Dict, info: Optional[Dict] = None) -> str:
         lines.append(f"parameters         {params['total']:,}")
     lines.append(f"device             {env['device']} ({env['torch_threads']} threads), torch {env['torch']}, "
                  f"transformers {env['transformers']}")
-    lines.append("")
-    lines.append("Perplexity (token-level, non-overlapping windows)")
-    lines.append("-" * 72)
+    return "\n".join(lines)
+
+
+def format_perplexity(ppl: Dict) -> str:
+    lines = ["Perplexity (token-level, non-overlapping windows)", "-" * 72]
     source = ppl["dataset"] + (f" ({ppl['dataset_config']})" if ppl.get("dataset_config") else "")
     lines.append(f"dataset            {source} [{ppl['split']}]")
     cap = f"; capped by --max-tokens {ppl['max_tokens']}" if ppl["capped"] else ""
@@ -62,48 +66,64 @@ def format_report(report: Dict, info: Optional[Dict] = None) -> str:
     if "word_perplexity" in ppl:
         lines.append(f"word perplexity    {ppl['word_perplexity']:.4f}   ({ppl['words']:,} words; lm-eval-harness "
                      f"style, a different number: do not compare with token perplexity)")
-    health = report.get("routing_health")
-    if health:
-        lines.append("")
-        lines.append(f"Routing health ({health['windows']} windows, {health['tokens']:,} tokens)")
-        lines.append("-" * 72)
-        lines.append(f"{'layer':>5} {'experts':>7} {'min load':>9} {'max load':>9} {'entropy':>8}  warnings")
-        for layer in health["layers"]:
-            lines.append(f"{layer['layer']:>5} {layer['num_experts']:>7} {layer['min_load']:>9.3f} "
-                         f"{layer['max_load']:>9.3f} {layer['normalized_entropy']:>8.3f}  {len(layer['warnings'])}")
-        lines.append("load: share of the token-slot assignments (uniform = 1/E); entropy normalised by log E")
-        if health["warnings"]:
-            shown = health["warnings"][:10]
-            lines.append(f"WARNINGS ({len(health['warnings'])}):")
-            lines += [f"  {w}" for w in shown]
-            if len(health["warnings"]) > len(shown):
-                lines.append(f"  ... {len(health['warnings']) - len(shown)} more in the JSON output")
-        else:
-            lines.append("no warnings: every expert gets at least 0.1/E of the load, none collapses")
-    thr = report.get("throughput")
-    if thr:
-        lines.append("")
-        lines.append(f"Throughput (greedy, KV cache, prompt {thr['prompt_len']} + {thr['new_tokens']} new tokens, "
-                     f"median of {thr['num_samples']} after warm-up)")
-        lines.append("-" * 72)
-        lines.append(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15}")
-        for row in thr["results"]:
-            lines.append(f"{row['batch_size']:>5} {row['prefill_tokens_per_s']:>14,.1f} "
-                         f"{row['decode_tokens_per_s']:>13,.1f} {row['decode_ms_per_step']:>15.1f}")
-    mem = report.get("memory")
-    if mem:
-        lines.append("")
-        lines.append("Memory")
-        lines.append("-" * 72)
-        lines.append(f"parameters         {_mb(mem['parameter_bytes'])} ({mem['dtype']}); adapters "
-                     f"{_mb(mem['adapter_parameter_bytes'])}")
-        lines.append(f"KV cache           {mem['kv_cache_bytes_per_token']:,} bytes/token ({mem['kv_cache_formula']})")
-        if mem.get("kv_cache_bytes_full_context"):
-            lines.append(f"                   {_mb(mem['kv_cache_bytes_per_window'])} per eval batch, "
-                         f"{_mb(mem['kv_cache_bytes_full_context'])} for the full context")
-        lines.append(f"peak               {_mb(mem['peak']['bytes'])} ({mem['peak']['kind']}; {mem['peak']['note']})")
     return "\n".join(lines)
 
+
+def format_routing_health(health: Dict) -> str:
+    lines = [f"Routing health ({health['windows']} windows, {health['tokens']:,} tokens)", "-" * 72]
+    lines.append(f"{'layer':>5} {'experts':>7} {'min load':>9} {'max load':>9} {'entropy':>8}  warnings")
+    for layer in health["layers"]:
+        lines.append(f"{layer['layer']:>5} {layer['num_experts']:>7} {layer['min_load']:>9.3f} "
+                     f"{layer['max_load']:>9.3f} {layer['normalized_entropy']:>8.3f}  {len(layer['warnings'])}")
+    lines.append("load: share of the token-slot assignments (uniform = 1/E); entropy normalised by log E")
+    if health["warnings"]:
+        shown = health["warnings"][:10]
+        lines.append(f"WARNINGS ({len(health['warnings'])}):")
+        lines += [f"  {w}" for w in shown]
+        if len(health["warnings"]) > len(shown):
+            lines.append(f"  ... {len(health['warnings']) - len(shown)} more in the JSON output")
+    else:
+        lines.append("no warnings: every expert gets at least 0.1/E of the load, none collapses")
+    return "\n".join(lines)
+
+
+def format_throughput(thr: Dict) -> str:
+    lines = [f"Throughput (greedy, KV cache, prompt {thr['prompt_len']} + {thr['new_tokens']} new tokens, "
+             f"median of {thr['num_samples']} after warm-up)", "-" * 72]
+    lines.append(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15}")
+    for row in thr["results"]:
+        lines.append(f"{row['batch_size']:>5} {row['prefill_tokens_per_s']:>14,.1f} "
+                     f"{row['decode_tokens_per_s']:>13,.1f} {row['decode_ms_per_step']:>15.1f}")
+    return "\n".join(lines)
+
+
+def format_memory(mem: Dict) -> str:
+    lines = ["Memory", "-" * 72]
+    lines.append(f"parameters         {_mb(mem['parameter_bytes'])} ({mem['dtype']}); adapters "
+                 f"{_mb(mem['adapter_parameter_bytes'])}")
+    lines.append(f"KV cache           {mem['kv_cache_bytes_per_token']:,} bytes/token ({mem['kv_cache_formula']})")
+    if mem.get("kv_cache_bytes_full_context"):
+        lines.append(f"                   {_mb(mem['kv_cache_bytes_per_window'])} per eval batch, "
+                     f"{_mb(mem['kv_cache_bytes_full_context'])} for the full context")
+    lines.append(f"peak               {_mb(mem['peak']['bytes'])} ({mem['peak']['kind']}; {mem['peak']['note']})")
+    return "\n".join(lines)
+
+
+# The report's measured sections in the order they are measured and printed.
+SECTION_FORMATTERS = {"perplexity": format_perplexity, "routing_health": format_routing_health,
+                      "throughput": format_throughput, "memory": format_memory}
+
+
+def format_section(name: str, result: Dict) -> str:
+    """One measured section, preceded by the blank line that separates it from what came before."""
+    return "\n" + SECTION_FORMATTERS[name](result)
+
+
+def format_report(report: Dict, info: Optional[Dict] = None) -> str:
+    """The terminal table of a ``run_full_benchmark`` report: the header, then every section it holds."""
+    parts = [format_header(report, info)]
+    parts += [format_section(name, report[name]) for name in SECTION_FORMATTERS if report.get(name)]
+    return "\n".join(parts)
 
 
 def _machine(env: dict) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from ..integration.surgery import adapters, is_augmented, reset_routing_statistics
+from ..progress import progress_bar
 
 
 def expert_usage(model) -> List[Dict[str, object]]:
@@ -35,15 +36,18 @@ def expert_usage(model) -> List[Dict[str, object]]:
 
 
 @torch.no_grad()
-def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1) -> List[Dict[str, object]]:
-    """Route ``windows`` in eval mode (no noise) and return the usage table."""
+def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1,
+                         progress: bool = True) -> List[Dict[str, object]]:
+    """Route ``windows`` in eval mode (no noise) and return the usage table (``progress``: a bar over them)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with recording_routing(model):
+        with recording_routing(model), progress_bar(windows.shape[0], "routing", "window", progress) as bar:
             for start in range(0, windows.shape[0], batch_size):
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                batch = windows[start:start + batch_size]
+                model(input_ids=batch.to(device), use_cache=False)
+                bar.update(batch.shape[0])
     finally:
         model.train(was_training)
     return expert_usage(model)
@@ -67,7 +71,7 @@ LOW_LOAD_FACTOR = 0.1  # warn when an expert gets less than LOW_LOAD_FACTOR / E 
 COLLAPSE_SHARE = 0.9  # warn when more than this share of the tokens routes to one expert
 
 
-def routing_health(model, windows: torch.Tensor, batch_size: int = 1) -> Dict:
+def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> Dict:
     """Per-layer expert load and router entropy over ``windows``.
 
     ``load``: each expert's share of the T*k (token, slot) assignments (sums to 1 per layer; uniform
@@ -75,12 +79,12 @@ def routing_health(model, windows: torch.Tensor, batch_size: int = 1) -> Dict:
     ``entropy``: mean over tokens of the router's entropy over all E experts divided by log E
     (1 = uniform probabilities, 0 = one expert certain). Warnings: an expert with load below
     0.1/E ("nearly unused"), or picked by more than 90% of the tokens ("collapse"; checked only
-    when E > k, since with E == k every expert serves every token).
+    when E > k, since with E == k every expert serves every token). ``progress``: a bar over the windows.
     """
     if not is_augmented(model):
         raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
     layers, warnings = [], []
-    for row in measure_expert_usage(model, windows, batch_size):
+    for row in measure_expert_usage(model, windows, batch_size, progress):
         index, num_experts, tokens = row["layer"], row["num_experts"], row["tokens"]
         router = adapters(model)[index][1].router
         top_k = int(router.top_k)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..options import option
+from ..progress import progress_bar
 
 @dataclass
 class ThroughputArguments:
@@ -116,30 +117,38 @@ def _check_throughput_args(models, num_samples: int, prompt_len: int, new_tokens
 
 
 def measure_throughput(model, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,
-                       batch_sizes: Sequence[int] = (1, 4)) -> Dict:
+                       batch_sizes: Sequence[int] = (1, 4), progress: bool = True) -> Dict:
     """Prefill and decode tokens/s per batch size: one warm-up run, then the median of ``num_samples``."""
-    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes)[0]
+    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes, progress)[0]
 
 
 def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tokens: int,
-                         batch_sizes: Sequence[int]) -> List[Dict]:
+                        batch_sizes: Sequence[int], progress: bool = True) -> List[Dict]:
     """Measure several models with their repeats interleaved (order alternating every repeat), so that
-    drift in machine load (other processes, thermal throttling) hits them alike."""
+    drift in machine load (other processes, thermal throttling) hits them alike.
+
+    ``progress``: a bar over every generation run, warm-ups included (each one is a prefill and
+    ``new_tokens`` decode steps, seconds apiece on a CPU)."""
     _check_throughput_args(models, num_samples, prompt_len, new_tokens, batch_sizes)
     batch_sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     states = [m.training for m in models]
     for m in models:
         m.eval()
     samples = [{b: [] for b in batch_sizes} for _ in models]
+    runs = len(batch_sizes) * (num_samples + 1) * len(models)
     try:
-        for b in batch_sizes:
-            prompts = prompt_ids(models[0], b, prompt_len)
-            for m in models:  # warm-up: allocator, kernels, lazy initialisation
-                _time_generation(m, prompts, new_tokens)
-            for rep in range(num_samples):
-                order = range(len(models)) if rep % 2 == 0 else reversed(range(len(models)))
-                for i in order:
-                    samples[i][b].append(_time_generation(models[i], prompts, new_tokens))
+        with progress_bar(runs, "throughput", "run", progress) as bar:
+            for b in batch_sizes:
+                bar.set_postfix_str(f"batch {b}")
+                prompts = prompt_ids(models[0], b, prompt_len)
+                for m in models:  # warm-up: allocator, kernels, lazy initialisation
+                    _time_generation(m, prompts, new_tokens)
+                    bar.update()
+                for rep in range(num_samples):
+                    order = range(len(models)) if rep % 2 == 0 else reversed(range(len(models)))
+                    for i in order:
+                        samples[i][b].append(_time_generation(models[i], prompts, new_tokens))
+                        bar.update()
     finally:
         for m, state in zip(models, states):
             m.train(state)
@@ -154,7 +163,7 @@ def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tok
 
 
 def compare_throughput(base_model, augmented_model, num_samples: int = 5, prompt_len: int = 128,
-                       new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 4)) -> Dict:
+                       new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 4), progress: bool = True) -> Dict:
     """Throughput of a base and an augmented model side by side, repeats interleaved.
 
     Both models must be separate objects on the same device (``augment_model`` works in place, so load
@@ -169,7 +178,7 @@ def compare_throughput(base_model, augmented_model, num_samples: int = 5, prompt
         raise ConfigError(f"the base model is on {model_device(base_model)} and the augmented one on "
                           f"{model_device(augmented_model)}; put both on the same device.")
     base, augmented = measure_interleaved([base_model, augmented_model], num_samples, prompt_len, new_tokens,
-                                           batch_sizes)
+                                          batch_sizes, progress)
     ratios = []
     for b, a in zip(base["results"], augmented["results"]):
         ratios.append({"batch_size": b["batch_size"],
