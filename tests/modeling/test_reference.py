@@ -1,0 +1,209 @@
+"""Every registered expert bank and router against a plain per-token Python loop of its documented formula.
+
+The batched implementations (a dense gate matrix, stacked expert weights, one matmul over all experts)
+are easy to get subtly wrong: a gate scattered to the wrong expert, a transposed contraction, a sum over the
+wrong axis. Each reference below recomputes the formula in the class docstring one token and one chosen
+expert at a time, in float64, from the module's own parameters. The output projections (``up``) start at
+zero, which would hide any such mistake, so every parameter is re-randomised first.
+
+The tests are parametrised over the registries, so a newly registered bank or router is covered at once,
+and fails until a reference for it is added here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_expert import ExpertConfig
+from llama_expert.modeling import MoEAdapter
+from llama_expert.modeling.experts import EXPERT_BANKS
+from llama_expert.modeling.routing import ROUTERS
+
+HIDDEN, RANK, CORE, TOKENS = 16, 4, 6, 24
+SHAPES = [(1, 1), (4, 1), (8, 2), (6, 3), (5, 5)]  # (num_experts, top_k)
+
+
+def _config(num_experts, top_k, **kw):
+    # lora_alpha / lora_r = 3: a scaling applied twice, or not at all, shows. Dropout is on but eval mode
+    # must ignore it.
+    return ExpertConfig(num_experts=num_experts, top_k=top_k, lora_r=RANK, lora_alpha=3.0 * RANK,
+                        expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform", **kw)
+
+
+def _randomise(module, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype) * 0.5)
+    return module
+
+
+def _routing_inputs(num_experts, top_k, seed):
+    """Random distinct experts per token, in random order, with unnormalised positive gates."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.rand(TOKENS, num_experts, generator=generator).argsort(-1)[:, :top_k]
+    gates = torch.rand(TOKENS, top_k, generator=generator, dtype=torch.float64) + 0.1
+    return indices, gates
+
+
+# ---------------------------------------------------------------------------------------------- banks
+def _shared_core_token(bank, h, chosen, gates):
+    """s * B (z + sum_i g_i W2_i silu(W1_i z)), z = A h, for one token."""
+    z = bank.down.double() @ h
+    mixed = z.clone()
+    for i, g in zip(chosen, gates):
+        core_in = bank.core_in[i].double()  # [r, e]: W1_i z = z @ core_in_i
+        core_out = bank.core_out[i].double()  # [e, r]
+        mixed = mixed + g * (F.silu(z @ core_in) @ core_out)
+    return bank.lora_scaling * (bank.up.double() @ mixed)
+
+
+def _shared_down_token(bank, h, chosen, gates):
+    """s * sum_i g_i B_i A h, for one token."""
+    z = bank.down.double() @ h
+    out = torch.zeros(bank.up.shape[-1], dtype=torch.float64)
+    for i, g in zip(chosen, gates):
+        out = out + g * (z @ bank.up[i].double())  # B_i: r -> d stored as [r, d]
+    return bank.lora_scaling * out
+
+
+BANK_REFERENCES = {"shared_core": _shared_core_token, "shared_down": _shared_down_token}
+
+
+def bank_reference(name, bank, hidden, indices, gates):
+    if name not in BANK_REFERENCES:
+        pytest.fail(f"expert bank {name!r} is registered but has no reference formula: add a per-token loop for "
+                    f"it to BANK_REFERENCES in tests/modeling/test_reference.py")
+    token = BANK_REFERENCES[name]
+    return torch.stack([token(bank, hidden[n].double(), indices[n].tolist(), gates[n].double().tolist())
+                        for n in range(hidden.shape[0])])
+
+
+@pytest.mark.parametrize("num_experts,top_k", SHAPES)
+@pytest.mark.parametrize("name", EXPERT_BANKS.names())
+def test_expert_bank_matches_the_per_token_loop(name, num_experts, top_k):
+    bank = EXPERT_BANKS.get(name).from_config(HIDDEN, num_experts, _config(num_experts, top_k))
+    _randomise(bank, seed=num_experts * 10 + top_k).double().eval()
+    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    indices, gates = _routing_inputs(num_experts, top_k, seed=2)
+    with torch.no_grad():
+        got = bank(hidden, indices, gates)
+        want = bank_reference(name, bank, hidden, indices, gates)
+    assert got.shape == (TOKENS, HIDDEN)
+    assert want.abs().max() > 0.1  # the reference is not trivially zero
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", EXPERT_BANKS.names())
+def test_expert_bank_float32_matches_the_reference(name):
+    """The dtype the adapters actually run in: float32 parameters and inputs, float32 router gates."""
+    bank = EXPERT_BANKS.get(name).from_config(HIDDEN, 8, _config(8, 2))
+    _randomise(bank, seed=5).eval()
+    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(3))
+    indices, gates = _routing_inputs(8, 2, seed=4)
+    with torch.no_grad():
+        got = bank(hidden, indices, gates.float())
+        want = bank_reference(name, bank, hidden, indices, gates.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", EXPERT_BANKS.names())
+def test_expert_bank_uses_only_the_chosen_experts(name):
+    """Changing the weights of an expert that no token chose leaves the output bit-identical."""
+    bank = EXPERT_BANKS.get(name).from_config(HIDDEN, 6, _config(6, 2))
+    _randomise(bank, seed=6).double().eval()
+    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    indices, gates = _routing_inputs(5, 2, seed=7)  # expert 5 is never chosen
+    with torch.no_grad():
+        before = bank(hidden, indices, gates)
+        for p in bank.parameters():
+            if p.dim() == 3 and p.shape[0] == 6:  # stacked per-expert weights
+                p[5].normal_()
+        after = bank(hidden, indices, gates)
+    assert torch.equal(before, after)
+
+
+# ---------------------------------------------------------------------------------------------- routers
+def _noisy_top_k_token(router, h):
+    """Eval mode: logits l_j = w_j . h (no noise); keep the k largest; gates = softmax over the kept ones."""
+    logits = [float(router.weight[j].detach().double() @ h) for j in range(router.weight.shape[0])]
+    chosen = sorted(range(len(logits)), key=lambda j: -logits[j])[: router.top_k]
+    kept = torch.tensor([logits[j] for j in chosen], dtype=torch.float64)
+    gates = torch.exp(kept - kept.max()) / torch.exp(kept - kept.max()).sum()
+    return logits, chosen, gates.tolist()
+
+
+ROUTER_REFERENCES = {"noisy_top_k": _noisy_top_k_token}
+
+
+def router_reference(name, router, h):
+    if name not in ROUTER_REFERENCES:
+        pytest.fail(f"router {name!r} is registered but has no reference: add a per-token loop for it to "
+                    f"ROUTER_REFERENCES in tests/modeling/test_reference.py")
+    return ROUTER_REFERENCES[name](router, h)
+
+
+@pytest.mark.parametrize("num_experts,top_k", SHAPES)
+@pytest.mark.parametrize("name", ROUTERS.names())
+def test_router_matches_the_per_token_loop(name, num_experts, top_k):
+    router = ROUTERS.get(name).from_config(HIDDEN, num_experts, _config(num_experts, top_k))
+    _randomise(router, seed=num_experts + top_k).eval()
+    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        routing = router(hidden)
+    assert routing.indices.shape == routing.gates.shape == (TOKENS, top_k)
+    assert routing.gates.dtype == torch.float32
+    for n in range(TOKENS):
+        logits, chosen, gates = router_reference(name, router, hidden[n].double())
+        torch.testing.assert_close(routing.logits[n].double(), torch.tensor(logits, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-5)
+        got = dict(zip(routing.indices[n].tolist(), routing.gates[n].tolist()))
+        assert sorted(got) == sorted(chosen), f"token {n}: chose {sorted(got)}, the reference {sorted(chosen)}"
+        for expert, gate in zip(chosen, gates):
+            assert got[expert] == pytest.approx(gate, abs=1e-6), f"token {n}, expert {expert}"
+
+
+@pytest.mark.parametrize("name", ROUTERS.names())
+def test_router_decision_is_per_token(name):
+    """A token's routing is the same alone, in a batch, and in any order of the batch."""
+    router = ROUTERS.get(name).from_config(HIDDEN, 8, _config(8, 2))
+    _randomise(router, seed=9).eval()
+    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(10))
+    order = torch.randperm(TOKENS, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        whole = router(hidden)
+        shuffled = router(hidden[order])
+        alone = [router(hidden[n:n + 1]) for n in range(TOKENS)]
+    assert torch.equal(shuffled.indices, whole.indices[order])
+    torch.testing.assert_close(shuffled.gates, whole.gates[order], rtol=0, atol=1e-6)
+    for n, single in enumerate(alone):
+        assert torch.equal(single.indices[0], whole.indices[n])
+        torch.testing.assert_close(single.gates[0], whole.gates[n], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the adapter
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+@pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
+def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, router_type):
+    """MoEAdapter(h) = MLP(h) + a_l * bank(h; the router's top-k and gates), per token."""
+    config = _config(6, 2, expert_type=expert_type, router_type=router_type)
+    torch.manual_seed(12)
+    mlp = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 32), torch.nn.SiLU(), torch.nn.Linear(32, HIDDEN))
+    adapter = MoEAdapter(mlp, HIDDEN, 6, config)
+    _randomise(adapter.router, seed=13)
+    _randomise(adapter.experts, seed=14)
+    with torch.no_grad():
+        adapter.residual_scale.fill_(0.7)
+    adapter.eval()
+    hidden = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        got = adapter(hidden).reshape(TOKENS, HIDDEN)
+        flat = hidden.reshape(TOKENS, HIDDEN)
+        want = []
+        for n in range(TOKENS):
+            _, chosen, gates = router_reference(router_type, adapter.router, flat[n].double())
+            moe = bank_reference(expert_type, adapter.experts, flat[n:n + 1],
+                                 torch.tensor([chosen]), torch.tensor([gates], dtype=torch.float64))[0]
+            want.append(mlp(flat[n]).double() + 0.7 * moe)
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-5, atol=1e-5)
