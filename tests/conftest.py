@@ -1,13 +1,54 @@
-"""Shared fixtures: a tiny random Llama (seconds) and the embedded SmolLM2-135M (loaded once per session)."""
+"""Shared fixtures: a tiny random Llama (seconds), the embedded SmolLM2-135M (loaded once per session), the
+shared data folder, and two guards that keep the test run honest:
+
+- a test that loads the embedded SmolLM2-135M must be marked ``@pytest.mark.slow`` (the ``smollm`` fixture or
+  any in-process load of the model fails an unmarked test);
+- a test that needs ``<repo>/../shared/data`` skips with the missing path in the summary, and fails instead
+  when ``CI`` is set (CI has the data, so a skip there would hide a broken test).
+"""
 
 import os
+from pathlib import Path
 
 # The Hub is unreachable from the test machines; offline mode makes every Hub lookup fail at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+# <repo root>/../shared/data: WikiText-2 and the other shared data sets.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+EMBEDDED_MODEL_NAME = "smollm2-135m"
+
+
+def pytest_configure(config):
+    # Show skip reasons in the short summary (`-q` alone prints only a count), so a missing shared data
+    # folder is visible: "SKIPPED [1] tests/data/test_sources.py:..: shared data missing: /path".
+    chars = config.option.reportchars or ""
+    if not any(c in chars for c in "saAN"):
+        config.option.reportchars = chars + "s"
+
+
+def running_on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_data(relative: str = "", who: str = "") -> Path:
+    """``SHARED_DATA / relative``; skips naming the path when it is missing, or fails when ``CI`` is set."""
+    path = SHARED_DATA / relative if relative else SHARED_DATA
+    if not path.exists():
+        message = f"{who + ': ' if who else ''}shared data missing: {path}"
+        if running_on_ci():
+            pytest.fail(f"{message} (CI is set, and CI has the shared data: this must not be skipped)")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared_data(request):
+    """``shared_data("wikitext-2-raw")`` -> that path under ``<repo>/../shared/data`` (skip or, on CI, fail)."""
+    return lambda relative="": require_shared_data(relative, who=request.node.name)
 
 
 @pytest.fixture
@@ -32,10 +73,67 @@ def tiny_folder(tiny_model, tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """(model, tokenizer) of the embedded default model, loaded once per session."""
+    """(model, tokenizer) of the embedded default model, loaded once per session. Tests using it are slow."""
     from llama_expert import load_base_model, load_tokenizer
 
-    return load_base_model("smollm2-135m"), load_tokenizer()
+    return load_base_model(EMBEDDED_MODEL_NAME), load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (no model weights in memory): tests using only it are not slow."""
+    from llama_expert import load_tokenizer
+
+    return load_tokenizer(EMBEDDED_MODEL_NAME)
+
+
+@pytest.fixture
+def chat_folder(tmp_path, embedded_tokenizer):
+    """A tiny random Llama with the embedded model's vocabulary and tokenizer (chat template included), saved
+    as a local base model: chat and CLI tests in seconds, without loading SmolLM2-135M."""
+    tokenizer = embedded_tokenizer
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-chat"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _loads_embedded_model(args, kwargs) -> bool:
+    """An AutoModelForCausalLM.from_pretrained call that loads the embedded model's weights into memory.
+
+    The one-time GGUF conversion (``gguf_file=``) is left out: ``load_tokenizer()`` runs it on a fresh cache.
+    """
+    if kwargs.get("gguf_file"):
+        return False
+    location = str(args[0] if args else kwargs.get("pretrained_model_name_or_path", ""))
+    return "smollm2-135m" in location.lower()
+
+
+@pytest.fixture(autouse=True)
+def _slow_marker_is_honest(request, monkeypatch):
+    """Fail an unmarked test that loads the embedded SmolLM2-135M in this process (subprocesses are not seen)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    if "smollm" in request.fixturenames:
+        pytest.fail("this test uses the `smollm` fixture (the embedded SmolLM2-135M): mark it @pytest.mark.slow")
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def guarded(*args, **kwargs):
+        if _loads_embedded_model(args, kwargs):
+            loads.append(str(args[0] if args else kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", guarded)
+    yield
+    if loads:
+        pytest.fail(f"this test loaded the embedded SmolLM2-135M ({loads[0]}): mark it @pytest.mark.slow")
 
 
 @pytest.fixture(autouse=True)
