@@ -1,9 +1,14 @@
-"""ExpertModelBenchmark: perplexity against a hand computation, the token cap, throughput, memory,
-routing health (with a forced collapse), the full JSON report and the `benchmark` command."""
+"""ExpertModelBenchmark: perplexity against a hand computation, the token cap, throughput against a fake
+clock, memory against the KV-cache formula and the real cache, routing health (with a forced collapse) and
+the full JSON report. The `benchmark` command: tests/cli/test_benchmark_command.py."""
 
 import copy
 import json
 import math
+import os
+import resource
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,32 +108,132 @@ def test_token_cap_is_respected_and_reported(tiny_model, text_folder):
         ExpertModelBenchmark(tiny_model, CharTokenizer(), dataset=str(text_folder), seq_len=512).windows()
 
 
-def test_throughput_and_compare_ratios(tiny_model):
-    one = measure_throughput(tiny_model, num_samples=2, prompt_len=8, new_tokens=3, batch_sizes=(1, 2))
-    assert [r["batch_size"] for r in one["results"]] == [1, 2]
+class FakeClock:
+    """``time.perf_counter`` for the throughput module: it advances only when a model runs a forward pass.
+
+    Each model is charged a fixed number of seconds per token it is given, one price for a prefill (more
+    than one token per row) and one for a decode step, so every tokens/s figure is known exactly.
+    """
+
+    def __init__(self):
+        self.now = 100.0
+        self.prefills = []  # which model ran each prefill, in order
+
+    def perf_counter(self):
+        return self.now
+
+    def charge(self, model, name, prefill_seconds_per_token, decode_seconds_per_token):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids.shape[1] > 1:
+                self.prefills.append(name)
+                self.now += prefill_seconds_per_token * ids.numel()
+            else:
+                self.now += decode_seconds_per_token * ids.numel()
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import llama_expert.evaluation.throughput as throughput
+
+    fake = FakeClock()
+    monkeypatch.setattr(throughput, "time", fake)
+    return fake
+
+
+def test_throughput_counts_every_token_of_every_row(tiny_model, clock):
+    """Known costs in, exact tokens/s out: batch rows, prompt tokens and decode steps are all counted."""
+    clock.charge(tiny_model, "base", prefill_seconds_per_token=0.002, decode_seconds_per_token=0.010)
+    one = measure_throughput(tiny_model, num_samples=3, prompt_len=8, new_tokens=5, batch_sizes=(1, 3))
+    assert [r["batch_size"] for r in one["results"]] == [1, 3]
     for row in one["results"]:
-        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
-        assert len(row["decode_seconds_samples"]) == 2
-    augmented = augment_model(copy.deepcopy(tiny_model), moe_config())
-    both = compare_throughput(tiny_model, augmented, num_samples=2, prompt_len=8, new_tokens=3, batch_sizes=(1, 2))
-    for ratio, b, a in zip(both["ratios"], both["base"]["results"], both["augmented"]["results"]):
-        assert ratio["prefill_ratio"] == pytest.approx(a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"])
-        assert ratio["decode_ratio"] > 0
-    json.dumps(both)
-    with pytest.raises(ConfigError, match="two model objects"):
-        compare_throughput(tiny_model, tiny_model)
+        b = row["batch_size"]
+        assert row["prefill_tokens_per_s"] == pytest.approx(500.0)  # 1 / 0.002 s per token, whatever the batch
+        assert row["decode_tokens_per_s"] == pytest.approx(100.0)  # 1 / 0.010 s per token
+        assert row["prefill_seconds_median"] == pytest.approx(0.002 * b * 8)
+        assert row["decode_seconds_median"] == pytest.approx(0.010 * b * 5)  # new_tokens steps, no more
+        assert row["decode_ms_per_step"] == pytest.approx(10.0 * b)
+        assert len(row["decode_seconds_samples"]) == len(row["prefill_seconds_samples"]) == 3
+    assert clock.prefills == ["base"] * 8  # per batch size: one warm-up + three timed runs
     with pytest.raises(ConfigError, match="exceeds the model's context"):
         measure_throughput(tiny_model, prompt_len=250, new_tokens=10)
 
 
-def test_memory_section(tiny_model):
+def test_compare_throughput_ratio_is_augmented_over_base_with_repeats_interleaved(tiny_model, clock):
+    augmented = augment_model(copy.deepcopy(tiny_model), moe_config())
+    clock.charge(tiny_model, "base", prefill_seconds_per_token=0.001, decode_seconds_per_token=0.004)
+    clock.charge(augmented, "augmented", prefill_seconds_per_token=0.002, decode_seconds_per_token=0.005)
+    both = compare_throughput(tiny_model, augmented, num_samples=3, prompt_len=8, new_tokens=3, batch_sizes=(1, 2))
+    for ratio in both["ratios"]:
+        assert ratio["prefill_ratio"] == pytest.approx(0.5)  # the augmented model prefills at half the speed
+        assert ratio["decode_ratio"] == pytest.approx(0.8)  # and decodes at 4/5 of it
+    assert [r["decode_tokens_per_s"] for r in both["base"]["results"]] == pytest.approx([250.0, 250.0])
+    assert [r["decode_tokens_per_s"] for r in both["augmented"]["results"]] == pytest.approx([200.0, 200.0])
+    # warm-up base then augmented, then the order alternates every repeat, for each batch size
+    per_batch = ["base", "augmented", "base", "augmented", "augmented", "base", "base", "augmented"]
+    assert clock.prefills == per_batch * 2
+    json.dumps(both)
+    with pytest.raises(ConfigError, match="two model objects"):
+        compare_throughput(tiny_model, tiny_model)
+
+
+def _cache_tensors(cache):
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            yield layer.keys
+            yield layer.values
+    elif hasattr(cache, "key_cache"):
+        yield from cache.key_cache
+        yield from cache.value_cache
+    else:
+        for keys, values in cache:
+            yield keys
+            yield values
+
+
+@pytest.mark.parametrize("dtype,dtype_bytes", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_kv_cache_bytes_per_token_match_the_formula_and_the_real_cache(tiny_model, dtype, dtype_bytes):
+    augmented = augment_model(tiny_model.to(dtype), moe_config())
+    mem = ExpertModelBenchmark(augmented, CharTokenizer(), seq_len=32, batch_size=2).benchmark_memory()
+    # 2 (K and V) * 4 layers * 2 kv heads * head_dim 64/4 = 16 * bytes per element
+    assert mem["kv_cache_bytes_per_token"] == 2 * 4 * 2 * 16 * dtype_bytes
+    assert mem["kv_cache_bytes_per_window"] == 32 * 2 * mem["kv_cache_bytes_per_token"]
+    assert mem["kv_cache_bytes_full_context"] == 256 * mem["kv_cache_bytes_per_token"]
+    # ... and the cache the model really builds holds exactly that per token
+    with torch.no_grad():
+        out = augmented(input_ids=torch.randint(0, 128, (1, 10)), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    held = sum(t.numel() * t.element_size() for t in _cache_tensors(cache))
+    assert held == 10 * mem["kv_cache_bytes_per_token"]
+
+
+def test_memory_section_counts_parameters(tiny_model):
+    base_bytes = sum(p.numel() * p.element_size() for p in tiny_model.parameters())
     augmented = augment_model(tiny_model, moe_config())
     mem = ExpertModelBenchmark(augmented, CharTokenizer(), seq_len=32).benchmark_memory()
-    assert mem["parameter_bytes"] == sum(p.numel() * p.element_size() for p in augmented.parameters())
-    assert 0 < mem["adapter_parameter_bytes"] == mem["trainable_parameter_bytes"] < mem["parameter_bytes"]
-    assert mem["kv_cache_bytes_per_token"] == 2 * 4 * 2 * 16 * 4  # layers, kv heads, head_dim, float32
-    assert mem["kv_cache_bytes_full_context"] == 256 * mem["kv_cache_bytes_per_token"]
-    assert mem["peak"]["bytes"] > mem["parameter_bytes"]
+    adapter_bytes = sum(p.numel() * 4 for n, p in augmented.named_parameters() if ".mlp." in n and "base_mlp" not in n)
+    assert mem["adapter_parameter_bytes"] == mem["trainable_parameter_bytes"] == adapter_bytes > 0
+    assert mem["parameter_bytes"] == base_bytes + adapter_bytes
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/statm and Linux's ru_maxrss in kilobytes")
+def test_cpu_peak_memory_is_the_process_peak_rss_in_bytes(tiny_model):
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident_bytes():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    resident_before = resident_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mem = ExpertModelBenchmark(tiny_model, CharTokenizer(), seq_len=32).benchmark_memory()
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = mem["peak"]
+    assert mem["device"] == "cpu" and peak["kind"] == "peak RSS of the process"
+    # a peak is at least what is resident now (the kernel's counters lag by a few pages: 5% slack; a unit
+    # error would be a factor of 1024), and it is the kernel's figure (kilobytes) in bytes
+    assert peak["bytes"] >= 0.95 * resident_before
+    assert peak_before <= peak["bytes"] <= peak_after
 
 
 def test_routing_health_load_sums_to_one_and_detects_collapse(tiny_model, text_folder):
@@ -172,37 +277,3 @@ def test_full_report_is_json(tiny_model, text_folder):
     table = format_report(report)
     for words in ("Perplexity", "word perplexity", "Routing health", "Throughput", "Memory", "KV cache"):
         assert words in table
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_benchmark_embedded_model_writes_json(tmp_path, capsys):
-    from llama_expert.cli import main
-
-    out = tmp_path / "report.json"
-    rc = main(["benchmark", "--model-path", "smollm2-135m", "--max-tokens", "150", "--seq-len", "64",
-               "--batch-size", "2", "--skip-throughput", "--routing-windows", "1", "--output-json", str(out)])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "untrained adapters compute exactly the base model" in printed
-    assert "capped by --max-tokens 150" in printed
-    report = json.loads(out.read_text())
-    ppl = report["perplexity"]
-    assert ppl["windows"] == 2 and ppl["seq_len"] == 64 and ppl["tokens_evaluated"] == 2 * 63
-    assert ppl["max_tokens"] == 150 and ppl["tokens_in_windows"] == 128
-    assert ppl["dataset"] == "embedded" and ppl["split"] == "test"
-    assert 1 < ppl["perplexity"] < 100  # the instruct model reads Python's documentation well
-    assert report["throughput"] is None
-    assert report["model"]["fresh_adapter"] and report["model"]["base_model"] == "smollm2-135m"
-    assert len(report["routing_health"]["layers"]) == 30
-    assert report["memory"]["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
-
-
-def test_cli_missing_adapter_is_a_clear_error(tmp_path, capsys):
-    from llama_expert.cli import main
-
-    rc = main(["benchmark", "--adapter", str(tmp_path / "no-such-adapter"), "--skip-throughput"])
-    err = capsys.readouterr().err
-    assert rc == 1
-    assert "adapter folder not found" in err and "Traceback" not in err

@@ -1,0 +1,70 @@
+"""`llama-expert compare` end to end on the embedded model: trains MoE and LoRA briefly, measures all three in
+one run, and every number in compare.json is checked against a measurement made here, independently."""
+
+import copy
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from llama_expert import load_adapter_weights
+from llama_expert.cli import main
+from llama_expert.evaluation.benchmark import ExpertModelBenchmark
+from llama_expert.training.lora import load_lora_model, matched_lora_rank
+
+
+@pytest.mark.slow
+def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, capsys, smollm):
+    base, tokenizer = smollm
+    out = tmp_path / "cmp"
+    code = main(["compare", "--lora-baseline", "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
+                 "--seq-len", "64", "--eval-every", "0", "--eval-max-tokens", "128", "--eval-seq-len", "64",
+                 "--max-tokens", "256", "--num-samples", "1", "--prompt-len", "8", "--new-tokens", "2",
+                 "--throughput-batch-sizes", "1", "--routing-windows", "2", "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "compare.json").read_text())
+    rows = report["results"]
+    assert set(rows) == {"base", "moe", "lora"}
+
+    # Perplexity of each model, measured here on the same windows from the adapters compare trained.
+    models = {"base": base, "moe": load_adapter_weights(copy.deepcopy(base), out / "moe").eval(),
+              "lora": load_lora_model(copy.deepcopy(base), out / "lora").eval()}
+    mine = {}
+    for name, model in models.items():
+        ppl = ExpertModelBenchmark(model, tokenizer, dataset="embedded", split="test", seq_len=64,
+                                   max_tokens=256).benchmark_perplexity()
+        mine[name] = ppl["perplexity"]
+        assert rows[name]["tokens_evaluated"] == ppl["tokens_evaluated"] == 4 * 63
+        assert rows[name]["perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-5), name
+    assert mine["moe"] != mine["base"] and mine["lora"] != mine["base"]  # both adapters trained
+    assert report["winner_perplexity"] == min(("moe", "lora"), key=mine.get)
+
+    # Trainable parameters: what the adapter files hold; LoRA's rank matched to the MoE budget.
+    for name in ("moe", "lora"):
+        held = sum(t.numel() for t in load_file(str(out / name / "adapter_model.safetensors")).values())
+        assert rows[name]["trainable_parameters"] == held, name
+    lora_rank = json.loads((out / "lora" / "adapter_config.json").read_text())["r"]
+    assert lora_rank == matched_lora_rank(base, rows["moe"]["trainable_parameters"])
+
+    # Training figures come from each child's own summary.
+    for name in ("moe", "lora"):
+        summary = json.loads((out / name / "training_summary.json").read_text())
+        assert rows[name]["training_steps"] == summary["steps"] == 2
+        assert rows[name]["training_tokens"] == summary["tokens"] == 2 * 2 * 64
+        assert rows[name]["training_peak_memory_bytes"] == summary["peak_memory"]["bytes"]
+
+    # Throughput ratios: each model's tokens/s over the base's, from the same interleaved run.
+    detail = report["throughput_detail"]
+    for name in ("moe", "lora"):
+        row, base_row = rows[name]["throughput"][0], rows["base"]["throughput"][0]
+        assert row["decode_tokens_per_s"] == detail[name]["results"][0]["decode_tokens_per_s"]
+        assert base_row["decode_tokens_per_s"] == detail["base"]["results"][0]["decode_tokens_per_s"]
+        assert row["decode_ratio"] == pytest.approx(row["decode_tokens_per_s"] / base_row["decode_tokens_per_s"])
+        assert row["prefill_ratio"] == pytest.approx(row["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"])
+
+    for name in ("report.md", "perplexity.png", "throughput.png", "memory.png", "expert_usage.png"):
+        assert (out / name).is_file(), name
+    text = (out / "report.md").read_text()
+    winner = {"moe": "MoE adapters", "lora": "LoRA"}[report["winner_perplexity"]]
+    assert f"**Perplexity winner: {winner}**" in text
+    assert "| lora |" in capsys.readouterr().out
