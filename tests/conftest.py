@@ -146,3 +146,46 @@ def _one_thread_for_tiny_tests(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- a tiny trained base
+TINY_TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n") * 60
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built here (257 tokens, no download): real tokenising for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def trained_base(tmp_path_factory):
+    """(folder of a tiny Llama that knows TINY_TEXT, with its byte tokenizer; a .txt file holding TINY_TEXT).
+
+    Commands run on it in seconds, through the same code paths as on a real base model; it was trained
+    briefly (perplexity ~1.5, not ~uniform) so that a bad adapter visibly hurts it.
+    """
+    root = tmp_path_factory.mktemp("trained-base")
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    ids = torch.tensor(tokenizer(TINY_TEXT)["input_ids"][: 64 * 32]).view(64, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        batch = ids[torch.randint(0, 64, (8,))]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "train.txt").write_text(TINY_TEXT)
+    return root / "base", root / "train.txt"

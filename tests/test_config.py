@@ -95,3 +95,21 @@ def test_parse_allocation(text, expected):
 def test_parse_allocation_error_names_the_form():
     with pytest.raises(ConfigError, match="counts like 4,6,8,6"):
         parse_allocation("4,six")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"num_experts": True}, ["num_experts", "positive integer", "True"]),
+    ({"lora_r": True}, ["lora_r", "positive integer", "True"]),
+    ({"top_k": 2.0}, ["top_k", "positive integer"]),
+    ({"residual_scale_init": float("nan")}, ["residual_scale_init", "finite"]),
+    ({"lora_alpha": float("inf")}, ["lora_alpha", "finite"]),
+    ({"router_aux_loss_coef": float("nan")}, ["router_aux_loss_coef", "finite"]),
+    ({"lora_dropout": float("nan")}, ["lora_dropout", "[0, 1)"]),
+    ({"router_noise": "no"}, ["router_noise", "True or False"]),
+    ({"expert_allocation": [4, True]}, ["list of integers"]),
+])
+def test_booleans_and_non_finite_numbers_are_rejected(kwargs, words):
+    with pytest.raises(ConfigError) as info:
+        ExpertConfig(**kwargs)
+    for word in words:
+        assert word in str(info.value)

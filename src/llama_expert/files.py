@@ -39,8 +39,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        _usual_mode(tmp, directory=False)
         write(tmp)
+        _usual_mode(tmp, directory=False)  # after writing: some writers replace the file they are given
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

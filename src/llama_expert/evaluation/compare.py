@@ -26,7 +26,8 @@ from typing import Dict, List, Optional
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights
-from ..integration.base_models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from ..integration.base_models import (DEFAULT_MODEL, context_length, load_base_config, load_base_model,
+                                       load_tokenizer)
 from ..integration.loading import ModelArguments
 from ..integration.surgery import adapter_parameters, adapters, is_augmented, parameter_counts
 from ..options import fields_named, flag_of, option
@@ -115,6 +116,20 @@ def _adapter_size(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[str]) -> None:
+    """compare's own flags, checked before anything trains (the benchmark's messages name its flags)."""
+    if a.eval_seq_len < 2:
+        raise ConfigError(f"--eval-seq-len must be >= 2 (a window predicts eval_seq_len - 1 tokens), got "
+                          f"{a.eval_seq_len}.")
+    if a.max_tokens < a.eval_seq_len:
+        raise ConfigError(f"--max-tokens {a.max_tokens} is less than one window of --eval-seq-len {a.eval_seq_len}; "
+                          f"raise --max-tokens or lower --eval-seq-len.")
+    limit = context_length(load_base_config(model_id, auth_token=auth_token))
+    if limit is not None and a.eval_seq_len > limit:
+        raise ConfigError(f"--eval-seq-len {a.eval_seq_len} exceeds the model's context of {limit} tokens "
+                          f"(max_position_embeddings); lower --eval-seq-len.")
+
+
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,
                 training: Optional[TrainingArguments] = None, data: Optional[DataArguments] = None,
                 throughput_args: Optional[ThroughputArguments] = None, command: Optional[str] = None) -> dict:
@@ -132,6 +147,7 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     if a.lora_adapter and not a.lora_baseline:
         raise ConfigError("--lora-adapter needs --lora-baseline.")
     model_id = model_args.model or DEFAULT_MODEL
+    _check_measurement(a, model_id, model_args.auth_token)
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"

@@ -164,7 +164,7 @@ def compare_markdown(report: dict, charts: List[str]) -> str:
     lines += ["", compare_table(report), ""]
     if "lora" in rows:
         moe, lora = rows["moe"]["perplexity"], rows["lora"]["perplexity"]
-        winner = "MoE adapters" if moe < lora else "LoRA"
+        winner = {"moe": "MoE adapters", "lora": "LoRA"}[report["winner_perplexity"]]  # decided once, in compare
         lines.append(f"**Perplexity winner: {winner}** (MoE {moe:.3f} vs LoRA {lora:.3f}, base "
                      f"{rows['base']['perplexity']:.3f}; trainable parameters MoE "
                      f"{rows['moe']['trainable_parameters']:,} vs LoRA {rows['lora']['trainable_parameters']:,}).")

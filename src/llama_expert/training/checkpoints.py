@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import LlamaExpertError
@@ -95,7 +96,7 @@ def load_training_state(folder: Path) -> dict:
     try:
         tensors = load_file(str(folder / STATE_TENSORS))
         return _unpack(json.loads((folder / STATE_JSON).read_text()), tensors)
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # json and safetensors errors are ValueErrors
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"the training state in {folder} cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 

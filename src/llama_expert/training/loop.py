@@ -11,6 +11,7 @@ makes resuming exact: a checkpoint stores the step, the optimizer, scheduler and
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -180,12 +181,13 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     best: Optional[dict] = None
     initial_eval: Optional[dict] = None
     run_config = {**(run_config or {}), **asdict(args)}
-    resumed_from = None
+    resumed_from, unreadable = None, []
     if args.resume:
         for found in checkpoint_candidates(output_dir / "checkpoints"):
             try:
                 state = load_training_state(found)
             except CheckpointError as exc:
+                unreadable.append(str(exc))
                 if main:
                     print(f"warning: {exc}; trying an older checkpoint")
                 continue
@@ -200,8 +202,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             try:
                 load_model(unwrapped, found)
             except LlamaExpertError as exc:
+                unreadable.append(f"the adapter in {found} cannot be loaded ({exc})")
                 if main:
-                    print(f"warning: the adapter in {found} cannot be loaded ({exc}); trying an older checkpoint")
+                    print(f"warning: {unreadable[-1]}; trying an older checkpoint")
                 continue
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -214,8 +217,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             break
         else:
             if any(p.exists() for p in (last_dir, previous_version(last_dir), best_dir)):
-                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read; delete that "
-                                      f"folder to start again from step 0, or pass a new --output-dir.")
+                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read ("
+                                      f"{'; '.join(unreadable)}). Delete that folder to start again from step 0, "
+                                      f"or pass a new --output-dir.")
             if main:
                 print(f"no checkpoint in {last_dir}: starting from step 0")
     if main:
@@ -225,7 +229,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
         if eval_windows is None:
             return None
         mine = eval_windows[rank::world]
-        result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast_dtype) if len(mine) else \
+        result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast_dtype, progress=args.progress and main) \
+            if len(mine) else \
             {"nll": 0.0, "tokens": 0}
         totals = torch.tensor([result["nll"] * result["tokens"], float(result["tokens"])], device=device,
                               dtype=torch.float64)
@@ -279,8 +284,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (main and args.progress), desc="training",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, disable=None if (main and args.progress) else True,
+               desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)  # off a terminal, as every bar
     save_every = args.save_every or args.eval_every or total_steps
     end_step = total_steps if args.stop_after_steps is None else min(total_steps, start_step + args.stop_after_steps)
     tokens_per_step = args.batch_size * args.seq_len * args.gradient_accumulation_steps * world

@@ -15,6 +15,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..config import ExpertConfig
+from ..evaluation.reports import save_usage_heatmap
+from ..evaluation.routing_health import measure_expert_usage
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights, save_adapter
 from ..integration.surgery import augment_model, parameter_report, weighted_router_loss
@@ -55,7 +57,8 @@ class TrainingMethod:
     def settings(self) -> dict:
         raise NotImplementedError
 
-    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int) -> None:
+    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
+                       progress: bool = True) -> None:
         """Write method-specific measurements beside the adapter."""
 
 
@@ -89,11 +92,9 @@ class MoEMethod(TrainingMethod):
     def settings(self) -> dict:
         return {"expert_config": self.config.to_dict()}
 
-    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int) -> None:
-        from ..evaluation.reports import save_usage_heatmap
-        from ..evaluation.routing_health import measure_expert_usage
-
-        usage = measure_expert_usage(model, eval_windows)
+    def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
+                       progress: bool = True) -> None:
+        usage = measure_expert_usage(model, eval_windows, progress=progress)
         atomic_write_text(output_dir / "expert_usage.json", json.dumps(usage, indent=1) + "\n")
         try:
             save_usage_heatmap(usage, output_dir / "expert_usage.png", title=f"Expert usage after {steps} steps")

@@ -35,19 +35,22 @@ class RecipeData:
     """Training blocks, validation windows and optional test windows, all from one tokenizer."""
 
     def __init__(self, tokenizer, data: DataArguments, seq_len: int, max_samples: Optional[int],
-                 eval_max_tokens: Optional[int]):
+                 eval_max_tokens: Optional[int], progress: bool = True):
+        def tokens(docs):
+            return tokenize_documents(docs, tokenizer, progress=progress)
+
         train_docs = load_split(data.dataset, data.dataset_config, tokenizer, "train")
         if data.eval_dataset:
             eval_docs = load_split(data.eval_dataset, data.dataset_config, tokenizer, "validation")
         else:
             eval_docs = select_split(load_text_dataset(data.dataset, data.dataset_config, tokenizer), "validation",
                                      data.dataset or EMBEDDED_DATASET)
-        self.train = pack_blocks(tokenize_documents(train_docs, tokenizer), seq_len, max_blocks=max_samples)
-        self.eval = pack_blocks(tokenize_documents(eval_docs, tokenizer), seq_len, max_tokens=eval_max_tokens)
+        self.train = pack_blocks(tokens(train_docs), seq_len, max_blocks=max_samples)
+        self.eval = pack_blocks(tokens(eval_docs), seq_len, max_tokens=eval_max_tokens)
         self.test = None
         if data.test_dataset:
             test_docs = load_split(data.test_dataset, None, tokenizer, "test")
-            self.test = pack_blocks(tokenize_documents(test_docs, tokenizer), data.test_seq_len or seq_len,
+            self.test = pack_blocks(tokens(test_docs), data.test_seq_len or seq_len,
                                     max_tokens=data.test_max_tokens)
 
 
@@ -90,7 +93,8 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     say = print if main else (lambda *a, **k: None)
     tokenizer = load_tokenizer(model_id, auth_token=auth_token)
     _check_context(model_id, auth_token, args, data_args)
-    data = RecipeData(tokenizer, data_args, args.seq_len, args.max_samples, args.eval_max_tokens)
+    progress = args.progress and main
+    data = RecipeData(tokenizer, data_args, args.seq_len, args.max_samples, args.eval_max_tokens, progress)
     set_seed(args.seed)  # identical adapter initialisation on every rank
     base = load_base_model(model_id, auth_token=auth_token, dtype=dtype, quantization_4bit=method.quantization_4bit)
     base_name = base.name_or_path
@@ -102,7 +106,7 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
         f"validation {data.eval.numel():,} tokens")
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     model.to(accelerator.device)
-    test_before = evaluate_perplexity(model, data.test, autocast_dtype=autocast) \
+    test_before = evaluate_perplexity(model, data.test, autocast_dtype=autocast, progress=progress) \
         if data.test is not None and main and not args.resume else None
     result = train_model(model, data.train, data.eval, args,
                          save_model=lambda m, folder: method.save(m, folder, base_name), load_model=method.load,
@@ -111,7 +115,8 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     if not main:
         return result
     output_dir = Path(args.output_dir)
-    method.after_training(model, data.eval[: max(1, USAGE_TOKENS // args.seq_len)], output_dir, result.steps)
+    method.after_training(model, data.eval[: max(1, USAGE_TOKENS // args.seq_len)], output_dir, result.steps,
+                          progress=progress)
     summary = {"method": method.name, "settings": settings, "training_arguments": asdict(args), "steps": result.steps,
                "tokens": result.tokens, "seconds": result.seconds, "peak_memory": result.peak_memory,
                "initial_validation": result.initial_eval, "final_validation": result.final_eval,
@@ -120,7 +125,7 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     say("")
     say(result.summary())
     if data.test is not None:
-        test_after = evaluate_perplexity(model, data.test, autocast_dtype=autocast)
+        test_after = evaluate_perplexity(model, data.test, autocast_dtype=autocast, progress=progress)
         result.test = summary["test"] = {"dataset": data_args.test_dataset, "before": test_before,
                                          "after": test_after}
         if test_before:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -40,9 +41,11 @@ def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output-dir {folder} is a file, not a folder; pass a folder.")
     existing = _nearest_existing(folder)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {folder} is not writable ({existing} is read-only for this user); pass a "
-                          f"folder you can write to.")
+    try:  # a real write: os.access says yes to root even on read-only mounts
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise ConfigError(f"--output-dir {folder} is not writable ({existing}: {exc.strerror or exc}); pass a "
+                          f"folder you can write to.") from None
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them.")
     if not folder.is_dir() or resume:

@@ -1,0 +1,61 @@
+"""An access token reaches the Hub and nothing else: no file any command writes, no output, no child argv."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llama_expert.evaluation import compare as compare_module
+from llama_expert.evaluation.compare import CompareArguments, run_compare
+from llama_expert.integration.loading import ModelArguments
+from llama_expert.training.arguments import DataArguments, TrainingArguments
+
+TOKEN = "hf_TESTSECRET123"
+
+
+def _run(*argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "llama_expert.cli", *argv, "--auth-token", TOKEN], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert TOKEN not in done.stdout and TOKEN not in done.stderr
+    return done
+
+
+def test_no_command_writes_or_prints_the_token(trained_base, tmp_path):
+    base, text = trained_base
+    out = tmp_path / "out"
+    common = ["--dataset", str(text)]
+    _run("train", "--model", str(base), "--output-dir", str(out / "train"), "--max-steps", "2", "--seq-len", "32",
+         "--batch-size", "2", "--eval-every", "1", "--eval-max-tokens", "64", "--no-progress", *common)
+    _run("benchmark", "--model", str(out / "train"), "--output-json", str(out / "bench.json"), "--skip-throughput",
+         "--seq-len", "32", "--max-tokens", "64", "--routing-windows", "1", "--no-progress", *common)
+    _run("compare", "--model", str(base), "--output-dir", str(out / "cmp"), "--lora-baseline", "--max-steps", "2",
+         "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--eval-seq-len", "32", "--max-tokens", "64",
+         "--test-dataset", str(text), "--skip-throughput", "--routing-windows", "1", "--no-progress", *common)
+    _run("inference", "--model", str(out / "train"), "--prompt", "The", "--max-new-tokens", "2", "--temperature", "0")
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 20  # adapters, checkpoints, logs, summaries, reports, charts
+    assert {p.name for p in written} >= {"compare.json", "report.md", "bench.json", "train_log.jsonl",
+                                         "training_summary.json", "training_state.json"}
+    leaks = [str(p) for p in written if TOKEN.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert "--auth-token ***" in (out / "cmp" / "compare.json").read_text()
+
+
+def test_compare_hands_the_token_to_its_children_in_the_environment(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run(cmd, env):
+        seen.append((cmd, env))
+        raise SystemExit  # stop after the first child: only its command line matters here
+
+    monkeypatch.setattr(compare_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare_module, "_check_measurement", lambda *a: None)
+    with pytest.raises(SystemExit):
+        run_compare(ModelArguments(model="some-base", auth_token=TOKEN), CompareArguments(output_dir=str(tmp_path)),
+                    TrainingArguments(), DataArguments())
+    cmd, env = seen[0]
+    assert TOKEN not in " ".join(cmd)
+    assert env["HF_TOKEN"] == TOKEN

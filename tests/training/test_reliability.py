@@ -1,0 +1,288 @@
+"""Nothing executed, nothing leaked, nothing lost: the failures a new user's probe found, each pinned.
+
+A tiny Llama with a byte-level tokenizer, saved as a local base folder (``trained_base`` in conftest),
+keeps every run here to seconds; the recipe (``fine_tune``) is the same code path as ``llama-expert train``.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_expert import ConfigError, ExpertConfig, TrainingArguments
+from llama_expert.errors import LlamaExpertError
+from llama_expert.training.arguments import DataArguments
+from llama_expert.training.checkpoints import CheckpointError, load_training_state
+from llama_expert.training.methods import MoEMethod
+from llama_expert.training.recipe import fine_tune
+from llama_expert.training.run_folder import LOCK_NAME, OutputFolderLocked, RunLock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def base(trained_base):
+    return trained_base
+
+
+def _args(out, **kw):
+    settings = dict(output_dir=str(out), max_steps=3, batch_size=2, seq_len=32, eval_every=1, eval_max_tokens=256,
+                    save_every=1, progress=False, mixed_precision="no", learning_rate=1e-2)
+    settings.update(kw)
+    return TrainingArguments(**settings)
+
+
+def _train(base, out, config=None, **kw):
+    folder, text = base
+    return fine_tune(MoEMethod(config or ExpertConfig(num_experts=4)), _args(out, **kw), DataArguments(dataset=str(text)),
+                     model_id=str(folder))
+
+
+def _cli(*argv, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "llama_expert.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _cli_train(base, out, *extra):
+    folder, text = base
+    return ["train", "--model", str(folder), "--dataset", str(text), "--output-dir", str(out), "--seq-len", "32",
+            "--batch-size", "2", "--eval-every", "0", "--save-every", "1", "--no-progress", "--mixed-precision", "no",
+            "--num-experts", "4", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- 1 security
+class Exploit:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("where", ["training_state.pt", "training_state.safetensors"])
+def test_a_malicious_pickle_as_the_state_file_is_refused_and_runs_nothing(base, tmp_path, where):
+    out = tmp_path / "run"
+    _train(base, out, max_steps=2)
+    marker = tmp_path / "pwned"
+    last = out / "checkpoints" / "last"
+    if where == "training_state.pt":  # an attacker's folder in the old format: a pickle only
+        for name in ("training_state.json", "training_state.safetensors"):
+            (last / name).unlink()
+    shutil.rmtree(out / "checkpoints" / "best")
+    (last / where).write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(CheckpointError) as info:
+        _train(base, out, max_steps=4, resume=True)
+    assert not marker.exists()
+    assert ("no longer loads" in str(info.value)) if where.endswith(".pt") else "cannot be read" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- 3 modes
+def test_written_files_get_the_users_usual_mode(base, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        _train(base, out, max_steps=1)
+    finally:
+        os.umask(old)
+    for path in [out / "adapter_model.safetensors", out / "adapter_config.json", out / "training_summary.json",
+                 out / "checkpoints" / "last" / "training_state.json"]:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+    assert oct((out / "checkpoints" / "last").stat().st_mode & 0o777) == oct(0o755)
+
+
+# ---------------------------------------------------------------------------------------------- 4 overwrite
+def test_a_folder_with_files_is_refused_without_resume_or_overwrite(base, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"already holds files \(notes.txt\); pass --resume .* --overwrite"):
+        _train(base, out)
+    _train(base, out, max_steps=1, overwrite=True)
+    first = load_file(str(out / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match="already holds files"):
+        _train(base, out, max_steps=1)
+    _train(base, out, max_steps=2, overwrite=True, learning_rate=5e-2)
+    assert (out / "notes.txt").read_text() == "mine"  # never touch what the project did not write
+    assert not torch.equal(first["model.layers.0.mlp.experts.up"], load_file(str(out / "adapter_model.safetensors"))[
+        "model.layers.0.mlp.experts.up"])
+    new_log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in new_log].count("start") == 1  # the old log was replaced, not appended to
+    assert max(r["step"] for r in new_log) == 2
+
+
+def test_resume_and_overwrite_together_are_refused(base, tmp_path):
+    with pytest.raises(ConfigError, match="pass one of them"):
+        _train(base, tmp_path / "run", resume=True, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------- 5 lock
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_survives(base, tmp_path):
+    out = tmp_path / "run"
+    first = _cli(*_cli_train(base, out, "--max-steps", "60"))
+    try:
+        deadline = time.time() + 120
+        while not (out / LOCK_NAME).exists():
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        second = _cli(*_cli_train(base, out, "--max-steps", "2", "--resume"))
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1
+        assert f"another llama-expert run (pid {first.pid}" in err and err.count("\n") == 1, err
+    finally:
+        _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert not (out / LOCK_NAME).exists()
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 60  # the first run's adapter and summary, untouched by the second
+    events = [json.loads(line).get("event") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1 and "resume" not in events  # one run's log, not two interleaved
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with RunLock(tmp_path):
+        with pytest.raises(OutputFolderLocked, match=f"pid {os.getpid()}"):
+            RunLock(tmp_path).__enter__()
+
+
+# ---------------------------------------------------------------------------------------------- 6 NaN
+@pytest.mark.parametrize("rate", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_a_learning_rate_that_cannot_work_is_refused_before_loading(rate, tmp_path):
+    with pytest.raises(ConfigError, match="learning_rate"):
+        fine_tune(MoEMethod(), _args(tmp_path / "run", learning_rate=rate), model_id="/nonexistent/model")
+
+
+def test_diverging_training_never_saves_nan_weights_and_keeps_the_step_0_best(base, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(LlamaExpertError, match="NaN/inf|became"):
+        _train(base, out, learning_rate=1e30, max_steps=5)
+    for name in ("last", "best"):
+        folder = out / "checkpoints" / name
+        if folder.exists():
+            weights = load_file(str(folder / "adapter_model.safetensors"))
+            assert all(bool(torch.isfinite(t).all()) for t in weights.values()), name
+    state = load_training_state(out / "checkpoints" / "best")
+    assert state["best"]["step"] == 0  # the untrained adapter was the best one seen
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c} in the log"))
+
+
+def test_the_untrained_adapter_is_a_best_candidate(base, tmp_path):
+    out = tmp_path / "run"
+    result = _train(base, out, learning_rate=1000.0, max_steps=3)  # far too large: every step makes it worse
+    assert min(h["perplexity"] for h in result.history) > result.initial_eval["perplexity"]
+    assert result.best_eval["step"] == 0
+    assert load_training_state(out / "checkpoints" / "best")["step"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- 7 resume
+@pytest.mark.parametrize("change, words", [
+    ({"config": ExpertConfig(num_experts=4, top_k=1)}, ["top_k: checkpoint 2, now 1"]),
+    ({"config": ExpertConfig(num_experts=4, lora_alpha=8.0)}, ["lora_alpha: checkpoint 32.0, now 8.0"]),
+    ({"learning_rate": 2e-2}, ["learning_rate: checkpoint 0.01, now 0.02"]),
+    ({"config": ExpertConfig(num_experts=6)}, ["num_experts: checkpoint 4, now 6"]),
+])
+def test_resume_with_other_settings_lists_the_differences(base, tmp_path, change, words):
+    out = tmp_path / "run"
+    _train(base, out, max_steps=4, stop_after_steps=2)
+    with pytest.raises(ConfigError) as info:
+        _train(base, out, max_steps=4, resume=True, **change)
+    for word in words + ["Rerun with the checkpoint's settings, or train in a new --output-dir"]:
+        assert word in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- 8 signals
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_and_prints_the_resume_command(base, tmp_path, signum):
+    out = tmp_path / "run"
+    proc = _cli(*_cli_train(base, out, "--max-steps", "100000"))
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "last").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped training after step" in err and "--resume" in err.splitlines()[-1]
+    state = load_training_state(out / "checkpoints" / "last")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["event"] == "interrupted" and log[-1]["step"] == state["step"]
+    resumed = _cli(*_cli_train(base, out, "--max-steps", "100000", "--resume", "--stop-after-steps", "1"))
+    out_text, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resumed from {out / 'checkpoints' / 'last'} at step {state['step']}" in out_text
+
+
+# ---------------------------------------------------------------------------------------------- 9 corrupt
+def test_a_corrupt_last_checkpoint_falls_back_with_a_warning(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(base, out, max_steps=4, stop_after_steps=3, eval_every=2)
+    state_file = out / "checkpoints" / "last" / "training_state.safetensors"
+    state_file.write_bytes(state_file.read_bytes()[:100])  # truncated
+    stale = out / "checkpoints" / ".tmp-last-abc123"
+    stale.mkdir()
+    result = _train(base, out, max_steps=4, eval_every=2, resume=True)
+    printed = capsys.readouterr().out
+    assert "cannot be read" in printed and "trying an older checkpoint" in printed
+    assert "resumed from" in printed and str(out / "checkpoints" / "best") in printed
+    assert result.steps == 4 and not stale.exists()
+    events = [json.loads(line).get("event") for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert events.count("start") == 1 and events.count("resume") == 1
+
+
+def test_no_readable_checkpoint_says_what_to_delete(base, tmp_path):
+    out = tmp_path / "run"
+    _train(base, out, max_steps=2)
+    for name in ("last", "best"):
+        (out / "checkpoints" / name / "training_state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"Delete that folder to start again from step 0"):
+        _train(base, out, max_steps=4, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------- 10 folders
+def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ConfigError, match="is not writable"):
+        fine_tune(MoEMethod(), _args("/sys/llama-expert-test/run"), model_id="/nonexistent/model")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        fine_tune(MoEMethod(), _args(tmp_path / "file"), model_id="/nonexistent/model")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(base, tmp_path, monkeypatch):
+    import errno
+
+    from llama_expert.training import loop
+
+    def full(folder, fill):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(loop, "write_checkpoint", full)
+    with pytest.raises(LlamaExpertError, match=r"cannot write the checkpoint .*No space left on device.*--resume"):
+        _train(base, tmp_path / "run", max_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------- 14 context
+def test_seq_len_above_the_context_is_refused_before_the_data_loads(base, tmp_path):
+    folder, _ = base
+    with pytest.raises(ConfigError, match=r"--seq-len 1024 exceeds the model's context of 128 tokens"):
+        fine_tune(MoEMethod(), _args(tmp_path / "run", seq_len=1024), DataArguments(dataset="/nonexistent.txt"),
+                  model_id=str(folder))
