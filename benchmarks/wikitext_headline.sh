@@ -8,4 +8,4 @@ DATA=${DATA:-../shared/data/wikitext-2-raw}
 OUT=${OUT:-docs/results/wikitext-moe}
 llama-expert train --dataset "$DATA/wiki.valid.raw" --test-dataset "$DATA/wiki.test.raw" \
   --test-seq-len 512 --test-max-tokens 16384 --seq-len 512 --batch-size 4 --learning-rate 2e-3 \
-  --max-steps 200 --eval-every 50 --eval-max-tokens 8192 --dtype bfloat16 --output-dir "$OUT" "$@"
+  --max-steps 200 --eval-every 50 --eval-max-tokens 8192 --dtype bfloat16 --output-dir "$OUT" --overwrite "$@"

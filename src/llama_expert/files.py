@@ -1,7 +1,7 @@
 """Atomic writes: a reader (or a crash) sees the old file or folder, or the new one, never half of one.
 
-One mechanism for everything the package writes that a user keeps: adapter files, training checkpoints
-and the converted-model cache. A file is written beside its final name and renamed onto it; a folder is
+One mechanism for the files the package writes that a user keeps (MoE adapter files, training checkpoints,
+summaries and reports, the converted-model cache); PEFT writes the LoRA baseline's files itself. A file is written beside its final name and renamed onto it; a folder is
 filled beside its final name and swapped in with two renames, the previous version parked under
 ``.old-<name>`` between them (``previous_version`` finds it after a crash there).
 """
@@ -17,15 +17,19 @@ from typing import Callable, Union
 PathLike = Union[str, Path]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask. Reading it means setting it, so it is read once, at import, before any threads."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+UMASK = _read_umask()
+
+
 def _usual_mode(path: PathLike, directory: bool) -> None:
     """tempfile creates 0600 files and 0700 folders; what we keep gets the user's usual mode (umask)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~UMASK)
 
 
 def _fsync(path: PathLike) -> None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 
 
-def progress_bar(total=None, desc=None, unit="it", enabled: bool = True):
+def progress_bar(total=None, desc=None, unit="it", enabled: bool = True, leave: bool = False, **tqdm_kwargs):
     """A tqdm bar of ``total`` steps, shown only when ``enabled`` and stderr is a terminal."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, file=sys.stderr,
-                leave=False, dynamic_ncols=True)
+                leave=leave, dynamic_ncols=True, **tqdm_kwargs)
 
 
 def shows_progress(enabled: bool = True) -> bool:

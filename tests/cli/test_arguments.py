@@ -64,3 +64,25 @@ def test_bad_value_is_a_one_line_usage_error(capsys):
 ])
 def test_redacted_command_hides_tokens(argv, shown):
     assert redacted_command(argv) == shown
+
+
+@pytest.mark.parametrize("command", ["train", "benchmark", "compare", "inference"])
+def test_abbreviated_flags_are_refused(command, capsys):
+    """`--auth` for `--auth-token` would slip past the redaction of recorded commands."""
+    with pytest.raises(SystemExit):
+        build_parser(command).parse_args([command, "--auth", "hf_SECRET"])
+    assert "unrecognized arguments: --auth" in capsys.readouterr().err
+
+
+def test_a_parse_error_keeps_its_message(capsys):
+    with pytest.raises(SystemExit):
+        _train(["--expert-allocation", "4,x"])
+    assert "--expert-allocation '4,x': use progressive, uniform or counts like 4,6,8,6" in capsys.readouterr().err
+
+
+def test_every_registered_method_is_built_from_the_flags():
+    from llama_expert.training.methods import METHODS
+
+    for name in METHODS.names():
+        method = METHODS.get(name).from_expert_config(dataclass_from_args(ExpertConfig, _train(["--lora-r", "4"])))
+        assert method.name == name

@@ -47,11 +47,11 @@ def test_no_command_writes_or_prints_the_token(trained_base, tmp_path):
 def test_compare_hands_the_token_to_its_children_in_the_environment(monkeypatch, tmp_path):
     seen = []
 
-    def fake_run(cmd, env):
+    def fake_popen(cmd, env):
         seen.append((cmd, env))
         raise SystemExit  # stop after the first child: only its command line matters here
 
-    monkeypatch.setattr(compare_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare_module.subprocess, "Popen", fake_popen)
     monkeypatch.setattr(compare_module, "_check_measurement", lambda *a: None)
     with pytest.raises(SystemExit):
         run_compare(ModelArguments(model="some-base", auth_token=TOKEN), CompareArguments(output_dir=str(tmp_path)),

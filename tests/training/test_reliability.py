@@ -90,16 +90,19 @@ def test_a_malicious_pickle_as_the_state_file_is_refused_and_runs_nothing(base, 
 
 # ---------------------------------------------------------------------------------------------- 3 modes
 def test_written_files_get_the_users_usual_mode(base, tmp_path):
-    old = os.umask(0o022)
-    try:
-        out = tmp_path / "run"
-        _train(base, out, max_steps=1)
-    finally:
-        os.umask(old)
+    """Not tempfile's 0600/0700: the mode every other file of the user gets (umask read at import)."""
+    from llama_expert.files import UMASK
+
+    out = tmp_path / "run"
+    _train(base, out, max_steps=1)
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain-dir").mkdir()
+    file_mode, dir_mode = (tmp_path / "plain").stat().st_mode & 0o777, (tmp_path / "plain-dir").stat().st_mode & 0o777
+    assert file_mode == 0o666 & ~UMASK and dir_mode == 0o777 & ~UMASK
     for path in [out / "adapter_model.safetensors", out / "adapter_config.json", out / "training_summary.json",
                  out / "checkpoints" / "last" / "training_state.json"]:
-        assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
-    assert oct((out / "checkpoints" / "last").stat().st_mode & 0o777) == oct(0o755)
+        assert oct(path.stat().st_mode & 0o777) == oct(file_mode), path
+    assert oct((out / "checkpoints" / "last").stat().st_mode & 0o777) == oct(dir_mode)
 
 
 # ---------------------------------------------------------------------------------------------- 4 overwrite
@@ -144,22 +147,27 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_survives(base,
     finally:
         _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    assert not (out / LOCK_NAME).exists()
+    with RunLock(out):  # released at the end of the run
+        pass
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 60  # the first run's adapter and summary, untouched by the second
     events = [json.loads(line).get("event") for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert events.count("start") == 1 and "resume" not in events  # one run's log, not two interleaved
 
 
-def test_a_stale_lock_is_taken_over(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    import socket
-
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
-    with RunLock(tmp_path):
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    with RunLock(tmp_path):
-        with pytest.raises(OutputFolderLocked, match=f"pid {os.getpid()}"):
+def test_the_lock_of_a_killed_run_is_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from llama_expert.training.run_folder "
+                               "import RunLock; lock = RunLock(sys.argv[1]).__enter__(); print('held', flush=True); "
+                               "time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputFolderLocked, match=f"pid {holder.pid} on"):
+            RunLock(tmp_path).__enter__()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with RunLock(tmp_path):  # the kernel released the lock with the process: nothing stale to clean
+        with pytest.raises(OutputFolderLocked, match=f"pid {os.getpid()} on"):
             RunLock(tmp_path).__enter__()
 
 
@@ -284,5 +292,24 @@ def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(base, tmp_path,
 def test_seq_len_above_the_context_is_refused_before_the_data_loads(base, tmp_path):
     folder, _ = base
     with pytest.raises(ConfigError, match=r"--seq-len 1024 exceeds the model's context of 128 tokens"):
-        fine_tune(MoEMethod(), _args(tmp_path / "run", seq_len=1024), DataArguments(dataset="/nonexistent.txt"),
+        fine_tune(MoEMethod(), _args(tmp_path / "run", seq_len=1024, eval_max_tokens=2048),
+                  DataArguments(dataset="/nonexistent.txt"),
                   model_id=str(folder))
+
+
+def test_a_single_training_file_never_trains_on_its_validation_tail(base):
+    from llama_expert.training.recipe import RecipeData
+
+    folder, text = base
+    lines = [f"line {i:04d} " + "x" * 40 + "\n" for i in range(400)]
+    text.parent.joinpath("numbered.txt").write_text("".join(lines))
+    from llama_expert import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    data = RecipeData(tokenizer, DataArguments(dataset=str(text.parent / "numbered.txt")), seq_len=16,
+                      max_samples=None, eval_max_tokens=None, progress=False)
+    def line_numbers(blocks):
+        return {int(w) for w in tokenizer.decode(blocks.reshape(-1).tolist()).split() if w.isdigit()}
+
+    trained, validated = line_numbers(data.train), line_numbers(data.eval)
+    assert validated and max(trained) < min(validated) and min(validated) >= 380  # the last 5% of 400 lines

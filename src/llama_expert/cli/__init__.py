@@ -28,7 +28,8 @@ HELPS = {
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The full parser, or (``only``) one command's: running a command imports just its module."""
-    parser = argparse.ArgumentParser(prog="llama-expert", description=__doc__.splitlines()[0])
+    # No abbreviated flags: `--auth` for `--auth-token` would slip past the redaction of recorded commands.
+    parser = argparse.ArgumentParser(prog="llama-expert", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"llama-expert {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -36,8 +37,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=HELPS[name])
             continue
         module = importlib.import_module(f".{name}", __name__)
-        command = sub.add_parser(name, help=HELPS[name], description=HELPS[name],
-                                 formatter_class=HelpFormatter)
+        command = sub.add_parser(name, help=HELPS[name], description=HELPS[name], formatter_class=HelpFormatter,
+                                 allow_abbrev=False)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
@@ -55,6 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given, for messages that print a command to rerun
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2

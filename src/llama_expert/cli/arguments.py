@@ -13,6 +13,7 @@ import dataclasses
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Type, TypeVar
 
+from ..errors import LlamaExpertError
 from ..options import flag_of
 
 T = TypeVar("T")
@@ -56,7 +57,7 @@ def add_dataclass_arguments(parser, cls: type, skip: Iterable[str] = (), only: O
                 names[0] = "--no-" + field.name.replace("_", "-")
         else:
             if meta.get("parse"):
-                kwargs["type"] = meta["parse"]
+                kwargs["type"] = _parser_type(meta["parse"])
             elif value_type is not None:
                 kwargs["type"] = value_type
             else:
@@ -77,9 +78,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def dataclass_from_args(cls: Type[T], args: argparse.Namespace, **overrides) -> T:
-    """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added for it."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+def _parser_type(parse):
+    """argparse shows a type function's ArgumentTypeError as is, but any other error as 'invalid value'."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except LlamaExpertError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def dataclass_from_args(cls: Type[T], args: argparse.Namespace, only: Optional[Iterable[str]] = None,
+                        **overrides) -> T:
+    """Build ``cls`` from the parsed flags that ``add_dataclass_arguments`` added for it (``only`` these
+    fields, the rest at their defaults: two dataclasses of one command may share a field name)."""
+    wanted = set(only) if only is not None else None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.init and hasattr(args, f.name) and (wanted is None or f.name in wanted)}
     values.update(overrides)
     return cls(**values)
 

@@ -7,7 +7,6 @@ of ``--model`` and ``--augmented-model`` of ``--adapter``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..evaluation.compare import DATA_FIELDS, TRAINING_DEFAULTS, TRAINING_FIELDS, CompareArguments, run_compare
 from ..integration.base_models import DEFAULT_MODEL
@@ -32,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_compare(dataclass_from_args(ModelArguments, args, device=None), dataclass_from_args(CompareArguments, args),
-                dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),
-                dataclass_from_args(ThroughputArguments, args), command=redacted_command(sys.argv[1:]))
+                dataclass_from_args(TrainingArguments, args, only=TRAINING_FIELDS),
+                dataclass_from_args(DataArguments, args, only=DATA_FIELDS),
+                dataclass_from_args(ThroughputArguments, args), command=redacted_command(args.argv))
     return 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import ExpertConfig
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
-from ..training.methods import METHODS, LoRAMethod, MoEMethod
+from ..training.methods import METHODS
 from ..training.loop import TrainingInterrupted
 from ..training.recipe import fine_tune
 from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
@@ -27,15 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = dataclass_from_args(ExpertConfig, args)
-    method = LoRAMethod(config.lora_r, config.lora_alpha, config.lora_dropout) if args.method == "lora" \
-        else MoEMethod(config)
+    method = METHODS.get(args.method).from_expert_config(dataclass_from_args(ExpertConfig, args))
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
     try:
         fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),
                   model_id=model.model, auth_token=model.auth_token, dtype=model.dtype)
     except TrainingInterrupted as exc:
-        argv = [a for a in sys.argv[1:] if a != "--overwrite"]
+        argv = [a for a in args.argv if a != "--overwrite"]
         exc.args = (f"{exc}\nto continue: {redacted_command(argv + ([] if '--resume' in argv else ['--resume']))}",)
         raise
     return 0

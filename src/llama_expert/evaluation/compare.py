@@ -67,9 +67,11 @@ def training_command(method: str, out: Path, model_args: ModelArguments, trainin
                      data: DataArguments, extra: List[str], progress: bool = False) -> List[str]:
     """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv.
 
-    ``progress``: let the child draw its training bar (it shares our stderr; pass it only for a terminal)."""
+    ``out`` (``OUTPUT_DIR/moe``, ``OUTPUT_DIR/lora``) belongs to compare, so a rerun replaces its training
+    outputs (``--overwrite``). ``progress``: let the child draw its training bar (it shares our stderr;
+    pass it only for a terminal)."""
     cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method,
-           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out)]
+           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out), "--overwrite"]
     if not progress:
         cmd.append("--no-progress")
     if model_args.dtype:
@@ -98,10 +100,14 @@ def _run_training(method: str, cmd: List[str], auth_token: Optional[str]) -> Non
     print(flush=True)
     with _stage(f"[{method}] training"):
         print(f"[{method}] python {' '.join(cmd[1:])}", flush=True)
-        done = subprocess.run(cmd, env=env)
-        if done.returncode != 0:
-            raise ConfigError(f"training the {method} adapter failed (exit {done.returncode}); see the output "
-                              f"above.")
+        child = subprocess.Popen(cmd, env=env)
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it finish its step and save a checkpoint
+            child.wait()
+            raise
+        if code != 0:
+            raise ConfigError(f"training the {method} adapter failed (exit {code}); see the output above.")
 
 
 def _summary(folder: Optional[Path]) -> dict:

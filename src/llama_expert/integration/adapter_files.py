@@ -3,8 +3,9 @@
 The JSON records the format version, the base model (``base_model_name_or_path``), a fingerprint of the
 base architecture, and the ExpertConfig. Loading onto a base with another architecture fails with a
 message naming both; the same architecture with different weights only warns (a fine-tuned sibling
-is a legitimate base). Files are written to a temporary name and renamed, so a crash never leaves a
-half-written adapter behind.
+is a legitimate base). Each file is written to a temporary name and renamed, so a crash never leaves a
+half-written file; the weights go first, so a crash between the two leaves the old config beside the new
+weights of the same shapes (checkpoints, which must be consistent, are written as whole folders).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .surgery import adapter_state_dict, augment_model, is_augmented, remove_ada
 
 # Version 2 renamed the learnable per-layer scale: tensor ``*.scale`` -> ``*.residual_scale`` and config
 # field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
-# adapters are read through ``_upgrade_v1``.
+# adapters are read through ``_upgrade_v1_config`` and ``_upgrade_v1_tensors``.
 FORMAT_VERSION = 2
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -141,15 +142,17 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
         augment_model(model, config)
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
         if augmented_here:
             remove_adapters(model)  # leave the model as it was given
-        raise AdapterError(f"{weights} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else \
+            f"tensor {wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}, the model expects " \
+            f"{tuple(expected[wrong_shape[0]].shape)}"
+        raise AdapterError(f"{weights} does not fit this model ({detail}): it was saved with another ExpertConfig "
+                           f"or for another base. Load it onto the base it records, or re-save it.")
     with torch.no_grad():
         for key, target in expected.items():
-            if state[key].shape != target.shape:
-                raise AdapterError(f"{weights}: tensor {key} has shape {tuple(state[key].shape)}, the model "
-                                   f"expects {tuple(target.shape)}.")
             target.copy_(state[key].to(device=target.device, dtype=target.dtype))
     return model
 

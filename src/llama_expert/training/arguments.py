@@ -61,6 +61,10 @@ class TrainingArguments:
         for name in ("max_steps", "max_samples", "save_every", "stop_after_steps", "eval_max_tokens"):
             need(getattr(self, name) is None or number(name, int) >= 1,
                  f"{name} must be >= 1 (or unset), got {getattr(self, name)}.")
+        need(self.seq_len >= 2, f"seq_len must be >= 2 (a block predicts seq_len - 1 tokens), got {self.seq_len}.")
+        need(self.eval_max_tokens is None or self.eval_max_tokens >= self.seq_len,
+             f"--eval-max-tokens {self.eval_max_tokens} is less than one window of --seq-len {self.seq_len}; raise "
+             f"--eval-max-tokens or lower --seq-len.")
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"),
              f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
 
@@ -76,3 +80,12 @@ class DataArguments:
     test_dataset: Optional[str] = option(None, "measure test perplexity on this before and after training")
     test_max_tokens: Optional[int] = option(16384, "test tokens evaluated")
     test_seq_len: Optional[int] = option(None, "window length for the test (default: --seq-len)")
+
+    def validate(self) -> None:
+        for name in ("test_max_tokens", "test_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ConfigError(f"{name} must be an integer >= 2 (or unset), got {value!r}.")
+        if self.test_seq_len and self.test_max_tokens and self.test_max_tokens < self.test_seq_len:
+            raise ConfigError(f"--test-max-tokens {self.test_max_tokens} is less than one window of --test-seq-len "
+                              f"{self.test_seq_len}; raise --test-max-tokens or lower --test-seq-len.")

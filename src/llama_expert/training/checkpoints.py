@@ -111,7 +111,8 @@ def write_checkpoint(folder: Path, fill: Callable[[Path], None]) -> Path:
 
 
 def checkpoint_candidates(checkpoints: Path) -> List[Path]:
-    """Checkpoints to resume from, newest first: ``last``, its previous version after a crash mid-swap, ``best``."""
+    """Checkpoints to resume from, in order of preference: ``last``, its previous version after a crash
+    mid-swap, then ``best`` (the step of each is in its state)."""
     checkpoints = Path(checkpoints)
     ordered = [checkpoints / "last", previous_version(checkpoints / "last"), checkpoints / "best"]
     return [c for c in ordered if is_checkpoint(c)]

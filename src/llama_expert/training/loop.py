@@ -11,7 +11,6 @@ makes resuming exact: a checkpoint stores the step, the optimizer, scheduler and
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, LlamaExpertError
 from ..files import previous_version
+from ..progress import progress_bar
 from ..evaluation.memory import peak_memory
 from ..evaluation.perplexity import evaluate_perplexity
 from .arguments import TrainingArguments
@@ -30,10 +30,11 @@ from .checkpoints import (CheckpointError, checkpoint_candidates, load_training_
 from .loggers import TrainingLoggers
 from .stopping import StopRequests
 
-# Settings that do not change the trained weights: a resumed run may change them.
+# Settings that change neither the trained weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
                                "use_tensorboard", "wandb_project", "log_every", "save_every", "eval_every",
-                               "eval_max_tokens", "test_dataset", "test_max_tokens", "test_seq_len"})
+                               "eval_dataset", "eval_max_tokens", "test_dataset", "test_max_tokens", "test_seq_len",
+                               "use_gradient_checkpointing"})
 
 
 class TrainingDiverged(LlamaExpertError):
@@ -198,7 +199,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                                   f"--output-dir.")
             if state["world_size"] != world:
                 raise ConfigError(f"cannot resume from {found}: it ran on {state['world_size']} processes, "
-                                  f"this run has {world}.")
+                                  f"this run has {world}. Resume with accelerate launch --num_processes "
+                                  f"{state['world_size']}, or train in a new --output-dir.")
             try:
                 load_model(unwrapped, found)
             except LlamaExpertError as exc:
@@ -217,9 +219,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             break
         else:
             if any(p.exists() for p in (last_dir, previous_version(last_dir), best_dir)):
-                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read ("
-                                      f"{'; '.join(unreadable)}). Delete that folder to start again from step 0, "
-                                      f"or pass a new --output-dir.")
+                why = f" ({'; '.join(unreadable)})" if unreadable else ""
+                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that "
+                                      f"folder to start again from step 0, or pass a new --output-dir.")
             if main:
                 print(f"no checkpoint in {last_dir}: starting from step 0")
     if main:
@@ -244,8 +246,6 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             raise TrainingDiverged(f"the weights became NaN/inf at step {step}; training stopped without saving "
                                    f"them. {good_checkpoint()} Lower --learning-rate.")
         rngs = gather_object([rng_state()])  # every rank's RNG, so each resumes its own stream
-        if not main:
-            return
 
         def fill(tmp: Path) -> None:
             save_model(unwrapped, tmp)
@@ -253,12 +253,18 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": world, "run_config": run_config,
                 "history": history, "best": best, "initial_eval": initial_eval})
-        try:
-            write_checkpoint(folder, fill)
-        except OSError as exc:
-            raise LlamaExpertError(f"cannot write the checkpoint {folder}: {exc.strerror or exc} "
-                                   f"({exc.filename or folder}). Free disk space or fix the folder's permissions, "
-                                   f"then rerun with --resume.") from None
+        failure = None
+        if main:
+            try:
+                write_checkpoint(folder, fill)
+            except OSError as exc:
+                failure = f"{exc.strerror or exc} ({exc.filename or folder})"
+        if world > 1:  # every rank stops together, or none: the next step is a collective operation
+            failed = accelerator.reduce(torch.tensor([float(failure is not None)], device=device), reduction="sum")
+            failure = failure or ("on the main process" if failed.item() > 0 else None)
+        if failure:
+            raise LlamaExpertError(f"cannot write the checkpoint {folder}: {failure}. Free disk space or fix the "
+                                   f"folder's permissions, then rerun with --resume.")
 
     def good_checkpoint() -> str:
         for folder in (last_dir, best_dir):
@@ -282,10 +288,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             best = initial_eval
             save_checkpoint(best_dir, 0, 0.0)
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=start_step, disable=None if (main and args.progress) else True,
-               desc="training", unit="step", dynamic_ncols=True, file=sys.stderr)  # off a terminal, as every bar
+    bar = progress_bar(total=total_steps, initial=start_step, desc="training", unit="step",
+                       enabled=main and args.progress, leave=True)
     save_every = args.save_every or args.eval_every or total_steps
     end_step = total_steps if args.stop_after_steps is None else min(total_steps, start_step + args.stop_after_steps)
     tokens_per_step = args.batch_size * args.seq_len * args.gradient_accumulation_steps * world
@@ -349,18 +353,21 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 saved = step % save_every == 0 or step == end_step
                 if saved:
                     save_checkpoint(last_dir, step, elapsed)
-                if stop.requested():
+                if step < end_step and stop.requested():  # a stop in the last step just ends the run
                     if not saved:
                         save_checkpoint(last_dir, step, elapsed)
                     loggers.log({"event": "interrupted", "step": step, "signal": stop.signal_name})
                     raise TrainingInterrupted(f"{stop.signal_name} stopped training after step {step} of "
-                                              f"{total_steps}; a checkpoint of that step is in {last_dir}. Rerun the "
-                                              f"same command with --resume to continue exactly where it stopped.")
+                                              f"{total_steps}; a checkpoint of that step is in {last_dir}. Add --resume "
+                                              f"to the same command to continue exactly where it stopped.")
     finally:
         bar.close()
         loggers.close()
     if final_eval is None or final_eval["step"] != step:
         final_eval = evaluate(step) if step == total_steps else final_eval
+        if final_eval is not None and final_eval["step"] == step and is_better(final_eval):
+            best = final_eval
+            save_checkpoint(best_dir, step, elapsed_before + time.perf_counter() - started)
     accelerator.wait_for_everyone()
     if not _finite(params):
         raise TrainingDiverged(f"the weights became NaN/inf; the adapter was not saved. {good_checkpoint()} "

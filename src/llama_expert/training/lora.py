@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import ConfigError
+from ..errors import AdapterError, ConfigError
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -52,9 +52,15 @@ def save_lora(model, folder) -> None:
 
 def load_lora_weights(model, folder) -> None:
     """Load a saved LoRA state into a PeftModel built with the same config (used when resuming)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    _peft().set_peft_model_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))
+    path = Path(folder) / "adapter_model.safetensors"
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise AdapterError(f"{path} cannot be read ({exc}); re-save or re-train the LoRA adapter.") from None
+    _peft().set_peft_model_state_dict(model, state)
 
 
 def load_lora_model(base_model, folder):

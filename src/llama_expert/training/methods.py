@@ -33,6 +33,11 @@ class TrainingMethod:
     name: str = ""
     quantization_4bit: bool = False
 
+    @classmethod
+    def from_expert_config(cls, config: ExpertConfig) -> "TrainingMethod":
+        """The method as the ``train`` command builds it: every flag lives in ExpertConfig."""
+        raise NotImplementedError
+
     def check(self) -> None:
         """Fail before any model is loaded when the settings cannot work."""
 
@@ -70,6 +75,10 @@ class MoEMethod(TrainingMethod):
         self.config = config or ExpertConfig()
         self.quantization_4bit = self.config.quantization_4bit
 
+    @classmethod
+    def from_expert_config(cls, config: ExpertConfig) -> "MoEMethod":
+        return cls(config)
+
     def check(self) -> None:
         self.config.validate()
         check_config(self.config)
@@ -106,8 +115,14 @@ class MoEMethod(TrainingMethod):
 class LoRAMethod(TrainingMethod):
     name = "lora"
 
-    def __init__(self, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.05):
+    def __init__(self, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.05,
+                 quantization_4bit: bool = False):
         self.rank, self.alpha, self.dropout = rank, alpha or 2 * rank, dropout
+        self.quantization_4bit = quantization_4bit
+
+    @classmethod
+    def from_expert_config(cls, config: ExpertConfig) -> "LoRAMethod":
+        return cls(config.lora_r, config.lora_alpha, config.lora_dropout, config.quantization_4bit)
 
     def add_to(self, model):
         return lora.add_lora(model, self.rank, self.alpha, self.dropout)

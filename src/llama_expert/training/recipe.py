@@ -39,12 +39,16 @@ class RecipeData:
         def tokens(docs):
             return tokenize_documents(docs, tokenizer, progress=progress)
 
-        train_docs = load_split(data.dataset, data.dataset_config, tokenizer, "train")
+        # Validation never overlaps training: without --eval-dataset, a single file's last 5% is held out of
+        # training (load_text_dataset); with one, the whole training file trains.
         if data.eval_dataset:
+            train_docs = load_split(data.dataset, data.dataset_config, tokenizer, "train")
             eval_docs = load_split(data.eval_dataset, data.dataset_config, tokenizer, "validation")
         else:
-            eval_docs = select_split(load_text_dataset(data.dataset, data.dataset_config, tokenizer), "validation",
-                                     data.dataset or EMBEDDED_DATASET)
+            splits = load_text_dataset(data.dataset, data.dataset_config, tokenizer)
+            source = data.dataset or EMBEDDED_DATASET
+            train_docs = select_split(splits, "train", source)
+            eval_docs = select_split(splits, "validation", source)
         self.train = pack_blocks(tokens(train_docs), seq_len, max_blocks=max_samples)
         self.eval = pack_blocks(tokens(eval_docs), seq_len, max_tokens=eval_max_tokens)
         self.test = None
@@ -64,6 +68,7 @@ def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Option
     """
     data_args = data_args or DataArguments()
     args.validate()
+    data_args.validate()
     method.check()
     output_dir = Path(args.output_dir)
     check_output_folder(output_dir, args.resume, args.overwrite)

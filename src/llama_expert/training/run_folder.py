@@ -2,14 +2,13 @@
 
 Nothing a user made is lost: a folder that already holds files is refused unless the run continues it
 (``--resume``) or replaces its outputs (``--overwrite``, which deletes only the files training writes and
-leaves everything else alone). A lock file holding the owner's pid keeps two runs from writing one
-folder; a lock whose process is gone (a kill -9) is stale and taken over.
+leaves everything else alone). An exclusive file lock keeps two runs from writing one folder (POSIX
+``flock``: Linux and macOS).
 """
 
 from __future__ import annotations
 
-import errno
-import json
+import fcntl
 import os
 import shutil
 import socket
@@ -72,66 +71,37 @@ def clear_run_outputs(folder: Path) -> List[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by someone else
-    return True
-
-
 class RunLock:
-    """``with RunLock(folder):`` holds ``folder/.llama-expert.lock`` (O_EXCL) for this process."""
+    """``with RunLock(folder):`` holds an exclusive ``flock`` on ``folder/.llama-expert.lock``.
+
+    The kernel releases the lock when its process ends, however it ends (kill -9 included), so there is
+    no stale lock to detect; the file stays and only records who holds it, for the message.
+    """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
-        self.held = False
+        self._handle = None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        owner = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                if not self._take_over_stale():
-                    break
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(owner, handle)
-            self.held = True
-            return self
-        holder = self._holder()
-        raise OutputFolderLocked(f"another llama-expert run (pid {holder.get('pid')} on {holder.get('host')}) is "
-                                 f"writing to {self.path.parent}; wait for it to finish, or pass another "
-                                 f"--output-dir (if that run is gone, delete {self.path}).")
-
-    def _holder(self) -> dict:
+        handle = open(self.path, "a+", encoding="utf-8")
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _take_over_stale(self) -> bool:
-        """Remove the lock when its owner is a process of this machine that no longer runs."""
-        holder = self._holder()
-        if not holder:  # being written right now, or unreadable: not ours to judge
-            return False
-        if holder.get("host") != socket.gethostname() or _alive(int(holder.get("pid", -1))):
-            return False
-        try:
-            self.path.unlink()
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                return False
-        return True
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputFolderLocked(f"another llama-expert run ({holder}) is writing to {self.path.parent}; wait "
+                                     f"for it to finish, or pass another --output-dir.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        self._handle = handle
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self.held:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-            self.held = False
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

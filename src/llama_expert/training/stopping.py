@@ -46,7 +46,11 @@ class StopRequests:
     def requested(self) -> bool:
         """True when any rank received a signal (called once per step by every rank)."""
         if self.world_size > 1 and self.reduce is not None:
+            # Decide on the sum alone: a signal that lands during the reduce is counted at the next step on
+            # every rank, so no rank stops (and enters a collective checkpoint) alone.
             flag = torch.tensor([1.0 if self.signal_name else 0.0], device=self.device)
-            if self.reduce(flag, reduction="sum").item() > 0 and self.signal_name is None:
+            stop = self.reduce(flag, reduction="sum").item() > 0
+            if stop and self.signal_name is None:
                 self.signal_name = "a signal to another process"
+            return stop
         return self.signal_name is not None
