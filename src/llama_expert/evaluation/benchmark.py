@@ -26,6 +26,7 @@ from ..data import load_split, pack_blocks, tokenize_documents
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..options import option
+from ..integration.base_models import check_within_context
 from ..integration.loading import ModelArguments, is_adapter_folder, load_model_and_tokenizer
 from ..integration.surgery import adapters, is_augmented, parameter_counts
 from .memory import peak_memory
@@ -101,10 +102,7 @@ class ExpertModelBenchmark:
 
     # ------------------------------------------------------------------ data
     def _check_seq_len(self) -> None:
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and self.seq_len > limit:
-            raise ConfigError(f"--seq-len {self.seq_len} exceeds the model's context of {limit} tokens "
-                              f"(max_position_embeddings); lower --seq-len.")
+        check_within_context(self.model.config, self.seq_len, "--seq-len")
 
     def token_ids(self) -> torch.Tensor:
         """The whole split tokenised once (cached)."""

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights
-from ..integration.base_models import (DEFAULT_MODEL, context_length, load_base_config, load_base_model,
+from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
 from ..integration.loading import ModelArguments
 from ..integration.surgery import adapter_parameters, adapters, is_augmented, parameter_counts
@@ -130,10 +130,7 @@ def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[
     if a.max_tokens < a.eval_seq_len:
         raise ConfigError(f"--max-tokens {a.max_tokens} is less than one window of --eval-seq-len {a.eval_seq_len}; "
                           f"raise --max-tokens or lower --eval-seq-len.")
-    limit = context_length(load_base_config(model_id, auth_token=auth_token))
-    if limit is not None and a.eval_seq_len > limit:
-        raise ConfigError(f"--eval-seq-len {a.eval_seq_len} exceeds the model's context of {limit} tokens "
-                          f"(max_position_embeddings); lower --eval-seq-len.")
+    check_within_context(load_base_config(model_id, auth_token=auth_token), a.eval_seq_len, "--eval-seq-len")
 
 
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,

@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..integration.base_models import check_within_context
 from ..options import option
 from ..progress import progress_bar
 
@@ -110,10 +111,7 @@ def _check_throughput_args(models, num_samples: int, prompt_len: int, new_tokens
                           f"num_samples={num_samples}, prompt_len={prompt_len}, new_tokens={new_tokens}, "
                           f"batch_sizes={tuple(batch_sizes)}.")
     for model in models:
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and prompt_len + new_tokens > limit:
-            raise ConfigError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the model's context of "
-                              f"{limit} tokens; lower one of them.")
+        check_within_context(model.config, prompt_len + new_tokens, "--prompt-len + --new-tokens")
 
 
 def measure_throughput(model, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,

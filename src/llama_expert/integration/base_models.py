@@ -218,3 +218,12 @@ def load_base_config(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Option
 
 def context_length(config) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None)
+
+
+def check_within_context(config, length: Optional[int], what: str) -> None:
+    """Refuse ``length`` tokens (``what``: the flag or expression that set it) beyond the model's context."""
+    limit = context_length(config)
+    if limit is not None and length is not None and length > limit:
+        fix = "one of them" if " + " in what else what
+        raise ConfigError(f"{what} {length} exceeds the model's context of {limit} tokens "
+                          f"(max_position_embeddings); lower {fix}.")

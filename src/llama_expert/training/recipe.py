@@ -21,8 +21,8 @@ from ..config import ExpertConfig
 from ..data import EMBEDDED_DATASET, load_split, load_text_dataset, pack_blocks, select_split, tokenize_documents
 from ..evaluation.perplexity import evaluate_perplexity
 from ..files import atomic_write_text
-from ..errors import ConfigError
-from ..integration.base_models import DEFAULT_MODEL, context_length, load_base_config, load_base_model, load_tokenizer
+from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
+                                       load_tokenizer)
 from .arguments import DataArguments, TrainingArguments
 from .loop import TrainResult, make_accelerator, train_model
 from .methods import LoRAMethod, MoEMethod, TrainingMethod
@@ -83,11 +83,9 @@ def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Option
 
 
 def _check_context(model_id, auth_token, args: TrainingArguments, data_args: DataArguments) -> None:
-    limit = context_length(load_base_config(model_id, auth_token=auth_token))
-    for flag, value in (("--seq-len", args.seq_len), ("--test-seq-len", data_args.test_seq_len)):
-        if limit is not None and value is not None and value > limit:
-            raise ConfigError(f"{flag} {value} exceeds the model's context of {limit} tokens "
-                              f"(max_position_embeddings); lower {flag}.")
+    config = load_base_config(model_id, auth_token=auth_token)
+    check_within_context(config, args.seq_len, "--seq-len")
+    check_within_context(config, data_args.test_seq_len, "--test-seq-len")
 
 
 def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataArguments, model_id, auth_token,
