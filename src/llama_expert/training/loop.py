@@ -266,6 +266,11 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             raise LlamaExpertError(f"cannot write the checkpoint {folder}: {failure}. Free disk space or fix the "
                                    f"folder's permissions, then rerun with --resume.")
 
+    def all_finite(loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: all ranks must stop together (backward is collective)."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(accelerator.reduce(finite, reduction="sum").item() == world) if world > 1 else bool(finite.item())
+
     def good_checkpoint() -> str:
         for folder in (last_dir, best_dir):
             if folder.is_dir():
@@ -313,9 +318,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                             lm_loss = model(input_ids=batch, labels=batch).loss
                             added, extra = extra_loss(unwrapped) if extra_loss else (0.0, {})
                             loss = lm_loss + added
-                        if not torch.isfinite(loss):
+                        if not all_finite(loss):
                             raise TrainingDiverged(
-                                f"the loss became {loss.item()} at step {step + 1}; training stopped. "
+                                f"the loss became {loss.item() if world == 1 else 'NaN/inf'} at step {step + 1}; training stopped. "
                                 f"{good_checkpoint()} Lower --learning-rate, or use --mixed-precision no.")
                         accelerator.backward(loss / args.gradient_accumulation_steps)
                     for name, value in {"lm_loss": lm_loss, "loss": loss, **extra}.items():
