@@ -46,7 +46,7 @@ def test_jsonl_text_and_chat_rows(tmp_path, embedded_tokenizer):
     assert "<|im_start|>user" in splits["train"][1] and "hello" in splits["train"][1]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(DataError, match="'text' string or a 'messages' list"):
+    with pytest.raises(DataError, match="'text' string, a 'messages' list or 'question' and 'answer' strings"):
         load_text_dataset(str(bad))
 
 

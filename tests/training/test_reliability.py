@@ -5,6 +5,7 @@ keeps every run here to seconds; the recipe (``fine_tune``) is the same code pat
 """
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -313,3 +314,30 @@ def test_a_single_training_file_never_trains_on_its_validation_tail(base):
 
     trained, validated = line_numbers(data.train), line_numbers(data.eval)
     assert validated and max(trained) < min(validated) and min(validated) >= 380  # the last 5% of 400 lines
+
+
+def test_a_mixture_trains_equal_tokens_per_domain_and_reports_each(base, tmp_path, capsys):
+    from llama_expert.training.recipe import RecipeData
+    from llama_expert import load_tokenizer
+
+    folder, text = base
+    (tmp_path / "math.jsonl").write_text("".join(f'{{"question": "What is {i} plus {i}?", "answer": "{2 * i}"}}\n'
+                                                 for i in range(300)))
+    (tmp_path / "prose.txt").write_text(text.read_text())
+    spec = f"{tmp_path / 'math.jsonl'},{tmp_path / 'prose.txt'}"
+    data = RecipeData(load_tokenizer(str(folder)), DataArguments(dataset=spec, test_dataset=spec), seq_len=32,
+                      max_samples=None, eval_max_tokens=512, progress=False)
+    assert data.names == ["math", "prose"]
+    assert (data.domains == 0).sum() == (data.domains == 1).sum() > 0
+    assert set(data.eval_domains.tolist()) == {0, 1} and set(data.tests) == {"math", "prose"}
+    out = tmp_path / "run"
+    result = fine_tune(MoEMethod(ExpertConfig(num_experts=4)), _args(out, max_steps=2, eval_max_tokens=512),
+                       DataArguments(dataset=spec, test_dataset=spec), model_id=str(folder))
+    domains = result.test["after"]["domains"]
+    assert set(domains) == {"math", "prose"}
+    expected = math.exp((domains["math"]["nll"] + domains["prose"]["nll"]) / 2)
+    assert result.test["after"]["perplexity"] == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "mean test perplexity (exp of mean log)" in printed and "  math: " in printed
+    usage = json.loads((out / "expert_usage.json").read_text())
+    assert all(0.0 <= row["domain_expert_nmi"] <= 1.0 and row["domains"] == ["math", "prose"] for row in usage)

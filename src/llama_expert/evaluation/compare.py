@@ -42,7 +42,7 @@ from .throughput import ThroughputArguments, measure_interleaved
 # The training settings both methods share, and compare's defaults for them (a short run).
 TRAINING_FIELDS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "max_samples",
                    "learning_rate", "eval_every", "eval_max_tokens", "seed")
-DATA_FIELDS = ("dataset", "dataset_config", "eval_dataset")
+DATA_FIELDS = ("dataset", "dataset_weights", "dataset_config", "eval_dataset")
 TRAINING_DEFAULTS = {"seq_len": 512, "batch_size": 4, "max_steps": 100, "learning_rate": 2e-3, "eval_every": 50,
                      "eval_max_tokens": 8192}
 

@@ -106,3 +106,33 @@ def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: 
     return {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
             "thresholds": {"nearly_unused_load_below": "0.1/E", "collapse_token_share_above": COLLAPSE_SHARE},
             "layers": layers, "warnings": warnings, "healthy": not warnings}
+
+
+def normalized_mutual_information(joint: torch.Tensor) -> float:
+    """NMI of a [domains, experts] count table: I(D; E) / mean(H(D), H(E)) (0: independent, 1: determined).
+
+    The arithmetic-mean normalisation is scikit-learn's default; it is 0 when either marginal is constant.
+    """
+    p = joint.double() / joint.sum()
+    pd, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nonzero = p > 0
+    mutual = float((p[nonzero] * (p[nonzero] / (pd @ pe)[nonzero]).log()).sum())
+    h_d, h_e = float(torch.special.entr(pd).sum()), float(torch.special.entr(pe).sum())
+    return 0.0 if h_d == 0 or h_e == 0 else max(0.0, mutual / ((h_d + h_e) / 2))
+
+
+@torch.no_grad()
+def domain_specialisation(model, windows: torch.Tensor, domains: torch.Tensor, names: List[str],
+                          batch_size: int = 1, progress: bool = True) -> List[Dict[str, object]]:
+    """Per layer: how each domain's (token, slot) assignments spread over the experts, and the NMI between
+    domain and chosen expert. ``domains[i]`` labels window ``i`` with its index in ``names``."""
+    per_domain = [measure_expert_usage(model, windows[domains == d], batch_size, progress)
+                  for d in range(len(names)) if bool((domains == d).any())]
+    present = [names[d] for d in range(len(names)) if bool((domains == d).any())]
+    rows = []
+    for layer in range(len(per_domain[0])):
+        joint = torch.tensor([usage[layer]["counts"] for usage in per_domain], dtype=torch.float64)
+        rows.append({"layer": layer, "domains": present,
+                     "domain_fractions": (joint / joint.sum(1, keepdim=True)).tolist(),
+                     "nmi": normalized_mutual_information(joint)})
+    return rows

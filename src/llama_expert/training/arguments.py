@@ -74,10 +74,13 @@ class DataArguments:
     """What the recipe trains, validates and tests on (see ``llama_expert.data.load_text_dataset``)."""
 
     dataset: Optional[str] = option("embedded", "Hub dataset, local .txt/.jsonl file or folder, or 'embedded' "
-                                                "(the offline corpus)")
+                                                "(the offline corpus); several, comma-separated, train as a mixture")
+    dataset_weights: Optional[str] = option(None, "with several --dataset sources (a,b,c): tokens of each per "
+                                                  "unit of weight, e.g. 1,1,2 (default: equal)")
     dataset_config: Optional[str] = option(None, "Hub dataset config, e.g. wikitext-2-raw-v1")
     eval_dataset: Optional[str] = option(None, "validation text (default: the dataset's validation split)")
-    test_dataset: Optional[str] = option(None, "measure test perplexity on this before and after training")
+    test_dataset: Optional[str] = option(None, "measure test perplexity on this before and after training "
+                                               "(several, comma-separated: each, and their mean log-perplexity)")
     test_max_tokens: Optional[int] = option(16384, "test tokens evaluated")
     test_seq_len: Optional[int] = option(None, "window length for the test (default: --seq-len)")
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ExpertConfig
 from ..evaluation.reports import save_usage_heatmap
-from ..evaluation.routing_health import measure_expert_usage
+from ..evaluation.routing_health import domain_specialisation, measure_expert_usage
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights, save_adapter
 from ..integration.surgery import augment_model, parameter_report, weighted_router_loss
@@ -63,8 +63,9 @@ class TrainingMethod:
         raise NotImplementedError
 
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
-                       progress: bool = True) -> None:
-        """Write method-specific measurements beside the adapter."""
+                       progress: bool = True, domains: Optional[torch.Tensor] = None,
+                       domain_names: Optional[List[str]] = None) -> None:
+        """Write method-specific measurements beside the adapter (``domains`` labels each window)."""
 
 
 @METHODS.register("moe")
@@ -102,8 +103,14 @@ class MoEMethod(TrainingMethod):
         return {"expert_config": self.config.to_dict()}
 
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
-                       progress: bool = True) -> None:
+                       progress: bool = True, domains: Optional[torch.Tensor] = None,
+                       domain_names: Optional[List[str]] = None) -> None:
         usage = measure_expert_usage(model, eval_windows, progress=progress)
+        if domain_names and len(domain_names) > 1:
+            for row, by_domain in zip(usage, domain_specialisation(model, eval_windows, domains, domain_names,
+                                                                  progress=progress)):
+                row.update(domain_fractions=by_domain["domain_fractions"], domains=by_domain["domains"],
+                           domain_expert_nmi=by_domain["nmi"])
         atomic_write_text(output_dir / "expert_usage.json", json.dumps(usage, indent=1) + "\n")
         try:
             save_usage_heatmap(usage, output_dir / "expert_usage.png", title=f"Expert usage after {steps} steps")

@@ -10,15 +10,18 @@ each. It writes to ``output_dir``: the adapter, ``checkpoints/last`` and ``check
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 from ..config import ExpertConfig
-from ..data import EMBEDDED_DATASET, load_split, load_text_dataset, pack_blocks, select_split, tokenize_documents
+from ..data import (EMBEDDED_DATASET, domain_name, load_split, load_text_dataset, mix_blocks, pack_blocks,
+                    parse_weights, select_split, split_sources, tokenize_documents)
+from ..errors import DataError
 from ..evaluation.perplexity import evaluate_perplexity
 from ..files import atomic_write_text
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
@@ -32,30 +35,68 @@ USAGE_TOKENS = 8192  # held-out tokens routed to measure expert usage after trai
 
 
 class RecipeData:
-    """Training blocks, validation windows and optional test windows, all from one tokenizer."""
+    """Training blocks, validation windows and optional test windows, all from one tokenizer.
+
+    ``dataset`` may list several sources (``a.txt,b.jsonl``, see ``llama_expert.data.mixture``): training
+    then takes ``--dataset-weights`` tokens from each, validation takes an equal share of
+    ``eval_max_tokens`` from each, and ``domains``/``eval_domains`` label every block with its source.
+    ``tests`` maps each test source's name to its windows.
+    """
 
     def __init__(self, tokenizer, data: DataArguments, seq_len: int, max_samples: Optional[int],
                  eval_max_tokens: Optional[int], progress: bool = True):
         def tokens(docs):
             return tokenize_documents(docs, tokenizer, progress=progress)
 
-        # Validation never overlaps training: without --eval-dataset, a single file's last 5% is held out of
-        # training (load_text_dataset); with one, the whole training file trains.
-        if data.eval_dataset:
-            train_docs = load_split(data.dataset, data.dataset_config, tokenizer, "train")
-            eval_docs = load_split(data.eval_dataset, data.dataset_config, tokenizer, "validation")
-        else:
-            splits = load_text_dataset(data.dataset, data.dataset_config, tokenizer)
-            source = data.dataset or EMBEDDED_DATASET
-            train_docs = select_split(splits, "train", source)
-            eval_docs = select_split(splits, "validation", source)
-        self.train = pack_blocks(tokens(train_docs), seq_len, max_blocks=max_samples)
-        self.eval = pack_blocks(tokens(eval_docs), seq_len, max_tokens=eval_max_tokens)
-        self.test = None
-        if data.test_dataset:
-            test_docs = load_split(data.test_dataset, None, tokenizer, "test")
-            self.test = pack_blocks(tokens(test_docs), data.test_seq_len or seq_len,
-                                    max_tokens=data.test_max_tokens)
+        sources = split_sources(data.dataset)
+        eval_sources = split_sources(data.eval_dataset) if data.eval_dataset else None
+        if eval_sources is not None and len(eval_sources) != len(sources):
+            raise DataError(f"--eval-dataset lists {len(eval_sources)} sources for {len(sources)} training datasets; "
+                            f"give one per dataset, or leave it out.")
+        self.names = [domain_name(s) for s in sources]
+        share = eval_max_tokens // len(sources) if eval_max_tokens else None
+        train_blocks, eval_windows = [], []
+        for i, source in enumerate(sources):
+            train_docs, eval_docs = self._train_and_validation(tokenizer, source, data.dataset_config,
+                                                               eval_sources[i] if eval_sources else None)
+            train_blocks.append(pack_blocks(tokens(train_docs), seq_len))
+            eval_windows.append(pack_blocks(tokens(eval_docs), seq_len, max_tokens=share))
+        self.train, self.domains = mix_blocks(train_blocks, parse_weights(data.dataset_weights, len(sources)),
+                                              self.names)
+        if max_samples is not None:  # a cap keeps the mix: take an evenly spaced subset
+            keep = torch.linspace(0, len(self.train) - 1, min(max_samples, len(self.train))).round().long()
+            self.train, self.domains = self.train[keep], self.domains[keep]
+        self.eval = torch.cat(eval_windows)
+        self.eval_domains = torch.cat([torch.full((len(w),), d, dtype=torch.long) for d, w in enumerate(eval_windows)])
+        self.tests: Dict[str, torch.Tensor] = {}
+        for source in split_sources(data.test_dataset) if data.test_dataset else []:
+            docs = load_split(source, None, tokenizer, "test")
+            self.tests[domain_name(source)] = pack_blocks(tokens(docs), data.test_seq_len or seq_len,
+                                                          max_tokens=data.test_max_tokens)
+
+    @staticmethod
+    def _train_and_validation(tokenizer, source, config, eval_source):
+        """Validation never overlaps training: without an eval source, a single file's last 5% is held out
+        of training (load_text_dataset); with one, the whole training file trains."""
+        if eval_source:
+            return (load_split(source, config, tokenizer, "train"),
+                    load_split(eval_source, config, tokenizer, "validation"))
+        splits = load_text_dataset(source, config, tokenizer)
+        name = source or EMBEDDED_DATASET
+        return select_split(splits, "train", name), select_split(splits, "validation", name)
+
+
+def measure_tests(model, tests: Dict[str, torch.Tensor], autocast, progress: bool) -> Dict[str, object]:
+    """Perplexity on each test set and, for several, ``mean``: exp of the mean of their log-perplexities."""
+    per_domain = {name: evaluate_perplexity(model, windows, autocast_dtype=autocast, progress=progress)
+                  for name, windows in tests.items()}
+    if len(per_domain) == 1:
+        return next(iter(per_domain.values()))
+    mean_nll = sum(r["nll"] for r in per_domain.values()) / len(per_domain)
+    return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "domains": per_domain,
+            "tokens": sum(r["tokens"] for r in per_domain.values()),
+            "windows": sum(r["windows"] for r in per_domain.values()),
+            "seq_len": next(iter(per_domain.values()))["seq_len"]}
 
 
 def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Optional[DataArguments] = None,
@@ -105,12 +146,14 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
                 **method.settings()}
     model = method.add_to(base)
     say(method.describe(model))
-    say(f"data: {data.train.shape[0]} training blocks x {args.seq_len} tokens ({data.train.numel():,} tokens), "
+    mix = "" if len(data.names) == 1 else " (" + ", ".join(
+        f"{name} {int((data.domains == d).sum())}" for d, name in enumerate(data.names)) + " blocks)"
+    say(f"data: {data.train.shape[0]} training blocks x {args.seq_len} tokens ({data.train.numel():,} tokens){mix}, "
         f"validation {data.eval.numel():,} tokens")
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     model.to(accelerator.device)
-    test_before = evaluate_perplexity(model, data.test, autocast_dtype=autocast, progress=progress) \
-        if data.test is not None and main and not args.resume else None
+    test_before = measure_tests(model, data.tests, autocast, progress) if data.tests and main and not args.resume \
+        else None
     result = train_model(model, data.train, data.eval, args,
                          save_model=lambda m, folder: method.save(m, folder, base_name), load_model=method.load,
                          extra_loss=method.extra_loss, run_config={"method": method.name, **settings, **asdict(args)},
@@ -118,8 +161,10 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     if not main:
         return result
     output_dir = Path(args.output_dir)
-    method.after_training(model, data.eval[: max(1, USAGE_TOKENS // args.seq_len)], output_dir, result.steps,
-                          progress=progress)
+    usage = torch.linspace(0, len(data.eval) - 1, min(len(data.eval), max(1, USAGE_TOKENS // args.seq_len)))
+    usage = usage.round().long().unique()  # evenly spaced: every domain of a mixture is represented
+    method.after_training(model, data.eval[usage], output_dir, result.steps, progress=progress,
+                          domains=data.eval_domains[usage], domain_names=data.names)
     summary = {"method": method.name, "settings": settings, "training_arguments": asdict(args), "steps": result.steps,
                "tokens": result.tokens, "seconds": result.seconds, "peak_memory": result.peak_memory,
                "initial_validation": result.initial_eval, "final_validation": result.final_eval,
@@ -127,14 +172,19 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     say("")
     say(result.summary())
-    if data.test is not None:
-        test_after = evaluate_perplexity(model, data.test, autocast_dtype=autocast, progress=progress)
+    if data.tests:
+        test_after = measure_tests(model, data.tests, autocast, progress)
         result.test = summary["test"] = {"dataset": data_args.test_dataset, "before": test_before,
                                          "after": test_after}
         if test_before:
             change = 100 * (test_after["perplexity"] - test_before["perplexity"]) / test_before["perplexity"]
-            say(f"test perplexity {test_before['perplexity']:.3f} -> {test_after['perplexity']:.3f} ({change:+.1f}%) "
+            what = "test perplexity" if "domains" not in test_after else "mean test perplexity (exp of mean log)"
+            say(f"{what} {test_before['perplexity']:.3f} -> {test_after['perplexity']:.3f} ({change:+.1f}%) "
                 f"on {test_after['tokens']:,} tokens in {test_after['windows']} windows of {test_after['seq_len']}")
+            for name, after in test_after.get("domains", {}).items():
+                before = test_before["domains"][name]["perplexity"]
+                say(f"  {name}: {before:.3f} -> {after['perplexity']:.3f} "
+                    f"({100 * (after['perplexity'] - before) / before:+.1f}%)")
         else:
             say(f"test perplexity {test_after['perplexity']:.3f} on {test_after['tokens']:,} tokens")
     atomic_write_text(output_dir / "training_summary.json", json.dumps(summary, indent=1) + "\n")
