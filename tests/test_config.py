@@ -107,6 +107,13 @@ def test_parse_allocation_error_names_the_form():
     ({"lora_dropout": float("nan")}, ["lora_dropout", "[0, 1)"]),
     ({"router_noise": "no"}, ["router_noise", "True or False"]),
     ({"expert_allocation": [4, True]}, ["list of integers"]),
+    ({"router_jitter": 1.0}, ["router_jitter", "[0, 1)"]),
+    ({"router_jitter": float("nan")}, ["router_jitter", "[0, 1)"]),
+    ({"capacity_factor": 0.0}, ["capacity_factor", "None or a finite number > 0"]),
+    ({"capacity_factor": float("inf")}, ["capacity_factor", "finite"]),
+    ({"capacity_factor": True}, ["capacity_factor", "finite"]),
+    ({"aux_free_bias_rate": -1e-3}, ["aux_free_bias_rate", ">= 0"]),
+    ({"aux_free_bias_rate": float("nan")}, ["aux_free_bias_rate", "finite"]),
 ])
 def test_booleans_and_non_finite_numbers_are_rejected(kwargs, words):
     with pytest.raises(ConfigError) as info:

@@ -61,7 +61,13 @@ class ExpertConfig:
     expert_allocation: Union[str, List[int]] = option(
         "progressive", "progressive, uniform, or a comma-separated expert count per layer", parse=parse_allocation)
     expert_type: str = option("shared_core", "a registered expert bank: shared_core or shared_down")
-    router_type: str = option("noisy_top_k", "a registered router")
+    router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free or soft")
+    router_jitter: float = option(0.01, "switch router: multiplicative jitter eps on the router input in training "
+                                        "(uniform in [1-eps, 1+eps]; 0 turns it off)")
+    capacity_factor: Optional[float] = option(None, "switch router: expert capacity ceil(factor * tokens / experts) "
+                                                    "in training; overflow tokens skip the experts (default: none)")
+    aux_free_bias_rate: float = option(1e-3, "aux_free router: step gamma of the balancing bias update "
+                                             "b_i += gamma * sign(mean load - load_i)")
     residual_scale_init: float = option(1.0, "initial value of the learnable per-layer scale alpha_l")
     use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                               flag="--gradient-checkpointing")
@@ -101,6 +107,12 @@ class ExpertConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0,
                  f"{name} must be a finite number >= 0, got {getattr(self, name)!r}.")
+        need(finite(self.router_jitter) and 0.0 <= self.router_jitter < 1.0,
+             f"router_jitter must be in [0, 1), got {self.router_jitter!r}.")
+        need(self.capacity_factor is None or (finite(self.capacity_factor) and self.capacity_factor > 0),
+             f"capacity_factor must be None or a finite number > 0, got {self.capacity_factor!r}.")
+        need(finite(self.aux_free_bias_rate) and self.aux_free_bias_rate >= 0,
+             f"aux_free_bias_rate must be a finite number >= 0, got {self.aux_free_bias_rate!r}.")
         need(finite(self.residual_scale_init), f"residual_scale_init must be a finite number, got "
                                                f"{self.residual_scale_init!r}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):

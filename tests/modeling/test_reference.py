@@ -134,7 +134,34 @@ def _noisy_top_k_token(router, h):
     return logits, chosen, gates.tolist()
 
 
-ROUTER_REFERENCES = {"noisy_top_k": _noisy_top_k_token}
+def _softmax(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return (torch.exp(values - values.max()) / torch.exp(values - values.max()).sum()).tolist()
+
+
+def _switch_token(router, h):
+    """Eval mode (no jitter, no capacity): the single largest logit; its gate is p_i = softmax(all logits)_i."""
+    logits = [float(router.weight[j].detach().double() @ h) for j in range(router.weight.shape[0])]
+    best = max(range(len(logits)), key=lambda j: logits[j])
+    return logits, [best], [_softmax(logits)[best]]
+
+
+def _aux_free_token(router, h):
+    """Keep the k largest of l_j + b_j (b: the balancing bias); gates = softmax over the kept *unbiased* l_j."""
+    logits = [float(router.weight[j].detach().double() @ h) for j in range(router.weight.shape[0])]
+    biased = [logits[j] + float(router.bias[j]) for j in range(len(logits))]
+    chosen = sorted(range(len(logits)), key=lambda j: -biased[j])[: router.top_k]
+    return logits, chosen, _softmax([logits[j] for j in chosen])
+
+
+def _soft_token(router, h):
+    """Every expert, gates = softmax over all E logits."""
+    logits = [float(router.weight[j].detach().double() @ h) for j in range(router.weight.shape[0])]
+    return logits, list(range(len(logits))), _softmax(logits)
+
+
+ROUTER_REFERENCES = {"noisy_top_k": _noisy_top_k_token, "switch": _switch_token, "aux_free": _aux_free_token,
+                     "soft": _soft_token}
 
 
 def router_reference(name, router, h):
@@ -152,10 +179,11 @@ def test_router_matches_the_per_token_loop(name, num_experts, top_k):
     hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         routing = router(hidden)
-    assert routing.indices.shape == routing.gates.shape == (TOKENS, top_k)
     assert routing.gates.dtype == torch.float32
     for n in range(TOKENS):
         logits, chosen, gates = router_reference(name, router, hidden[n].double())
+        # the reference fixes k: top_k for noisy_top_k and aux_free, 1 for switch, E for soft
+        assert routing.indices.shape == routing.gates.shape == (TOKENS, len(chosen))
         torch.testing.assert_close(routing.logits[n].double(), torch.tensor(logits, dtype=torch.float64),
                                    rtol=1e-5, atol=1e-5)
         got = dict(zip(routing.indices[n].tolist(), routing.gates[n].tolist()))

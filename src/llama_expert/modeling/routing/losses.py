@@ -18,7 +18,7 @@ class Routing:
     """One routing decision for N tokens."""
 
     indices: torch.Tensor  # [N, k] chosen experts, distinct within a row
-    gates: torch.Tensor  # [N, k] float32, softmax over the k kept logits, rows sum to 1
+    gates: torch.Tensor  # [N, k] float32, rows sum to 1 (switch: the single p_i in (0, 1], 0 over capacity)
     probs: Optional[torch.Tensor]  # [N, E] float32 softmax over all E logits; None on the inference path
     logits: torch.Tensor  # [N, E] float32, clean logits h @ W_g (no noise)
 

@@ -1,0 +1,67 @@
+"""Auxiliary-loss-free load balancing (DeepSeek-V3, Wang et al. 2024), docs/design.md section 2."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import RouterBase
+from .losses import Routing
+from .registry import register_router
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. gradient checkpointing recomputing the forward)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+@register_router("aux_free")
+class AuxFreeRouter(RouterBase):
+    """Top-k on ``z + b``, gates from the unbiased ``z``: ``z = h W_g``, ``chosen = top-k(z + b)``,
+    ``g = softmax(z[chosen])``.
+
+    ``b`` [E] is a per-expert bias that only steers the choice. It is a non-trainable ``nn.Parameter``
+    (``requires_grad=False``) so that it is saved and loaded with the adapter like every other tensor. After
+    each training-mode pass it moves toward balance, under no_grad:
+    ``b_i += gamma * sign(mean_j load_j - load_i)``, ``load_i`` = assignments to expert i among the non-padding
+    tokens of the pass, ``gamma = aux_free_bias_rate``. In eval it stays fixed. A token's routing depends on
+    its own hidden state and on ``b`` (set by earlier batches), so it is causal.
+
+    No auxiliary loss: ``aux_loss`` is a zero (the bias does the balancing); ``z_loss`` as usual. With gradient
+    checkpointing the recomputed forward skips the update but sees the bias already updated by this pass.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, bias_rate: float = 1e-3):
+        super().__init__(num_experts, top_k)
+        self.bias_rate = float(bias_rate)
+        self.weight = self.gate_weight(hidden_size, num_experts)
+        self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+
+    @classmethod
+    def from_config(cls, hidden_size: int, num_experts: int, config) -> "AuxFreeRouter":
+        return cls(hidden_size, num_experts, config.top_k, bias_rate=config.aux_free_bias_rate)
+
+    def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
+        logits = F.linear(hidden, self.weight)
+        indices = (logits + self.bias.detach().float()).topk(self.top_k, dim=-1).indices
+        gates = torch.softmax(logits.gather(1, indices), dim=-1)
+        probs = self.all_probs(logits)
+        self.set_losses(lambda: logits.new_zeros(()), logits, mask)
+        if self.record_statistics:
+            self.record(indices, probs, mask)
+        if self.training and self.bias_rate > 0 and not _in_backward():
+            self.update_bias(indices, mask)
+        return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
+
+    @torch.no_grad()
+    def update_bias(self, indices: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if mask is not None:
+            indices = indices[mask]
+        if indices.shape[0] == 0:
+            return
+        load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(self.bias.dtype)
+        self.bias.add_(self.bias_rate * torch.sign(load.mean() - load))

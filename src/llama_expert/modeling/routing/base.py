@@ -1,0 +1,84 @@
+"""RouterBase: what every router shares (docs/design.md section 2).
+
+- float32 routing with autocast switched off around it (``forward`` casts and calls ``_route``);
+- the losses of the last pass (``aux_loss``, ``z_loss``; None after an eval-mode pass under ``no_grad``);
+- the routing statistics ``evaluation.routing_health`` reads: ``record_statistics``, ``expert_counts``,
+  ``entropy_sum``, ``tokens_seen``, ``reset_statistics``;
+- ``top_k``: the number of experts each token gets (columns of ``Routing.indices``).
+
+A subclass implements ``_route(hidden [N, d] float32, mask [N] bool or None) -> Routing``, sets the two
+losses (``set_losses``) and calls ``record`` when ``record_statistics`` is on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import Routing, router_z_loss
+
+
+class RouterBase(nn.Module):
+    def __init__(self, num_experts: int, top_k: int):
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} > num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.record_statistics = False  # switched on by evaluation.routing_health while it measures expert usage
+        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    @staticmethod
+    def gate_weight(hidden_size: int, num_experts: int) -> nn.Parameter:
+        """The router matrix ``W_g`` [E, d], float32, small (std 0.1 / sqrt(d)): early routing is near uniform."""
+        weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        nn.init.normal_(weight, std=hidden_size ** -0.5 * 0.1)
+        return weight
+
+    def reset_statistics(self) -> None:
+        self.expert_counts.zero_()
+        self.entropy_sum.zero_()
+        self.tokens_seen.zero_()
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Routing:
+        if torch.is_autocast_enabled(hidden.device.type):
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                return self._route(hidden.float(), mask)
+        return self._route(hidden.float(), mask)
+
+    def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
+        raise NotImplementedError
+
+    def need_losses(self) -> bool:
+        """Losses are computed in training mode or with gradients on; inference under no_grad needs none."""
+        return self.training or torch.is_grad_enabled()
+
+    def need_probs(self) -> bool:
+        """Whether this pass needs the softmax over all E logits (for the losses or the statistics)."""
+        return self.need_losses() or self.record_statistics
+
+    def all_probs(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        return F.softmax(logits, dim=-1) if self.need_probs() else None
+
+    def set_losses(self, aux_loss: Callable[[], torch.Tensor], logits: torch.Tensor,
+                   mask: Optional[torch.Tensor]) -> None:
+        """Keep ``aux_loss()`` and the z-loss of the clean ``logits``; both None when no loss is needed."""
+        if self.need_losses():
+            self.aux_loss, self.z_loss = aux_loss(), router_z_loss(logits, mask)
+        else:
+            self.aux_loss = self.z_loss = None
+
+    @torch.no_grad()
+    def record(self, indices: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        if mask is not None:
+            indices, probs = indices[mask], probs[mask]
+        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).double()
+        self.entropy_sum += torch.special.entr(probs).sum().double()
+        self.tokens_seen += indices.shape[0]
