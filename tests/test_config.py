@@ -19,6 +19,7 @@ def test_defaults_match_spec():
     assert c.expert_type == "shared_core"
     assert c.router_type == "noisy_top_k"
     assert c.residual_scale_init == 1.0
+    assert c.expert_init == "zero" and c.router_lr_multiplier == 1.0
 
 
 @pytest.mark.parametrize("kwargs, fix_words", [
@@ -30,6 +31,9 @@ def test_defaults_match_spec():
     ({"expert_allocation": [2, 9, 4, 1]}, ["[9, 1]", "top_k=2", "num_experts=8"]),
     ({"expert_allocation": [4, "4"]}, ["list of integers"]),
     ({"expert_allocation": []}, ["list of integers"]),
+    ({"expert_init": ""}, ["expert_init", "'zero' or 'distinct'"]),
+    ({"router_lr_multiplier": 0.0}, ["router_lr_multiplier", "> 0"]),
+    ({"router_lr_multiplier": float("inf")}, ["router_lr_multiplier", "finite"]),
 ])
 def test_invalid_config_raises_with_fix(kwargs, fix_words):
     with pytest.raises(ConfigError) as info:

@@ -37,6 +37,12 @@ class ExpertConfig:
         up-projection ``B: r->d`` (zero-initialised); each expert owns a small nonlinear core in the
         r-dimensional space. Fits the 0.2% budget on Llama 3.2 1B.
         ``shared_down`` (HydraLoRA-like): shared ``A``, each expert owns its own ``B_i: r->d``.
+        ``mixlora``: each expert is a rank-r LoRA delta on the frozen MLP's gate, up and down projections
+        (MixLoRA); far above the 0.2% budget at the defaults (docs/design.md section 3).
+    expert_init:
+        ``zero`` (every bank): the output projections start at zero. ``distinct`` (``shared_down`` only):
+        every ``B_i`` starts random and ``residual_scale`` starts at 0 instead of ``residual_scale_init``.
+        Each bank says which values it supports; ``modeling.check_config`` rejects the others.
     expert_allocation:
         ``progressive`` (few experts in the first and last layers, most in the middle), ``uniform``
         (``num_experts`` everywhere) or an explicit list with one count per decoder layer.
@@ -60,7 +66,7 @@ class ExpertConfig:
     router_noise: bool = option(True, "switch off the noise of noisy top-k routing in training (Shazeer et al. 2017)")
     expert_allocation: Union[str, List[int]] = option(
         "progressive", "progressive, uniform, or a comma-separated expert count per layer", parse=parse_allocation)
-    expert_type: str = option("shared_core", "a registered expert bank: shared_core or shared_down")
+    expert_type: str = option("shared_core", "a registered expert bank: shared_core, shared_down or mixlora")
     router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free or soft")
     router_jitter: float = option(0.01, "switch router: multiplicative jitter eps on the router input in training "
                                         "(uniform in [1-eps, 1+eps]; 0 turns it off)")
@@ -69,6 +75,9 @@ class ExpertConfig:
     aux_free_bias_rate: float = option(1e-3, "aux_free router: step gamma of the balancing bias update "
                                              "b_i += gamma * sign(mean load - load_i)")
     residual_scale_init: float = option(1.0, "initial value of the learnable per-layer scale alpha_l")
+    expert_init: str = option("zero", "how the experts start: zero (output projections zero) or distinct (shared_down: "
+                                       "random B_i, alpha_l starts at 0); both give exactly the base model at step 0")
+    router_lr_multiplier: float = option(1.0, "the routers train at this multiple of --learning-rate")
     use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                               flag="--gradient-checkpointing")
     quantization_4bit: bool = option(False, "load the base in 4 bit (CUDA + bitsandbytes)")
@@ -115,6 +124,10 @@ class ExpertConfig:
              f"aux_free_bias_rate must be a finite number >= 0, got {self.aux_free_bias_rate!r}.")
         need(finite(self.residual_scale_init), f"residual_scale_init must be a finite number, got "
                                                f"{self.residual_scale_init!r}.")
+        need(isinstance(self.expert_init, str) and self.expert_init != "",  # the bank checks the value
+             f"expert_init must be a name such as 'zero' or 'distinct', got {self.expert_init!r}.")
+        need(finite(self.router_lr_multiplier) and self.router_lr_multiplier > 0,
+             f"router_lr_multiplier must be a finite number > 0, got {self.router_lr_multiplier!r}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("expert_type", "router_type"):

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, SharedCoreExperts, SharedDownExperts,
-                          adapter_parameters, augment_model, parameter_counts, parameter_report, remove_adapters,
-                          router_losses, weighted_router_loss)
+from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, adapter_parameters, augment_model,
+                          parameter_counts, parameter_report, remove_adapters, router_losses, weighted_router_loss)
+from llama_expert.modeling import EXPERT_BANKS
 
 ADAPTER_NAME = re.compile(r"\.mlp\.(router\.|experts\.|residual_scale$)")
 
@@ -29,16 +29,58 @@ def _logits(model, ids, mask=None):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("expert_type", ["shared_core", "shared_down"])
-def test_augmented_logits_equal_base_at_step_zero(tiny_model, expert_type):
+INITS = [("shared_core", "zero"), ("shared_down", "zero"), ("shared_down", "distinct"), ("mixlora", "zero")]
+
+
+@pytest.mark.parametrize("expert_type,expert_init", INITS)
+def test_augmented_logits_equal_base_at_step_zero(tiny_model, expert_type, expert_init):
     ids, mask = _batch(), _padded_mask()
     base, base_padded = _logits(tiny_model, ids), _logits(tiny_model, ids, mask)
-    augment_model(tiny_model, ExpertConfig(expert_type=expert_type))
+    augment_model(tiny_model, ExpertConfig(expert_type=expert_type, expert_init=expert_init))
     assert all(isinstance(layer.mlp, MoEAdapter) for layer in tiny_model.model.layers)
-    expected_bank = SharedCoreExperts if expert_type == "shared_core" else SharedDownExperts
+    expected_bank = EXPERT_BANKS.get(expert_type)
     assert all(isinstance(layer.mlp.experts, expected_bank) for layer in tiny_model.model.layers)
-    assert (_logits(tiny_model, ids) - base).abs().max().item() <= 1e-5
-    assert (_logits(tiny_model, ids, mask) - base_padded).abs().max().item() <= 1e-5
+    assert (_logits(tiny_model, ids) - base).abs().max().item() == 0
+    assert (_logits(tiny_model, ids, mask) - base_padded).abs().max().item() == 0
+
+
+@pytest.mark.parametrize("expert_type,expert_init", INITS)
+def test_step_zero_exact_with_a_bf16_base(tiny_model, expert_type, expert_init):
+    tiny_model.to(torch.bfloat16)
+    ids = _batch()
+    base = _logits(tiny_model, ids)
+    augment_model(tiny_model, ExpertConfig(expert_type=expert_type, expert_init=expert_init))
+    out = _logits(tiny_model, ids)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, base)
+
+
+def test_distinct_init_gives_distinct_experts_and_a_router_signal_after_one_step(tiny_model):
+    """shared_down + "distinct": random B_i, alpha_l = 0; step 1 moves alpha_l, then the LM loss reaches the router."""
+    augment_model(tiny_model, ExpertConfig(expert_type="shared_down", expert_init="distinct", router_aux_loss_coef=0.0,
+                                           router_z_loss_coef=0.0))
+    layers = [layer.mlp for layer in tiny_model.model.layers]
+    assert all(a.residual_scale.item() == 0.0 for a in layers)
+    assert all(not torch.equal(a.experts.up[0], a.experts.up[1]) for a in layers)
+    tiny_model.train()
+    ids = _batch()
+    opt = torch.optim.AdamW(adapter_parameters(tiny_model), lr=1e-2)
+    tiny_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(a.residual_scale.grad.abs().item() > 0 for a in layers)
+    assert all(a.router.weight.grad is None or a.router.weight.grad.abs().sum() == 0 for a in layers)
+    opt.step()
+    opt.zero_grad()
+    assert all(a.residual_scale.item() != 0.0 for a in layers)
+    tiny_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(a.router.weight.grad.abs().sum() > 0 for a in layers)
+
+
+@pytest.mark.parametrize("expert_type,expert_init", [("shared_core", "distinct"), ("mixlora", "distinct"),
+                                                     ("shared_down", "random")])
+def test_unsupported_expert_init_is_refused_before_building(tiny_model, expert_type, expert_init):
+    with pytest.raises(ConfigError, match=f"does not support expert_init '{expert_init}'"):
+        augment_model(tiny_model, ExpertConfig(expert_type=expert_type, expert_init=expert_init))
+    assert not any(isinstance(layer.mlp, MoEAdapter) for layer in tiny_model.model.layers)
 
 
 def test_adapters_are_float32_and_base_dtype_kept(tiny_model):
@@ -180,6 +222,22 @@ def test_parameter_counts(tiny_model):
     assert c["routers"] == 2 * 64 * sum(c["experts_per_layer"])
     # shared_core: A and B (r x d each) + per-expert cores (r x r twice)
     assert c["experts"] == 4 * 2 * 16 * 64 + 2 * 16 * 16 * sum(c["experts_per_layer"])
+
+
+def test_mixlora_parameter_counts_and_gradients(tiny_model):
+    """One mixlora expert is one rank-r LoRA on gate/up/down: 3*r*(d+I); the base weights are not the bank's."""
+    augment_model(tiny_model, ExpertConfig(expert_type="mixlora"))
+    c = parameter_counts(tiny_model)
+    d, i = tiny_model.config.hidden_size, tiny_model.config.intermediate_size
+    assert c["experts"] == 3 * 16 * (d + i) * sum(c["experts_per_layer"])
+    assert c["trainable"] == sum(p.numel() for p in adapter_parameters(tiny_model))
+    tiny_model.train()
+    ids = _batch()
+    tiny_model(input_ids=ids, labels=ids).loss.backward()
+    for layer in tiny_model.model.layers:  # at step 0 the zero D matrices take the LM gradient
+        bank = layer.mlp.experts
+        assert bank.gate_up.grad.abs().sum() > 0 and bank.down_up.grad.abs().sum() > 0
+        assert layer.mlp.base_mlp.gate_proj.weight.grad is None
 
 
 LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

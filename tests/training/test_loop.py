@@ -231,3 +231,64 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     _train(model, blocks, _args(tmp_path, max_steps=2, use_wandb=True))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     shutil.rmtree(tmp_path / "wandb", ignore_errors=True)
+
+
+def _router_setup(multiplier):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_expert import ExpertConfig
+    from llama_expert.training.methods import MoEMethod
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    method = MoEMethod(ExpertConfig(router_lr_multiplier=multiplier, lora_dropout=0.0, router_noise=False))
+    method.add_to(model)
+    return model, method
+
+
+def _is_router(name):
+    return ".router." in name
+
+
+def test_parameter_groups_put_the_routers_at_the_multiplied_learning_rate():
+    model, method = _router_setup(1.0)
+    assert method.parameter_groups(model, 1e-3) is None  # the default: one group, as before
+    model, method = _router_setup(5.0)
+    groups = method.parameter_groups(model, 1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, pytest.approx(5e-3)]
+    assert all(not _is_router(names[id(p)]) for p in groups[0]["params"])
+    assert all(_is_router(names[id(p)]) for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("multiplier", [4.0, 0.25])
+def test_router_update_scales_with_the_multiplier(tmp_path, multiplier):
+    """One AdamW step of train_model: the routers move `multiplier` times as far, everything else as far."""
+    blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    moved = []
+    for m in (1.0, multiplier):
+        model, method = _router_setup(m)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        train_model(model, blocks, None, _args(tmp_path / str(m), max_steps=1, warmup_ratio=0.0),
+                    save_model=lambda m_, f: save_adapter(m_, f), load_model=load_adapter_weights,
+                    extra_loss=method.extra_loss, parameter_groups=method.parameter_groups(model, 1e-2))
+        moved.append({n: (p.detach() - before[n]).abs().sum().item() for n, p in model.named_parameters()
+                      if p.requires_grad})
+    routers = [n for n in moved[0] if _is_router(n)]
+    assert routers and all(moved[0][n] > 0 for n in routers)
+    for name in moved[0]:
+        want = moved[0][name] * (multiplier if _is_router(name) else 1.0)
+        assert moved[1][name] == pytest.approx(want, rel=1e-4, abs=1e-12), name
+
+
+def test_parameter_groups_must_cover_every_trainable_parameter(tmp_path):
+    from llama_expert import ConfigError
+
+    model, method = _router_setup(2.0)
+    groups = method.parameter_groups(model, 1e-2)[:1]  # the routers left out
+    blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ConfigError, match="exactly once"):
+        train_model(model, blocks, None, _args(tmp_path, max_steps=1), save_model=lambda m, f: save_adapter(m, f),
+                    load_model=load_adapter_weights, parameter_groups=groups)

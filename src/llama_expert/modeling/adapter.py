@@ -64,8 +64,10 @@ class MoEAdapter(nn.Module):
         self.num_experts = num_experts
         self.token_mask = token_mask or TokenMask()
         self.router = ROUTERS.get(config.router_type).from_config(hidden_size, num_experts, config)
-        self.experts = EXPERT_BANKS.get(config.expert_type).from_config(hidden_size, num_experts, config)
-        self.residual_scale = nn.Parameter(torch.tensor(float(config.residual_scale_init)))
+        bank = EXPERT_BANKS.get(config.expert_type)
+        self.experts = bank.from_config(hidden_size, num_experts, config, base_mlp=base_mlp)
+        # alpha_l starts where the bank says (0 for shared_down's "distinct" init, else residual_scale_init)
+        self.residual_scale = nn.Parameter(torch.tensor(bank.initial_residual_scale(config)))
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -79,6 +81,6 @@ class MoEAdapter(nn.Module):
         base = self.base_mlp(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router(flat, self.token_mask.for_hidden(hidden))
-        compute_dtype = self.experts.down.dtype
+        compute_dtype = self.experts.compute_dtype
         moe = self.experts(flat.to(compute_dtype), routing.indices, routing.gates)
         return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)

@@ -6,9 +6,12 @@ and mixing it with a gate matrix that is zero outside each token's top k is exac
 takes two or three matmuls with no Python loop and no index shuffling, and is faster than dispatch at
 these sizes on both CPU and GPU (docs/design.md section 3).
 
-Banks are registered by name (``ExpertConfig.expert_type``) and built with ``from_config``.
-``lora_scaling`` is the fixed LoRA factor ``lora_alpha / lora_r``; the learnable per-layer factor lives
-in the adapter (``MoEAdapter.residual_scale``).
+Banks are registered by name (``ExpertConfig.expert_type``) and built with
+``from_config(hidden_size, num_experts, config, base_mlp=...)``; ``base_mlp`` is the frozen MLP the adapter
+wraps (only ``mixlora`` uses it). ``lora_scaling`` is the fixed LoRA factor ``lora_alpha / lora_r``; the
+learnable per-layer factor lives in the adapter (``MoEAdapter.residual_scale``), which starts at the bank's
+``initial_residual_scale(config)``. Each bank lists the ``ExpertConfig.expert_init`` values it supports in
+``expert_inits`` (docs/design.md section 3).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .registry import Registry
 
 EXPERT_BANKS = Registry("expert bank", "expert_type")
@@ -36,15 +40,60 @@ def lora_scaling(config) -> float:
     return config.lora_alpha / config.lora_r
 
 
-@register_expert_bank("shared_core")
-class SharedCoreExperts(nn.Module):
+class ExpertBank(nn.Module):
+    """What every registered bank shares: the ``expert_init`` values it supports and where alpha_l starts.
+
+    ``expert_init="zero"`` (every bank): the output projections start at zero, so the bank outputs exactly
+    zero at step 0 and alpha_l starts at ``residual_scale_init``. A bank that supports other values lists
+    them in ``expert_inits`` and says in ``initial_residual_scale`` where alpha_l must start for the
+    augmented model to equal the base model exactly at step 0.
+    """
+
+    expert_inits = ("zero",)
+    registered_name = ""
+    expert_init_hint = ""
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Raise ConfigError when this bank cannot be built from ``config`` (called before a model loads)."""
+        if config.expert_init not in cls.expert_inits:
+            raise ConfigError(f"expert_type {cls.registered_name!r} does not support expert_init "
+                              f"{config.expert_init!r}; it supports {', '.join(cls.expert_inits)}."
+                              f"{cls.expert_init_hint}")
+
+    @classmethod
+    def initial_residual_scale(cls, config) -> float:
+        return float(config.residual_scale_init)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the bank computes in (its parameters'; float32 after augment_model)."""
+        return next(self.parameters()).dtype
+
+
+def register_bank(name: str):
+    """``register_expert_bank`` that also tells the class its registered name (for error messages)."""
+    def add(cls):
+        cls.registered_name = name
+        return register_expert_bank(name)(cls)
+    return add
+
+
+@register_bank("shared_core")
+class SharedCoreExperts(ExpertBank):
     """Experts that share ``A: d->r`` and ``B: r->d``; expert i owns a core ``r->e->r``.
 
     ``MoE(h) = s * B( z + sum_i g_i * W2_i silu(W1_i z) )``, ``z = A dropout(h)``, ``s = lora_alpha/r``,
     ``e = expert_hidden_size``. The identity path ``z`` makes the bank at least as expressive as one
     rank-r LoRA; the routed cores add token-dependent nonlinear corrections. ``B`` starts at zero, so the
     bank outputs exactly zero at step 0.
+
+    Only ``expert_init="zero"``: the experts' cores are random and distinct already; what makes all
+    experts compute the same function (zero) at step 0 is the shared ``B``, and after the first step
+    ``B != 0`` maps the distinct cores to distinct outputs (docs/design.md section 3).
     """
+
+    expert_init_hint = " Its experts' cores are random and distinct already; use expert_init='zero'."
 
     def __init__(self, hidden_size: int, num_experts: int, rank: int, expert_hidden_size: int,
                  lora_scaling: float, dropout: float = 0.0):
@@ -61,7 +110,8 @@ class SharedCoreExperts(nn.Module):
         nn.init.normal_(self.core_out, std=expert_hidden_size ** -0.5)
 
     @classmethod
-    def from_config(cls, hidden_size: int, num_experts: int, config) -> "SharedCoreExperts":
+    def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "SharedCoreExperts":
+        cls.check_config(config)
         return cls(hidden_size, num_experts, config.lora_r, config.expert_hidden_size or config.lora_r,
                    lora_scaling(config), config.lora_dropout)
 
@@ -73,15 +123,23 @@ class SharedCoreExperts(nn.Module):
         return F.linear(z + routed, self.up) * self.lora_scaling
 
 
-@register_expert_bank("shared_down")
-class SharedDownExperts(nn.Module):
-    """HydraLoRA-like experts: shared ``A: d->r``, expert i owns ``B_i: r->d`` (zero-initialised).
+@register_bank("shared_down")
+class SharedDownExperts(ExpertBank):
+    """HydraLoRA-like experts: shared ``A: d->r``, expert i owns ``B_i: r->d``.
 
     ``MoE(h) = s * sum_i g_i B_i A dropout(h)``, computed as one matmul of the gate-scaled copies of
     ``z`` ([N, E*r]) with the stacked ``B`` ([E*r, d]).
+
+    ``expert_init="zero"``: every ``B_i`` starts at zero. ``"distinct"``: every ``B_i`` starts random,
+    ``N(0, 1/r)`` (the scale of a fresh ``r -> d`` layer), so the experts compute different functions from
+    the start; the adapter's alpha_l then starts at 0 instead of ``residual_scale_init``, which keeps the
+    step-0 output exactly the base model's (docs/design.md section 3).
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, rank: int, lora_scaling: float, dropout: float = 0.0):
+    expert_inits = ("zero", "distinct")
+
+    def __init__(self, hidden_size: int, num_experts: int, rank: int, lora_scaling: float, dropout: float = 0.0,
+                 distinct: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.lora_scaling = lora_scaling
@@ -89,13 +147,111 @@ class SharedDownExperts(nn.Module):
         self.down = nn.Parameter(torch.empty(rank, hidden_size))
         self.up = nn.Parameter(torch.zeros(num_experts, rank, hidden_size))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        if distinct:
+            nn.init.normal_(self.up, std=rank ** -0.5)
 
     @classmethod
-    def from_config(cls, hidden_size: int, num_experts: int, config) -> "SharedDownExperts":
-        return cls(hidden_size, num_experts, config.lora_r, lora_scaling(config), config.lora_dropout)
+    def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "SharedDownExperts":
+        cls.check_config(config)
+        return cls(hidden_size, num_experts, config.lora_r, lora_scaling(config), config.lora_dropout,
+                   distinct=config.expert_init == "distinct")
+
+    @classmethod
+    def initial_residual_scale(cls, config) -> float:
+        """0 with random ``B_i`` ("distinct"): ``0 * MoE(h)`` is exactly zero; else ``residual_scale_init``."""
+        return 0.0 if config.expert_init == "distinct" else float(config.residual_scale_init)
 
     def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         z = F.linear(self.dropout(hidden) if self.training else hidden, self.down)  # [N, r]
         weights = gate_matrix(indices, gates, self.num_experts).to(z.dtype)  # [N, E]
         scaled = (weights.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1)  # [N, E*r]
         return scaled @ self.up.reshape(-1, self.up.shape[-1]) * self.lora_scaling
+
+
+@register_bank("mixlora")
+class MixLoRAExperts(ExpertBank):
+    """MixLoRA: expert i is a rank-r LoRA delta on the frozen MLP's own gate, up and down projections.
+
+    With the Llama MLP ``MLP(h) = W2 (act(W1 h) * (W3 h))`` and ``s = lora_alpha / r``, expert i computes
+    ``E_i(h) = (W2 + s D2_i C2_i) (act(W1 h + s D1_i C1_i h) * (W3 h + s D3_i C3_i h))`` (``C: A``, down,
+    random; ``D: B``, up, zero-initialised), and the bank returns the routed change of the MLP's output
+
+        ``MoE(h) = sum_i g_i (E_i(h) - MLP(h))
+                 = W2 (sum_i g_i (m_i - m)) + s sum_i g_i D2_i C2_i m_i``,
+        ``m = act(W1 h) * (W3 h)``,  ``m_i = act(W1 h + s D1_i C1_i h) * (W3 h + s D3_i C3_i h)``.
+
+    With gates summing to 1 and alpha_l = 1, ``MLP(h) + MoE(h) = sum_i g_i E_i(h)``: MixLoRA's layer. ``W1 h``
+    and ``W3 h`` are computed once per token and shared by the experts; the two projections are computed
+    a second time here (the adapter's ``base_mlp(h)`` computes them too), so the MLP's cost rises from
+    ``3dI`` to ``5dI`` multiply-adds. The frozen projections run in the base's dtype (also 4-bit); the LoRA
+    paths in the bank's (float32). Every ``D`` starts at zero, so ``m_i == m`` bit for bit and the output
+    is exactly zero at step 0. Needs a Llama-style MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``),
+    passed as ``base_mlp``; it is referenced, not registered, so its weights stay out of the bank's
+    parameters and state dict.
+    """
+
+    MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    expert_init_hint = " Its experts' A matrices (C) are random and distinct already; use expert_init='zero'."
+
+    def __init__(self, base_mlp: nn.Module, hidden_size: int, num_experts: int, rank: int, lora_scaling: float,
+                 dropout: float = 0.0):
+        super().__init__()
+        missing = [name for name in self.MLP_PARTS if not hasattr(base_mlp, name)]
+        if missing:
+            raise ConfigError(f"expert_type 'mixlora' needs a Llama-style MLP with gate_proj, up_proj, down_proj "
+                              f"and act_fn; {type(base_mlp).__name__} lacks {', '.join(missing)}. Use shared_core "
+                              f"or shared_down.")
+        intermediate = base_mlp.gate_proj.out_features
+        self._base = (base_mlp,)  # a tuple: not a submodule, so the frozen weights are not the bank's parameters
+        self.num_experts, self.rank = num_experts, rank
+        self.lora_scaling = lora_scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.gate_down = nn.Parameter(torch.empty(num_experts, rank, hidden_size))  # C1_i: d -> r
+        self.gate_up = nn.Parameter(torch.zeros(num_experts, rank, intermediate))  # D1_i: r -> I, stored [r, I]
+        self.up_down = nn.Parameter(torch.empty(num_experts, rank, hidden_size))  # C3_i
+        self.up_up = nn.Parameter(torch.zeros(num_experts, rank, intermediate))  # D3_i
+        self.down_down = nn.Parameter(torch.empty(num_experts, rank, intermediate))  # C2_i: I -> r
+        self.down_up = nn.Parameter(torch.zeros(num_experts, rank, hidden_size))  # D2_i: r -> d, stored [r, d]
+        for p in (self.gate_down, self.up_down, self.down_down):  # LoRA's A init: U(+-1/sqrt(fan_in)) per expert
+            bound = p.shape[-1] ** -0.5
+            nn.init.uniform_(p, -bound, bound)
+
+    @classmethod
+    def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "MixLoRAExperts":
+        cls.check_config(config)
+        if base_mlp is None:
+            raise ConfigError("expert_type 'mixlora' needs the frozen MLP: from_config(..., base_mlp=mlp).")
+        return cls(base_mlp, hidden_size, num_experts, config.lora_r, lora_scaling(config), config.lora_dropout)
+
+    def _low_rank(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """Every expert's ``C_i x`` at once: [N, E, r]."""
+        return F.linear(x, down.reshape(-1, down.shape[-1])).view(x.shape[0], self.num_experts, self.rank)
+
+    def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        mlp = self._base[0]
+        n, dtype = hidden.shape[0], hidden.dtype
+        weight = mlp.gate_proj.weight
+        base_dtype = weight.dtype if weight.is_floating_point() else dtype  # 4-bit layers cast the input
+        frozen_in = hidden.to(base_dtype)
+        u = mlp.gate_proj(frozen_in).to(dtype)  # W1 h, shared by every expert
+        v = mlp.up_proj(frozen_in).to(dtype)  # W3 h
+        m = mlp.act_fn(u) * v
+        x = self.dropout(hidden) if self.training else hidden
+        z_gate, z_up = self._low_rank(x, self.gate_down), self._low_rank(x, self.up_down)  # [N, E, r]
+        gate_up = self.gate_up.reshape(-1, self.gate_up.shape[-1])  # [E*r, I]
+        up_up = self.up_up.reshape(-1, self.up_up.shape[-1])
+        change = torch.zeros_like(m)  # sum_j g_j (m_j - m)
+        down_in = hidden.new_zeros(n, self.num_experts, self.rank)  # sum_j g_j onehot(i_j) C2 m_j
+        for slot in range(indices.shape[1]):  # k slots; dense over experts inside each (one-hot masks)
+            pick = F.one_hot(indices[:, slot], self.num_experts).to(dtype).unsqueeze(-1)  # [N, E, 1]
+            g = gates[:, slot].to(dtype).unsqueeze(-1)  # [N, 1]
+            m_j = (mlp.act_fn(u + (z_gate * pick).reshape(n, -1) @ gate_up * self.lora_scaling)
+                   * (v + (z_up * pick).reshape(n, -1) @ up_up * self.lora_scaling))
+            change = change + g * (m_j - m)
+            m_in = self.dropout(m_j) if self.training else m_j
+            down_in = down_in + g.unsqueeze(-1) * pick * self._low_rank(m_in, self.down_down)
+        through_w2 = mlp.down_proj(change.to(base_dtype))
+        if mlp.down_proj.bias is not None:
+            through_w2 = through_w2 - mlp.down_proj.bias
+        lora_down = down_in.reshape(n, -1) @ self.down_up.reshape(-1, self.down_up.shape[-1]) * self.lora_scaling
+        return through_w2.to(dtype) + lora_down

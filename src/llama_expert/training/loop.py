@@ -136,7 +136,8 @@ def block_rows(step: int, micro: int, accumulation: int, batch_size: int, rank: 
 def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.Tensor], args: TrainingArguments,
                 save_model: Callable[[object, Path], None], load_model: Callable[[object, Path], None],
                 extra_loss: Optional[Callable[[object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
-                run_config: Optional[dict] = None, accelerator=None) -> TrainResult:
+                run_config: Optional[dict] = None, accelerator=None,
+                parameter_groups: Optional[List[dict]] = None) -> TrainResult:
     """Train every parameter of ``model`` that requires grad on ``train_blocks`` ([n, seq_len]).
 
     ``extra_loss(model)`` returns a term to add to the LM loss and named values to log (the router
@@ -144,7 +145,10 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     tensors of a checkpoint folder. ``run_config`` holds the settings that made the run (method, model,
     data); with the training arguments they are stored in every checkpoint, and ``--resume`` refuses a
     checkpoint whose result-changing settings differ. SIGINT/SIGTERM stop the run after the current step
-    with a checkpoint of it.
+    with a checkpoint of it. ``parameter_groups`` (AdamW groups, e.g. ``TrainingMethod.parameter_groups``: the
+    routers at a multiple of the learning rate) must hold every trainable parameter exactly once; without
+    them every trainable parameter is in one group at ``args.learning_rate``. The schedule scales every
+    group's own learning rate.
     """
     from accelerate.utils import gather_object, set_seed
 
@@ -168,7 +172,12 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; augment it (or add LoRA) first.")
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if parameter_groups is not None:
+        grouped = [p for group in parameter_groups for p in group["params"]]
+        if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+            raise ConfigError("parameter_groups must hold every trainable parameter of the model exactly once.")
+    optimizer = torch.optim.AdamW(params if parameter_groups is None else parameter_groups, lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
     unwrapped = model
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -19,7 +19,7 @@ from ..evaluation.reports import save_usage_heatmap
 from ..evaluation.routing_health import domain_specialisation, measure_expert_usage
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights, save_adapter
-from ..integration.surgery import augment_model, parameter_report, weighted_router_loss
+from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
 from ..modeling.registry import Registry
 from . import lora
@@ -47,6 +47,10 @@ class TrainingMethod:
 
     def describe(self, model) -> str:
         raise NotImplementedError
+
+    def parameter_groups(self, model, learning_rate: float) -> Optional[List[dict]]:
+        """AdamW parameter groups for ``model`` built by ``add_to``, or None: one group at ``learning_rate``."""
+        return None
 
     def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
         raise NotImplementedError
@@ -89,6 +93,20 @@ class MoEMethod(TrainingMethod):
 
     def describe(self, model) -> str:
         return parameter_report(model)
+
+    def parameter_groups(self, model, learning_rate: float) -> Optional[List[dict]]:
+        """The routers at ``learning_rate * router_lr_multiplier``, everything else at ``learning_rate``.
+
+        None (one group, as before) when the multiplier is 1, so such runs and their checkpoints are unchanged.
+        """
+        if self.config.router_lr_multiplier == 1.0:
+            return None
+        routers = {id(p) for _, adapter in adapters(model) for p in adapter.router.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if id(p) not in routers], "lr": learning_rate},
+                  {"params": [p for p in trainable if id(p) in routers],
+                   "lr": learning_rate * self.config.router_lr_multiplier}]
+        return [group for group in groups if group["params"]]
 
     def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
         save_adapter(model, folder, base_model_name_or_path=base_model_name_or_path)
