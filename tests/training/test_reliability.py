@@ -341,3 +341,12 @@ def test_a_mixture_trains_equal_tokens_per_domain_and_reports_each(base, tmp_pat
     assert "mean test perplexity (exp of mean log)" in printed and "  math: " in printed
     usage = json.loads((out / "expert_usage.json").read_text())
     assert all(0.0 <= row["domain_expert_nmi"] <= 1.0 and row["domains"] == ["math", "prose"] for row in usage)
+
+
+def test_settings_a_checkpoint_predates_do_not_block_resume():
+    from llama_expert.training.loop import settings_changes
+
+    saved = {"learning_rate": 1e-3, "expert_config": {"top_k": 2}}
+    now = {"learning_rate": 1e-3, "expert_config": {"top_k": 2, "router_jitter": 0.01}, "output_dir": "x"}
+    assert settings_changes(saved, now) == []
+    assert settings_changes(saved, {**now, "expert_config": {"top_k": 1}}) == ["top_k: checkpoint 2, now 1"]

@@ -60,8 +60,9 @@ def _flat_settings(config: dict, prefix: str = "") -> Dict[str, object]:
 def settings_changes(saved: dict, current: dict) -> List[str]:
     """``key: checkpoint X, now Y`` for every setting that changes the result and differs."""
     before, now = _flat_settings(saved), _flat_settings(current)
+    # A setting the checkpoint does not record is newer than it: its default reproduces the old behaviour.
     return [f"{key.split('.')[-1]}: checkpoint {before.get(key)!r}, now {now.get(key)!r}"
-            for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
+            for key in sorted(set(before) | set(now)) if key in before and before.get(key) != now.get(key)]
 
 
 def _finite(params) -> bool:
