@@ -341,6 +341,7 @@ def test_a_mixture_trains_equal_tokens_per_domain_and_reports_each(base, tmp_pat
     assert "mean test perplexity (exp of mean log)" in printed and "  math: " in printed
     usage = json.loads((out / "expert_usage.json").read_text())
     assert all(0.0 <= row["domain_expert_nmi"] <= 1.0 and row["domains"] == ["math", "prose"] for row in usage)
+    assert (out / "domain_expert_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_settings_a_checkpoint_predates_do_not_block_resume():

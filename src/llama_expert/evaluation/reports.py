@@ -229,3 +229,31 @@ def save_usage_heatmap(usage: List[Dict[str, object]], path, title: str = "Exper
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_domain_heatmap(usage: List[Dict[str, object]], path, title: str = "Domain x expert usage") -> Path:
+    """One small domains x experts heatmap per layer (each domain's share of its assignments per expert),
+    titled with the layer's normalised mutual information between domain and expert."""
+    import math
+
+    plt = _matplotlib_pyplot()
+    columns = min(6, len(usage))
+    rows = math.ceil(len(usage) / columns)
+    domains = usage[0]["domains"]
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 0.5 + (0.35 * len(domains) + 0.6) * rows),
+                             squeeze=False)
+    for ax in axes.flat[len(usage):]:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, usage):
+        ax.imshow(row["domain_fractions"], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_title(f"layer {row['layer']}  NMI {row['domain_expert_nmi']:.2f}", fontsize=8)
+        ax.set_xticks(range(row["num_experts"]))
+        ax.tick_params(labelsize=6)
+        ax.set_yticks(range(len(domains)))
+        ax.set_yticklabels(domains if ax in axes[:, 0] else [], fontsize=7)
+    fig.suptitle(f"{title}: each domain's share of its assignments per expert (0 to 1)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import ExpertConfig
-from ..evaluation.reports import save_usage_heatmap
+from ..evaluation.reports import save_domain_heatmap, save_usage_heatmap
 from ..evaluation.routing_health import domain_specialisation, measure_expert_usage
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights, save_adapter
@@ -130,6 +130,12 @@ class MoEMethod(TrainingMethod):
                 row.update(domain_fractions=by_domain["domain_fractions"], domains=by_domain["domains"],
                            domain_expert_nmi=by_domain["nmi"])
         atomic_write_text(output_dir / "expert_usage.json", json.dumps(usage, indent=1) + "\n")
+        if domain_names and len(domain_names) > 1:
+            try:
+                save_domain_heatmap(usage, output_dir / "domain_expert_usage.png",
+                                    title=f"Domain x expert usage after {steps} steps")
+            except ImportError:
+                print("matplotlib is not installed: skipped domain_expert_usage.png (pip install matplotlib)")
         try:
             save_usage_heatmap(usage, output_dir / "expert_usage.png", title=f"Expert usage after {steps} steps")
         except ImportError:

@@ -21,7 +21,8 @@ from ..errors import ConfigError, LlamaExpertError
 LOCK_NAME = ".llama-expert.lock"
 # Everything a training run writes into its output folder (the adapter files of both methods included).
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "checkpoints", "train_log.jsonl",
-               "training_summary.json", "expert_usage.json", "expert_usage.png", "tensorboard", "wandb")
+               "training_summary.json", "expert_usage.json", "expert_usage.png", "domain_expert_usage.png",
+               "tensorboard", "wandb")
 
 
 class OutputFolderLocked(LlamaExpertError):
