@@ -84,9 +84,10 @@ def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: 
     if not is_augmented(model):
         raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
     layers, warnings = [], []
+    routers = [adapter.router for _, adapter in adapters(model)]
     for row in measure_expert_usage(model, windows, batch_size, progress):
         index, num_experts, tokens = row["layer"], row["num_experts"], row["tokens"]
-        router = adapters(model)[index][1].router
+        router = routers[index]
         top_k = int(router.top_k)
         load = row["fractions"]
         share = [c / tokens if tokens else 0.0 for c in row["counts"]]

@@ -14,9 +14,10 @@ from typing import Callable, Dict, List, Optional, TextIO, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..integration.base_models import context_length
 from ..integration.loading import ModelArguments, load_model_and_tokenizer
 from ..options import option
-from .generation import (check_sampling, context_length, encode_prompt, generate_ids, generate_text,
+from .generation import (check_sampling, encode_prompt, generate_ids, generate_text,
                          has_chat_template, make_streamer)
 
 PROMPT_MARKER = ">>> "
@@ -53,7 +54,7 @@ def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature
     """
     output = sys.stdout if output is None else output
     chat = use_chat_template and has_chat_template(tokenizer)
-    limit = context_length(model)
+    limit = context_length(model.config)
     budget = (limit - max_new_tokens) if limit is not None else sys.maxsize
     base_history = [{"role": "system", "content": system_prompt}] if (chat and system_prompt) else []
     history: List[Dict[str, str]] = list(base_history)

@@ -15,13 +15,10 @@ from typing import Optional, TextIO
 import torch
 
 from ..errors import ConfigError
+from ..integration.base_models import context_length
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-def context_length(model) -> Optional[int]:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -55,7 +52,7 @@ def encode_prompt(tokenizer, prompt, use_chat_template: bool = True) -> torch.Te
 
 
 def check_prompt_fits(model, prompt_len: int, max_new_tokens: int) -> None:
-    limit = context_length(model)
+    limit = context_length(model.config)
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise ConfigError(f"the prompt has {prompt_len} tokens and --max-new-tokens is {max_new_tokens}, but the "
                           f"model's context holds {limit} tokens (max_position_embeddings), so the prompt may "

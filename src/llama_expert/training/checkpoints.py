@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import LlamaExpertError
-from ..files import atomic_write_text, previous_version, write_folder
+from ..files import previous_version, write_folder
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -83,7 +83,8 @@ def save_training_state(folder: Path, state: dict) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     packed = _pack(state, tensors)
     save_file(tensors, str(Path(folder) / STATE_TENSORS))
-    atomic_write_text(Path(folder) / STATE_JSON, json.dumps(packed, allow_nan=False) + "\n")
+    # written into write_folder's staging folder, which is fsynced and swapped in whole
+    (Path(folder) / STATE_JSON).write_text(json.dumps(packed, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def load_training_state(folder: Path) -> dict:

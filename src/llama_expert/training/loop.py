@@ -114,6 +114,11 @@ def make_accelerator(args: TrainingArguments):
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
+def autocast_dtype(accelerator) -> Optional[torch.dtype]:
+    """The dtype Accelerate's mixed precision autocasts to (None: no autocast), for evaluation passes."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -185,7 +190,7 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    autocast = autocast_dtype(accelerator)
 
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     history: List[dict] = []
@@ -241,7 +246,7 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
         if eval_windows is None:
             return None
         mine = eval_windows[rank::world]
-        result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast_dtype, progress=args.progress and main) \
+        result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast, progress=args.progress and main) \
             if len(mine) else \
             {"nll": 0.0, "tokens": 0}
         totals = torch.tensor([result["nll"] * result["tokens"], float(result["tokens"])], device=device,

@@ -27,7 +27,7 @@ from ..files import atomic_write_text
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
 from .arguments import DataArguments, TrainingArguments
-from .loop import TrainResult, make_accelerator, train_model
+from .loop import TrainResult, autocast_dtype, make_accelerator, train_model
 from .methods import LoRAMethod, MoEMethod, TrainingMethod
 from .run_folder import RunLock, check_output_folder, clear_run_outputs
 
@@ -150,13 +150,13 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
         f"{name} {int((data.domains == d).sum())}" for d, name in enumerate(data.names)) + " blocks)"
     say(f"data: {data.train.shape[0]} training blocks x {args.seq_len} tokens ({data.train.numel():,} tokens){mix}, "
         f"validation {data.eval.numel():,} tokens")
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    autocast = autocast_dtype(accelerator)
     model.to(accelerator.device)
     test_before = measure_tests(model, data.tests, autocast, progress) if data.tests and main and not args.resume \
         else None
     result = train_model(model, data.train, data.eval, args,
                          save_model=lambda m, folder: method.save(m, folder, base_name), load_model=method.load,
-                         extra_loss=method.extra_loss, run_config={"method": method.name, **settings, **asdict(args)},
+                         extra_loss=method.extra_loss, run_config={"method": method.name, **settings},
                          accelerator=accelerator, parameter_groups=method.parameter_groups(model, args.learning_rate))
     if not main:
         return result
