@@ -67,11 +67,14 @@ class ExpertConfig:
     expert_allocation: Union[str, List[int]] = option(
         "progressive", "progressive, uniform, or a comma-separated expert count per layer", parse=parse_allocation)
     expert_type: str = option("shared_core", "a registered expert bank: shared_core, shared_down or mixlora")
-    router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free or soft")
+    router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free, soft or "
+                                                      "expert_choice")
     router_jitter: float = option(0.01, "switch router: multiplicative jitter eps on the router input in training "
                                         "(uniform in [1-eps, 1+eps]; 0 turns it off)")
-    capacity_factor: Optional[float] = option(None, "switch router: expert capacity ceil(factor * tokens / experts) "
-                                                    "in training; overflow tokens skip the experts (default: none)")
+    capacity_factor: Optional[float] = option(None, "switch: expert capacity ceil(factor * tokens / experts) in training, "
+                                                    "overflow tokens skip the experts (default: none); expert_choice: "
+                                                    "each expert takes ceil(factor * tokens * top_k / experts) "
+                                                    "tokens (default 1)")
     aux_free_bias_rate: float = option(1e-3, "aux_free router: step gamma of the balancing bias update "
                                              "b_i += gamma * sign(mean load - load_i)")
     residual_scale_init: float = option(1.0, "initial value of the learnable per-layer scale alpha_l")

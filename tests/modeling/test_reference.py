@@ -202,8 +202,17 @@ def _soft_token(router, h):
     return logits, list(range(len(logits))), _softmax(logits)
 
 
+def _expert_choice_token(router, h):
+    """Eval mode: every expert listed; expert j's gate is p_j = softmax(all logits)_j if p_j >= its learned
+    threshold tau_j, else 0."""
+    logits = [float(router.weight[j].detach().double() @ h) for j in range(router.weight.shape[0])]
+    probs = _softmax(logits)
+    return logits, list(range(len(logits))), [p if p >= float(router.thresholds[j]) else 0.0
+                                              for j, p in enumerate(probs)]
+
+
 ROUTER_REFERENCES = {"noisy_top_k": _noisy_top_k_token, "switch": _switch_token, "aux_free": _aux_free_token,
-                     "soft": _soft_token}
+                     "soft": _soft_token, "expert_choice": _expert_choice_token}
 
 
 def router_reference(name, router, h):
@@ -224,7 +233,8 @@ def test_router_matches_the_per_token_loop(name, num_experts, top_k):
     assert routing.gates.dtype == torch.float32
     for n in range(TOKENS):
         logits, chosen, gates = router_reference(name, router, hidden[n].double())
-        # the reference fixes k: top_k for noisy_top_k and aux_free, 1 for switch, E for soft
+        # the reference fixes k: top_k for noisy_top_k and aux_free, 1 for switch, E for soft and
+        # expert_choice (whose unchosen experts have gate 0)
         assert routing.indices.shape == routing.gates.shape == (TOKENS, len(chosen))
         torch.testing.assert_close(routing.logits[n].double(), torch.tensor(logits, dtype=torch.float64),
                                    rtol=1e-5, atol=1e-5)

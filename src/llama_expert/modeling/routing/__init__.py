@@ -8,6 +8,7 @@ they share (float32, losses, routing statistics).
 
 from .aux_free import AuxFreeRouter
 from .base import RouterBase
+from .expert_choice import ExpertChoiceRouter
 from .losses import Routing, load_balancing_loss, router_z_loss
 from .noisy_topk import NoisyTopKGating
 from .registry import ROUTERS, register_router
@@ -15,4 +16,4 @@ from .soft import SoftRouter
 from .switch import SwitchRouter
 
 __all__ = ["ROUTERS", "register_router", "Routing", "RouterBase", "NoisyTopKGating", "SwitchRouter",
-           "AuxFreeRouter", "SoftRouter", "load_balancing_loss", "router_z_loss"]
+           "AuxFreeRouter", "SoftRouter", "ExpertChoiceRouter", "load_balancing_loss", "router_z_loss"]

@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase
+from .base import RouterBase, in_backward_pass
 from .losses import Routing
 from .registry import register_router
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. gradient checkpointing recomputing the forward)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is not None and current() != -1
 
 
 @register_router("aux_free")
@@ -53,7 +47,7 @@ class AuxFreeRouter(RouterBase):
         self.set_losses(lambda: logits.new_zeros(()), logits, mask)
         if self.record_statistics:
             self.record(indices, probs, mask)
-        if self.training and self.bias_rate > 0 and not _in_backward():
+        if self.training and self.bias_rate > 0 and not in_backward_pass():
             self.update_bias(indices, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
 

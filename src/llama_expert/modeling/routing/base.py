@@ -21,6 +21,13 @@ from torch import nn
 from .losses import Routing, router_z_loss
 
 
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward pass (gradient checkpointing recomputing the forward): routers
+    that update a buffer after each training pass (aux_free, expert_choice) skip the update then."""
+    current = getattr(torch._C, "_current_graph_task_id", None)  # no public API says this; guarded
+    return current is not None and current() != -1
+
+
 class RouterBase(nn.Module):
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
