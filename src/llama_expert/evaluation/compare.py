@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
+from ..data import domain_name, split_sources
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights
@@ -35,8 +39,8 @@ from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.lora import load_lora_model, matched_lora_rank
 from .benchmark import ExpertModelBenchmark, environment
-from .reports import compare_charts, compare_markdown, compare_table, save_usage_heatmap
-from .routing_health import measure_expert_usage
+from .reports import compare_charts, compare_markdown, compare_table, save_domain_heatmap, save_usage_heatmap
+from .routing_health import expert_usage_by_domain
 from .throughput import ThroughputArguments, measure_interleaved
 
 # The training settings both methods share, and compare's defaults for them (a short run).
@@ -54,12 +58,14 @@ class CompareArguments:
     lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
     moe_args: Optional[str] = option(None, "extra `train` flags for the MoE run, e.g. '--lora-r 32'")
     output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
-    test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on")
+    test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on; several, comma-"
+                                           "separated: each domain, the exp of their mean log-perplexity and "
+                                           "the domain-expert mutual information")
     split: str = option("test", "split to measure on")
     eval_seq_len: int = option(512, "perplexity window length")
     max_tokens: int = option(16384, "tokens measured")
     eval_dtype: Optional[str] = option(None, "base weights dtype while measuring (default float32)")
-    routing_windows: int = option(8, "test windows routed to measure MoE expert usage")
+    routing_windows: int = option(8, "test windows (per domain) routed to measure MoE expert usage")
     progress: bool = option(True, "no progress bars")
 
 
@@ -122,6 +128,26 @@ def _adapter_size(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
+def _perplexity_by_domain(model, tokenizer, a: CompareArguments, windows: Dict[str, torch.Tensor]) -> dict:
+    """Perplexity on each test source (filling ``windows`` on the first call, reusing them after) and, for
+    several, the exp of their mean log-perplexity: every domain counts the same, whatever its length."""
+    sources = split_sources(a.test_dataset)
+    results = {}
+    for source in sources:
+        name = domain_name(source) if len(sources) > 1 else a.test_dataset
+        bench = ExpertModelBenchmark(model, tokenizer, dataset=source, split=a.split, seq_len=a.eval_seq_len,
+                                     max_tokens=a.max_tokens, windows=windows.get(name), progress=a.progress)
+        results[name] = bench.benchmark_perplexity()
+        windows[name] = bench.windows()  # the very same windows for every model
+    if len(results) == 1:
+        return next(iter(results.values()))
+    mean_nll = sum(r["mean_nll"] for r in results.values()) / len(results)
+    return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll,
+            "tokens_evaluated": sum(r["tokens_evaluated"] for r in results.values()),
+            "domains": {name: {"perplexity": r["perplexity"], "mean_nll": r["mean_nll"],
+                               "tokens_evaluated": r["tokens_evaluated"]} for name, r in results.items()}}
+
+
 def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[str]) -> None:
     """compare's own flags, checked before anything trains (the benchmark's messages name its flags)."""
     if a.eval_seq_len < 2:
@@ -178,13 +204,10 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
         models["lora"] = lora
     summaries = {"base": {}, "moe": _summary(moe_dir), "lora": _summary(lora_dir)}
     rows: Dict[str, dict] = {}
-    windows = None
+    windows: Dict[str, torch.Tensor] = {}
     for name, model in models.items():
-        bench = ExpertModelBenchmark(model, tokenizer, dataset=a.test_dataset, split=a.split, seq_len=a.eval_seq_len,
-                                     max_tokens=a.max_tokens, windows=windows, progress=a.progress)
         with _stage(f"[{name}] perplexity"):
-            ppl = bench.benchmark_perplexity()
-        windows = bench.windows()  # the very same windows for every model
+            ppl = _perplexity_by_domain(model, tokenizer, a, windows)
         s = summaries[name]
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
                       "trainable_parameters": _adapter_size(model),
@@ -192,7 +215,10 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
                       "training_peak_memory_bytes": (s.get("peak_memory") or {}).get("bytes"),
                       "training_seconds": s.get("seconds"), "training_steps": s.get("steps"),
                       "training_tokens": s.get("tokens")}
-        print(f"[{name}] perplexity {ppl['perplexity']:.3f} on {ppl['tokens_evaluated']:,} tokens", flush=True)
+        if "domains" in ppl:
+            rows[name]["domains"] = {d: r["perplexity"] for d, r in ppl["domains"].items()}
+        print(f"[{name}] perplexity {ppl['perplexity']:.3f} on {ppl['tokens_evaluated']:,} tokens"
+              + "".join(f", {d} {r['perplexity']:.3f}" for d, r in ppl.get("domains", {}).items()), flush=True)
     if lora is not None and rows["moe"]["training_steps"] != rows["lora"]["training_steps"]:
         print(f"warning: MoE trained {rows['moe']['training_steps']} steps, LoRA {rows['lora']['training_steps']}")
 
@@ -213,7 +239,10 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
                     "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]})
 
     with _stage("[moe] expert usage"):
-        usage = measure_expert_usage(moe, windows[: a.routing_windows], progress=a.progress)
+        names = list(windows)
+        routed = torch.cat([windows[n][: a.routing_windows] for n in names])
+        labels = torch.cat([torch.full((min(a.routing_windows, len(windows[n])),), i) for i, n in enumerate(names)])
+        usage = expert_usage_by_domain(moe, routed, labels, names, progress=a.progress)
     report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
               "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
               "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
@@ -226,7 +255,11 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
     charts = compare_charts(report, out)
     save_usage_heatmap(usage, out / "expert_usage.png", title="MoE expert usage on the test windows")
-    atomic_write_text(out / "report.md", compare_markdown(report, charts + ["expert_usage.png"]))
+    charts.append("expert_usage.png")
+    if len(names) > 1:
+        save_domain_heatmap(usage, out / "domain_expert_usage.png", title="MoE domain x expert usage")
+        charts.append("domain_expert_usage.png")
+    atomic_write_text(out / "report.md", compare_markdown(report, charts))
     print()
     print(compare_table(report))
     print(f"\nwrote {out / 'compare.json'}, {out / 'report.md'} and charts in {out}")

@@ -136,14 +136,21 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return f"{n / 2**20:,.0f} MiB" if n else "-"
 
 
+def _number(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def compare_table(report: dict) -> str:
     rows = report["results"]
-    head = "| model | trainable params | test PPL | decode tok/s (b=1) | decode ratio | training peak memory | training time |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    domains = list(rows["base"].get("domains", {}))
+    ppl = "test PPL" if not domains else " | ".join(domains) + " | mean PPL (exp mean log)"
+    head = f"| model | trainable params | {ppl} | decode tok/s (b=1) | decode ratio | training peak memory | training time |"
+    lines = [head, "|---|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|"]
     for name, r in rows.items():
         t = (r.get("throughput") or [{}])[0]
-        lines.append(f"| {name} | {r['trainable_parameters']:,} | {r['perplexity']:.3f} | "
-                     f"{t.get('decode_tokens_per_s', float('nan')):.1f} | {t.get('decode_ratio', float('nan')):.3f} | "
+        cells = "".join(f"{r['domains'][d]:.3f} | " for d in domains)
+        lines.append(f"| {name} | {r['trainable_parameters']:,} | {cells}{r['perplexity']:.3f} | "
+                     f"{_number(t.get('decode_tokens_per_s'), '.1f')} | {_number(t.get('decode_ratio'), '.3f')} | "
                      f"{_fmt_bytes(r['training_peak_memory_bytes'])} | "
                      f"{(str(round(r['training_seconds'])) + ' s') if r['training_seconds'] else '-'} |")
     return "\n".join(lines)
@@ -171,9 +178,27 @@ def compare_markdown(report: dict, charts: List[str]) -> str:
         lines.append("")
     lines.append("Decode ratio: tokens/s of the model divided by the base's, measured in the same run with the "
                  "repeats interleaved. LoRA is measured unmerged; merged, it decodes at the base's speed.")
-    lines.append("")
+    lines += ["", routing_table(report.get("expert_usage") or []), ""]
     lines += [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
+
+
+def routing_table(usage: List[Dict[str, object]]) -> str:
+    """Per layer: experts, normalised router entropy, smallest and largest expert load and, when the routed
+    text had domain labels, the normalised mutual information between domain and chosen expert."""
+    if not usage:
+        return ""
+    with_domains = "domain_expert_nmi" in usage[0]
+    lines = ["MoE routing per layer (load: share of the assignments, uniform = 1/E; entropy normalised by log E"
+             + ("; NMI: normalised mutual information between domain and chosen expert" if with_domains else "")
+             + ")", "", "| layer | experts | entropy | min load | max load |" + (" NMI |" if with_domains else ""),
+             "|---:|---:|---:|---:|---:|" + ("---:|" if with_domains else "")]
+    for row in usage:
+        fractions = row["fractions"]
+        lines.append(f"| {row['layer']} | {row['num_experts']} | {row['normalized_entropy']:.3f} | "
+                     f"{min(fractions):.3f} | {max(fractions):.3f} |"
+                     + (f" {row['domain_expert_nmi']:.3f} |" if with_domains else ""))
+    return "\n".join(lines)
 
 
 def compare_charts(report: dict, out: Path) -> List[str]:

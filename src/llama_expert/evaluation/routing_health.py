@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, List
+from typing import Optional, Dict, List
 
 import torch
 
@@ -137,3 +137,17 @@ def domain_specialisation(model, windows: torch.Tensor, domains: torch.Tensor, n
                      "domain_fractions": (joint / joint.sum(1, keepdim=True)).tolist(),
                      "nmi": normalized_mutual_information(joint)})
     return rows
+
+
+def expert_usage_by_domain(model, windows: torch.Tensor, domains: Optional[torch.Tensor] = None,
+                           names: Optional[List[str]] = None, progress: bool = True) -> List[Dict[str, object]]:
+    """``measure_expert_usage`` over all ``windows``; with two or more domain ``names`` (``domains[i]``: the
+    index of window i's domain) each layer's row also gets ``domains``, ``domain_fractions`` and
+    ``domain_expert_nmi`` (what ``reports.save_domain_heatmap`` draws)."""
+    usage = measure_expert_usage(model, windows, progress=progress)
+    if names and len(names) > 1 and domains is not None:
+        for row, by_domain in zip(usage, domain_specialisation(model, windows, domains, names, progress=progress)):
+            row.update(domain_fractions=by_domain["domain_fractions"], domains=by_domain["domains"],
+                       domain_expert_nmi=by_domain["nmi"])
+    return usage
+

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ExpertConfig
 from ..evaluation.reports import save_domain_heatmap, save_usage_heatmap
-from ..evaluation.routing_health import domain_specialisation, measure_expert_usage
+from ..evaluation.routing_health import expert_usage_by_domain
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights, save_adapter
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
@@ -123,12 +123,7 @@ class MoEMethod(TrainingMethod):
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
                        progress: bool = True, domains: Optional[torch.Tensor] = None,
                        domain_names: Optional[List[str]] = None) -> None:
-        usage = measure_expert_usage(model, eval_windows, progress=progress)
-        if domain_names and len(domain_names) > 1:
-            for row, by_domain in zip(usage, domain_specialisation(model, eval_windows, domains, domain_names,
-                                                                  progress=progress)):
-                row.update(domain_fractions=by_domain["domain_fractions"], domains=by_domain["domains"],
-                           domain_expert_nmi=by_domain["nmi"])
+        usage = expert_usage_by_domain(model, eval_windows, domains, domain_names, progress=progress)
         atomic_write_text(output_dir / "expert_usage.json", json.dumps(usage, indent=1) + "\n")
         if domain_names and len(domain_names) > 1:
             try:
