@@ -9,6 +9,10 @@ Every section follows docs/design.md section 5 and returns plain Python numbers,
 - Throughput: prefill and decode tokens/s at batch 1 and batched, after a warm-up, median of repeats.
 - Memory: parameter bytes, KV-cache bytes per token, peak CUDA allocation or peak process RSS.
 - Routing health (augmented models): per-layer expert load, router entropy, collapse warnings.
+
+Several comma-separated datasets are domains: each is windowed on its own (up to ``max_tokens`` each), the
+perplexity is reported per domain and as the exp of their mean log-perplexity (every domain weighs the
+same), and routing health adds, per layer, the normalised mutual information between domain and expert.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import math
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..data import load_split, pack_blocks, tokenize_documents
+from ..data import domain_name, load_split, pack_blocks, split_sources, tokenize_documents
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..options import option
@@ -32,7 +36,7 @@ from ..integration.surgery import adapters, is_augmented, parameter_counts
 from .memory import peak_memory
 from .perplexity import evaluate_perplexity
 from .reports import format_header, format_section
-from .routing_health import routing_health
+from .routing_health import domain_specialisation, routing_health
 from .throughput import ThroughputArguments, measure_throughput, model_device, prompt_ids, synchronize
 
 
@@ -56,7 +60,8 @@ class ExpertModelBenchmark:
                  split: str = "test", seq_len: int = 2048, max_tokens: Optional[int] = None, batch_size: int = 1,
                  device: Optional[str] = None, *, model_path: Optional[str] = None,
                  is_augmented: Optional[bool] = None, auth_token: Optional[str] = None, dtype=None,
-                 windows: Optional[torch.Tensor] = None, progress: bool = True):
+                 windows: Optional[torch.Tensor] = None, window_domains: Optional[torch.Tensor] = None,
+                 progress: bool = True):
         if isinstance(model, (str, Path)):  # ExpertModelBenchmark("./models/llama-expert")
             model, model_path = None, str(model)
         if model is None:
@@ -85,8 +90,15 @@ class ExpertModelBenchmark:
         self.device = model_device(model)
         self._ids: Optional[torch.Tensor] = None
         self._windows: Optional[torch.Tensor] = windows
+        self._window_domains: Optional[torch.Tensor] = window_domains
+        self.sources = split_sources(self.dataset)
+        self.domain_names: List[str] = [domain_name(s) for s in self.sources] if len(self.sources) > 1 else []
         if windows is not None and (windows.dim() != 2 or windows.shape[1] != seq_len):
             raise ConfigError(f"windows must be [n, seq_len={seq_len}] token ids, got shape {tuple(windows.shape)}.")
+        if self.domain_names and windows is not None and (window_domains is None
+                                                          or window_domains.shape != windows.shape[:1]):
+            raise ConfigError("with several datasets and given windows, pass window_domains (each window's domain "
+                              "index, one per window) too.")
 
     @staticmethod
     def _load(model_path: Optional[str], augmented: Optional[bool], auth_token, dtype, device):
@@ -105,18 +117,33 @@ class ExpertModelBenchmark:
         check_within_context(self.model.config, self.seq_len, "--seq-len")
 
     def token_ids(self) -> torch.Tensor:
-        """The whole split tokenised once (cached)."""
+        """The whole split tokenised once (cached); with several domains, all of them one after the other."""
         if self._ids is None:
-            docs = load_split(self.dataset, self.dataset_config, self.tokenizer, self.split)
-            self._ids = tokenize_documents(docs, self.tokenizer, self.progress)
+            self._ids = torch.cat([self._source_ids(source) for source in self.sources])
         return self._ids
 
+    def _source_ids(self, source: str) -> torch.Tensor:
+        docs = load_split(source, self.dataset_config, self.tokenizer, self.split)
+        return tokenize_documents(docs, self.tokenizer, self.progress)
+
     def windows(self) -> torch.Tensor:
-        """``[n, seq_len]`` non-overlapping evaluation windows within the token cap (cached)."""
+        """``[n, seq_len]`` non-overlapping evaluation windows within the token cap (cached); with several
+        domains, each domain's windows (within the cap each) in turn, labelled by ``window_domains``."""
         self._check_seq_len()
         if self._windows is None:
-            self._windows = pack_blocks(self.token_ids(), self.seq_len, max_tokens=self.max_tokens)
+            if not self.domain_names:
+                self._windows = pack_blocks(self.token_ids(), self.seq_len, max_tokens=self.max_tokens)
+            else:
+                per_domain = [pack_blocks(self._source_ids(s), self.seq_len, max_tokens=self.max_tokens)
+                              for s in self.sources]
+                self._windows = torch.cat(per_domain)
+                self._window_domains = torch.cat([torch.full((len(w),), d) for d, w in enumerate(per_domain)])
         return self._windows
+
+    def window_domains(self) -> Optional[torch.Tensor]:
+        """Each window's domain index in ``domain_names`` (None with a single dataset)."""
+        self.windows()
+        return self._window_domains if self.domain_names else None
 
     # ------------------------------------------------------------------ sections
     def benchmark_perplexity(self, word_perplexity: bool = False) -> Dict:
@@ -128,6 +155,8 @@ class ExpertModelBenchmark:
         tokenizer, and is much larger); and as the windows here do not overlap it is close to, not
         equal to, the harness's rolling-window value.
         """
+        if self.domain_names:
+            return self._domain_perplexity(word_perplexity)
         windows = self.windows()
         result = evaluate_perplexity(self.model, windows, batch_size=self.batch_size, progress=self.progress)
         available = int(self.token_ids().numel())
@@ -153,6 +182,25 @@ class ExpertModelBenchmark:
                                            "words of the evaluated text). NOT comparable with the token-level "
                                            "perplexity.")
         return out
+
+    def _domain_perplexity(self, word_perplexity: bool) -> Dict:
+        """Each domain measured alone on its windows; the top level holds the exp of their mean log-perplexity."""
+        windows, labels = self.windows(), self.window_domains()
+        domains = {}
+        for index, (name, source) in enumerate(zip(self.domain_names, self.sources)):
+            single = ExpertModelBenchmark(self.model, self.tokenizer, dataset=source,
+                                          dataset_config=self.dataset_config, split=self.split, seq_len=self.seq_len,
+                                          max_tokens=self.max_tokens, batch_size=self.batch_size,
+                                          windows=windows[labels == index], progress=self.progress)
+            domains[name] = single.benchmark_perplexity(word_perplexity)
+        mean_nll = sum(d["mean_nll"] for d in domains.values()) / len(domains)
+        total = {key: sum(d[key] for d in domains.values())
+                 for key in ("tokens_evaluated", "tokens_in_windows", "windows")}
+        return {"protocol": "exp of the mean of the domains' log-perplexities (each: token-level exp(mean NLL) "
+                            "over its own non-overlapping windows)",
+                "dataset": self.dataset, "dataset_config": self.dataset_config, "split": self.split,
+                "perplexity": math.exp(mean_nll), "mean_nll": mean_nll, **total, "seq_len": self.seq_len,
+                "max_tokens": self.max_tokens, "domains": domains}
 
     def benchmark_throughput(self, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,
                              batch_sizes: Sequence[int] = (1, 4)) -> Dict:
@@ -219,9 +267,17 @@ class ExpertModelBenchmark:
         see ``llama_expert.evaluation.routing_health.routing_health``."""
         if not is_augmented(self.model):
             raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
-        windows = self.windows()
-        return routing_health(self.model, windows if max_windows is None else windows[:max_windows], self.batch_size,
-                              self.progress)
+        windows, labels = self.windows(), self.window_domains()
+        if labels is None:
+            return routing_health(self.model, windows if max_windows is None else windows[:max_windows],
+                                  self.batch_size, self.progress)
+        keep = torch.cat([(labels == d).nonzero()[:, 0][:max_windows] for d in range(len(self.domain_names))])
+        health = routing_health(self.model, windows[keep], self.batch_size, self.progress)
+        for layer, by_domain in zip(health["layers"], domain_specialisation(
+                self.model, windows[keep], labels[keep], self.domain_names, self.batch_size, self.progress)):
+            layer.update(domains=by_domain["domains"], domain_fractions=by_domain["domain_fractions"],
+                         domain_expert_nmi=by_domain["nmi"])
+        return health
 
     def describe(self) -> Dict:
         """What is measured, where and how: the report's ``model``, ``environment`` and ``settings``."""
@@ -281,7 +337,8 @@ class BenchmarkArguments:
     augmented: bool = option(True, "benchmark the plain base model (no fresh adapters) when no adapter is given",
                              flag="--no-augmented")
     dataset: str = option("embedded", "'embedded', a local file or folder (e.g. a WikiText-2 folder), or a Hub "
-                                      "dataset")
+                                      "dataset; several, comma-separated: each domain, their mean, and the "
+                                      "domain-expert mutual information per layer")
     dataset_config: Optional[str] = option(None, "Hub dataset config, e.g. wikitext-2-raw-v1")
     split: str = option("test", "split to evaluate: train, validation or test")
     seq_len: int = option(2048, "perplexity window length")

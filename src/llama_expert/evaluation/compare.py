@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..data import domain_name, split_sources
 from ..errors import ConfigError
 from ..files import atomic_write_text
 from ..integration.adapter_files import load_adapter_weights
@@ -128,26 +126,6 @@ def _adapter_size(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
-def _perplexity_by_domain(model, tokenizer, a: CompareArguments, windows: Dict[str, torch.Tensor]) -> dict:
-    """Perplexity on each test source (filling ``windows`` on the first call, reusing them after) and, for
-    several, the exp of their mean log-perplexity: every domain counts the same, whatever its length."""
-    sources = split_sources(a.test_dataset)
-    results = {}
-    for source in sources:
-        name = domain_name(source) if len(sources) > 1 else a.test_dataset
-        bench = ExpertModelBenchmark(model, tokenizer, dataset=source, split=a.split, seq_len=a.eval_seq_len,
-                                     max_tokens=a.max_tokens, windows=windows.get(name), progress=a.progress)
-        results[name] = bench.benchmark_perplexity()
-        windows[name] = bench.windows()  # the very same windows for every model
-    if len(results) == 1:
-        return next(iter(results.values()))
-    mean_nll = sum(r["mean_nll"] for r in results.values()) / len(results)
-    return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll,
-            "tokens_evaluated": sum(r["tokens_evaluated"] for r in results.values()),
-            "domains": {name: {"perplexity": r["perplexity"], "mean_nll": r["mean_nll"],
-                               "tokens_evaluated": r["tokens_evaluated"]} for name, r in results.items()}}
-
-
 def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[str]) -> None:
     """compare's own flags, checked before anything trains (the benchmark's messages name its flags)."""
     if a.eval_seq_len < 2:
@@ -204,10 +182,14 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
         models["lora"] = lora
     summaries = {"base": {}, "moe": _summary(moe_dir), "lora": _summary(lora_dir)}
     rows: Dict[str, dict] = {}
-    windows: Dict[str, torch.Tensor] = {}
+    windows = window_domains = None
     for name, model in models.items():
+        bench = ExpertModelBenchmark(model, tokenizer, dataset=a.test_dataset, split=a.split, seq_len=a.eval_seq_len,
+                                     max_tokens=a.max_tokens, windows=windows, window_domains=window_domains,
+                                     progress=a.progress)
         with _stage(f"[{name}] perplexity"):
-            ppl = _perplexity_by_domain(model, tokenizer, a, windows)
+            ppl = bench.benchmark_perplexity()
+        windows, window_domains = bench.windows(), bench.window_domains()  # the very same windows for every model
         s = summaries[name]
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
                       "trainable_parameters": _adapter_size(model),
@@ -239,10 +221,12 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
                     "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]})
 
     with _stage("[moe] expert usage"):
-        names = list(windows)
-        routed = torch.cat([windows[n][: a.routing_windows] for n in names])
-        labels = torch.cat([torch.full((min(a.routing_windows, len(windows[n])),), i) for i, n in enumerate(names)])
-        usage = expert_usage_by_domain(moe, routed, labels, names, progress=a.progress)
+        names = bench.domain_names
+        if names:  # the first routing_windows windows of each domain
+            keep = torch.cat([(window_domains == d).nonzero()[:, 0][: a.routing_windows] for d in range(len(names))])
+            usage = expert_usage_by_domain(moe, windows[keep], window_domains[keep], names, progress=a.progress)
+        else:
+            usage = expert_usage_by_domain(moe, windows[: a.routing_windows], progress=a.progress)
     report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
               "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
               "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),

@@ -55,6 +55,14 @@ def format_header(report: Dict, info: Optional[Dict] = None) -> str:
 
 
 def format_perplexity(ppl: Dict) -> str:
+    if "domains" in ppl:
+        lines = [f"Perplexity per domain (token-level, non-overlapping windows of {ppl['seq_len']} tokens)", "-" * 72]
+        for name, one in ppl["domains"].items():
+            cap = ", capped" if one["capped"] else ""
+            lines.append(f"{name:<18} {one['perplexity']:.4f}   ({one['windows']} windows{cap}; {one['dataset']})")
+        lines.append(f"{'mean':<18} {ppl['perplexity']:.4f}   (exp of the mean log-perplexity; "
+                     f"{ppl['tokens_evaluated']:,} tokens predicted)")
+        return "\n".join(lines)
     lines = ["Perplexity (token-level, non-overlapping windows)", "-" * 72]
     source = ppl["dataset"] + (f" ({ppl['dataset_config']})" if ppl.get("dataset_config") else "")
     lines.append(f"dataset            {source} [{ppl['split']}]")
@@ -71,11 +79,15 @@ def format_perplexity(ppl: Dict) -> str:
 
 def format_routing_health(health: Dict) -> str:
     lines = [f"Routing health ({health['windows']} windows, {health['tokens']:,} tokens)", "-" * 72]
-    lines.append(f"{'layer':>5} {'experts':>7} {'min load':>9} {'max load':>9} {'entropy':>8}  warnings")
+    nmi = bool(health["layers"]) and "domain_expert_nmi" in health["layers"][0]
+    lines.append(f"{'layer':>5} {'experts':>7} {'min load':>9} {'max load':>9} {'entropy':>8}"
+                 + (f" {'NMI':>6}" if nmi else "") + "  warnings")
     for layer in health["layers"]:
         lines.append(f"{layer['layer']:>5} {layer['num_experts']:>7} {layer['min_load']:>9.3f} "
-                     f"{layer['max_load']:>9.3f} {layer['normalized_entropy']:>8.3f}  {len(layer['warnings'])}")
-    lines.append("load: share of the token-slot assignments (uniform = 1/E); entropy normalised by log E")
+                     f"{layer['max_load']:>9.3f} {layer['normalized_entropy']:>8.3f}"
+                     + (f" {layer['domain_expert_nmi']:>6.3f}" if nmi else "") + f"  {len(layer['warnings'])}")
+    lines.append("load: share of the token-slot assignments (uniform = 1/E); entropy normalised by log E"
+                 + ("; NMI: normalised mutual information between domain and chosen expert" if nmi else ""))
     if health["warnings"]:
         shown = health["warnings"][:10]
         lines.append(f"WARNINGS ({len(health['warnings'])}):")
