@@ -81,6 +81,8 @@ class ExpertConfig:
     expert_init: str = option("zero", "how the experts start: zero (output projections zero) or distinct (shared_down: "
                                        "random B_i, alpha_l starts at 0); both give exactly the base model at step 0")
     router_lr_multiplier: float = option(1.0, "the routers train at this multiple of --learning-rate")
+    router_init_scale: float = option(0.1, "router matrix W_g starts normal with std router_init_scale / sqrt(hidden) "
+                                           "(0: all logits equal at step 0)")
     use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                               flag="--gradient-checkpointing")
     quantization_4bit: bool = option(False, "load the base in 4 bit (CUDA + bitsandbytes)")
@@ -129,6 +131,8 @@ class ExpertConfig:
                                                f"{self.residual_scale_init!r}.")
         need(isinstance(self.expert_init, str) and self.expert_init != "",  # the bank checks the value
              f"expert_init must be a name such as 'zero' or 'distinct', got {self.expert_init!r}.")
+        need(finite(self.router_init_scale) and self.router_init_scale >= 0,
+             f"router_init_scale must be a finite number >= 0, got {self.router_init_scale!r}.")
         need(finite(self.router_lr_multiplier) and self.router_lr_multiplier > 0,
              f"router_lr_multiplier must be a finite number > 0, got {self.router_lr_multiplier!r}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):

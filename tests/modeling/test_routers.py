@@ -282,3 +282,18 @@ def test_buffer_updates_happen_once_per_pass_under_gradient_checkpointing(tiny_f
     assert any(bool(v.abs().sum() > 0) for v in states[0].values())  # the pass did update them
     for name in states[0]:
         torch.testing.assert_close(states[1][name], states[0][name], rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+def test_router_init_scale_sets_the_spread_of_the_router_matrix(router_type):
+    from llama_expert.modeling.adapter import MoEAdapter
+
+    assert ExpertConfig().router_init_scale == ROUTERS.get(router_type).DEFAULT_INIT_SCALE
+    mlp = torch.nn.Linear(64, 64)
+    spreads = {}
+    for scale in (0.0, 0.1, 1.0):
+        torch.manual_seed(0)
+        adapter = MoEAdapter(mlp, 64, 16, ExpertConfig(router_type=router_type, router_init_scale=scale))
+        spreads[scale] = float(adapter.router.weight.std())
+    assert spreads[0.0] == 0.0
+    assert spreads[0.1] == pytest.approx(0.1 / 8, rel=0.1) and spreads[1.0] == pytest.approx(1 / 8, rel=0.1)

@@ -64,6 +64,8 @@ class MoEAdapter(nn.Module):
         self.num_experts = num_experts
         self.token_mask = token_mask or TokenMask()
         self.router = ROUTERS.get(config.router_type).from_config(hidden_size, num_experts, config)
+        if config.router_init_scale != self.router.DEFAULT_INIT_SCALE:  # else keep the router's own draw, so that
+            self.router.init_gate(config.router_init_scale)               # a seed gives the adapters it always gave
         bank = EXPERT_BANKS.get(config.expert_type)
         self.experts = bank.from_config(hidden_size, num_experts, config, base_mlp=base_mlp)
         # alpha_l starts where the bank says (0 for shared_down's "distinct" init, else residual_scale_init)

@@ -29,6 +29,8 @@ def in_backward_pass() -> bool:
 
 
 class RouterBase(nn.Module):
+    DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
+
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
         if top_k > num_experts:
@@ -46,8 +48,13 @@ class RouterBase(nn.Module):
     def gate_weight(hidden_size: int, num_experts: int) -> nn.Parameter:
         """The router matrix ``W_g`` [E, d], float32, small (std 0.1 / sqrt(d)): early routing is near uniform."""
         weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
-        nn.init.normal_(weight, std=hidden_size ** -0.5 * 0.1)
+        nn.init.normal_(weight, std=hidden_size ** -0.5 * RouterBase.DEFAULT_INIT_SCALE)
         return weight
+
+    def init_gate(self, scale: float) -> None:
+        """Re-draw ``W_g`` with std ``scale / sqrt(d)`` (``ExpertConfig.router_init_scale``; 0 gives zeros)."""
+        with torch.no_grad():
+            self.weight.normal_(std=self.weight.shape[1] ** -0.5 * scale) if scale > 0 else self.weight.zero_()
 
     def reset_statistics(self) -> None:
         self.expert_counts.zero_()
