@@ -7,6 +7,8 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py budget                      # trainable parameters of every config
     python benchmarks/multidomain_sweep.py run lora:1e-3 moe:3e-3      # NAME:LR ..., one after the other
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
+    python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
+    python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     MAX_STEPS=2 TEST_TOKENS=512 python benchmarks/multidomain_sweep.py run lora:1e-3    # a smoke run
 
 Environment: DATA (../shared/data), OUT (runs/multidomain-sweep), MAX_STEPS (100), SEQ_LEN (256), SEED (1),
@@ -25,6 +27,7 @@ DATA = os.environ.get("DATA", "../shared/data")
 OUT = Path(os.environ.get("OUT", "runs/multidomain-sweep"))
 TRAIN = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/train.jsonl", "multidomain/code/train.txt",
                                           "wikitext-2-raw/wiki.valid.raw"))
+PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"
 TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
                                          "wikitext-2-raw/wiki.test.raw"))
 
@@ -80,14 +83,14 @@ def budget() -> None:
         print(f"| {name} | `{' '.join(CONFIGS[name])}` | {count:,} | {ratio:.3f}{flag} |")
 
 
-def run(specs) -> None:
+def run(specs, train: str = TRAIN, out: Path = OUT) -> None:
     for spec in specs:
         name, _, lr = spec.partition(":")
         if name not in CONFIGS or not lr:
             sys.exit(f"'{spec}': give NAME:LR with NAME one of {', '.join(CONFIGS)} (e.g. moe:3e-3)")
         command = ["llama-expert", "train", *CONFIGS[name], "--learning-rate", lr,
-                   "--seed", os.environ.get("SEED", "1"), "--output-dir", str(OUT / f"{name}-lr{lr}"),
-                   "--dataset", TRAIN, "--test-dataset", TEST, "--test-seq-len", "512",
+                   "--seed", os.environ.get("SEED", "1"), "--output-dir", str(out / f"{name}-lr{lr}"),
+                   "--dataset", train, "--test-dataset", TEST, "--test-seq-len", "512",
                    "--test-max-tokens", os.environ.get("TEST_TOKENS", "4096"),
                    "--seq-len", os.environ.get("SEQ_LEN", "256"), "--batch-size", "4",
                    "--max-steps", os.environ.get("MAX_STEPS", "100"), "--eval-every", "100000",
@@ -142,10 +145,36 @@ def table() -> None:
         print(f"machine: {os.uname().machine}, {os.cpu_count()} CPUs (tokens/s are wall-clock of each run)")
 
 
+def retention_table() -> None:
+    """After training on prose only: each domain's test perplexity change against the base, and the mean rise
+    on the domains not trained on (code, math), per configuration; the ratio to LoRA's rise."""
+    rows = {}
+    for path in sorted((OUT / "retention").glob("*-lr*/training_summary.json")):
+        test = json.loads(path.read_text())["test"]
+        change = {d: 100 * (test["after"]["domains"][d]["perplexity"] / test["before"]["domains"][d]["perplexity"] - 1)
+                  for d in test["after"]["domains"]}
+        rows[path.parent.name] = change
+    if not rows:
+        sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR` first")
+    domains = list(next(iter(rows.values())))
+    unseen = [d for d in domains if not d.startswith("wikitext")]
+    lora = [change for name, change in rows.items() if name.startswith(BASELINE + "-")]
+    lora_rise = sum(lora[0][d] for d in unseen) / len(unseen) if lora else None
+    print(f"| run (trained on prose only) | {' | '.join(domains)} | mean rise on {', '.join(unseen)} | / LoRA's |")
+    print("|---|" + "---:|" * (len(domains) + 2))
+    for name, change in rows.items():
+        rise = sum(change[d] for d in unseen) / len(unseen)
+        ratio = f"{rise / lora_rise:.2f}" if lora_rise else "-"
+        print(f"| {name} | {' | '.join(f'{change[d]:+.1f}%' for d in domains)} | {rise:+.1f}% | {ratio} |")
+
+
 def main(argv) -> None:
-    if not argv or argv[0] not in ("budget", "run", "table"):
+    commands = {"budget": lambda: budget(), "run": lambda: run(argv[1:]), "table": lambda: table(),
+                "retention": lambda: run(argv[1:], train=PROSE, out=OUT / "retention"),
+                "retention-table": lambda: retention_table()}
+    if not argv or argv[0] not in commands:
         sys.exit(__doc__)
-    {"budget": lambda: budget(), "run": lambda: run(argv[1:]), "table": lambda: table()}[argv[0]]()
+    commands[argv[0]]()
 
 
 if __name__ == "__main__":
