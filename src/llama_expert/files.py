@@ -74,6 +74,7 @@ def write_folder(folder: PathLike, fill: Callable[[Path], None]) -> Path:
         fill(staging)
         for f in staging.rglob("*"):
             if f.is_file():
+                _usual_mode(f, directory=False)  # some writers (safetensors shards) make private temp files
                 _fsync(f)
         if folder.exists():
             if old.exists():
