@@ -17,12 +17,13 @@ from typing import List, Optional
 from ..errors import LlamaExpertError
 from .arguments import HelpFormatter
 
-COMMANDS = ("train", "benchmark", "compare", "inference", "export")
+COMMANDS = ("train", "benchmark", "compare", "inference", "prune", "export")
 HELPS = {
     "train": "fine-tune MoE adapters on a frozen base model",
     "benchmark": "measure perplexity, throughput, memory and expert usage",
     "compare": "measure base vs augmented (vs a PEFT LoRA baseline) in one run",
     "inference": "generate text from a prompt or interactively",
+    "prune": "keep each layer's most useful experts (scored on calibration text) in a smaller adapter",
     "export": "fold a dense LoRA into the base and write a Transformers folder or a GGUF file",
 }
 

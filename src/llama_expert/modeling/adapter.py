@@ -79,6 +79,16 @@ class MoEAdapter(nn.Module):
     def z_loss(self) -> Optional[torch.Tensor]:
         return self.router.z_loss
 
+    def keep_experts(self, keep: torch.Tensor) -> None:
+        """Keep experts ``keep`` of this layer (router rows and expert tensors) and drop the others (pruning)."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        if keep.numel() == 0 or len(set(keep.tolist())) != keep.numel() or int(keep.min()) < 0 \
+                or int(keep.max()) >= self.num_experts:
+            raise ValueError(f"keep must list distinct experts of 0..{self.num_experts - 1}, got {keep.tolist()}")
+        self.router.keep_experts(keep)
+        self.experts.keep_experts(keep)
+        self.num_experts = int(keep.numel())
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .per_expert import keep_rows
 from .registry import Registry
 
 EXPERT_BANKS = Registry("expert bank", "expert_type")
@@ -52,6 +53,12 @@ class ExpertBank(nn.Module):
     expert_inits = ("zero",)
     registered_name = ""
     expert_init_hint = ""
+    per_expert_parameters: tuple = ()  # parameters stacked by expert along dim 0 (what keep_experts slices)
+
+    def keep_experts(self, keep: torch.Tensor) -> None:
+        """Keep experts ``keep`` (indices, in this order) and drop the others; shared tensors stay."""
+        keep_rows(self, self.per_expert_parameters, keep)
+        self.num_experts = int(keep.numel())
 
     @classmethod
     def check_config(cls, config) -> None:
@@ -94,6 +101,7 @@ class SharedCoreExperts(ExpertBank):
     """
 
     expert_init_hint = " Its experts' cores are random and distinct already; use expert_init='zero'."
+    per_expert_parameters = ("core_in", "core_out")
 
     def __init__(self, hidden_size: int, num_experts: int, rank: int, expert_hidden_size: int,
                  lora_scaling: float, dropout: float = 0.0):
@@ -137,6 +145,7 @@ class SharedDownExperts(ExpertBank):
     """
 
     expert_inits = ("zero", "distinct")
+    per_expert_parameters = ("up",)
 
     def __init__(self, hidden_size: int, num_experts: int, rank: int, lora_scaling: float, dropout: float = 0.0,
                  distinct: bool = False):
@@ -192,6 +201,7 @@ class MixLoRAExperts(ExpertBank):
 
     MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
     expert_init_hint = " Its experts' A matrices (C) are random and distinct already; use expert_init='zero'."
+    per_expert_parameters = ("gate_down", "gate_up", "up_down", "up_up", "down_down", "down_up")
 
     def __init__(self, base_mlp: nn.Module, hidden_size: int, num_experts: int, rank: int, lora_scaling: float,
                  dropout: float = 0.0):

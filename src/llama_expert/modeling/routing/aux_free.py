@@ -29,6 +29,8 @@ class AuxFreeRouter(RouterBase):
     checkpointing the recomputed forward skips the update but sees the bias already updated by this pass.
     """
 
+    per_expert_parameters = ("weight", "bias")
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, bias_rate: float = 1e-3):
         super().__init__(num_experts, top_k)
         self.bias_rate = float(bias_rate)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..per_expert import keep_rows
 from .losses import Routing, router_z_loss
 
 
@@ -30,6 +31,7 @@ def in_backward_pass() -> bool:
 
 class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
+    per_expert_parameters: tuple = ("weight",)  # one row per expert (what keep_experts slices)
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -55,6 +57,20 @@ class RouterBase(nn.Module):
         """Re-draw ``W_g`` with std ``scale / sqrt(d)`` (``ExpertConfig.router_init_scale``; 0 gives zeros)."""
         with torch.no_grad():
             self.weight.normal_(std=self.weight.shape[1] ** -0.5 * scale) if scale > 0 else self.weight.zero_()
+
+    @property
+    def min_experts(self) -> int:
+        """The fewest experts this router can route among (pruning keeps at least this many): ``top_k``."""
+        return self.top_k
+
+    def keep_experts(self, keep: torch.Tensor) -> None:
+        """Keep experts ``keep`` (indices, in this order): their rows of every per-expert tensor. The gates of
+        the remaining experts renormalise by themselves (a softmax over the kept logits)."""
+        if keep.numel() < self.min_experts:
+            raise ValueError(f"keeping {keep.numel()} experts leaves fewer than top_k={self.min_experts}")
+        keep_rows(self, self.per_expert_parameters, keep)
+        self.num_experts = int(keep.numel())
+        self.expert_counts = self.expert_counts.new_zeros(self.num_experts)
 
     def reset_statistics(self) -> None:
         self.expert_counts.zero_()

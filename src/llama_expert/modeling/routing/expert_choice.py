@@ -36,11 +36,17 @@ class ExpertChoiceRouter(RouterBase):
     (the average number of experts per token) is not the number of columns here.
     """
 
+    per_expert_parameters = ("weight", "thresholds")
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, capacity_factor: Optional[float] = None):
         super().__init__(num_experts, top_k)
         self.capacity_factor = 1.0 if capacity_factor is None else float(capacity_factor)
         self.weight = self.gate_weight(hidden_size, num_experts)
         self.thresholds = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+
+    @property
+    def min_experts(self) -> int:
+        return 1  # experts pick tokens: one expert still works
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "ExpertChoiceRouter":

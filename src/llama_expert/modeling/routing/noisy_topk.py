@@ -27,6 +27,8 @@ class NoisyTopKGating(RouterBase):
     runs this module once per layer per token, so the inference path does only logits, top-k and gates.
     """
 
+    per_expert_parameters = ("weight", "noise_weight")
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise: bool = True):
         super().__init__(num_experts, top_k)
         self.noise = noise

@@ -26,9 +26,17 @@ class SoftRouter(RouterBase):
         super().__init__(num_experts, top_k=num_experts)
         self.weight = self.gate_weight(hidden_size, num_experts)
 
+    @property
+    def min_experts(self) -> int:
+        return 1  # routes among all experts, however many
+
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "SoftRouter":
         return cls(hidden_size, num_experts)
+
+    def keep_experts(self, keep: torch.Tensor) -> None:
+        self.top_k = int(keep.numel())  # every kept expert, as before
+        super().keep_experts(keep)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

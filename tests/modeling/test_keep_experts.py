@@ -1,0 +1,80 @@
+"""Keeping a subset of a layer's experts (what pruning does): every per-expert tensor is sliced, nothing else."""
+
+import copy
+
+import pytest
+import torch
+
+from llama_expert import ExpertConfig
+from llama_expert.modeling.adapter import MoEAdapter
+from llama_expert.modeling.experts import EXPERT_BANKS
+from llama_expert.modeling.routing import ROUTERS
+
+HIDDEN, INTERMEDIATE = 16, 24
+
+
+class LlamaStyleMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
+        self.up_proj = torch.nn.Linear(HIDDEN, INTERMEDIATE, bias=False)
+        self.down_proj = torch.nn.Linear(INTERMEDIATE, HIDDEN, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, h):
+        return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _adapter(expert_type, router_type, num_experts=7):
+    torch.manual_seed(0)
+    adapter = MoEAdapter(LlamaStyleMLP(), HIDDEN, num_experts,
+                         ExpertConfig(expert_type=expert_type, router_type=router_type, lora_r=4, top_k=2,
+                                      lora_dropout=0.0))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad or p.dim() == 1:
+                p.normal_(std=0.3)
+    return adapter.eval()
+
+
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+@pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
+def test_every_tensor_stacked_by_expert_is_declared(expert_type, router_type):
+    """7 experts (no other dimension is 7): a tensor with 7 rows must be in per_expert_parameters."""
+    adapter = _adapter(expert_type, router_type)
+    for module in (adapter.router, adapter.experts):
+        stacked = {name for name, p in module.named_parameters(recurse=False) if p.shape[0] == 7}
+        declared = {name for name in module.per_expert_parameters if getattr(module, name, None) is not None}
+        assert stacked == declared, type(module).__name__
+
+
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+@pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
+@torch.no_grad()
+def test_kept_experts_compute_what_they_computed(expert_type, router_type):
+    adapter = _adapter(expert_type, router_type)
+    pruned = copy.deepcopy(adapter)
+    keep = torch.tensor([5, 0, 3, 6])
+    pruned.keep_experts(keep)
+    assert pruned.num_experts == pruned.router.num_experts == pruned.experts.num_experts == 4
+    hidden = torch.randn(10, HIDDEN)
+    # the router: the kept experts' logits, in the kept order, and their per-expert buffers
+    torch.testing.assert_close(pruned.router(hidden).logits, adapter.router(hidden).logits[:, keep])
+    for name in adapter.router.per_expert_parameters:
+        if getattr(adapter.router, name, None) is not None:
+            assert torch.equal(getattr(pruned.router, name), getattr(adapter.router, name)[keep])
+    # the bank: expert j of the pruned layer is expert keep[j] of the original
+    indices = torch.randint(0, 4, (10, 2))
+    indices[:, 1] = (indices[:, 0] + 1) % 4
+    gates = torch.rand(10, 2)
+    torch.testing.assert_close(pruned.experts(hidden, indices, gates), adapter.experts(hidden, keep[indices], gates))
+    pruned(hidden.unsqueeze(0))  # and the whole layer runs
+
+
+def test_keep_experts_rejects_what_cannot_work():
+    adapter = _adapter("shared_core", "noisy_top_k", num_experts=4)
+    for keep in ([], [0, 0], [1, 4], [-1, 2]):
+        with pytest.raises(ValueError, match="distinct experts"):
+            adapter.keep_experts(keep)
+    with pytest.raises(ValueError, match="top_k=2"):
+        adapter.keep_experts([3])
