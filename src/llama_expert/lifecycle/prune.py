@@ -20,7 +20,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..data import load_split, pack_blocks, split_sources, tokenize_documents
 from ..errors import ConfigError
 from ..files import atomic_write_text, write_folder
 from ..integration.adapter_files import load_augmented_model, read_adapter_config, save_adapter
@@ -29,6 +28,7 @@ from ..integration.surgery import adapters
 from ..modeling.experts import gate_matrix
 from ..options import option
 from ..progress import progress_bar
+from .calibration import calibration_windows
 from .export import check_output
 
 
@@ -137,15 +137,6 @@ def prune_model(model, counts: List[int], scores: List[Dict[str, List[float]]]) 
     model.expert_config.expert_allocation = [len(k) for k in kept]
     model.expert_config.num_experts = max(len(k) for k in kept)
     return kept
-
-
-def calibration_windows(tokenizer, calibration: str, seq_len: int, max_tokens: int, progress: bool) -> torch.Tensor:
-    """The first ``max_tokens`` tokens of each calibration source, in windows of ``seq_len``."""
-    windows = []
-    for source in split_sources(calibration):
-        ids = tokenize_documents(load_split(source, None, tokenizer, "train"), tokenizer, progress)
-        windows.append(pack_blocks(ids, seq_len, max_tokens=max_tokens))
-    return torch.cat(windows)
 
 
 def run_prune(args: PruneArguments) -> Path:

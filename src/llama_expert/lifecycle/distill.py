@@ -1,0 +1,158 @@
+"""``distill``: train a dense PEFT LoRA to reproduce an MoE-augmented model, so that it can be merged.
+
+Teacher: the frozen base with the MoE adapters. Student: the same base with a plain LoRA of rank ``r`` on the
+MLP projections (where the MoE adapters act). Loss: the KL divergence from the teacher's next-token
+distribution to the student's, ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))`` per token (Hinton et al.),
+averaged over tokens, on calibration text; no labels are needed. The LoRA is written in PEFT's format, so
+``export --merge`` folds it into the base and any engine serves the result at the base's speed.
+
+By default the rank is the largest whose LoRA is not larger than the MoE adapters (``--rank`` sets it).
+Distillation runs are short and are not resumable: an interrupted run writes nothing and starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..files import atomic_write_text, write_folder
+from ..integration.adapter_files import load_augmented_model, read_adapter_config
+from ..integration.base_models import check_within_context, load_base_model, load_tokenizer, parse_dtype
+from ..integration.surgery import adapter_parameters
+from ..options import option
+from ..progress import progress_bar
+from ..training.lora import add_lora, lora_parameters_per_rank, save_lora
+from ..training.loop import cosine_with_warmup
+from .calibration import calibration_windows
+from .export import adapter_kind, check_output
+
+
+@dataclass
+class DistillArguments:
+    adapter: Optional[str] = option(None, "the MoE adapter folder to distil (the teacher)")
+    output_dir: Optional[str] = option(None, "folder for the distilled LoRA (PEFT format)")
+    rank: Optional[int] = option(None, "LoRA rank of the student (default: the largest not above the MoE size)")
+    calibration: str = option("embedded", "calibration text: dataset(s) as `train --dataset` takes them")
+    max_tokens: int = option(262144, "calibration tokens per dataset")
+    steps: int = option(200, "optimiser steps")
+    batch_size: int = option(4, "windows per step")
+    seq_len: int = option(512, "window length")
+    learning_rate: float = option(2e-3, "peak learning rate (cosine schedule, 5% warm-up)")
+    temperature: float = option(1.0, "softmax temperature of both distributions")
+    held_out: int = option(4, "calibration windows kept out of training to measure the KL before and after")
+    dtype: Optional[str] = option(None, "base weights dtype (float32, bfloat16; default float32)")
+    seed: int = option(0, "seed of the window order and the LoRA initialisation")
+    model: Optional[str] = option(None, "base model (default: the one the adapter records)")
+    auth_token: Optional[str] = option(None, "Hugging Face token for a gated or private base")
+    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
+    progress: bool = option(True, "no progress bars")
+
+    def validate(self) -> None:
+        if not self.adapter:
+            raise ConfigError("distill needs --adapter DIR: the MoE adapter folder to distil.")
+        if not self.output_dir:
+            raise ConfigError("distill needs --output-dir DIR: where to write the distilled LoRA.")
+        checks = [(self.rank is None or self.rank >= 1, f"--rank must be >= 1, got {self.rank}."),
+                  (self.steps >= 1, f"--steps must be >= 1, got {self.steps}."),
+                  (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
+                  (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}."),
+                  (self.held_out >= 1, f"--held-out must be >= 1, got {self.held_out}."),
+                  (math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                   f"--learning-rate must be a finite number > 0, got {self.learning_rate}."),
+                  (math.isfinite(self.temperature) and self.temperature > 0,
+                   f"--temperature must be a finite number > 0, got {self.temperature}.")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(p_teacher || p_student)`` per token, averaged over tokens (float32)."""
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab) / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, windows: torch.Tensor, temperature: float) -> float:
+    values = [float(distillation_loss(student(input_ids=w.unsqueeze(0)).logits,
+                                      teacher(input_ids=w.unsqueeze(0)).logits, temperature)) for w in windows]
+    return sum(values) / len(values)
+
+
+def run_distill(args: DistillArguments) -> Path:
+    """The ``distill`` command: train the student, then write the LoRA and ``distill_summary.json`` atomically."""
+    args.validate()
+    output = Path(args.output_dir)
+    check_output(output, args.overwrite)
+    if adapter_kind(Path(args.adapter)) != "moe":
+        raise ConfigError(f"{args.adapter} holds a dense LoRA already: export it directly (llama-expert export "
+                          f"--adapter {args.adapter} --merge --output-dir DIR).")
+    base = args.model or read_adapter_config(args.adapter).get("base_model_name_or_path")
+    dtype = parse_dtype(args.dtype)
+    teacher, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token, dtype=dtype)
+    moe_size = sum(p.numel() for p in adapter_parameters(teacher) if p.requires_grad)  # trainable, as reported
+    teacher.eval().requires_grad_(False)
+    check_within_context(teacher.config, args.seq_len, "--seq-len")
+    torch.manual_seed(args.seed)
+    student_base = load_base_model(base, auth_token=args.auth_token, dtype=dtype)
+    rank = args.rank or max(1, moe_size // lora_parameters_per_rank(student_base))
+    student = add_lora(student_base, rank, dropout=0.0)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    windows = calibration_windows(load_tokenizer(base, auth_token=args.auth_token), args.calibration, args.seq_len,
+                                  args.max_tokens, args.progress)
+    if windows.shape[0] <= args.held_out:
+        raise ConfigError(f"the calibration text gives {windows.shape[0]} windows of {args.seq_len} tokens, not "
+                          f"more than --held-out {args.held_out}; give more text or lower --seq-len.")
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(windows.shape[0], generator=generator)
+    held_out, train = windows[order[:args.held_out]], windows[order[args.held_out:]]
+    kl_before = mean_kl(student.eval(), teacher, held_out, args.temperature)
+
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.steps,
+                                                                               max(1, round(0.05 * args.steps))))
+    student.train()
+    started, losses = time.perf_counter(), []
+    autocast = dict(device_type="cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+    with progress_bar(args.steps, "distilling", "step", args.progress) as bar, torch.enable_grad():
+        for step in range(args.steps):
+            rows = torch.randint(0, train.shape[0], (args.batch_size,), generator=generator)
+            batch = train[rows]
+            with torch.autocast(**autocast):
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=batch).logits
+                loss = distillation_loss(student(input_ids=batch).logits, teacher_logits, args.temperature)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+    student.eval()
+    kl_after = mean_kl(student, teacher, held_out, args.temperature)
+    summary = {"adapter": str(args.adapter), "base_model": base, "rank": rank,
+               "student_parameters": sum(p.numel() for p in trainable), "teacher_parameters": moe_size,
+               "held_out_kl_before": kl_before, "held_out_kl_after": kl_after, "loss_first": losses[0],
+               "loss_last": losses[-1], "seconds": time.perf_counter() - started,
+               "settings": {k: v for k, v in asdict(args).items() if k != "auth_token"}}
+
+    def fill(staging: Path) -> None:
+        save_lora(student, staging)
+        atomic_write_text(staging / "distill_summary.json", json.dumps(summary, indent=1) + "\n")
+
+    write_folder(output, fill)
+    print(f"distilled {args.adapter} ({moe_size:,} parameters) into a rank-{rank} LoRA "
+          f"({summary['student_parameters']:,}); held-out KL {kl_before:.4f} -> {kl_after:.4f}; wrote {output}")
+    return output
