@@ -65,7 +65,13 @@ class ExpertConfig:
     router_z_loss_coef: float = option(0.001, "weight of the router z-loss")
     router_noise: bool = option(True, "switch off the noise of noisy top-k routing in training (Shazeer et al. 2017)")
     expert_allocation: Union[str, List[int]] = option(
-        "progressive", "progressive, uniform, or a comma-separated expert count per layer", parse=parse_allocation)
+        "progressive", "progressive, uniform, dynamic (start small, grow where routing asks, within "
+                       "--dynamic-budget), or a comma-separated expert count per layer", parse=parse_allocation)
+    dynamic_interval: int = option(50, "dynamic allocation: steps between two allocation changes")
+    dynamic_budget: Optional[int] = option(None, "dynamic allocation: total experts over all layers (default: what "
+                                                 "the progressive allocation gives)")
+    dynamic_retire_share: float = option(0.1, "dynamic allocation: retire an expert whose load is below this "
+                                              "share of a uniform load (1/E)")
     expert_type: str = option("shared_core", "a registered expert bank: shared_core, shared_down or mixlora")
     router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free, soft or "
                                                       "expert_choice")
@@ -140,6 +146,12 @@ class ExpertConfig:
         for name in ("expert_type", "router_type"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
                  f"{name} must be the name of a registered strategy, got {getattr(self, name)!r}.")
+        need(integer(self.dynamic_interval) and self.dynamic_interval >= 1,
+             f"dynamic_interval must be an integer >= 1, got {self.dynamic_interval!r}.")
+        need(self.dynamic_budget is None or (integer(self.dynamic_budget) and self.dynamic_budget >= 1),
+             f"dynamic_budget must be None or an integer >= 1, got {self.dynamic_budget!r}.")
+        need(finite(self.dynamic_retire_share) and 0 <= self.dynamic_retire_share < 1,
+             f"dynamic_retire_share must be in [0, 1), got {self.dynamic_retire_share!r}.")
         alloc = self.expert_allocation
         if not isinstance(alloc, str):
             need(isinstance(alloc, list) and len(alloc) > 0 and all(integer(n) for n in alloc),

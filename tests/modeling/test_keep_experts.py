@@ -73,8 +73,34 @@ def test_kept_experts_compute_what_they_computed(expert_type, router_type):
 
 def test_keep_experts_rejects_what_cannot_work():
     adapter = _adapter("shared_core", "noisy_top_k", num_experts=4)
-    for keep in ([], [0, 0], [1, 4], [-1, 2]):
+    for keep in ([], [0, 0]):
         with pytest.raises(ValueError, match="distinct experts"):
+            adapter.keep_experts(keep)
+    for keep in ([1, 4], [-1, 2]):
+        with pytest.raises(ValueError, match="must lie in 0..3"):
             adapter.keep_experts(keep)
     with pytest.raises(ValueError, match="top_k=2"):
         adapter.keep_experts([3])
+
+
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+@pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
+@torch.no_grad()
+def test_split_expert_appends_a_perturbed_copy(expert_type, router_type):
+    adapter = _adapter(expert_type, router_type, num_experts=4)
+    before = copy.deepcopy(adapter)
+    transfers = adapter.split_expert(2, noise=0.01, generator=torch.Generator().manual_seed(0))
+    assert adapter.num_experts == adapter.router.num_experts == adapter.experts.num_experts == 5
+    for old, new, index in transfers:  # what an optimiser needs to carry its state over
+        assert index.tolist() == [0, 1, 2, 3, 2] and new.shape[0] == 5 and old.shape[0] == 4
+        assert torch.equal(new[:4], old)
+        scale = float(old[2].float().std()) if old[2].numel() > 1 else 0.0
+        if new.requires_grad and scale > 0:
+            assert not torch.equal(new[4], old[2])
+            assert float((new[4] - old[2]).abs().max()) < 0.1 * scale  # a small perturbation
+        else:
+            assert torch.equal(new[4], old[2])
+    hidden = torch.randn(6, HIDDEN)
+    torch.testing.assert_close(adapter.router(hidden).logits[:, :4], before.router(hidden).logits)
+    adapter(hidden.unsqueeze(0))
+

@@ -294,3 +294,23 @@ def save_domain_heatmap(usage: List[Dict[str, object]], path, title: str = "Doma
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_allocation_plot(events: List[Dict[str, object]], path, title: str = "Experts per layer over training") -> Path:
+    """Experts per layer (rows) after each allocation change (columns, labelled by step), as a heatmap."""
+    plt = _matplotlib_pyplot()
+    table = [[int(n) for n in event["experts"]] for event in events]  # [changes][layers]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(events) + 2), max(3.0, 0.18 * len(table[0]) + 1)))
+    image = ax.imshow(list(map(list, zip(*table))), aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(events)))
+    ax.set_xticklabels([str(event["step"]) for event in events], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} (total {sum(table[-1])})")
+    fig.colorbar(image, ax=ax, label="experts")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

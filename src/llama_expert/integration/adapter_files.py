@@ -25,7 +25,8 @@ from ..config import ExpertConfig
 from ..errors import AdapterError, ConfigError
 from ..files import atomic_write, atomic_write_text
 from .base_models import DEFAULT_MODEL, load_base_model
-from .surgery import adapter_state_dict, augment_model, is_augmented, remove_adapters
+from ..modeling.allocation import experts_per_layer
+from .surgery import adapter_state_dict, adapters, augment_model, is_augmented, remove_adapters
 
 # Version 2 renamed the learnable per-layer scale: tensor ``*.scale`` -> ``*.residual_scale`` and config
 # field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
@@ -66,10 +67,21 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], base_model_name_or_
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "base_model_architecture": architecture_fingerprint(model),
         "base_model_weights_checksum": weights_checksum(model),
-        "expert_config": model.expert_config.to_dict(),
+        "expert_config": _config_with_counts(model),
     }
     atomic_write_text(folder / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _config_with_counts(model: nn.Module) -> dict:
+    """The model's ExpertConfig, with the explicit per-layer expert counts when its allocation rule no longer
+    gives them (pruned, or grown by dynamic allocation): the file must rebuild exactly these tensors."""
+    config = model.expert_config.to_dict()
+    counts = [adapter.num_experts for _, adapter in adapters(model)]
+    if experts_per_layer(model.expert_config, len(counts)) != counts:
+        config["expert_allocation"] = counts
+        config["num_experts"] = max(config["num_experts"], max(counts))
+    return config
 
 
 def read_adapter_config(folder: Union[str, Path]) -> dict:

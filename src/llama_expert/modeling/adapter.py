@@ -9,13 +9,14 @@ it gives back the very same MLP object. The padding mask reaches the router thro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from ..config import ExpertConfig
 from .experts import EXPERT_BANKS
+from .per_expert import Transfer
 from .routing import ROUTERS
 
 
@@ -79,15 +80,33 @@ class MoEAdapter(nn.Module):
     def z_loss(self) -> Optional[torch.Tensor]:
         return self.router.z_loss
 
-    def keep_experts(self, keep: torch.Tensor) -> None:
-        """Keep experts ``keep`` of this layer (router rows and expert tensors) and drop the others (pruning)."""
+    def select_experts(self, index) -> List[Transfer]:
+        """New expert j of this layer is old expert ``index[j]`` (router rows and expert tensors alike)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= self.num_experts:
+            raise ValueError(f"expert indices must lie in 0..{self.num_experts - 1}, got {index.tolist()}")
+        transfers = self.router.select_experts(index) + self.experts.select_experts(index)
+        self.num_experts = int(index.numel())
+        return transfers
+
+    def keep_experts(self, keep) -> List[Transfer]:
+        """Keep experts ``keep`` of this layer and drop the others (pruning)."""
         keep = torch.as_tensor(keep, dtype=torch.long)
-        if keep.numel() == 0 or len(set(keep.tolist())) != keep.numel() or int(keep.min()) < 0 \
-                or int(keep.max()) >= self.num_experts:
+        if keep.numel() == 0 or len(set(keep.tolist())) != keep.numel():
             raise ValueError(f"keep must list distinct experts of 0..{self.num_experts - 1}, got {keep.tolist()}")
-        self.router.keep_experts(keep)
-        self.experts.keep_experts(keep)
-        self.num_experts = int(keep.numel())
+        return self.select_experts(keep)
+
+    @torch.no_grad()
+    def split_expert(self, expert: int, noise: float, generator: torch.Generator) -> List[Transfer]:
+        """Append a copy of ``expert`` whose per-expert rows (router row included) are perturbed by Gaussian
+        noise of ``noise`` times each row's standard deviation, so that the two can drift apart."""
+        transfers = self.select_experts(list(range(self.num_experts)) + [expert])
+        for _, new, _ in transfers:
+            row = new[-1]
+            spread = float(row.float().std()) if row.numel() > 1 else 0.0
+            if spread > 0 and new.requires_grad:
+                row.add_(torch.randn(row.shape, generator=generator, dtype=torch.float32).to(row) * noise * spread)
+        return transfers
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)

@@ -44,6 +44,13 @@ def progressive(num_experts: int, top_k: int, num_layers: int) -> List[int]:
     return counts
 
 
+@ALLOCATIONS.register("dynamic")
+def dynamic_start(num_experts: int, top_k: int, num_layers: int) -> List[int]:
+    """Where dynamic allocation starts: half of the progressive allocation per layer (at least top_k); the
+    training loop then grows and retires experts (``training/dynamic.py``)."""
+    return [max(top_k, math.ceil(n / 2)) for n in progressive(num_experts, top_k, num_layers)]
+
+
 def experts_per_layer(config, num_layers: int) -> List[int]:
     """Number of experts in each of ``num_layers`` decoder layers under ``config.expert_allocation``."""
     allocation = config.expert_allocation

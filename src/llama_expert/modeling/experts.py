@@ -17,13 +17,14 @@ learnable per-layer factor lives in the adapter (``MoEAdapter.residual_scale``),
 from __future__ import annotations
 
 import math
+from typing import List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .per_expert import keep_rows
+from .per_expert import Transfer, select_rows
 from .registry import Registry
 
 EXPERT_BANKS = Registry("expert bank", "expert_type")
@@ -53,12 +54,13 @@ class ExpertBank(nn.Module):
     expert_inits = ("zero",)
     registered_name = ""
     expert_init_hint = ""
-    per_expert_parameters: tuple = ()  # parameters stacked by expert along dim 0 (what keep_experts slices)
+    per_expert_parameters: tuple = ()  # parameters stacked by expert along dim 0 (what select_experts slices)
 
-    def keep_experts(self, keep: torch.Tensor) -> None:
-        """Keep experts ``keep`` (indices, in this order) and drop the others; shared tensors stay."""
-        keep_rows(self, self.per_expert_parameters, keep)
-        self.num_experts = int(keep.numel())
+    def select_experts(self, index: torch.Tensor) -> List[Transfer]:
+        """New expert j is old expert ``index[j]`` (a subset keeps, a repeat copies); shared tensors stay."""
+        transfers = select_rows(self, self.per_expert_parameters, index)
+        self.num_experts = int(index.numel())
+        return transfers
 
     @classmethod
     def check_config(cls, config) -> None:

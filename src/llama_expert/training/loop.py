@@ -143,7 +143,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 save_model: Callable[[object, Path], None], load_model: Callable[[object, Path], None],
                 extra_loss: Optional[Callable[[object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None,
                 run_config: Optional[dict] = None, accelerator=None,
-                parameter_groups: Optional[List[dict]] = None) -> TrainResult:
+                parameter_groups: Optional[List[dict]] = None, structure=None,
+                regroup: Optional[Callable[[object], Optional[List[dict]]]] = None) -> TrainResult:
     """Train every parameter of ``model`` that requires grad on ``train_blocks`` ([n, seq_len]).
 
     ``extra_loss(model)`` returns a term to add to the LM loss and named values to log (the router
@@ -155,6 +156,11 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     routers at a multiple of the learning rate) must hold every trainable parameter exactly once; without
     them every trainable parameter is in one group at ``args.learning_rate``. The schedule scales every
     group's own learning rate.
+
+    ``structure`` (``training.dynamic.DynamicAllocation``) may change the trainable parameters after a step
+    (``after_step`` returns an event with the row ``transfers``); the optimiser is then rebuilt around the new
+    parameters (groups from ``regroup(model)``), carrying each row's Adam state and the schedule over, and the
+    structure's statistics go into every checkpoint. Single process only.
     """
     from accelerate.utils import gather_object, set_seed
 
@@ -182,11 +188,41 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
         grouped = [p for group in parameter_groups for p in group["params"]]
         if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
             raise ConfigError("parameter_groups must hold every trainable parameter of the model exactly once.")
+    if structure is not None and world > 1:
+        raise ConfigError("dynamic expert allocation runs in a single process; use a fixed allocation with "
+                          "accelerate launch (or train on one process).")
     optimizer = torch.optim.AdamW(params if parameter_groups is None else parameter_groups, lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
     unwrapped = model
     model, optimizer = accelerator.prepare(model, optimizer)
+
+    def rebuild_optimizer(transfers=()) -> None:
+        """A new optimiser for the model's current trainable parameters: unchanged ones keep their state,
+        re-shaped ones take their rows of the old state (``transfers``: (old, new, rows), possibly chained)."""
+        nonlocal params, optimizer, scheduler
+        old = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
+        origin = {}  # id(new parameter) -> (parameter in the old optimiser, its rows)
+        for before, after, rows in transfers:
+            root, base_rows = origin.get(id(before), (before, None))
+            origin[id(after)] = (root, rows if base_rows is None else base_rows.index_select(0, rows))
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+        groups = regroup(unwrapped) if regroup is not None else None
+        fresh = torch.optim.AdamW(params if groups is None else groups, lr=args.learning_rate,
+                                  weight_decay=args.weight_decay)
+        for group, previous in zip(fresh.param_groups, old.param_groups):  # the schedule's current rates
+            group["lr"], group["initial_lr"] = previous["lr"], previous.get("initial_lr", previous["lr"])
+        for p in params:
+            if p in old.state:
+                fresh.state[p] = old.state[p]
+            elif id(p) in origin and origin[id(p)][0] in old.state:
+                source, rows = origin[id(p)]
+                fresh.state[p] = {k: (v.index_select(0, rows.to(v.device)).clone() if torch.is_tensor(v) and v.dim()
+                                      else v.clone() if torch.is_tensor(v) else v) for k, v in old.state[source].items()}
+        schedule = scheduler.state_dict()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, cosine_with_warmup(total_steps, warmup_steps))
+        scheduler.load_state_dict(schedule)
+        optimizer = accelerator.prepare(fresh)
     device = accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,7 +233,7 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     best: Optional[dict] = None
     initial_eval: Optional[dict] = None
     run_config = {**(run_config or {}), **asdict(args)}
-    resumed_from, unreadable = None, []
+    resumed_from, unreadable, resumed_structure = None, [], None
     if args.resume:
         for found in checkpoint_candidates(output_dir / "checkpoints"):
             try:
@@ -223,6 +259,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 if main:
                     print(f"warning: {unreadable[-1]}; trying an older checkpoint")
                 continue
+            if structure is not None:  # the checkpoint's allocation may differ from the start: new parameters
+                rebuild_optimizer()
+                resumed_structure = state["structure"]
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"][rank])
@@ -245,6 +284,15 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     def evaluate(step: int) -> Optional[dict]:
         if eval_windows is None:
             return None
+        if structure is not None:
+            structure.pause(unwrapped)  # validation text does not vote on the allocation
+        try:
+            return measure(step)
+        finally:
+            if structure is not None:
+                structure.resume(unwrapped)
+
+    def measure(step: int) -> dict:
         mine = eval_windows[rank::world]
         result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast, progress=args.progress and main) \
             if len(mine) else \
@@ -267,7 +315,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
             save_training_state(tmp, {
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rngs, "world_size": world, "run_config": run_config,
-                "history": history, "best": best, "initial_eval": initial_eval})
+                "history": history, "best": best, "initial_eval": initial_eval,
+                **({"structure": structure.state(unwrapped)} if structure is not None else {})})
         failure = None
         if main:
             try:
@@ -316,6 +365,10 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     started = time.perf_counter()
     final_eval = None
     model.train()
+    if structure is not None:
+        structure.start(unwrapped)
+        if resumed_structure is not None:  # the routing statistics since the checkpoint's last change
+            structure.load_state(unwrapped, resumed_structure)
     step = start_step
     stop = StopRequests(world_size=world, reduce=accelerator.reduce, device=device, announce=main)
     try:
@@ -349,6 +402,10 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += tokens_per_step
+                event = structure.after_step(unwrapped, step) if structure is not None else None
+                if event is not None:
+                    rebuild_optimizer(event.pop("transfers"))
+                    loggers.log(event)
                 seconds = time.perf_counter() - step_started
                 record = {"step": step, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "tokens": tokens_seen, "tokens_per_s": tokens_per_step / seconds}
@@ -383,6 +440,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     finally:
         bar.close()
         loggers.close()
+        if structure is not None:
+            structure.pause(unwrapped)
     if final_eval is None or final_eval["step"] != step:
         final_eval = evaluate(step) if step == total_steps else final_eval
         if final_eval is not None and final_eval["step"] == step and is_better(final_eval):

@@ -15,13 +15,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..config import ExpertConfig
-from ..evaluation.reports import save_domain_heatmap, save_usage_heatmap
+from ..evaluation.reports import save_allocation_plot, save_domain_heatmap, save_usage_heatmap
 from ..evaluation.routing_health import expert_usage_by_domain
 from ..files import atomic_write_text
-from ..integration.adapter_files import load_adapter_weights, save_adapter
+from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
 from ..modeling.registry import Registry
+from .dynamic import GROWTH_POLICIES
 from . import lora
 
 METHODS = Registry("training method", "method")
@@ -65,6 +66,10 @@ class TrainingMethod:
 
     def settings(self) -> dict:
         raise NotImplementedError
+
+    def structure(self, seed: int):
+        """An object that changes the trainable parameters while training (``train_model``'s ``structure``)."""
+        return None
 
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
                        progress: bool = True, domains: Optional[torch.Tensor] = None,
@@ -112,7 +117,19 @@ class MoEMethod(TrainingMethod):
         save_adapter(model, folder, base_model_name_or_path=base_model_name_or_path)
 
     def load(self, model, folder: Path) -> None:
+        """Load a checkpoint's tensors; under dynamic allocation its layers may hold other expert counts than
+        the model now, so each layer is first given the checkpoint's count (the tensors are then overwritten)."""
+        counts = read_adapter_config(folder)["expert_config"]["expert_allocation"]
+        if isinstance(counts, list):
+            for (_, adapter), count in zip(adapters(model), counts):
+                if adapter.num_experts != count:
+                    adapter.select_experts([e % adapter.num_experts for e in range(count)])
         load_adapter_weights(model, folder)
+
+    def structure(self, seed: int):
+        """The growth policy of a dynamic allocation (``training/dynamic.py``), else None."""
+        name = self.config.expert_allocation
+        return GROWTH_POLICIES.get(name)(self.config, seed) if name in GROWTH_POLICIES.names() else None
 
     def extra_loss(self, model):
         return weighted_router_loss(model)
@@ -135,6 +152,20 @@ class MoEMethod(TrainingMethod):
             save_usage_heatmap(usage, output_dir / "expert_usage.png", title=f"Expert usage after {steps} steps")
         except ImportError:
             print("matplotlib is not installed: skipped expert_usage.png (pip install matplotlib)")
+        events = allocation_events(output_dir / "train_log.jsonl")
+        if events:
+            try:
+                save_allocation_plot(events, output_dir / "allocation.png")
+            except ImportError:
+                print("matplotlib is not installed: skipped allocation.png (pip install matplotlib)")
+
+
+def allocation_events(log: Path) -> List[dict]:
+    """The ``allocation`` events of a training log (dynamic allocation), in order; [] when there are none."""
+    if not log.is_file():
+        return []
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [e for e in events if e.get("event") == "allocation"]
 
 
 @METHODS.register("lora")

@@ -157,7 +157,9 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     result = train_model(model, data.train, data.eval, args,
                          save_model=lambda m, folder: method.save(m, folder, base_name), load_model=method.load,
                          extra_loss=method.extra_loss, run_config={"method": method.name, **settings},
-                         accelerator=accelerator, parameter_groups=method.parameter_groups(model, args.learning_rate))
+                         accelerator=accelerator, parameter_groups=method.parameter_groups(model, args.learning_rate),
+                         structure=method.structure(args.seed),
+                         regroup=lambda m: method.parameter_groups(m, args.learning_rate))
     if not main:
         return result
     output_dir = Path(args.output_dir)

@@ -12,13 +12,13 @@ losses (``set_losses``) and calls ``record`` when ``record_statistics`` is on.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..per_expert import keep_rows
+from ..per_expert import Transfer, select_rows
 from .losses import Routing, router_z_loss
 
 
@@ -31,7 +31,7 @@ def in_backward_pass() -> bool:
 
 class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
-    per_expert_parameters: tuple = ("weight",)  # one row per expert (what keep_experts slices)
+    per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -63,14 +63,16 @@ class RouterBase(nn.Module):
         """The fewest experts this router can route among (pruning keeps at least this many): ``top_k``."""
         return self.top_k
 
-    def keep_experts(self, keep: torch.Tensor) -> None:
-        """Keep experts ``keep`` (indices, in this order): their rows of every per-expert tensor. The gates of
-        the remaining experts renormalise by themselves (a softmax over the kept logits)."""
-        if keep.numel() < self.min_experts:
-            raise ValueError(f"keeping {keep.numel()} experts leaves fewer than top_k={self.min_experts}")
-        keep_rows(self, self.per_expert_parameters, keep)
-        self.num_experts = int(keep.numel())
+    def select_experts(self, index: torch.Tensor) -> List[Transfer]:
+        """New expert j is old expert ``index[j]``: its rows of every per-expert tensor. Dropping experts lets
+        the gates renormalise over the rest by themselves (a softmax over fewer logits). Resets the statistics."""
+        if index.numel() < self.min_experts:
+            raise ValueError(f"keeping {index.numel()} experts leaves fewer than top_k={self.min_experts}")
+        transfers = select_rows(self, self.per_expert_parameters, index)
+        self.num_experts = int(index.numel())
         self.expert_counts = self.expert_counts.new_zeros(self.num_experts)
+        self.reset_statistics()
+        return transfers
 
     def reset_statistics(self) -> None:
         self.expert_counts.zero_()

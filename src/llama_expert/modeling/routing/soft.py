@@ -34,9 +34,9 @@ class SoftRouter(RouterBase):
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "SoftRouter":
         return cls(hidden_size, num_experts)
 
-    def keep_experts(self, keep: torch.Tensor) -> None:
-        self.top_k = int(keep.numel())  # every kept expert, as before
-        super().keep_experts(keep)
+    def select_experts(self, index: torch.Tensor):
+        self.top_k = int(index.numel())  # every expert, as before
+        return super().select_experts(index)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

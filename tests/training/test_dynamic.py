@@ -1,0 +1,94 @@
+"""Dynamic expert allocation: idle experts retire, busy ones split up to the budget, the optimiser follows the
+rows, the allocation is logged and drawn, the adapter saves its real counts, and resume stays exact."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_expert import ExpertConfig, TrainingArguments, augment_model, load_augmented_model
+from llama_expert.integration.base_models import load_base_model
+from llama_expert.integration.surgery import adapters
+from llama_expert.training.arguments import DataArguments
+from llama_expert.training.dynamic import DynamicAllocation
+from llama_expert.training.methods import MoEMethod
+from llama_expert.training.recipe import fine_tune
+
+CONFIG = dict(num_experts=4, top_k=2, expert_allocation="dynamic", dynamic_interval=2, dynamic_budget=7)
+
+
+def test_idle_experts_retire_and_busy_ones_split_to_the_budget(trained_base):
+    folder, _ = trained_base
+    model = augment_model(load_base_model(str(folder)), ExpertConfig(**CONFIG))
+    layers = [a for _, a in adapters(model)]
+    assert [a.num_experts for a in layers] == [2, 2]  # half of progressive (4, 4), at least top_k
+    policy = DynamicAllocation(model.expert_config, seed=0)
+    policy.start(model)
+    layers[0].router.expert_counts.copy_(torch.tensor([90.0, 10.0]))
+    layers[1].router.expert_counts.copy_(torch.tensor([50.0, 50.0]))
+    assert policy.after_step(model, 1) is None  # not an interval step
+    event = policy.after_step(model, 2)
+    assert event["experts"] == [4, 3] and sum(event["experts"]) == 7
+    # layer 0's expert 0 (load 0.9 of 2) splits first, then again (0.45 of 3), then layer 1 (ties: lowest index)
+    assert event["grown"] == [(0, 0), (0, 0), (1, 0)]
+    assert all(float(a.router.expert_counts.sum()) == 0 for a in layers)  # statistics restart
+    layers[0].router.expert_counts.copy_(torch.tensor([40.0, 30.0, 30.0, 0.0]))  # expert 3 idle: retired
+    layers[1].router.expert_counts.copy_(torch.tensor([10.0, 10.0, 10.0]))
+    event = policy.after_step(model, 4)
+    assert event["retired"] == [(0, 3)]
+    assert sum(event["experts"]) == 7  # and the budget is filled again
+    model(input_ids=torch.randint(0, 100, (1, 8)))
+
+
+def _fine_tune(base, out, config=None, **kw):
+    folder, text = base
+    settings = dict(output_dir=str(out), max_steps=6, batch_size=2, seq_len=32, eval_every=0, eval_max_tokens=128,
+                    save_every=1, progress=False, mixed_precision="no", learning_rate=1e-2, seed=3)
+    settings.update(kw)
+    return fine_tune(MoEMethod(ExpertConfig(**(config or CONFIG))), TrainingArguments(**settings),
+                     DataArguments(dataset=str(text)), model_id=str(folder))
+
+
+def test_dynamic_training_logs_draws_and_saves_its_allocation(trained_base, tmp_path):
+    out = tmp_path / "run"
+    _fine_tune(trained_base, out)
+    events = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    changes = [e for e in events if e.get("event") == "allocation"]
+    assert [e["step"] for e in changes] == [2, 4, 6]
+    assert all(sum(e["experts"]) == 7 for e in changes)
+    assert (out / "allocation.png").is_file()
+    saved = json.loads((out / "adapter_config.json").read_text())["expert_config"]
+    assert saved["expert_allocation"] == changes[-1]["experts"]  # the real counts, not "dynamic"
+    model, config = load_augmented_model(adapter_path=out)
+    assert [a.num_experts for _, a in adapters(model)] == changes[-1]["experts"]
+
+
+@pytest.fixture
+def random_base(trained_base, tmp_path):
+    """The tiny base's architecture and tokenizer with untrained weights: its routing is noisy enough that the
+    allocation choices below depend on every step's statistics (on the trained base they happen not to)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder, text = trained_base
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(load_base_model(str(folder)).config)
+    model.save_pretrained(tmp_path / "random-base")
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "random-base")
+    return tmp_path / "random-base", text
+
+
+def test_dynamic_training_resumes_exactly(random_base, tmp_path):
+    trained_base = random_base
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    # retire_share 0.9: experts retire and regrow at every change, so the choices hang on the exact statistics
+    config = {**CONFIG, "dynamic_retire_share": 0.9, "dynamic_interval": 3}
+    _fine_tune(trained_base, whole, config)
+    _fine_tune(trained_base, parts, config, stop_after_steps=4)  # stops between two allocation changes
+    _fine_tune(trained_base, parts, config, resume=True)
+    log = [json.loads(line) for line in (parts / "train_log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "allocation" and e["retired"] for e in log)
+    want, got = load_file(str(whole / "adapter_model.safetensors")), load_file(str(parts / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
