@@ -17,12 +17,13 @@ from typing import List, Optional
 from ..errors import LlamaExpertError
 from .arguments import HelpFormatter
 
-COMMANDS = ("train", "benchmark", "compare", "inference", "prune", "distill", "export")
+COMMANDS = ("train", "benchmark", "compare", "inference", "serve", "prune", "distill", "export")
 HELPS = {
     "train": "fine-tune MoE adapters on a frozen base model",
     "benchmark": "measure perplexity, throughput, memory and expert usage",
     "compare": "measure base vs augmented (vs a PEFT LoRA baseline) in one run",
     "inference": "generate text from a prompt or interactively",
+    "serve": "an OpenAI-compatible HTTP server (completions, chat, streaming) over a base or augmented model",
     "prune": "keep each layer's most useful experts (scored on calibration text) in a smaller adapter",
     "distill": "train a dense LoRA to reproduce an MoE-augmented model (so that it can be merged)",
     "export": "fold a dense LoRA into the base and write a Transformers folder or a GGUF file",

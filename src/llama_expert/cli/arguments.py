@@ -99,7 +99,7 @@ def dataclass_from_args(cls: Type[T], args: argparse.Namespace, only: Optional[I
     values.update(overrides)
     return cls(**values)
 
-SECRET_FLAGS = ("--auth-token",)
+SECRET_FLAGS = ("--auth-token", "--api-key")
 
 
 def redacted_command(argv: List[str], program: str = "llama-expert") -> str:

@@ -67,7 +67,8 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
 
 
-def _generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+def generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
+    """The model's GenerationConfig with these settings (``temperature == 0``: greedy) and pad/eos filled in."""
     check_sampling(temperature, top_p)
     config = copy.deepcopy(model.generation_config)
     config.max_new_tokens = max_new_tokens
@@ -95,7 +96,7 @@ def generate_ids(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int 
     model.eval()
     try:
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                             generation_config=_generation_config(model, tokenizer, max_new_tokens, temperature,
+                             generation_config=generation_config(model, tokenizer, max_new_tokens, temperature,
                                                                   top_p))
     finally:
         model.train(was_training)

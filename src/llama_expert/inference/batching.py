@@ -1,0 +1,161 @@
+"""Requests that arrive together are generated together: one worker thread owns the model.
+
+The worker takes the oldest waiting request, waits up to ``batch_wait`` seconds for more with the same
+sampling settings (temperature, top_p) up to ``max_batch_size``, left-pads their prompts and runs one
+``model.generate`` over the batch. Each request keeps its own limits: a per-row stopping criterion ends a
+row at its own ``max_tokens`` or stop string (generation ends when every row has ended), and a streamer
+splits every decoding step's tokens by row and sends each request its new text as soon as it decodes
+(text is held back while it ends in an incomplete UTF-8 character or in what may begin a stop string). Why not continuous batching: a request
+that arrives mid-batch waits for the next one; Transformers' continuous-batching manager needs paged
+attention of its own and does not host a model whose MLPs were replaced, so this is the batching it allows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from .generation import generation_config
+
+
+@dataclass
+class Request:
+    """One prompt to complete; its ``events`` queue receives ("text", delta) items and then one
+    ("done", finish_reason, completion_tokens) or ("error", message)."""
+    ids: List[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=list)
+    events: "queue.Queue" = field(default_factory=queue.Queue)
+
+    @property
+    def sampling(self) -> Tuple[float, float]:
+        return (self.temperature, self.top_p if self.temperature > 0 else 1.0)
+
+
+class _Row:
+    """What one batch row has produced, and when it must stop."""
+
+    def __init__(self, request: Request, tokenizer, eos: set):
+        self.request, self.tokenizer, self.eos = request, tokenizer, eos
+        self.ids: List[int] = []
+        self.sent = 0  # characters of the text already sent
+        self.finish: Optional[str] = None
+
+    def add(self, token: int) -> None:
+        if self.finish is not None:
+            return
+        if token in self.eos:
+            self.finish = "stop"
+        else:
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in self.request.stop if s and s in text), default=-1)
+            if cut >= 0:
+                text, self.finish = text[:cut], "stop"
+            elif len(self.ids) >= self.request.max_tokens:
+                self.finish = "length"
+            ready = len(text) if self.finish is not None else self._ready(text)
+            if ready > self.sent:
+                self.request.events.put(("text", text[self.sent:ready]))
+                self.sent = ready
+        if self.finish is not None:
+            self.request.events.put(("done", self.finish, len(self.ids)))
+
+
+    def _ready(self, text: str) -> int:
+        """How much of ``text`` can be sent: not an incomplete UTF-8 character at the end, nor an ending that
+        may be the start of a stop string (a stop string is never sent, not even in part)."""
+        if text.endswith("\ufffd"):
+            return self.sent
+        held = max((k for s in self.request.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return len(text) - held
+
+
+class BatchEngine:
+    """Serve ``Request`` objects from a background thread, batching the ones that arrive together."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
+        self.waiting: "queue.Queue[Request]" = queue.Queue()
+        self.held: List[Request] = []  # taken from the queue, different sampling: next batch
+        self.requests_served, self.largest_batch, self.batches = 0, 0, 0
+        self.thread = threading.Thread(target=self._run, name="llama-expert-batching", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request) -> Request:
+        self.waiting.put(request)
+        return request
+
+    def _next_batch(self) -> List[Request]:
+        first = self.held.pop(0) if self.held else self.waiting.get()
+        batch, deadline = [first], time.monotonic() + self.batch_wait
+        keep = []
+        for request in self.held:  # held requests first, oldest first
+            (batch if request.sampling == first.sampling and len(batch) < self.max_batch_size else keep).append(request)
+        self.held = keep
+        while len(batch) < self.max_batch_size:
+            try:
+                request = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            (batch if request.sampling == first.sampling else self.held).append(request)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            try:
+                self.generate(batch)
+            except Exception as exc:  # report to every waiting client; the server keeps serving
+                for request in batch:
+                    request.events.put(("error", f"generation failed: {exc}"))
+            self.requests_served += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            self.batches += 1
+
+    @torch.no_grad()
+    def generate(self, batch: List[Request]) -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        tokenizer, model = self.tokenizer, self.model
+        config = generation_config(model, tokenizer, max(r.max_tokens for r in batch), *batch[0].sampling)
+        eos = config.eos_token_id
+        rows = [_Row(r, tokenizer, set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+                for r in batch]
+        length = max(len(r.ids) for r in batch)
+        pad = config.pad_token_id
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (length - len(r.ids)) + r.ids for r in batch], device=device)
+        mask = torch.tensor([[0] * (length - len(r.ids)) + [1] * len(r.ids) for r in batch], device=device)
+
+        class Rows(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate() first puts the prompt
+                    self.prompt_seen = True
+                    return
+                for row, token in zip(rows, value.reshape(-1).tolist()):
+                    row.add(token)
+
+            def end(self):
+                for row in rows:
+                    if row.finish is None:
+                        row.finish = "length"
+                        row.request.events.put(("done", "length", len(row.ids)))
+
+        class Finished(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([row.finish is not None for row in rows], device=input_ids.device)
+
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=Rows(),
+                       stopping_criteria=StoppingCriteriaList([Finished()]))
