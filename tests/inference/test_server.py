@@ -1,7 +1,6 @@
 """`llama-expert serve`: a real server process on the tiny trained base, spoken to with the official `openai`
 client (streaming and not) and with raw HTTP for what a client library would refuse to send."""
 
-import json
 import os
 import shutil
 import socket
