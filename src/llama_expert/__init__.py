@@ -34,6 +34,7 @@ _EXPORTS = {
     "fine_tune_lora_model": "training.recipe",
     "ExpertModelBenchmark": "evaluation.benchmark", "compare_throughput": "evaluation.throughput",
     "generate_text": "inference.generation", "interactive_session": "inference.chat",
+    "KVCacheCompressor": "inference.kv_cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -55,5 +56,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .config import ExpertConfig  # noqa: F401
     from .evaluation.benchmark import ExpertModelBenchmark  # noqa: F401
     from .integration.adapter_files import load_augmented_model, save_adapter  # noqa: F401
+    from .inference.kv_cache import KVCacheCompressor  # noqa: F401
     from .integration.surgery import augment_model  # noqa: F401
     from .training.recipe import fine_tune_augmented_model  # noqa: F401

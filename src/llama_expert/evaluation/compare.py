@@ -209,7 +209,7 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
         names = list(models)
         with _stage(f"[{', '.join(names)}] throughput, repeats interleaved"):
             measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
-                                           t.throughput_batch_sizes, a.progress)
+                                           t.throughput_batch_sizes, a.progress, t.kv_cache)
         throughput = {n: m for n, m in zip(names, measured)}
         for n in names:
             rows[n]["throughput"] = []

@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import ConfigError
+from ..inference.kv_cache_choice import KV_CACHE_CHOICES, make_cache
 from ..integration.base_models import check_within_context
 from ..options import option
 from ..progress import progress_bar
@@ -29,6 +30,8 @@ class ThroughputArguments:
     new_tokens: int = option(32, "throughput decode steps")
     throughput_batch_sizes: List[int] = option(help="batch sizes for prefill/decode throughput",
                                                default_factory=lambda: [1, 4])
+    kv_cache: str = option("none", "key/value cache while timing: none, int8 or int4 (KVCacheCompressor)",
+                           choices=KV_CACHE_CHOICES)
 
 
 THROUGHPUT_METHOD = ("manual greedy loop with a KV cache: prefill = one forward pass over the prompt; decode = "
@@ -69,15 +72,16 @@ def _output_cache(out):
 
 
 @torch.no_grad()
-def _time_generation(model, input_ids: torch.Tensor, new_tokens: int) -> Dict[str, float]:
+def _time_generation(model, input_ids: torch.Tensor, new_tokens: int, kv_cache: str = "none") -> Dict[str, float]:
     """One timed prefill and ``new_tokens`` timed single-token decode steps (greedy, KV cache)."""
     device = model_device(model)
     input_ids = input_ids.to(device)
     names = _forward_kwargs(model)
     extra = {names["keep"]: 1} if names["keep"] else {}
+    cache = make_cache(model, kv_cache)
     synchronize(device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True, **extra)
+    out = model(input_ids=input_ids, use_cache=True, **extra, **({names["cache"]: cache} if cache is not None else {}))
     synchronize(device)
     prefill = time.perf_counter() - start
     cache = _output_cache(out)
@@ -115,13 +119,13 @@ def _check_throughput_args(models, num_samples: int, prompt_len: int, new_tokens
 
 
 def measure_throughput(model, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,
-                       batch_sizes: Sequence[int] = (1, 4), progress: bool = True) -> Dict:
+                       batch_sizes: Sequence[int] = (1, 4), progress: bool = True, kv_cache: str = "none") -> Dict:
     """Prefill and decode tokens/s per batch size: one warm-up run, then the median of ``num_samples``."""
-    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes, progress)[0]
+    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes, progress, kv_cache)[0]
 
 
 def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tokens: int,
-                        batch_sizes: Sequence[int], progress: bool = True) -> List[Dict]:
+                        batch_sizes: Sequence[int], progress: bool = True, kv_cache: str = "none") -> List[Dict]:
     """Measure several models with their repeats interleaved (order alternating every repeat), so that
     drift in machine load (other processes, thermal throttling) hits them alike.
 
@@ -140,12 +144,12 @@ def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tok
                 bar.set_postfix_str(f"batch {b}")
                 prompts = prompt_ids(models[0], b, prompt_len)
                 for m in models:  # warm-up: allocator, kernels, lazy initialisation
-                    _time_generation(m, prompts, new_tokens)
+                    _time_generation(m, prompts, new_tokens, kv_cache)
                     bar.update()
                 for rep in range(num_samples):
                     order = range(len(models)) if rep % 2 == 0 else reversed(range(len(models)))
                     for i in order:
-                        samples[i][b].append(_time_generation(models[i], prompts, new_tokens))
+                        samples[i][b].append(_time_generation(models[i], prompts, new_tokens, kv_cache))
                         bar.update()
     finally:
         for m, state in zip(models, states):

@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .generation import generation_config
+from .kv_cache_choice import cache_kwargs, make_cache
 
 
 @dataclass
@@ -81,8 +82,8 @@ class _Row:
 class BatchEngine:
     """Serve ``Request`` objects from a background thread, batching the ones that arrive together."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005, kv_cache: str = "none"):
+        self.model, self.tokenizer, self.kv_cache = model, tokenizer, kv_cache
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
         self.waiting: "queue.Queue[Request]" = queue.Queue()
         self.held: List[Request] = []  # taken from the queue, different sampling: next batch
@@ -157,5 +158,7 @@ class BatchEngine:
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.tensor([row.finish is not None for row in rows], device=input_ids.device)
 
+        cache = make_cache(model, self.kv_cache)
         model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=Rows(),
-                       stopping_criteria=StoppingCriteriaList([Finished()]))
+                       stopping_criteria=StoppingCriteriaList([Finished()]),
+                       **cache_kwargs(model, cache))

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..integration.base_models import context_length
 from ..integration.loading import ModelArguments, load_model_and_tokenizer
 from ..options import option
+from .kv_cache_choice import KV_CACHE_CHOICES
 from .generation import (check_sampling, encode_prompt, generate_ids, generate_text,
                          has_chat_template, make_streamer)
 
@@ -44,7 +45,8 @@ def trim_history(tokenizer, messages: List[Dict[str, str]], budget: int) -> Tupl
 
 def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
                         use_chat_template: bool = True, input_fn: Callable[[str], str] = input,
-                        output: Optional[TextIO] = None, system_prompt: Optional[str] = None) -> int:
+                        output: Optional[TextIO] = None, system_prompt: Optional[str] = None,
+                        kv_cache: str = "none") -> int:
     """Read prompts with ``input_fn`` and stream each reply to ``output``; returns 0 when the user leaves.
 
     With a chat template the conversation is kept and trimmed (oldest turns first) to fit the context
@@ -88,7 +90,7 @@ def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature
                 kept, input_ids = trim_history(tokenizer, history + [{"role": "user", "content": text}], budget)
             else:
                 kept, input_ids = [], encode_prompt(tokenizer, text, use_chat_template=False)
-            new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p,
+            new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, kv_cache=kv_cache,
                                    streamer=make_streamer(tokenizer, output))
         except ConfigError as exc:
             output.write(f"error: {exc}\n")
@@ -114,6 +116,8 @@ class GenerationArguments:
                                        "template", flag="--no-chat-template")
     system_prompt: Optional[str] = option(None, "system message for the chat (interactive mode)")
     seed: Optional[int] = option(None, "random seed for sampling")
+    kv_cache: str = option("none", "key/value cache: none (full precision), int8 or int4 (KIVI-style "
+                                   "KVCacheCompressor)", choices=KV_CACHE_CHOICES)
 
 
 def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
@@ -131,7 +135,7 @@ def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
     print(f"loaded {what}", file=sys.stderr)
     if args.prompt is not None:
         generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                      use_chat_template=args.chat_template, streamer=make_streamer(tokenizer))
+                      use_chat_template=args.chat_template, streamer=make_streamer(tokenizer), kv_cache=args.kv_cache)
         sys.stdout.write("\n")
         sys.stdout.flush()
         return 0
@@ -140,4 +144,5 @@ def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
     except ImportError:
         pass
     return interactive_session(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p,
-                               use_chat_template=args.chat_template, system_prompt=args.system_prompt)
+                               use_chat_template=args.chat_template, system_prompt=args.system_prompt,
+                               kv_cache=args.kv_cache)

@@ -23,6 +23,7 @@ from ..integration.base_models import context_length
 from ..options import option
 from .batching import BatchEngine, Request
 from .generation import check_text, has_chat_template
+from .kv_cache_choice import KV_CACHE_CHOICES
 
 API_KEY_ENV = "LLAMA_EXPERT_API_KEY"
 
@@ -37,6 +38,8 @@ class ServeArguments:
     max_batch_size: int = option(8, "most requests generated together")
     batch_wait_ms: float = option(5.0, "how long the first request of a batch waits for others (ms)")
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    kv_cache: str = option("none", "key/value cache: none, int8 or int4 (KVCacheCompressor)",
+                           choices=KV_CACHE_CHOICES)
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -87,7 +90,7 @@ class Service:
 
     def __init__(self, model, tokenizer, name: str, args: ServeArguments):
         self.model, self.tokenizer, self.name, self.args = model, tokenizer, name, args
-        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000)
+        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache)
         self.context = context_length(model.config)
         self.created = int(time.time())
         self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
