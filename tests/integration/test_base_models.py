@@ -74,6 +74,8 @@ def test_resolve_model_kinds(tiny_folder):
     assert models.resolve_model(str(tiny_folder)) == ("local", str(tiny_folder.resolve()))
     assert models.resolve_model("some-org/some-model") == ("hub", "some-org/some-model")
     assert models.resolve_model("llama-3.2-1b") == ("hub", "meta-llama/Llama-3.2-1B")
+    assert models.resolve_model("Llama-3.2-3B-Instruct") == ("hub", "meta-llama/Llama-3.2-3B-Instruct")
+    assert models.resolve_model("llama-3.2-3b") == ("hub", "meta-llama/Llama-3.2-3B")
 
 
 def test_unreachable_hub_id_suggests_local_folder_or_embedded_model():

@@ -301,3 +301,19 @@ def test_trained_adapter_is_deterministic_in_eval_mode(tiny_model):
             layer.mlp.router.noise_weight.normal_(std=1.0)
     ids = _batch()
     assert torch.equal(_logits(tiny_model, ids), _logits(tiny_model, ids))
+
+
+LLAMA_32_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                   num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=128)
+
+
+def test_budget_on_llama_3_2_3b_architecture():
+    """meta-llama/Llama-3.2-3B's config.json: the default stays under 0.2% trainable (3.79 M of 3.21 B)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_32_3B))
+    assert sum(p.numel() for p in model.parameters()) == 3_212_749_824
+    augment_model(model, ExpertConfig())
+    c = parameter_counts(model)
+    assert c["trainable"] == 3_790_876 and c["trainable"] / c["total"] <= 0.002
+    assert c["experts_per_layer"] == [4, 4, 4, 4, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4]
+

