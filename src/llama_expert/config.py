@@ -91,7 +91,8 @@ class ExpertConfig:
                                            "(0: all logits equal at step 0)")
     use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                               flag="--gradient-checkpointing")
-    quantization_4bit: bool = option(False, "load the base in 4 bit (CUDA + bitsandbytes)")
+    quantization_4bit: bool = option(False, "load the base in 4 bit (bitsandbytes NF4 on CUDA, optimum-quanto "
+                                                      "int4 weights on a CPU)")
 
     def __post_init__(self):
         if isinstance(self.expert_allocation, tuple):

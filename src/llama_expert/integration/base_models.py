@@ -140,15 +140,29 @@ def parse_dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 
 
 def _quantization_config(dtype: Optional[torch.dtype]):
+    """bitsandbytes NF4 for a CUDA load (None on a CPU: ``quantize_4bit_on_cpu`` runs after loading)."""
     if not torch.cuda.is_available():
-        raise ConfigError("--quantization-4bit needs a CUDA GPU (bitsandbytes); this machine has none. "
-                          "Drop the flag to train in full precision on the CPU.")
+        return None
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--quantization-4bit needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=dtype or torch.bfloat16, bnb_4bit_use_double_quant=True)
+
+
+def quantize_4bit_on_cpu(model):
+    """Int4 weights for every Linear of the frozen base except the output head (optimum-quanto: groups of
+    128 weights share a scale and a shift, the matmul dequantises on the fly); the embeddings and norms keep
+    their dtype. Why quanto on a CPU: bitsandbytes' 4-bit kernels need CUDA here, and quanto's weights stay
+    differentiable for the activations, so adapters train on top (QLoRA-style)."""
+    try:
+        from optimum.quanto import freeze, qint4, quantize
+    except ImportError:
+        raise ConfigError("--quantization-4bit on a CPU needs optimum-quanto: pip install optimum-quanto") from None
+    quantize(model, weights=qint4, exclude=["lm_head"])
+    freeze(model)
+    return model
 
 
 def _from_pretrained(auto_class, kind: str, location: str, what: str, auth_token: Optional[str], **kwargs):
@@ -186,11 +200,14 @@ def load_base_model(model_id: Optional[str] = DEFAULT_MODEL, auth_token: Optiona
     kind, location, name = _local_location(model_id)
     torch_dtype = parse_dtype(dtype) or torch.float32
     kwargs = {"dtype": torch_dtype}
-    if quantization_4bit:
+    on_gpu = quantization_4bit and _quantization_config(torch_dtype) is not None
+    if on_gpu:
         kwargs["quantization_config"] = _quantization_config(torch_dtype)
         kwargs["device_map"] = device or "auto"
     model = _from_pretrained(AutoModelForCausalLM, kind, location, "model", auth_token, **kwargs)
-    if device and not quantization_4bit:
+    if quantization_4bit and not on_gpu:
+        quantize_4bit_on_cpu(model)
+    if device and not on_gpu:
         model.to(device)
     model.eval()
     model.name_or_path = name
