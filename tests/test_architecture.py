@@ -74,7 +74,8 @@ def test_modeling_imports_only_torch_and_the_standard_library():
     assert not offences, "; ".join(offences)
 
 
-@pytest.mark.parametrize("floor", ["modeling", "integration", "data", "training", "evaluation", "inference", "cli"])
+@pytest.mark.parametrize("floor", ["modeling", "integration", "data", "training", "evaluation", "inference",
+                                   "lifecycle", "cli"])
 def test_every_floor_has_a_test_folder(floor):
     """Tests mirror the layout, so a new module has an obvious place for its tests."""
     assert (ROOT / "tests" / floor).is_dir()

@@ -1,0 +1,215 @@
+"""The GPU benchmark in one script (issue 12): training and decoding, side by side, written as a Markdown table.
+
+For SmolLM2-135M (its weights) and the Llama-3.2-1B and 3B architectures (random weights), in bfloat16:
+
+- training tokens/s and peak memory of MoE adapters, PEFT LoRA at the MoE's size and full fine-tuning, with
+  and without gradient checkpointing, and (adapters only) on a 4-bit base (optimum-quanto int4 weights);
+- decode tokens/s at batch 1 and 32 of the base, the MoE-augmented model and a merged LoRA model (merged, it
+  is the base architecture with other weights), repeats interleaved.
+
+Sized to finish in about 8 minutes on one H200. `--tiny` runs the same code on tiny shapes in a few seconds
+on a CPU (the test suite does, so the script cannot rot between GPU loans).
+
+    bash benchmarks/gpu.sh                      # on a CUDA machine; writes runs/gpu/gpu_table.md
+    python benchmarks/gpu.py --tiny --out /tmp/gpu-dry-run
+"""
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from parameter_budget import ARCHITECTURES  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, tie_word_embeddings=True, head_dim=16)
+
+
+def build(name: str, tiny: bool, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_expert.integration.base_models import load_base_model
+
+    if tiny:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**TINY)).to(device=device, dtype=torch.bfloat16)
+    if name == "smollm2-135m":
+        return load_base_model("smollm2-135m", dtype="bfloat16", device=device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[name]))
+    return model.to(torch.bfloat16)
+
+
+class Peak:
+    """Peak memory of what runs inside: CUDA allocations on a GPU, sampled RSS on a CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            from training_cost import RSSSampler
+            self.sampler = RSSSampler().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated()
+        else:
+            self.sampler.__exit__()
+            self.bytes = self.sampler.peak
+
+
+def train_row(name, method, checkpointing, four_bit, args, device):
+    from llama_expert import ExpertConfig, augment_model
+    from llama_expert.integration.base_models import quantize_4bit_on_cpu
+    from llama_expert.integration.surgery import weighted_router_loss
+    from llama_expert.training.lora import add_lora, matched_lora_rank
+
+    model = build(name, args.tiny, device)
+    if four_bit:
+        quantize_4bit_on_cpu(model)  # optimum-quanto int4 weights; works on CUDA as on a CPU
+    if method == "moe":
+        model = augment_model(model, ExpertConfig())
+    elif method == "lora":
+        with torch.device("meta"):
+            from transformers import LlamaForCausalLM
+            budget = sum(p.numel() for p in augment_model(LlamaForCausalLM(model.config), ExpertConfig()).parameters()
+                         if p.requires_grad)
+        model = add_lora(model, matched_lora_rank(model, budget))
+    else:
+        model.requires_grad_(True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    vocab = model.config.vocab_size
+    times = []
+    with Peak(device) as peak:
+        for step in range(args.warmup + args.steps):
+            ids = torch.randint(0, vocab, (args.batch, args.seq_len), device=device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+                if method == "moe":
+                    loss = loss + weighted_router_loss(model)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - started)
+    row = {"model": name + (" (tiny)" if args.tiny else ""), "method": method, "checkpointing": checkpointing, "four_bit": four_bit,
+           "trainable": sum(p.numel() for p in trainable),
+           "tokens_per_s": args.batch * args.seq_len / statistics.median(times), "peak_bytes": peak.bytes}
+    del model, optimizer
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def decode_rows(name, args, device):
+    import copy
+
+    from llama_expert import ExpertConfig, augment_model
+    from llama_expert.evaluation.throughput import measure_interleaved
+    from llama_expert.integration.surgery import adapters
+    from llama_expert.training.lora import add_lora
+
+    base = build(name, args.tiny, device).eval()
+    moe = augment_model(copy.deepcopy(base), ExpertConfig())
+    with torch.no_grad():  # non-zero adapters, so that the MoE path is really computed
+        for _, adapter in adapters(moe):
+            for p in adapter.experts.parameters():
+                p.normal_(std=0.01)
+    merged = add_lora(copy.deepcopy(base), rank=8)
+    with torch.no_grad():
+        for n, p in merged.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.01)
+    merged = merged.merge_and_unload().eval()
+    measured = measure_interleaved([base, moe.eval(), merged], args.decode_samples, args.prompt_len, args.new_tokens,
+                                   args.decode_batches, progress=False)
+    rows = []
+    for label, result in zip(("base", "MoE adapters", "merged LoRA"), measured):
+        for r in result["results"]:
+            rows.append({"model": name + (" (tiny)" if args.tiny else ""), "variant": label, "batch": r["batch_size"],
+                         "decode_tokens_per_s": r["decode_tokens_per_s"]})
+    del base, moe, merged
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,Llama-3.2-1B,Llama-3.2-3B")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run on a CPU")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--decode-batches", default="1,32")
+    parser.add_argument("--decode-samples", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default="runs/gpu")
+    args = parser.parse_args()
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    if args.tiny:
+        args.steps, args.warmup, args.batch, args.seq_len = 1, 1, 2, 32
+        args.decode_samples, args.prompt_len, args.new_tokens = 1, 8, 4
+        args.decode_batches = [1, 2]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.time()
+    training, decoding = [], []
+    for name in args.models.split(","):
+        for method in ("moe", "lora", "full"):
+            for checkpointing in (False, True):
+                for four_bit in ((False, True) if method != "full" else (False,)):
+                    training.append(train_row(name, method, checkpointing, four_bit, args, device))
+                    print(f"trained {name} {method} checkpointing={checkpointing} 4bit={four_bit}", flush=True)
+        decoding += decode_rows(name, args, device)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU x {os.cpu_count()}"
+    lines = [f"# GPU benchmark{' (tiny dry run)' if args.tiny else ''}", "",
+             f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, bfloat16; training: batch "
+             f"{args.batch} x {args.seq_len} tokens, median of {args.steps} steps after {args.warmup}; decode: prompt "
+             f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.decode_samples}, interleaved; "
+             f"{time.time() - started:.0f} s in all. Peak memory: "
+             f"{'torch.cuda.max_memory_allocated' if device == 'cuda' else 'sampled RSS'}.", "",
+             "| model | method | gradient checkpointing | 4-bit base | trainable | tokens/s | peak memory |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in training:
+        lines.append(f"| {r['model']} | {r['method']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{'yes' if r['four_bit'] else 'no'} | {r['trainable']:,} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_bytes'] / 2 ** 30:.2f} GiB |")
+    lines += ["", "| model | variant | batch | decode tokens/s |", "|---|---|---:|---:|"]
+    for r in decoding:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:,.1f} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
