@@ -155,28 +155,33 @@ def test_kill_minus_nine_leaves_a_loadable_checkpoint(tmp_path):
     assert "resumed from" in done.stdout
 
 
-def test_two_cpu_ranks_match_single_process_math(tmp_path):
+@pytest.mark.parametrize("router_losses", [False, True], ids=["lm-loss", "with-router-losses"])
+def test_two_cpu_ranks_match_single_process_math(tmp_path, router_losses):
+    """Two ranks of batch B train exactly as one process of batch 2B; with the router losses on too, because
+    their expert fractions are summed over the ranks (modeling/routing/losses.global_sums)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
+    flags = ["--router-losses"] if router_losses else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port)]
-    run = subprocess.run(torchrun + [WORKER, str(ddp), "4", "2"], env=env, capture_output=True, text=True,
+    run = subprocess.run(torchrun + [WORKER, str(ddp), "4", "2", *flags], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rank0, rank1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
 
-    run = subprocess.run([sys.executable, WORKER, str(single), "4", "4"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run([sys.executable, WORKER, str(single), "4", "4", *flags], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     one = load_file(str(single / "rank0.safetensors"))
     moved = False
     for key in one:
-        torch.testing.assert_close(rank0[key], one[key], rtol=1e-4, atol=1e-6)
+        # float32 sums in another order: 1e-5 (local expert fractions instead of global ones miss by 2e-2)
+        torch.testing.assert_close(rank0[key], one[key], rtol=1e-3, atol=1e-5)
         moved |= bool(one[key].abs().sum() > 0) and "up" in key
     assert moved, "the adapters did not train"
 

@@ -1,6 +1,6 @@
 """Trains a tiny augmented Llama in a separate process: for the kill -9 test and the two-rank DDP test.
 
-Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N]
+Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N] [--router-losses]
 Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors.
 """
 
@@ -18,16 +18,18 @@ from llama_expert.training.arguments import TrainingArguments
 from llama_expert.training.loop import train_model
 
 
-def tiny_training_setup(seed: int = 0):
-    """The same tiny model, data and config in every process."""
+def tiny_training_setup(seed: int = 0, router_losses: bool = False):
+    """The same tiny model, data and config in every process. ``router_losses``: with the load-balancing and
+    z losses on (their statistics are global under DDP, so the math still matches one process)."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
     model = LlamaForCausalLM(config)
-    # No dropout, no router noise, no aux/z losses: then two ranks of batch B do exactly the math of one
-    # process with batch 2B (the load-balancing loss is not additive over shards).
-    augment_model(model, ExpertConfig(lora_dropout=0.0, router_noise=False, router_aux_loss_coef=0.0,
-                                      router_z_loss_coef=0.0))
+    # No dropout and no router noise (each rank draws its own noise, one process draws it for the whole batch):
+    # then two ranks of batch B do the math of one process with batch 2B, router losses included.
+    augment_model(model, ExpertConfig(lora_dropout=0.0, router_noise=False,
+                                      router_aux_loss_coef=0.5 if router_losses else 0.0,
+                                      router_z_loss_coef=0.01 if router_losses else 0.0))
     blocks = torch.randint(0, 128, (64, 16), generator=torch.Generator().manual_seed(1))
     return model, blocks
 
@@ -36,7 +38,7 @@ def main():
     out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     slow = "--slow" in sys.argv
     torch.set_num_threads(1)
-    model, blocks = tiny_training_setup()
+    model, blocks = tiny_training_setup(router_losses="--router-losses" in sys.argv)
 
     def save(m, folder):
         if slow:
@@ -48,7 +50,11 @@ def main():
                              resume="--resume" in sys.argv,
                              stop_after_steps=int(sys.argv[sys.argv.index("--stop-after") + 1])
                              if "--stop-after" in sys.argv else None)
-    train_model(model, blocks, None, args, save_model=save, load_model=load_adapter_weights)
+    extra = None
+    if "--router-losses" in sys.argv:
+        from llama_expert.integration.surgery import weighted_router_loss
+        extra = weighted_router_loss
+    train_model(model, blocks, None, args, save_model=save, load_model=load_adapter_weights, extra_loss=extra)
     rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))

@@ -32,12 +32,31 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
     """
     if mask is not None:
         probs, indices = probs[mask], indices[mask]
+    counts = F.one_hot(indices, num_experts).to(probs.dtype).sum(dim=(0, 1))  # assignments per expert
+    slots = torch.tensor([float(indices.numel())], dtype=probs.dtype, device=probs.device)
+    counts, slots = global_sums(counts.detach(), slots)  # every rank takes part, even with no tokens here
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    assignments = F.one_hot(indices, num_experts).to(probs.dtype)  # [T, k, E]
-    fraction = assignments.sum(dim=(0, 1)) / (indices.shape[0] * indices.shape[1])
-    mean_prob = probs.mean(dim=0)
-    return num_experts * torch.sum(fraction * mean_prob)
+    return num_experts * torch.sum(counts / slots.clamp_min(1) * probs.mean(dim=0))
+
+
+def global_sums(*tensors: torch.Tensor):
+    """Sums over every data-parallel rank (when torch.distributed runs with several), else the tensors.
+
+    Why: the expert fractions ``f_i`` must be those of the whole global batch, as Megatron and DeepSpeed-MoE
+    compute them, or N ranks would balance N half-batches instead of the batch. With global ``f`` (no
+    gradient) and each rank's own mean probabilities ``P``, the mean of the ranks' losses is the loss of the
+    whole batch and DDP's averaged gradient is its gradient (equal shards)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensors
+    reduced = []
+    for t in tensors:
+        t = t.clone()
+        dist.all_reduce(t)
+        reduced.append(t)
+    return tuple(reduced)
 
 
 def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
