@@ -189,3 +189,21 @@ def trained_base(tmp_path_factory):
     tokenizer.save_pretrained(root / "base")
     (root / "train.txt").write_text(TINY_TEXT)
     return root / "base", root / "train.txt"
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """``cli_error(argv)``: run ``llama-expert argv``, which must fail with exactly one ``error:`` line and no
+    traceback; returns that line."""
+    from llama_expert.cli import main
+
+    def run(argv):
+        capsys.readouterr()
+        assert main(argv) != 0
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, err
+        return lines[0]
+
+    return run

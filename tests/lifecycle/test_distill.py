@@ -68,17 +68,9 @@ def test_distilled_lora_moves_toward_the_moe_model_and_exports(moe_folder, tmp_p
         torch.testing.assert_close(merged(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
-def test_bad_distill_input_gets_one_line(moe_folder, tmp_path, capsys):
-    base_folder, text, folder = moe_folder
-
-    def error(argv):
-        capsys.readouterr()
-        assert main(argv) != 0
-        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1
-        return lines[0]
-
+def test_bad_distill_input_gets_one_line(moe_folder, tmp_path, cli_error):
+    _, _, folder = moe_folder
     out = str(tmp_path / "out")
-    assert "--rank must be >= 1" in error(["distill", "--adapter", str(folder), "--output-dir", out, "--rank", "0"])
-    assert "not found" in error(["distill", "--adapter", str(tmp_path / "none"), "--output-dir", out])
-    assert "--output-dir" in error(["distill", "--adapter", str(folder)])
+    assert "--rank must be >= 1" in cli_error(["distill", "--adapter", str(folder), "--output-dir", out, "--rank", "0"])
+    assert "not found" in cli_error(["distill", "--adapter", str(tmp_path / "none"), "--output-dir", out])
+    assert "--output-dir" in cli_error(["distill", "--adapter", str(folder)])

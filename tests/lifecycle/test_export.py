@@ -115,32 +115,24 @@ def test_gguf_q_and_k_rows_are_permuted_to_the_interleaved_rope_layout():
                                                                    8, 12, 9, 13, 10, 14, 11, 15]
 
 
-def _error(capsys, argv):
-    capsys.readouterr()
-    assert main(argv) != 0
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-def test_moe_adapters_are_refused_in_one_line_naming_distill(lora_folder, tmp_path, capsys):
+def test_moe_adapters_are_refused_in_one_line_naming_distill(lora_folder, tmp_path, cli_error):
     base_folder, _ = lora_folder
     moe = tmp_path / "moe"
     save_adapter(augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=2)), moe,
                  base_model_name_or_path=str(base_folder))
-    err = _error(capsys, ["export", "--adapter", str(moe), "--merge", "--output-dir", str(tmp_path / "out")])
+    err = cli_error(["export", "--adapter", str(moe), "--merge", "--output-dir", str(tmp_path / "out")])
     assert "cannot be merged" in err and "llama-expert distill" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_export_input_gets_one_line_and_writes_nothing(lora_folder, tmp_path, capsys):
+def test_bad_export_input_gets_one_line_and_writes_nothing(lora_folder, tmp_path, cli_error):
     _, adapter = lora_folder
     out = tmp_path / "out"
-    assert "--adapter" in _error(capsys, ["export", "--merge", "--output-dir", str(out)])
-    assert "--merge" in _error(capsys, ["export", "--adapter", str(adapter), "--output-dir", str(out)])
-    assert "not found" in _error(capsys, ["export", "--adapter", str(tmp_path / "nope"), "--merge",
+    assert "--adapter" in cli_error(["export", "--merge", "--output-dir", str(out)])
+    assert "--merge" in cli_error(["export", "--adapter", str(adapter), "--output-dir", str(out)])
+    assert "not found" in cli_error(["export", "--adapter", str(tmp_path / "nope"), "--merge",
                                           "--output-dir", str(out)])
     assert not out.exists()
     with pytest.raises(Exception, match="BPE without merges"):  # GGUF cannot hold a merge-less BPE
@@ -151,6 +143,6 @@ def test_bad_export_input_gets_one_line_and_writes_nothing(lora_folder, tmp_path
         write_llama_gguf(load_base_model(str(lora_folder[0])), tokenizer, byte_folder, tmp_path / "x.gguf")
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    err = _error(capsys, ["export", "--adapter", str(adapter), "--merge", "--output-dir", str(out)])
+    err = cli_error(["export", "--adapter", str(adapter), "--merge", "--output-dir", str(out)])
     assert "not empty" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"  # nothing of the user's is lost

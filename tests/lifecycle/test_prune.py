@@ -94,28 +94,20 @@ def test_prune_keeps_the_best_experts_and_writes_an_adapter_that_loads(moe_folde
     assert torch.isfinite(pruned(input_ids=ids).logits).all()
 
 
-def _error(capsys, argv):
-    capsys.readouterr()
-    assert main(argv) != 0
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
-def test_bad_prune_input_gets_one_line(moe_folder, tmp_path, capsys):
+def test_bad_prune_input_gets_one_line(moe_folder, tmp_path, cli_error):
     base_folder, text, folder = moe_folder
     out = tmp_path / "out"
     common = ["--calibration", str(text), "--seq-len", "32", "--max-tokens", "64", "--no-progress"]
-    assert "--keep" in _error(capsys, ["prune", "--adapter", str(folder), "--output-dir", str(out), *common])
-    assert "(0, 1]" in _error(capsys, ["prune", "--adapter", str(folder), "--keep", "0", "--output-dir", str(out),
+    assert "--keep" in cli_error(["prune", "--adapter", str(folder), "--output-dir", str(out), *common])
+    assert "(0, 1]" in cli_error(["prune", "--adapter", str(folder), "--keep", "0", "--output-dir", str(out),
                                        *common])
-    assert "not found" in _error(capsys, ["prune", "--adapter", str(tmp_path / "none"), "--keep", "0.5",
+    assert "not found" in cli_error(["prune", "--adapter", str(tmp_path / "none"), "--keep", "0.5",
                                           "--output-dir", str(out), *common])
     assert not out.exists()
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    assert "--overwrite" in _error(capsys, ["prune", "--adapter", str(folder), "--keep", "0.5", "--output-dir",
+    assert "--overwrite" in cli_error(["prune", "--adapter", str(folder), "--keep", "0.5", "--output-dir",
                                             str(out), *common])
     assert (out / "mine.txt").read_text() == "keep me"

@@ -28,6 +28,7 @@ from ..integration.adapter_files import load_augmented_model, read_adapter_confi
 from ..integration.base_models import check_within_context, load_base_model, load_tokenizer, parse_dtype
 from ..integration.surgery import adapter_parameters
 from ..options import option
+from .arguments import AdapterCommandArguments
 from ..progress import progress_bar
 from ..training.lora import add_lora, lora_parameters_per_rank, save_lora
 from ..training.loop import cosine_with_warmup
@@ -36,7 +37,7 @@ from .export import adapter_kind, check_output
 
 
 @dataclass
-class DistillArguments:
+class DistillArguments(AdapterCommandArguments):
     adapter: Optional[str] = option(None, "the MoE adapter folder to distil (the teacher)")
     output_dir: Optional[str] = option(None, "folder for the distilled LoRA (PEFT format)")
     rank: Optional[int] = option(None, "LoRA rank of the student (default: the largest not above the MoE size)")
@@ -50,16 +51,10 @@ class DistillArguments:
     held_out: int = option(4, "calibration windows kept out of training to measure the KL before and after")
     dtype: Optional[str] = option(None, "base weights dtype (float32, bfloat16; default float32)")
     seed: int = option(0, "seed of the window order and the LoRA initialisation")
-    model: Optional[str] = option(None, "base model (default: the one the adapter records)")
-    auth_token: Optional[str] = option(None, "Hugging Face token for a gated or private base")
-    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
     progress: bool = option(True, "no progress bars")
 
     def validate(self) -> None:
-        if not self.adapter:
-            raise ConfigError("distill needs --adapter DIR: the MoE adapter folder to distil.")
-        if not self.output_dir:
-            raise ConfigError("distill needs --output-dir DIR: where to write the distilled LoRA.")
+        self.require_paths("distill", "the MoE adapter folder to distil", "where to write the distilled LoRA")
         checks = [(self.rank is None or self.rank >= 1, f"--rank must be >= 1, got {self.rank}."),
                   (self.steps >= 1, f"--steps must be >= 1, got {self.steps}."),
                   (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),

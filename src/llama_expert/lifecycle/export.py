@@ -19,6 +19,7 @@ from ..errors import AdapterError, ConfigError
 from ..files import atomic_write_text, write_folder
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
+from .arguments import AdapterCommandArguments
 from ..training.lora import load_lora_model
 from .gguf_file import TENSOR_TYPES, write_llama_gguf
 
@@ -27,7 +28,7 @@ GGUF_NAME = "model.gguf"
 
 
 @dataclass
-class ExportArguments:
+class ExportArguments(AdapterCommandArguments):
     adapter: Optional[str] = option(None, "the adapter folder to export: a dense LoRA (`train --method lora`, or "
                                           "`distill`)")
     output_dir: Optional[str] = option(None, "folder to write (a Transformers model, or one with model.gguf)")
@@ -37,15 +38,9 @@ class ExportArguments:
     gguf_type: str = option("f16", "GGUF tensor type for the matrices: f32, f16 or q8_0 (norms stay f32)",
                             choices=TENSOR_TYPES)
     dtype: str = option("float32", "--format hf: dtype of the written weights (float32, bfloat16, float16)")
-    model: Optional[str] = option(None, "base model (default: the one the adapter records)")
-    auth_token: Optional[str] = option(None, "Hugging Face token for a gated or private base")
-    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
 
     def validate(self) -> None:
-        if not self.adapter:
-            raise ConfigError("export needs --adapter DIR: the LoRA folder to merge.")
-        if not self.output_dir:
-            raise ConfigError("export needs --output-dir DIR: where to write the merged model.")
+        self.require_paths("export", "the LoRA folder to merge", "where to write the merged model")
         if not self.merge:
             raise ConfigError("export writes merged weights: pass --merge (the adapter is folded into the base).")
         if parse_dtype(self.dtype) is None:

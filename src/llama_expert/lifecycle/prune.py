@@ -27,13 +27,14 @@ from ..integration.base_models import check_within_context, load_tokenizer
 from ..integration.surgery import adapters
 from ..modeling.experts import gate_matrix
 from ..options import option
+from .arguments import AdapterCommandArguments
 from ..progress import progress_bar
 from .calibration import calibration_windows
 from .export import check_output
 
 
 @dataclass
-class PruneArguments:
+class PruneArguments(AdapterCommandArguments):
     adapter: Optional[str] = option(None, "the MoE adapter folder to prune (written by `train`)")
     keep: Optional[str] = option(None, "experts to keep per layer: a fraction in (0, 1] (e.g. 0.5), or one count "
                                        "per layer (e.g. 4,4,6,...)")
@@ -41,16 +42,10 @@ class PruneArguments:
     output_dir: Optional[str] = option(None, "folder for the pruned adapter")
     seq_len: int = option(512, "calibration window length")
     max_tokens: int = option(8192, "calibration tokens per dataset")
-    model: Optional[str] = option(None, "base model (default: the one the adapter records)")
-    auth_token: Optional[str] = option(None, "Hugging Face token for a gated or private base")
-    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
     progress: bool = option(True, "no progress bars")
 
     def validate(self) -> None:
-        if not self.adapter:
-            raise ConfigError("prune needs --adapter DIR: the MoE adapter folder to prune.")
-        if not self.output_dir:
-            raise ConfigError("prune needs --output-dir DIR: where to write the pruned adapter.")
+        self.require_paths("prune", "the MoE adapter folder to prune", "where to write the pruned adapter")
         if not self.keep:
             raise ConfigError("prune needs --keep: a fraction in (0, 1] such as 0.5, or one count per layer.")
         if self.seq_len < 2 or self.max_tokens < self.seq_len:
