@@ -74,7 +74,7 @@ class Peak:
 def train_row(name, method, checkpointing, four_bit, args, device):
     from llama_expert import ExpertConfig, augment_model
     from llama_expert.integration.base_models import quantize_4bit_on_cpu
-    from llama_expert.integration.surgery import weighted_router_loss
+    from training_cost import train_step
     from llama_expert.training.lora import add_lora, matched_lora_rank
 
     model = build(name, args.tiny, device)
@@ -105,13 +105,7 @@ def train_row(name, method, checkpointing, four_bit, args, device):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-                if method == "moe":
-                    loss = loss + weighted_router_loss(model)[0]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, ids, method, device.split(":")[0])
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             if step >= args.warmup:

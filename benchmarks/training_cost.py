@@ -84,6 +84,21 @@ class RSSSampler:
         self.peak = max(self.peak, self.current())
 
 
+def train_step(model, optimizer, ids, method: str, device_type: str = "cpu") -> None:
+    """One AdamW step on ``ids`` under bfloat16 autocast; the MoE method adds its router losses."""
+    import torch
+
+    from llama_expert.integration.surgery import weighted_router_loss
+
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        if method == "moe":
+            loss = loss + weighted_router_loss(model)[0]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def child(model_name: str, method: str, steps: int, warmup: int) -> dict:
     """Train ``steps`` timed steps in this process and return the measurements."""
     import gc
@@ -91,7 +106,6 @@ def child(model_name: str, method: str, steps: int, warmup: int) -> dict:
     import torch
 
     from llama_expert import ExpertConfig, augment_model
-    from llama_expert.integration.surgery import weighted_router_loss
     from llama_expert.training.lora import add_lora, matched_lora_rank
 
     model = build(model_name)
@@ -117,13 +131,7 @@ def child(model_name: str, method: str, steps: int, warmup: int) -> dict:
     for step in range(warmup + steps):
         ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-            if method == "moe":
-                loss = loss + weighted_router_loss(model)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, ids, method)
         if step >= warmup:
             times.append(time.perf_counter() - started)
     sampler.__exit__()
