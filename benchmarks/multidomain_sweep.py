@@ -9,6 +9,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
+    python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     MAX_STEPS=2 TEST_TOKENS=512 python benchmarks/multidomain_sweep.py run lora:1e-3    # a smoke run
 
 Environment: DATA (../shared/data), OUT (runs/multidomain-sweep), MAX_STEPS (100), SEQ_LEN (256), SEED (1),
@@ -168,10 +169,37 @@ def retention_table() -> None:
         print(f"| {name} | {' | '.join(f'{change[d]:+.1f}%' for d in domains)} | {rise:+.1f}% | {ratio} |")
 
 
+def publish(dest: str) -> None:
+    """Copy every finished run's small result files (summary, expert usage and its figures; not the adapter
+    weights) to ``dest`` and write the table there as README.md, so that the committed table has its sources."""
+    import contextlib
+    import io
+    import shutil
+
+    dest_path = Path(dest)
+    for summary in sorted(OUT.glob("*-lr*/training_summary.json")) + sorted(
+            (OUT / "retention").glob("*-lr*/training_summary.json")):
+        run = summary.parent
+        target = dest_path / run.relative_to(OUT)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("training_summary.json", "expert_usage.json", "domain_expert_usage.png", "train_log.jsonl"):
+            if (run / name).exists():
+                shutil.copy2(run / name, target / name)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        table()
+    (dest_path / "README.md").write_text(
+        "# Multi-domain sweep (issue 9)\n\n`python benchmarks/multidomain_sweep.py table` over the runs in this "
+        "folder (100 steps x 4 x 256 tokens, seed 1, bfloat16 base; see the script's docstring).\n\n"
+        + text.getvalue())
+    print(f"published {len(list(dest_path.glob('*/training_summary.json')))} runs to {dest_path}")
+
+
 def main(argv) -> None:
     commands = {"budget": lambda: budget(), "run": lambda: run(argv[1:]), "table": lambda: table(),
                 "retention": lambda: run(argv[1:], train=PROSE, out=OUT / "retention"),
-                "retention-table": lambda: retention_table()}
+                "retention-table": lambda: retention_table(),
+                "publish": lambda: publish(argv[1] if len(argv) > 1 else "docs/results/multidomain-sweep")}
     if not argv or argv[0] not in commands:
         sys.exit(__doc__)
     commands[argv[0]]()
