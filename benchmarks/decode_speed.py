@@ -24,6 +24,26 @@ from llama_expert.integration.surgery import adapters
 from llama_expert.training.lora import add_lora
 
 
+def random_moe(base):
+    """A copy of ``base`` with default MoE adapters whose expert weights are random (non-zero), in eval mode."""
+    moe = augment_model(copy.deepcopy(base), ExpertConfig())
+    with torch.no_grad():
+        for _, adapter in adapters(moe):
+            for p in adapter.experts.parameters():
+                p.normal_(std=0.01)
+    return moe.eval()
+
+
+def random_merged_lora(base, rank: int = 8):
+    """A copy of ``base`` with a rank-``rank`` LoRA of random B folded in: the base architecture, other weights."""
+    lora = add_lora(copy.deepcopy(base), rank=rank)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)
+    return lora.merge_and_unload().eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -39,17 +59,8 @@ def main() -> None:
     if args.adapter:
         moe = load_adapter_weights(copy.deepcopy(base), args.adapter).eval()
     else:
-        moe = augment_model(copy.deepcopy(base), ExpertConfig()).eval()
-        with torch.no_grad():
-            for _, adapter in adapters(moe):
-                for p in adapter.experts.parameters():
-                    p.normal_(std=0.01)
-    lora = add_lora(copy.deepcopy(base), rank=8)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
-    merged = lora.merge_and_unload().eval()
+        moe = random_moe(base)
+    merged = random_merged_lora(base)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results = measure_interleaved([base, moe, merged], args.samples, args.prompt_len, args.new_tokens, batches,
                                   progress=False, kv_cache=args.kv_cache)

@@ -121,26 +121,13 @@ def train_row(name, method, checkpointing, four_bit, args, device):
 
 
 def decode_rows(name, args, device):
-    import copy
+    from decode_speed import random_merged_lora, random_moe
 
-    from llama_expert import ExpertConfig, augment_model
     from llama_expert.evaluation.throughput import measure_interleaved
-    from llama_expert.integration.surgery import adapters
-    from llama_expert.training.lora import add_lora
 
     base = build(name, args.tiny, device).eval()
-    moe = augment_model(copy.deepcopy(base), ExpertConfig())
-    with torch.no_grad():  # non-zero adapters, so that the MoE path is really computed
-        for _, adapter in adapters(moe):
-            for p in adapter.experts.parameters():
-                p.normal_(std=0.01)
-    merged = add_lora(copy.deepcopy(base), rank=8)
-    with torch.no_grad():
-        for n, p in merged.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.01)
-    merged = merged.merge_and_unload().eval()
-    measured = measure_interleaved([base, moe.eval(), merged], args.decode_samples, args.prompt_len, args.new_tokens,
+    moe, merged = random_moe(base), random_merged_lora(base)
+    measured = measure_interleaved([base, moe, merged], args.decode_samples, args.prompt_len, args.new_tokens,
                                    args.decode_batches, progress=False)
     rows = []
     for label, result in zip(("base", "MoE adapters", "merged LoRA"), measured):

@@ -93,16 +93,13 @@ class CompressedLayer(BaseQuantizedLayer):
         self.cumulative_length += key_states.shape[-2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past_keys = [self.keys] if self.keys.dim() == 4 else []
-        past_values = [self.values] if self.values.dim() == 4 else []
-        if self._stored is not None:
-            stored_keys, stored_values = self._restore(key_states.dtype)
-            past_keys.insert(0, stored_keys)
-            past_values.insert(0, stored_values)
-        keys = torch.cat(past_keys + [key_states], dim=-2)
-        values = torch.cat(past_values + [value_states], dim=-2)
+        # the full-precision tokens: what waited in the window, then this call's
         window = torch.cat(([self.keys] if self.keys.dim() == 4 else []) + [key_states], dim=-2)
         window_values = torch.cat(([self.values] if self.values.dim() == 4 else []) + [value_states], dim=-2)
+        keys, values = window, window_values
+        if self._stored is not None:
+            stored_keys, stored_values = self._restore(key_states.dtype)
+            keys, values = torch.cat([stored_keys, window], dim=-2), torch.cat([stored_values, window_values], dim=-2)
         full = window.shape[-2] - window.shape[-2] % self.residual_length  # whole groups leave the window
         if full:
             self._store(window[..., :full, :], window_values[..., :full, :])
