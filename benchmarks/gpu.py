@@ -1,13 +1,17 @@
 """The GPU benchmark in one script (issue 12): training and decoding, side by side, written as a Markdown table.
 
-For SmolLM2-135M (its weights) and the Llama-3.2-1B and 3B architectures (random weights), in bfloat16:
+For the SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B architectures with random weights (speed and memory do not
+depend on the weights' values, and the machine need not hold any checkpoint), in bfloat16:
 
 - training tokens/s and peak memory of MoE adapters, PEFT LoRA at the MoE's size and full fine-tuning, with
-  and without gradient checkpointing, and (adapters only) on a 4-bit base (optimum-quanto int4 weights);
+  and without gradient checkpointing, and (adapters only) on a 4-bit base: bitsandbytes NF4 with double
+  quantisation and bfloat16 compute on CUDA, the settings ``--quantization-4bit`` loads with there;
+  optimum-quanto int4 on a CPU, as ``--quantization-4bit`` does there;
 - decode tokens/s at batch 1 and 32 of the base, the MoE-augmented model and a merged LoRA model (merged, it
   is the base architecture with other weights), repeats interleaved.
 
-Sized to finish in about 8 minutes on one H200. `--tiny` runs the same code on tiny shapes in a few seconds
+Sized to finish well inside 8 minutes on one H200; ``--budget-s`` skips the rows left when time runs out (the
+table says which), and the table is rewritten after every row, so a run cut short still leaves its rows. `--tiny` runs the same code on tiny shapes in a few seconds
 on a CPU (the test suite does, so the script cannot rot between GPU loans).
 
     bash benchmarks/gpu.sh                      # on a CUDA machine; writes runs/gpu/gpu_table.md
@@ -32,19 +36,35 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 
 def build(name: str, tiny: bool, device: str):
+    """The architecture ``name`` with random weights in bfloat16, built on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_expert.integration.base_models import load_base_model
-
-    if tiny:
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(**TINY)).to(device=device, dtype=torch.bfloat16)
-    if name == "smollm2-135m":
-        return load_base_model("smollm2-135m", dtype="bfloat16", device=device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES[name]))
+        model = LlamaForCausalLM(LlamaConfig(**(TINY if tiny else ARCHITECTURES[name])))
     return model.to(torch.bfloat16)
+
+
+def quantize_4bit(model, device: str):
+    """4-bit weights for the decoder's Linear layers as ``--quantization-4bit`` gives them on ``device``."""
+    if not device.startswith("cuda"):
+        from llama_expert.integration.base_models import quantize_4bit_on_cpu
+
+        return quantize_4bit_on_cpu(model)
+    import bitsandbytes as bnb  # the BitsAndBytesConfig of base_models: NF4, double quantisation, bf16 compute
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                                  quant_type="nf4", device="meta")
+                    quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                                         quant_type="nf4", module=quantized).to(device)
+                    setattr(parent, child_name, quantized)
+    torch.cuda.empty_cache()
+    return model
 
 
 class Peak:
@@ -73,13 +93,12 @@ class Peak:
 
 def train_row(name, method, checkpointing, four_bit, args, device):
     from llama_expert import ExpertConfig, augment_model
-    from llama_expert.integration.base_models import quantize_4bit_on_cpu
     from training_cost import train_step
     from llama_expert.training.lora import add_lora, matched_lora_rank
 
     model = build(name, args.tiny, device)
     if four_bit:
-        quantize_4bit_on_cpu(model)  # optimum-quanto int4 weights; works on CUDA as on a CPU
+        quantize_4bit(model, device)
     if method == "moe":
         model = augment_model(model, ExpertConfig())
     elif method == "lora":
@@ -141,40 +160,12 @@ def decode_rows(name, args, device):
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="smollm2-135m,Llama-3.2-1B,Llama-3.2-3B")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run on a CPU")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--decode-batches", default="1,32")
-    parser.add_argument("--decode-samples", type=int, default=3)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default="runs/gpu")
-    args = parser.parse_args()
-    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
-    if args.tiny:
-        args.steps, args.warmup, args.batch, args.seq_len = 1, 1, 2, 32
-        args.decode_samples, args.prompt_len, args.new_tokens = 1, 8, 4
-        args.decode_batches = [1, 2]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.time()
-    training, decoding = [], []
-    for name in args.models.split(","):
-        for method in ("moe", "lora", "full"):
-            for checkpointing in (False, True):
-                for four_bit in ((False, True) if method != "full" else (False,)):
-                    training.append(train_row(name, method, checkpointing, four_bit, args, device))
-                    print(f"trained {name} {method} checkpointing={checkpointing} 4bit={four_bit}", flush=True)
-        decoding += decode_rows(name, args, device)
+def write_table(path: str, args, device: str, started: float, training, decoding, skipped) -> str:
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU x {os.cpu_count()}"
     lines = [f"# GPU benchmark{' (tiny dry run)' if args.tiny else ''}", "",
-             f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, bfloat16; training: batch "
-             f"{args.batch} x {args.seq_len} tokens, median of {args.steps} steps after {args.warmup}; decode: prompt "
-             f"{args.prompt_len}, {args.new_tokens} new tokens, median of {args.decode_samples}, interleaved; "
+             f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, bfloat16, random weights; training: "
+             f"batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps after {args.warmup}; decode: "
+             f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.decode_samples}, interleaved; "
              f"{time.time() - started:.0f} s in all. Peak memory: "
              f"{'torch.cuda.max_memory_allocated' if device == 'cuda' else 'sampled RSS'}.", "",
              "| model | method | gradient checkpointing | 4-bit base | trainable | tokens/s | peak memory |",
@@ -186,10 +177,59 @@ def main() -> None:
     lines += ["", "| model | variant | batch | decode tokens/s |", "|---|---|---:|---:|"]
     for r in decoding:
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:,.1f} |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if skipped:
+        lines += ["", f"Not measured (the {args.budget_s:.0f} s budget ran out): " + "; ".join(skipped) + "."]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="SmolLM2-135M,Llama-3.2-1B,Llama-3.2-3B", help=", ".join(ARCHITECTURES))
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run on a CPU")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--decode-batches", default="1,32")
+    parser.add_argument("--decode-samples", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--budget-s", type=float, default=300, help="start no row after this many seconds")
+    parser.add_argument("--out", default="runs/gpu")
+    args = parser.parse_args()
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    if args.tiny:
+        args.steps, args.warmup, args.batch, args.seq_len = 1, 1, 2, 32
+        args.decode_samples, args.prompt_len, args.new_tokens = 1, 8, 4
+        args.decode_batches = [1, 2]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = os.path.join(args.out, "gpu_table.md")
+    started = time.time()
+    training, decoding, skipped = [], [], []
+    for name in args.models.split(","):
+        for method in ("moe", "lora", "full"):
+            for checkpointing in (False, True):
+                for four_bit in ((False, True) if method != "full" else (False,)):
+                    label = f"{name} {method} checkpointing={checkpointing} 4bit={four_bit}"
+                    if time.time() - started > args.budget_s:
+                        skipped.append("training " + label)
+                        continue
+                    training.append(train_row(name, method, checkpointing, four_bit, args, device))
+                    print(f"trained {label}: {training[-1]['tokens_per_s']:,.0f} tokens/s, "
+                          f"{training[-1]['peak_bytes'] / 2 ** 30:.2f} GiB ({time.time() - started:.0f} s)", flush=True)
+                    write_table(path, args, device, started, training, decoding, skipped)
+        if time.time() - started > args.budget_s:
+            skipped.append(f"decoding {name}")
+            continue
+        decoding += decode_rows(name, args, device)
+        print(f"decoded {name} ({time.time() - started:.0f} s)", flush=True)
+        write_table(path, args, device, started, training, decoding, skipped)
+    print(write_table(path, args, device, started, training, decoding, skipped))
 
 
 if __name__ == "__main__":

@@ -3,5 +3,5 @@
 # MoE vs LoRA vs full fine-tuning, with and without gradient checkpointing and a 4-bit base. About 8 minutes
 # on one H200; the table goes to ${OUT:-runs/gpu}/gpu_table.md. A CPU dry run: python benchmarks/gpu.py --tiny
 set -euo pipefail
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run python benchmarks/gpu.py --tiny for a CPU dry run')"
-python benchmarks/gpu.py --out "${OUT:-runs/gpu}" "$@"
+${PYTHON:-python3} -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run python benchmarks/gpu.py --tiny for a CPU dry run')"
+${PYTHON:-python3} benchmarks/gpu.py --out "${OUT:-runs/gpu}" "$@"

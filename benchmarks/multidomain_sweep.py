@@ -5,7 +5,8 @@ validation perplexity (held out from the training files); the first TEST_TOKENS 
 text in 512-token windows reported beside it. A run is a named configuration at one learning rate:
 
     python benchmarks/multidomain_sweep.py budget                      # trainable parameters of every config
-    python benchmarks/multidomain_sweep.py run lora:1e-3 moe:3e-3      # NAME:LR ..., one after the other
+    python benchmarks/multidomain_sweep.py run lora:1e-3 moe:3e-3      # NAME:LR[:SEED] ..., one after the other
+    python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
@@ -20,8 +21,11 @@ TEST_TOKENS (4096). Every configuration is within 10% of the LoRA baseline's par
 import json
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATA = os.environ.get("DATA", "../shared/data")
@@ -84,20 +88,62 @@ def budget() -> None:
         print(f"| {name} | `{' '.join(CONFIGS[name])}` | {count:,} | {ratio:.3f}{flag} |")
 
 
-def run(specs, train: str = TRAIN, out: Path = OUT) -> None:
-    for spec in specs:
-        name, _, lr = spec.partition(":")
-        if name not in CONFIGS or not lr:
-            sys.exit(f"'{spec}': give NAME:LR with NAME one of {', '.join(CONFIGS)} (e.g. moe:3e-3)")
-        command = ["llama-expert", "train", *CONFIGS[name], "--learning-rate", lr,
-                   "--seed", os.environ.get("SEED", "1"), "--output-dir", str(out / f"{name}-lr{lr}"),
-                   "--dataset", train, "--test-dataset", TEST, "--test-seq-len", "512",
-                   "--test-max-tokens", os.environ.get("TEST_TOKENS", "4096"),
-                   "--seq-len", os.environ.get("SEQ_LEN", "256"), "--batch-size", "4",
-                   "--max-steps", os.environ.get("MAX_STEPS", "100"), "--eval-every", "100000",
-                   "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--no-progress", "--overwrite"]
-        print("+", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
+RUN_FOLDER = re.compile(r"^(?P<name>.+)-lr(?P<lr>\d[\d.e+-]*?)(?:-seed(?P<seed>\d+))?$")
+
+
+def train_command(spec: str, train: str, out: Path):
+    """The ``llama-expert train`` command of ``NAME:LR[:SEED]`` (SEED defaults to $SEED, else 1) and its folder."""
+    name, lr, *rest = spec.split(":")
+    if name not in CONFIGS or not lr or len(rest) > 1:
+        sys.exit(f"'{spec}': give NAME:LR[:SEED] with NAME one of {', '.join(CONFIGS)} (e.g. moe:3e-3 or moe:3e-3:2)")
+    seed = rest[0] if rest else os.environ.get("SEED", "1")
+    folder = out / f"{name}-lr{lr}-seed{seed}"
+    model = ["--model", os.environ["MODEL"]] if os.environ.get("MODEL") else []
+    return ["llama-expert", "train", *model, *CONFIGS[name], "--learning-rate", lr, "--seed", seed,
+            "--output-dir", str(folder), "--dataset", train, "--test-dataset", TEST, "--test-seq-len", "512",
+            "--test-max-tokens", os.environ.get("TEST_TOKENS", "4096"),
+            "--seq-len", os.environ.get("SEQ_LEN", "256"), "--batch-size", "4",
+            "--max-steps", os.environ.get("MAX_STEPS", "100"), "--eval-every", "100000",
+            "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--no-progress", "--overwrite"], folder
+
+
+def machine_description() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def run(specs, train: str = TRAIN, out: Path = OUT, jobs: int = 1, deadline: float = math.inf) -> None:
+    """Train every spec, ``jobs`` at a time (each job's output in <folder>.log); none is started after
+    ``deadline`` seconds. Several jobs share one GPU well: a run of this size is bound by kernel launches."""
+    started, running, failed = time.time(), [], []
+    queue = [train_command(spec, train, out) for spec in specs]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "machine.txt").write_text(machine_description() + f", {jobs} runs at a time\n")
+    while queue or running:
+        for process, folder, log in [r for r in running if r[0].poll() is not None]:
+            running.remove((process, folder, log))
+            log.close()
+            print(f"{'done' if process.returncode == 0 else 'FAILED'}: {folder.name} ({time.time() - started:.0f} s)",
+                  flush=True)
+            if process.returncode:
+                failed.append(folder.name)
+        while queue and len(running) < jobs:
+            if time.time() - started > deadline:
+                print(f"deadline: {len(queue)} runs not started: " + ", ".join(f.name for _, f in queue), flush=True)
+                queue = []
+                break
+            command, folder = queue.pop(0)
+            print("+", " ".join(command), flush=True)
+            log = open(out / f"{folder.name}.log", "w")
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), folder, log))
+        time.sleep(1)
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: {', '.join(failed)} (see their .log files under {out})")
 
 
 def middle_third_nmi(folder: Path):
@@ -113,60 +159,97 @@ def middle_third_nmi(folder: Path):
     return sum(middle) / len(middle)
 
 
+def mean_std(values, digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def table() -> None:
-    rows = []
+    """Per configuration and learning rate: mean ± std over the seeds run (std from two seeds on). The best
+    learning rate of each configuration is the one with the lowest mean validation perplexity."""
+    groups = {}
     for path in sorted(OUT.glob("*-lr*/training_summary.json")):
-        summary = json.loads(path.read_text())
-        name, _, lr = path.parent.name.rpartition("-lr")
-        after = summary["test"]["after"]
-        rows.append((name, float(lr), summary["trainable_parameters"], summary["final_validation"]["perplexity"],
-                     after["domains"], after["perplexity"], summary["tokens"] / summary["seconds"],
-                     middle_third_nmi(path.parent), summary))
-    if not rows:
+        match = RUN_FOLDER.match(path.parent.name)
+        if match:
+            key = (match["name"], float(match["lr"]))
+            groups.setdefault(key, []).append((json.loads(path.read_text()), path.parent))
+    if not groups:
         sys.exit(f"no */training_summary.json under {OUT}: run some configurations first")
-    domains = list(rows[0][4])
+    first = next(iter(groups.values()))[0][0]
+    domains = list(first["test"]["after"]["domains"])
+    rows = {}
+    for key, runs in groups.items():
+        summaries = [summary for summary, _ in runs]
+        nmis = [n for n in (middle_third_nmi(folder) for _, folder in runs) if n is not None]
+        memory = [s["peak_memory"]["bytes"] for s in summaries if s.get("peak_memory")]
+        rows[key] = dict(seeds=len(runs), trainable=summaries[0]["trainable_parameters"],
+                         validation=[s["final_validation"]["perplexity"] for s in summaries],
+                         domains={d: [s["test"]["after"]["domains"][d]["perplexity"] for s in summaries] for d in domains},
+                         mean=[s["test"]["after"]["perplexity"] for s in summaries], nmi=nmis,
+                         speed=statistics.mean(s["tokens"] / s["seconds"] for s in summaries),
+                         memory=max(memory) if memory else None)
     best = {}
-    for row in rows:
-        if row[0] not in best or row[3] < best[row[0]][3]:
-            best[row[0]] = row
-    before = rows[0][8]["test"]["before"]
-    print(f"| configuration | lr | trainable | validation | {' | '.join(domains)} | test mean | NMI mid | tokens/s |")
-    print("|---|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|")
-    base_cells = " | ".join(f"{before['domains'][d]['perplexity']:.3f}" for d in domains)
-    print(f"| base | - | 0 | {rows[0][8]['initial_validation']['perplexity']:.3f} | {base_cells} | "
-          f"{before['perplexity']:.3f} | - | - |")
-    for name, lr, trainable, validation, per_domain, mean, speed, nmi, _ in sorted(rows, key=lambda r: (r[0], r[1])):
-        mark = " **best lr**" if best[name][1] == lr and sum(r[0] == name for r in rows) > 1 else ""
-        cells = " | ".join(f"{per_domain[d]['perplexity']:.3f}" for d in domains)
-        print(f"| {name}{mark} | {lr:g} | {trainable:,} | {validation:.3f} | {cells} | {mean:.3f} | "
-              f"{'-' if nmi is None else f'{nmi:.3f}'} | {speed:,.0f} |")
-    ranked = sorted(best.values(), key=lambda r: r[3])
-    print("\nby best validation perplexity: " + ", ".join(f"{r[0]} {r[3]:.3f} (lr {r[1]:g})" for r in ranked))
-    if math.isfinite(ranked[0][3]):
-        print(f"machine: {os.uname().machine}, {os.cpu_count()} CPUs (tokens/s are wall-clock of each run)")
+    for (name, lr), row in rows.items():
+        if name not in best or statistics.mean(row["validation"]) < statistics.mean(rows[(name, best[name])]["validation"]):
+            best[name] = lr
+    print(f"| configuration | lr | seeds | trainable | validation | {' | '.join(domains)} | test mean | NMI mid | "
+          "tokens/s | peak memory |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|")
+    base_cells = " | ".join(f"{first['test']['before']['domains'][d]['perplexity']:.3f}" for d in domains)
+    print(f"| base | - | - | 0 | {first['initial_validation']['perplexity']:.3f} | {base_cells} | "
+          f"{first['test']['before']['perplexity']:.3f} | - | - | - |")
+    for (name, lr), row in sorted(rows.items()):
+        mark = " **best lr**" if best[name] == lr and sum(n == name for n, _ in rows) > 1 else ""
+        cells = " | ".join(mean_std(row["domains"][d]) for d in domains)
+        nmi = mean_std(row["nmi"]) if row["nmi"] else "-"
+        memory = f"{row['memory'] / 2 ** 30:.2f} GiB" if row["memory"] else "-"
+        print(f"| {name}{mark} | {lr:g} | {row['seeds']} | {row['trainable']:,} | {mean_std(row['validation'])} | "
+              f"{cells} | {mean_std(row['mean'])} | {nmi} | {row['speed']:,.0f} | {memory} |")
+    ranked = sorted(best.items(), key=lambda item: statistics.mean(rows[item]["validation"]))
+    print("\nby best validation perplexity: " + ", ".join(
+        f"{name} {statistics.mean(rows[(name, lr)]['validation']):.3f} (lr {lr:g})" for name, lr in ranked))
+    if BASELINE in best:
+        lora = rows[(BASELINE, best[BASELINE])]["mean"]
+        for name, lr in ranked:
+            if name == BASELINE:
+                continue
+            ours = rows[(name, lr)]["mean"]
+            ratio = statistics.mean(ours) / statistics.mean(lora)
+            spread = (statistics.stdev(ours) + statistics.stdev(lora)) if min(len(ours), len(lora)) > 1 else None
+            gap = statistics.mean(lora) - statistics.mean(ours)
+            print(f"{name} / {BASELINE} test mean: {ratio:.3f}x" + (
+                f" (difference {gap:+.3f}, seeds' std {statistics.stdev(ours):.3f} and {statistics.stdev(lora):.3f})"
+                if spread is not None else ""))
+    machine = OUT / "machine.txt"
+    print(f"machine: {machine.read_text().strip() if machine.exists() else 'not recorded'} (tokens/s are the "
+          "wall-clock of each run, with the runs started together sharing the machine)")
 
 
 def retention_table() -> None:
     """After training on prose only: each domain's test perplexity change against the base, and the mean rise
-    on the domains not trained on (code, math), per configuration; the ratio to LoRA's rise."""
-    rows = {}
+    on the domains not trained on (code, math), per configuration and learning rate (mean ± std over seeds);
+    the ratio of each mean rise to LoRA's."""
+    groups = {}
     for path in sorted((OUT / "retention").glob("*-lr*/training_summary.json")):
-        test = json.loads(path.read_text())["test"]
-        change = {d: 100 * (test["after"]["domains"][d]["perplexity"] / test["before"]["domains"][d]["perplexity"] - 1)
-                  for d in test["after"]["domains"]}
-        rows[path.parent.name] = change
-    if not rows:
-        sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR` first")
-    domains = list(next(iter(rows.values())))
+        match = RUN_FOLDER.match(path.parent.name)
+        if match:
+            test = json.loads(path.read_text())["test"]
+            change = {d: 100 * (test["after"]["domains"][d]["perplexity"] / test["before"]["domains"][d]["perplexity"] - 1)
+                      for d in test["after"]["domains"]}
+            groups.setdefault(f"{match['name']}-lr{match['lr']}", []).append(change)
+    if not groups:
+        sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
+    domains = list(next(iter(groups.values()))[0])
     unseen = [d for d in domains if not d.startswith("wikitext")]
-    lora = [change for name, change in rows.items() if name.startswith(BASELINE + "-")]
-    lora_rise = sum(lora[0][d] for d in unseen) / len(unseen) if lora else None
-    print(f"| run (trained on prose only) | {' | '.join(domains)} | mean rise on {', '.join(unseen)} | / LoRA's |")
-    print("|---|" + "---:|" * (len(domains) + 2))
-    for name, change in rows.items():
-        rise = sum(change[d] for d in unseen) / len(unseen)
-        ratio = f"{rise / lora_rise:.2f}" if lora_rise else "-"
-        print(f"| {name} | {' | '.join(f'{change[d]:+.1f}%' for d in domains)} | {rise:+.1f}% | {ratio} |")
+    rises = {name: [sum(c[d] for d in unseen) / len(unseen) for c in changes] for name, changes in groups.items()}
+    lora = [statistics.mean(r) for name, r in rises.items() if name.startswith(BASELINE + "-")]
+    print(f"| run (trained on prose only) | seeds | {' | '.join(domains)} | mean rise on {', '.join(unseen)} | / LoRA's |")
+    print("|---|---:|" + "---:|" * (len(domains) + 2))
+    for name, changes in groups.items():
+        cells = " | ".join(mean_std([c[d] for c in changes], 1) + "%" for d in domains)
+        ratio = f"{statistics.mean(rises[name]) / min(lora):.2f}" if lora and min(lora) > 0 else "-"
+        print(f"| {name} | {len(changes)} | {cells} | {mean_std(rises[name], 1)}% | {ratio} |")
 
 
 def publish(dest: str) -> None:
@@ -196,13 +279,23 @@ def publish(dest: str) -> None:
 
 
 def main(argv) -> None:
-    commands = {"budget": lambda: budget(), "run": lambda: run(argv[1:]), "table": lambda: table(),
-                "retention": lambda: run(argv[1:], train=PROSE, out=OUT / "retention"),
-                "retention-table": lambda: retention_table(),
-                "publish": lambda: publish(argv[1] if len(argv) > 1 else "docs/results/multidomain-sweep")}
-    if not argv or argv[0] not in commands:
-        sys.exit(__doc__)
-    commands[argv[0]]()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["budget", "run", "table", "retention", "retention-table", "publish"])
+    parser.add_argument("items", nargs="*", help="NAME:LR[:SEED] for run and retention; a folder for publish")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (run, retention)")
+    parser.add_argument("--deadline", type=float, default=math.inf, help="start no run after this many seconds")
+    args = parser.parse_intermixed_args(argv)
+    if args.command in ("run", "retention"):
+        if not args.items:
+            sys.exit(f"{args.command}: give at least one NAME:LR[:SEED]")
+        train, out = (TRAIN, OUT) if args.command == "run" else (PROSE, OUT / "retention")
+        run(args.items, train=train, out=out, jobs=args.jobs, deadline=args.deadline)
+    elif args.command == "publish":
+        publish(args.items[0] if args.items else "docs/results/multidomain-sweep")
+    else:
+        {"budget": budget, "table": table, "retention-table": retention_table}[args.command]()
 
 
 if __name__ == "__main__":
