@@ -70,3 +70,45 @@ def test_tokenize_joins_documents_with_blank_lines(embedded_tokenizer):
     tokenizer = embedded_tokenizer
     ids = tokenize_documents(["a\n", "b\n"], tokenizer)
     assert tokenizer.decode(ids) == "a\n\n\nb\n"
+
+
+def test_a_folder_of_code_is_a_dataset_of_files(tmp_path):
+    """A folder without split-named files (a code repository): each code or text file is one document, the
+    last 5% of files (at least one) held out for validation; binary and non-UTF-8 files are skipped."""
+    folder = tmp_path / "lib"
+    (folder / "pkg").mkdir(parents=True)
+    for i in range(3):
+        (folder / "pkg" / f"m{i}.py").write_text(f"def f{i}():\n    return {i}\n")
+    (folder / "notes.md").write_text("# notes\n")
+    (folder / "blob.bin").write_bytes(b"\x00\x01")
+    (folder / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+    splits = load_text_dataset(str(folder))
+    assert splits["train"] == ["# notes\n", "def f0():\n    return 0\n", "def f1():\n    return 1\n"]
+    assert splits["validation"] == ["def f2():\n    return 2\n"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="fewer than two code or text files"):
+        load_text_dataset(str(empty))
+
+
+def test_each_hub_source_can_name_its_configuration(monkeypatch):
+    """`--dataset openai/gsm8k:main,wikitext:wikitext-2-raw-v1,code/`: the part after the colon is that Hub
+    dataset's configuration (the Hub itself is not reachable here: datasets.load_dataset is replaced by one
+    that records its arguments and returns GSM8K-shaped rows)."""
+    import datasets
+
+    from llama_expert.data.mixture import domain_name
+
+    calls = []
+
+    def fake_load_dataset(name, config):
+        calls.append((name, config))
+        return {"train": [{"question": "1+1?", "answer": "2"}], "test": [{"question": "2+2?", "answer": "4"}]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    splits = load_text_dataset("openai/gsm8k:main", config="ignored-when-the-source-names-one")
+    assert calls == [("openai/gsm8k", "main")]
+    assert splits["train"] == ["Question: 1+1?\nAnswer: 2"]
+    load_text_dataset("wikitext", config="wikitext-2-raw-v1")
+    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1")
+    assert domain_name("openai/gsm8k:main") == "gsm8k"

@@ -30,6 +30,8 @@ def domain_name(source: Optional[str]) -> str:
     """A short label for a source: the file's stem, or the folder's name (``math/train.jsonl`` -> ``math``)."""
     if not source:
         return "embedded"
+    if not Path(source).exists() and ":" in source:  # a Hub id with its configuration: openai/gsm8k:main
+        source = source.rpartition(":")[0]
     path = Path(source)
     generic = {"train", "test", "valid", "validation", "wiki.valid", "wiki.test", "wiki.train"}
     return path.parent.name if path.stem in generic and path.parent.name else path.stem

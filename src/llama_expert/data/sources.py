@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import DataError
 from ..network import hub_offline_reason, offline_mode
@@ -88,6 +88,24 @@ def _hold_out(lines: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
     return {"train": lines[:cut], "validation": lines[cut:]}
 
 
+SOURCE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".rb", ".sh",
+                   ".md", ".txt", ".rst")
+
+
+def _source_folder(path: Path) -> List[str]:
+    """Every code or text file under ``path`` (sorted, UTF-8 ones only), each file one document: a folder of
+    code such as a repository. Files that are not UTF-8 text are skipped."""
+    docs = []
+    for child in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES):
+        try:
+            text = child.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
 def _local_dataset(path: Path, tokenizer) -> Dict[str, List[str]]:
     if path.is_file():
         return _hold_out(read_documents(path, tokenizer))  # one file: its last 5% of rows become validation
@@ -96,10 +114,24 @@ def _local_dataset(path: Path, tokenizer) -> Dict[str, List[str]]:
         split = _split_of_file(child) if child.is_file() else None
         if split and split not in splits:
             splits[split] = read_documents(child, tokenizer)
-    if not splits:
-        raise DataError(f"{path} holds no train/valid/test files (train.txt, valid.jsonl, wiki.test.raw, ...). "
-                        f"Name the files by split or pass one file with --dataset.")
+    if not splits:  # no files named by split: a folder of code or text, its last 5% of files for validation
+        docs = _source_folder(path)
+        if len(docs) >= 2:
+            return _hold_out(docs)
+        raise DataError(f"{path} holds no train/valid/test files (train.txt, valid.jsonl, wiki.test.raw, ...) and "
+                        f"fewer than two code or text files ({', '.join(SOURCE_SUFFIXES)}). Name the files by split "
+                        f"or pass one file with --dataset.")
     return splits
+
+
+def hub_name_and_config(name: str, config: Optional[str]) -> Tuple[str, Optional[str]]:
+    """``openai/gsm8k:main`` -> (``openai/gsm8k``, ``main``): each source of a mixture can name its own Hub
+    configuration; without one, ``config`` (``--dataset-config``) applies."""
+    if ":" in name and not Path(name).expanduser().exists():
+        base, _, own = name.rpartition(":")
+        if base and own and "/" not in own:
+            return base, own
+    return name, config
 
 
 def _hub_dataset(name: str, config: Optional[str], tokenizer) -> Dict[str, List[str]]:
@@ -138,7 +170,7 @@ def load_text_dataset(name: Optional[str] = None, config: Optional[str] = None,
         return _local_dataset(path, tokenizer)
     if name.startswith((".", "/", "~")) or Path(name).suffix in (".txt", ".jsonl", ".raw") or os.sep * 2 in name:
         raise DataError(f"dataset path not found: {name}. Check the path.")
-    return _hub_dataset(name, config, tokenizer)
+    return _hub_dataset(*hub_name_and_config(name, config), tokenizer)
 
 
 def select_split(splits: Dict[str, List[str]], split: str, source: str) -> List[str]:
