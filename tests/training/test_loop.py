@@ -155,35 +155,101 @@ def test_kill_minus_nine_leaves_a_loadable_checkpoint(tmp_path):
     assert "resumed from" in done.stdout
 
 
-@pytest.mark.parametrize("router_losses", [False, True], ids=["lm-loss", "with-router-losses"])
-def test_two_cpu_ranks_match_single_process_math(tmp_path, router_losses):
-    """Two ranks of batch B train exactly as one process of batch 2B; with the router losses on too, because
-    their expert fractions are summed over the ranks (modeling/routing/losses.global_sums)."""
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    flags = ["--router-losses"] if router_losses else []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+def run_two_ranks(out, steps, flags, fsdp=False):
+    """The worker on two gloo ranks of batch 2 (with FSDP as `accelerate launch` asks for it, if ``fsdp``)."""
+    env = {**os.environ, **WORKER_ENV, **({"ACCELERATE_USE_FSDP": "true"} if fsdp else {})}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(port)]
-    run = subprocess.run(torchrun + [WORKER, str(ddp), "4", "2", *flags], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rank0, rank1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
-
-    run = subprocess.run([sys.executable, WORKER, str(single), "4", "4", *flags], env=env, capture_output=True,
+    run = subprocess.run(torchrun + [WORKER, str(out), str(steps), "2", *flags], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    one = load_file(str(single / "rank0.safetensors"))
+    return run
+
+
+def train_two_ranks_and_one(tmp_path, flags, fsdp=False):
+    """The worker's adapter tensors after 4 steps: (rank 0, rank 1) of a two-rank gloo run of batch 2, and one
+    process of batch 4."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run_two_ranks(ddp, 4, flags, fsdp)
+    run = subprocess.run([sys.executable, WORKER, str(single), "4", "4", *flags], env={**os.environ, **WORKER_ENV},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return (load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors")),
+            load_file(str(single / "rank0.safetensors")))
+
+
+ROUTING_CASES = {"lm-loss": [], "router-losses": ["--router-losses"],
+                 "router-losses-and-noise": ["--router-losses", "--router-noise"],
+                 "aux-free": ["--router-type", "aux_free"]}
+
+
+def assert_same_training(rank0, rank1, one):
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
     moved = False
     for key in one:
         # float32 sums in another order: 1e-5 (local expert fractions instead of global ones miss by 2e-2)
         torch.testing.assert_close(rank0[key], one[key], rtol=1e-3, atol=1e-5)
         moved |= bool(one[key].abs().sum() > 0) and "up" in key
     assert moved, "the adapters did not train"
+
+
+@pytest.mark.parametrize("case", list(ROUTING_CASES))
+def test_two_cpu_ranks_match_single_process_math(tmp_path, case):
+    """Two ranks of batch B train exactly as one process of batch 2B: with the router losses on too (their
+    expert fractions are summed over the ranks: modeling/routing/losses.global_sums), with noisy top-k's noise
+    on (drawn for the global batch: data_parallel_draw), and with aux_free (its bias follows the global load)."""
+    assert_same_training(*train_two_ranks_and_one(tmp_path, ROUTING_CASES[case]))
+
+
+@pytest.mark.parametrize("case", ["router-losses-and-noise", "aux-free"])
+def test_local_routing_statistics_break_the_equality(tmp_path, case):
+    """The same runs with the mechanism broken on purpose (each rank's own counts, load and noise) fail the
+    check above: it would catch a regression."""
+    trained = train_two_ranks_and_one(tmp_path, ROUTING_CASES[case] + ["--local-statistics"])
+    with pytest.raises(AssertionError, match="ranks disagree|not close"):
+        assert_same_training(*trained)
+
+
+def test_fsdp_two_cpu_ranks_match_single_process_math(tmp_path):
+    """FSDP2 on the frozen base (training/sharding.py), two gloo ranks of batch 2: the adapters train as in one
+    process of batch 4, router losses and noise on."""
+    assert_same_training(*train_two_ranks_and_one(tmp_path, ["--router-losses", "--router-noise"], fsdp=True))
+
+
+def test_fsdp_without_gradient_averaging_breaks_the_equality(tmp_path):
+    """The mechanism broken on purpose (no all-reduce of the replicated adapters' gradients) fails the check."""
+    trained = train_two_ranks_and_one(tmp_path, ["--router-losses", "--router-noise", "--no-gradient-average"],
+                                      fsdp=True)
+    with pytest.raises(AssertionError, match="ranks disagree|not close"):
+        assert_same_training(*trained)
+
+
+def test_fsdp_checkpoints_load_and_resume_exactly(tmp_path):
+    """A checkpoint written under FSDP is a plain adapter (it loads into an unsharded model), and an FSDP run
+    stopped after 2 of 4 steps and resumed ends exactly where an uninterrupted one does."""
+    flags = ["--router-losses", "--router-noise"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_two_ranks(straight, 4, flags, fsdp=True)
+    run_two_ranks(resumed, 4, [*flags, "--stop-after", "2"], fsdp=True)
+    done = run_two_ranks(resumed, 4, [*flags, "--resume"], fsdp=True)
+    assert "resumed from" in done.stdout
+    want = load_file(str(straight / "rank0.safetensors"))
+    for rank in (0, 1):
+        got = load_file(str(resumed / f"rank{rank}.safetensors"))
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"rank {rank}: {key} differs after resume"
+    model, _ = tiny_training_setup(router_losses=True, router_noise=True)
+    load_adapter_weights(model, straight / "checkpoints" / "last")
+    state = adapter_state_dict(model)
+    for key in want:
+        assert torch.equal(state[key], want[key]), key
 
 
 @pytest.mark.slow

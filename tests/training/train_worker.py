@@ -1,6 +1,7 @@
 """Trains a tiny augmented Llama in a separate process: for the kill -9 test and the two-rank DDP test.
 
 Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N] [--router-losses]
+       [--router-noise] [--router-type NAME] [--local-statistics] [--no-gradient-average]
 Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors.
 """
 
@@ -18,27 +19,45 @@ from llama_expert.training.arguments import TrainingArguments
 from llama_expert.training.loop import train_model
 
 
-def tiny_training_setup(seed: int = 0, router_losses: bool = False):
+def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise: bool = False,
+                        router_type: str = "noisy_top_k"):
     """The same tiny model, data and config in every process. ``router_losses``: with the load-balancing and
-    z losses on (their statistics are global under DDP, so the math still matches one process)."""
+    z losses on; ``router_noise``: noisy top-k's noise on. Their statistics are global and the noise is drawn
+    for the global batch under data parallelism, so two ranks still do the math of one process."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
     model = LlamaForCausalLM(config)
-    # No dropout and no router noise (each rank draws its own noise, one process draws it for the whole batch):
-    # then two ranks of batch B do the math of one process with batch 2B, router losses included.
-    augment_model(model, ExpertConfig(lora_dropout=0.0, router_noise=False,
-                                      router_aux_loss_coef=0.5 if router_losses else 0.0,
+    # No dropout: each rank draws the dropout masks of its own shard.
+    augment_model(model, ExpertConfig(lora_dropout=0.0, router_noise=router_noise, router_type=router_type,
+                                      aux_free_bias_rate=0.05, router_aux_loss_coef=0.5 if router_losses else 0.0,
                                       router_z_loss_coef=0.01 if router_losses else 0.0))
     blocks = torch.randint(0, 128, (64, 16), generator=torch.Generator().manual_seed(1))
     return model, blocks
+
+
+def use_local_statistics():
+    """Break the mechanism on purpose (the tests show that it matters): every rank balances with its own
+    expert counts, updates the aux_free bias from its own load and draws router noise for its own tokens."""
+    from llama_expert.modeling.routing import aux_free, losses, noisy_topk
+
+    losses.global_sums = aux_free.global_sums = lambda *tensors: tensors
+    noisy_topk.data_parallel_draw = lambda like, draw=torch.randn: draw(like.shape, dtype=like.dtype, device=like.device)
 
 
 def main():
     out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     slow = "--slow" in sys.argv
     torch.set_num_threads(1)
-    model, blocks = tiny_training_setup(router_losses="--router-losses" in sys.argv)
+    if "--local-statistics" in sys.argv:
+        use_local_statistics()
+    if "--no-gradient-average" in sys.argv:  # break FSDP's replicated adapters on purpose: each rank keeps its own
+        import llama_expert.training.loop as loop
+        loop.average_gradients = lambda params: None
+    model, blocks = tiny_training_setup(router_losses="--router-losses" in sys.argv,
+                                        router_noise="--router-noise" in sys.argv,
+                                        router_type=sys.argv[sys.argv.index("--router-type") + 1]
+                                        if "--router-type" in sys.argv else "noisy_top_k")
 
     def save(m, folder):
         if slow:

@@ -30,8 +30,10 @@ from .surgery import adapter_state_dict, adapters, augment_model, is_augmented, 
 
 # Version 2 renamed the learnable per-layer scale: tensor ``*.scale`` -> ``*.residual_scale`` and config
 # field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
-# adapters are read through ``_upgrade_v1_config`` and ``_upgrade_v1_tensors``.
-FORMAT_VERSION = 2
+# adapters are read through ``_upgrade_v1_config`` and ``_upgrade_v1_tensors``. Version 3 stores each
+# ``*.residual_scale`` with shape [1] instead of a 0-d scalar (FSDP2 shards no 0-d tensor); older ones are
+# reshaped when read (``_upgrade_v2_tensors``).
+FORMAT_VERSION = 3
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -43,8 +45,18 @@ def architecture_fingerprint(model: nn.Module) -> dict:
 
 
 def weights_checksum(model: nn.Module) -> str:
-    """A cheap digest of the input embeddings: tells two bases of the same shape apart."""
+    """A cheap digest of the input embeddings: tells two bases of the same shape apart ("" when unknown).
+
+    Under FSDP2 the embeddings are a DTensor sharded by rows and only rank 0 holds the first rows; reading
+    them there needs no collective, so a checkpoint written by rank 0 alone still records the digest. The
+    other ranks return "" (the check is skipped there)."""
     weight = model.get_input_embeddings().weight
+    if hasattr(weight, "to_local"):  # a DTensor
+        local = weight.to_local()
+        first_rows = getattr(weight.placements[0], "dim", None) == 0 and weight.device_mesh.get_local_rank() == 0
+        if not first_rows or local.shape[0] < 16:
+            return ""
+        weight = local
     if weight.device.type == "meta":
         return ""
     # Through bfloat16, so the same model loaded in float32 or bfloat16 gives the same digest.
@@ -108,6 +120,7 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
 
 def _upgrade_v1_config(config: dict) -> dict:
     config = {k: v for k, v in config.items() if k != "extra"}
+    config.setdefault("router_type", "noisy_top_k")  # version 1 had this one router and did not record it
     if "scale_init" in config:
         config["residual_scale_init"] = config.pop("scale_init")
     return config
@@ -115,6 +128,10 @@ def _upgrade_v1_config(config: dict) -> dict:
 
 def _upgrade_v1_tensors(state: dict) -> dict:
     return {(k[: -len(".scale")] + ".residual_scale" if k.endswith(".scale") else k): v for k, v in state.items()}
+
+
+def _upgrade_v2_tensors(state: dict) -> dict:
+    return {k: v.reshape(1) if k.endswith(".residual_scale") and v.dim() == 0 else v for k, v in state.items()}
 
 
 def check_base_matches(model: nn.Module, meta: dict, folder: Union[str, Path]) -> None:
@@ -149,6 +166,8 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
         raise AdapterError(f"{weights} is corrupt ({exc}). Re-save or re-train the adapter.") from exc
     if meta.get("format_version", 1) < 2:
         state = _upgrade_v1_tensors(state)
+    if meta.get("format_version", 1) < 3:
+        state = _upgrade_v2_tensors(state)
     augmented_here = not is_augmented(model)
     if augmented_here:
         augment_model(model, config)

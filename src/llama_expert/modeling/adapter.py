@@ -1,6 +1,6 @@
 """MoEAdapter: the frozen MLP of one decoder layer plus a routed expert bank, ``y = MLP(h) + a_l*MoE(h)``.
 
-``a_l`` is ``residual_scale``, a learnable scalar per layer (docs/design.md section 1).
+``a_l`` is ``residual_scale``, a learnable scalar per layer, stored with shape [1] (docs/design.md section 1).
 
 The adapter replaces ``layer.mlp`` and keeps the original module inside it (``base_mlp``), so removing
 it gives back the very same MLP object. The padding mask reaches the router through a small shared
@@ -70,7 +70,8 @@ class MoEAdapter(nn.Module):
         bank = EXPERT_BANKS.get(config.expert_type)
         self.experts = bank.from_config(hidden_size, num_experts, config, base_mlp=base_mlp)
         # alpha_l starts where the bank says (0 for shared_down's "distinct" init, else residual_scale_init)
-        self.residual_scale = nn.Parameter(torch.tensor(bank.initial_residual_scale(config)))
+        # shape [1], not a 0-d scalar: FSDP2's fully_shard cannot shard a tensor without a dimension
+        self.residual_scale = nn.Parameter(torch.tensor([bank.initial_residual_scale(config)]))
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:

@@ -29,6 +29,7 @@ from .checkpoints import (CheckpointError, checkpoint_candidates, load_training_
                           rng_state, save_training_state, set_rng_state, write_checkpoint)
 from .loggers import TrainingLoggers
 from .stopping import StopRequests
+from .sharding import average_gradients, fsdp_requested, shard_frozen_base
 
 # Settings that change neither the trained weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
@@ -168,6 +169,10 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     accelerator = accelerator or make_accelerator(args)
     set_seed(args.seed)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", 0) == 3:
+        raise ConfigError("DeepSpeed ZeRO-3 partitions the adapters' parameters, and llama-expert's checkpoints are "
+                          "plain tensors: use ZeRO-2, or FSDP2 to shard the base (examples/accelerate/fsdp2.yaml).")
     output_dir = Path(args.output_dir)
     last_dir, best_dir = output_dir / "checkpoints" / "last", output_dir / "checkpoints" / "best"
 
@@ -195,7 +200,13 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
     unwrapped = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = fsdp_requested(accelerator)
+    if sharded:  # FSDP2 on the frozen base, the adapters replicated (training/sharding.py says why)
+        from ..integration.surgery import adapter_parameters
+
+        shard_frozen_base(model, replicated=[*params, *adapter_parameters(model)], device=accelerator.device)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     def rebuild_optimizer(transfers=()) -> None:
         """A new optimiser for the model's current trainable parameters: unchanged ones keep their state,
@@ -293,13 +304,15 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 structure.resume(unwrapped)
 
     def measure(step: int) -> dict:
-        mine = eval_windows[rank::world]
+        # Sharded, every rank runs every window: each forward pass is collective (all-gathers of the base).
+        mine = eval_windows if sharded else eval_windows[rank::world]
         result = evaluate_perplexity(unwrapped, mine, autocast_dtype=autocast, progress=args.progress and main) \
             if len(mine) else \
             {"nll": 0.0, "tokens": 0}
         totals = torch.tensor([result["nll"] * result["tokens"], float(result["tokens"])], device=device,
                               dtype=torch.float64)
-        totals = accelerator.reduce(totals, reduction="sum")
+        if not sharded:
+            totals = accelerator.reduce(totals, reduction="sum")
         nll = (totals[0] / totals[1]).item()
         return {"step": step, "perplexity": math.exp(nll), "nll": nll, "tokens": int(totals[1].item())}
 
@@ -393,8 +406,14 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                         accelerator.backward(loss / args.gradient_accumulation_steps)
                     for name, value in {"lm_loss": lm_loss, "loss": loss, **extra}.items():
                         terms[name] = terms.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
-                grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                if accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
+                if sharded:
+                    average_gradients(params)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                else:
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if grad_norm is None:  # DeepSpeed clips inside its own step and returns no norm
+                    grad_norm = torch.tensor(float("nan"))
+                elif accelerator.mixed_precision != "fp16" and not torch.isfinite(grad_norm):
                     raise TrainingDiverged(f"the gradients became {grad_norm.item()} at step {step + 1}; training "
                                            f"stopped. {good_checkpoint()} Lower --learning-rate.")
                 optimizer.step()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RouterBase, in_backward_pass
-from .losses import Routing
+from .losses import Routing, global_sums
 from .registry import register_router
 
 
@@ -22,7 +22,8 @@ class AuxFreeRouter(RouterBase):
     (``requires_grad=False``) so that it is saved and loaded with the adapter like every other tensor. After
     each training-mode pass it moves toward balance, under no_grad:
     ``b_i += gamma * sign(mean_j load_j - load_i)``, ``load_i`` = assignments to expert i among the non-padding
-    tokens of the pass, ``gamma = aux_free_bias_rate``. In eval it stays fixed. A token's routing depends on
+    tokens of the pass (of every data-parallel rank: ``global_sums``), ``gamma = aux_free_bias_rate``. In eval it
+    stays fixed. A token's routing depends on
     its own hidden state and on ``b`` (set by earlier batches), so it is causal.
 
     No auxiliary loss: ``aux_loss`` is a zero (the bias does the balancing); ``z_loss`` as usual. With gradient
@@ -57,7 +58,7 @@ class AuxFreeRouter(RouterBase):
     def update_bias(self, indices: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         if mask is not None:
             indices = indices[mask]
-        if indices.shape[0] == 0:
-            return
         load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(self.bias.dtype)
-        self.bias.add_(self.bias_rate * torch.sign(load.mean() - load))
+        (load,) = global_sums(load)  # the whole data-parallel batch's load: every rank keeps the same bias
+        if load.sum() > 0:
+            self.bias.add_(self.bias_rate * torch.sign(load.mean() - load))

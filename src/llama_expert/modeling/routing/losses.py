@@ -59,6 +59,22 @@ def global_sums(*tensors: torch.Tensor):
     return tuple(reduced)
 
 
+def data_parallel_draw(like: torch.Tensor, draw=torch.randn) -> torch.Tensor:
+    """Random numbers shaped like ``like`` ([N, ...], this rank's N tokens; ``draw``: ``torch.randn`` or
+    ``torch.rand``): this rank's slice of one draw for the whole data-parallel batch of equal shards.
+
+    Why: data-parallel ranks are seeded alike, so a local draw would give every rank the same noise
+    for different tokens, and N ranks would not draw what one process draws for the concatenated batch. Drawn
+    this way, router noise keeps data-parallel training equal to single-process training (rank r holds rows
+    ``r*N .. (r+1)*N`` of the global batch, as ``training.loop.block_rows`` deals them)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return draw(like.shape, dtype=like.dtype, device=like.device)
+    world, rank, n = dist.get_world_size(), dist.get_rank(), like.shape[0]
+    return draw((world * n, *like.shape[1:]), dtype=like.dtype, device=like.device)[rank * n:(rank + 1) * n]
+
+
 def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE z-loss ``mean_t (logsumexp_j z_tj)^2``: keeps router logits small and stable."""
     if mask is not None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RouterBase
-from .losses import Routing, load_balancing_loss
+from .losses import Routing, data_parallel_draw, load_balancing_loss
 from .registry import register_router
 
 
@@ -45,7 +45,7 @@ class NoisyTopKGating(RouterBase):
         routing_logits = logits
         if self.training and self.noise:
             noise_std = F.softplus(F.linear(hidden, self.noise_weight))
-            routing_logits = logits + torch.randn_like(logits) * noise_std
+            routing_logits = logits + data_parallel_draw(logits) * noise_std
         top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
         probs = self.all_probs(routing_logits)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RouterBase
-from .losses import Routing, load_balancing_loss
+from .losses import Routing, data_parallel_draw, load_balancing_loss
 from .registry import register_router
 
 
@@ -49,7 +49,7 @@ class SwitchRouter(RouterBase):
         logits = F.linear(hidden, self.weight)
         routing_logits = logits
         if self.training and self.jitter > 0:
-            noise = torch.empty_like(hidden).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            noise = 1.0 - self.jitter + 2.0 * self.jitter * data_parallel_draw(hidden, torch.rand)
             routing_logits = F.linear(hidden * noise, self.weight)
         top_logit, indices = routing_logits.max(dim=-1, keepdim=True)
         gates = torch.exp(top_logit - torch.logsumexp(routing_logits, dim=-1, keepdim=True))  # p_i, [N, 1]
