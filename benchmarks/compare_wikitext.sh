@@ -3,6 +3,7 @@
 # Uses the MoE adapter of benchmarks/wikitext_headline.sh (or trains one with the same flags when
 # docs/results/wikitext-moe is absent) and trains LoRA with identical data, steps, batch, length, learning
 # rate and dtype. All three are then measured in float32 on the same 16,384 WikiText-2 test tokens.
+# The committed MoE adapter uses noisy top-k routing (the default then); without it, compare trains today's default.
 set -euo pipefail
 DATA=${DATA:-../shared/data/wikitext-2-raw}
 MOE=${MOE:-docs/results/wikitext-moe}

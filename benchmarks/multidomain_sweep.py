@@ -11,6 +11,8 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
+    OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
+        --keep aux-free-lr1e-2-seed1,lora-lr3e-3-seed1       # these runs keep their adapters and figures
     MAX_STEPS=2 TEST_TOKENS=512 python benchmarks/multidomain_sweep.py run lora:1e-3    # a smoke run
 
 Environment: DATA (../shared/data), OUT (runs/multidomain-sweep), MAX_STEPS (100), SEQ_LEN (256), SEED (1),
@@ -36,18 +38,19 @@ PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"
 TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
                                          "wikitext-2-raw/wiki.test.raw"))
 
+NOISY = ["--router-type", "noisy_top_k"]  # the seed's router, the default until this study made aux_free the default
 CONFIGS = {
     "lora": ["--method", "lora", "--lora-r", "4"],
-    "moe": ["--method", "moe"],
-    "moe-aux0": ["--method", "moe", "--router-aux-loss-coef", "0"],
-    "moe-top1": ["--method", "moe", "--top-k", "1"],
-    "moe-router10x": ["--method", "moe", "--router-lr-multiplier", "10"],
+    "moe": ["--method", "moe", *NOISY],
+    "moe-aux0": ["--method", "moe", *NOISY, "--router-aux-loss-coef", "0"],
+    "moe-top1": ["--method", "moe", *NOISY, "--top-k", "1"],
+    "moe-router10x": ["--method", "moe", *NOISY, "--router-lr-multiplier", "10"],
     "soft": ["--method", "moe", "--router-type", "soft"],
     "switch": ["--method", "moe", "--router-type", "switch", "--top-k", "1"],
     "aux-free": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0"],
     "expert-choice": ["--method", "moe", "--router-type", "expert_choice"],
-    "hydra": ["--method", "moe", "--expert-type", "shared_down", "--expert-init", "distinct", "--lora-r", "5"],
-    "mixlora": ["--method", "moe", "--expert-type", "mixlora", "--expert-allocation", "uniform",
+    "hydra": ["--method", "moe", *NOISY, "--expert-type", "shared_down", "--expert-init", "distinct", "--lora-r", "5"],
+    "mixlora": ["--method", "moe", *NOISY, "--expert-type", "mixlora", "--expert-allocation", "uniform",
                 "--num-experts", "4", "--lora-r", "1", "--no-router-noise"],
 }
 BASELINE = "lora"
@@ -252,30 +255,49 @@ def retention_table() -> None:
         print(f"| {name} | {len(changes)} | {cells} | {mean_std(rises[name], 1)}% | {ratio} |")
 
 
-def publish(dest: str) -> None:
-    """Copy every finished run's small result files (summary, expert usage and its figures; not the adapter
-    weights) to ``dest`` and write the table there as README.md, so that the committed table has its sources."""
+def publish(dest: str, keep=()) -> None:
+    """Copy every finished run's small result files (summary, expert usage, console log) to ``dest`` and write
+    the tables there as README.md, so that the committed tables have their sources. The runs named in
+    ``keep`` (folder names, e.g. the headline runs) also keep their adapter, training log and figures."""
     import contextlib
     import io
     import shutil
 
     dest_path = Path(dest)
-    for summary in sorted(OUT.glob("*-lr*/training_summary.json")) + sorted(
-            (OUT / "retention").glob("*-lr*/training_summary.json")):
+    summaries = sorted(OUT.glob("*-lr*/training_summary.json")) + sorted(
+        (OUT / "retention").glob("*-lr*/training_summary.json"))
+    for summary in summaries:
         run = summary.parent
         target = dest_path / run.relative_to(OUT)
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("training_summary.json", "expert_usage.json", "domain_expert_usage.png", "train_log.jsonl"):
+        names = ["training_summary.json", "expert_usage.json"]
+        if run.name in keep or run.relative_to(OUT).as_posix() in keep:
+            names += ["adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "domain_expert_usage.png",
+                      "expert_usage.png"]
+        for name in names:
             if (run / name).exists():
                 shutil.copy2(run / name, target / name)
+        if run.with_suffix(".log").exists():
+            shutil.copy2(run.with_suffix(".log"), target.with_suffix(".log"))
+    for name in ("machine.txt", "retention/machine.txt"):
+        if (OUT / name).exists():
+            shutil.copy2(OUT / name, dest_path / name)
+    first = json.loads(summaries[0].read_text())
+    arguments, settings = first["training_arguments"], first["settings"]
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         table()
+        if (OUT / "retention").exists():
+            print("\nRetention (trained on WikiText-2 prose only; change of each domain's test perplexity against the "
+                  "base):\n")
+            retention_table()
     (dest_path / "README.md").write_text(
-        "# Multi-domain sweep (issue 9)\n\n`python benchmarks/multidomain_sweep.py table` over the runs in this "
-        "folder (100 steps x 4 x 256 tokens, seed 1, bfloat16 base; see the script's docstring).\n\n"
+        "# Multi-domain sweep (issue 9)\n\n`python benchmarks/multidomain_sweep.py table` (and `retention-table`) "
+        f"over the runs in this folder: {arguments['max_steps']} steps x {arguments['batch_size']} x "
+        f"{arguments['seq_len']} tokens, base in {settings['dtype']}, test on the first {settings['test_max_tokens']:,} "
+        f"tokens of each domain in {settings['test_seq_len']}-token windows; see the script's docstring.\n\n"
         + text.getvalue())
-    print(f"published {len(list(dest_path.glob('*/training_summary.json')))} runs to {dest_path}")
+    print(f"published {len(summaries)} runs to {dest_path}")
 
 
 def main(argv) -> None:
@@ -286,6 +308,7 @@ def main(argv) -> None:
     parser.add_argument("items", nargs="*", help="NAME:LR[:SEED] for run and retention; a folder for publish")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (run, retention)")
     parser.add_argument("--deadline", type=float, default=math.inf, help="start no run after this many seconds")
+    parser.add_argument("--keep", default="", help="publish: comma-separated runs that keep adapter and figures")
     args = parser.parse_intermixed_args(argv)
     if args.command in ("run", "retention"):
         if not args.items:
@@ -293,7 +316,7 @@ def main(argv) -> None:
         train, out = (TRAIN, OUT) if args.command == "run" else (PROSE, OUT / "retention")
         run(args.items, train=train, out=out, jobs=args.jobs, deadline=args.deadline)
     elif args.command == "publish":
-        publish(args.items[0] if args.items else "docs/results/multidomain-sweep")
+        publish(args.items[0] if args.items else "docs/results/multidomain-sweep", keep=args.keep.split(","))
     else:
         {"budget": budget, "table": table, "retention-table": retention_table}[args.command]()
 

@@ -17,7 +17,7 @@ def test_defaults_match_spec():
     assert c.router_z_loss_coef == pytest.approx(0.001)
     assert c.expert_allocation == "progressive"
     assert c.expert_type == "shared_core"
-    assert c.router_type == "noisy_top_k"
+    assert c.router_type == "aux_free"
     assert c.residual_scale_init == 1.0
     assert c.expert_init == "zero" and c.router_lr_multiplier == 1.0
 

@@ -73,8 +73,8 @@ class ExpertConfig:
     dynamic_retire_share: float = option(0.1, "dynamic allocation: retire an expert whose load is below this "
                                               "share of a uniform load (1/E)")
     expert_type: str = option("shared_core", "a registered expert bank: shared_core, shared_down or mixlora")
-    router_type: str = option("noisy_top_k", "a registered router: noisy_top_k, switch, aux_free, soft or "
-                                                      "expert_choice")
+    router_type: str = option("aux_free", "a registered router: aux_free (the default: best of the multi-domain "
+                                           "sweep, docs/results/multidomain), noisy_top_k, switch, soft or expert_choice")
     router_jitter: float = option(0.01, "switch router: multiplicative jitter eps on the router input in training "
                                         "(uniform in [1-eps, 1+eps]; 0 turns it off)")
     capacity_factor: Optional[float] = option(None, "switch: expert capacity ceil(factor * tokens / experts) in training, "

@@ -26,7 +26,8 @@ def trained(tiny_folder, tmp_path):
     model = load_base_model(str(tiny_folder))
     ids = _ids()
     base = _logits(model, ids)
-    augment_model(model, ExpertConfig(expert_allocation="uniform", num_experts=4))
+    # noisy top-k: the router of every format version (version 1 did not record it)
+    augment_model(model, ExpertConfig(expert_allocation="uniform", num_experts=4, router_type="noisy_top_k"))
     model.train()
     opt = torch.optim.AdamW(adapter_parameters(model), lr=2e-2)
     for step in range(4):
@@ -50,7 +51,23 @@ def test_round_trip_reproduces_logits_exactly(trained, tiny_folder):
     folder, logits, _, ids = trained
     model, config = load_augmented_model(model_id=str(tiny_folder), adapter_path=folder)
     model.eval()
-    assert config == ExpertConfig(expert_allocation="uniform", num_experts=4)
+    assert config == ExpertConfig(expert_allocation="uniform", num_experts=4, router_type="noisy_top_k")
+    assert torch.equal(_logits(model, ids), logits)
+
+
+def test_format_version_2_adapter_with_scalar_residual_scales_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
+    """Version 2 stored each residual_scale as a 0-d tensor (version 3: shape [1], which FSDP2 can shard)."""
+    folder, logits, _, ids = trained
+    old = tmp_path / "v2"
+    old.mkdir()
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["format_version"] = 2
+    (old / CONFIG_NAME).write_text(json.dumps(meta))
+    state = load_file(str(folder / WEIGHTS_NAME))
+    assert all(v.shape == (1,) for k, v in state.items() if k.endswith(".residual_scale"))
+    save_file({k: v.reshape(()) if k.endswith(".residual_scale") else v for k, v in state.items()},
+              str(old / WEIGHTS_NAME))
+    model, _ = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
     assert torch.equal(_logits(model, ids), logits)
 
 
@@ -69,7 +86,23 @@ def test_format_version_1_adapter_loads_to_the_same_logits(trained, tiny_folder,
     state = load_file(str(folder / WEIGHTS_NAME))
     save_file({k.replace(".residual_scale", ".scale"): v for k, v in state.items()}, str(old / WEIGHTS_NAME))
     model, config = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
-    assert config == ExpertConfig(expert_allocation="uniform", num_experts=4)
+    assert config == ExpertConfig(expert_allocation="uniform", num_experts=4, router_type="noisy_top_k")
+    assert torch.equal(_logits(model, ids), logits)
+
+
+def test_format_version_2_adapter_with_scalar_residual_scales_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
+    """Version 2 stored each residual_scale as a 0-d tensor (version 3: shape [1], which FSDP2 can shard)."""
+    folder, logits, _, ids = trained
+    old = tmp_path / "v2"
+    old.mkdir()
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["format_version"] = 2
+    (old / CONFIG_NAME).write_text(json.dumps(meta))
+    state = load_file(str(folder / WEIGHTS_NAME))
+    assert all(v.shape == (1,) for k, v in state.items() if k.endswith(".residual_scale"))
+    save_file({k: v.reshape(()) if k.endswith(".residual_scale") else v for k, v in state.items()},
+              str(old / WEIGHTS_NAME))
+    model, _ = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
     assert torch.equal(_logits(model, ids), logits)
 
 
@@ -86,7 +119,8 @@ def test_saved_files(trained, tiny_folder):
     meta = json.loads((folder / CONFIG_NAME).read_text())
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["base_model_name_or_path"] == str(tiny_folder.resolve())
-    assert ExpertConfig.from_dict(meta["expert_config"]) == ExpertConfig(expert_allocation="uniform", num_experts=4)
+    assert ExpertConfig.from_dict(meta["expert_config"]) == ExpertConfig(expert_allocation="uniform", num_experts=4,
+                                                                         router_type="noisy_top_k")
     assert meta["base_model_architecture"]["hidden_size"] == 64
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         keys = list(f.keys())

@@ -135,17 +135,20 @@ def reset_routing_statistics(model: nn.Module) -> None:
 
 
 def parameter_counts(model: nn.Module) -> Dict[str, object]:
-    routers = experts = scales = 0
+    """Trainable parameters by kind, the frozen base, and ``router_state``: adapter tensors saved with the
+    adapter but not trained (the aux_free router's selection bias), counted in neither."""
+    routers = experts = scales = router_state = 0
     per_layer = []
     for _, adapter in adapters(model):
-        routers += sum(p.numel() for p in adapter.router.parameters())
-        experts += sum(p.numel() for p in adapter.experts.parameters())
+        routers += sum(p.numel() for p in adapter.router.parameters() if p.requires_grad)
+        router_state += sum(p.numel() for p in adapter.router.parameters() if not p.requires_grad)
+        experts += sum(p.numel() for p in adapter.experts.parameters() if p.requires_grad)
         scales += adapter.residual_scale.numel()
         per_layer.append(adapter.num_experts)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "frozen": total - trainable,
-            "routers": routers, "experts": experts, "scales": scales,
+    return {"total": total, "trainable": trainable, "frozen": total - trainable - router_state,
+            "routers": routers, "experts": experts, "scales": scales, "router_state": router_state,
             "trainable_percent": 100.0 * trainable / total if total else 0.0,
             "experts_per_layer": per_layer}
 
@@ -153,9 +156,11 @@ def parameter_counts(model: nn.Module) -> Dict[str, object]:
 def parameter_report(model: nn.Module) -> str:
     """A printable breakdown: routers, experts, scales, frozen and the trainable share."""
     c = parameter_counts(model)
-    rows = [("routers (W_g, W_noise)", c["routers"]), ("experts (A, B, cores)", c["experts"]),
+    rows = [("routers (W_g, noisy: W_noise)", c["routers"]), ("experts (A, B, cores)", c["experts"]),
             ("residual scales (alpha_l)", c["scales"]), ("trainable total", c["trainable"]),
             ("frozen base", c["frozen"]), ("all parameters", c["total"])]
+    if c["router_state"]:  # saved, not trained
+        rows.insert(-1, ("router biases (not trained)", c["router_state"]))
     lines = ["Parameter breakdown", "-" * 44]
     lines += [f"{label:<26}{value:>18,}" for label, value in rows]
     lines.append(f"{'trainable share':<26}{c['trainable_percent']:>17.4f}%")
