@@ -55,36 +55,28 @@ def test_round_trip_reproduces_logits_exactly(trained, tiny_folder):
     assert torch.equal(_logits(model, ids), logits)
 
 
-def test_format_version_2_adapter_with_scalar_residual_scales_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
-    """Version 2 stored each residual_scale as a 0-d tensor (version 3: shape [1], which FSDP2 can shard)."""
-    folder, logits, _, ids = trained
-    old = tmp_path / "v2"
-    old.mkdir()
+def write_old_format(folder, target, version, edit_config, edit_state):
+    """A copy of the adapter in ``folder`` as an older format version wrote it: config and tensors edited."""
+    target.mkdir()
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = 2
-    (old / CONFIG_NAME).write_text(json.dumps(meta))
-    state = load_file(str(folder / WEIGHTS_NAME))
-    assert all(v.shape == (1,) for k, v in state.items() if k.endswith(".residual_scale"))
-    save_file({k: v.reshape(()) if k.endswith(".residual_scale") else v for k, v in state.items()},
-              str(old / WEIGHTS_NAME))
-    model, _ = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
-    assert torch.equal(_logits(model, ids), logits)
+    edit_config(meta["expert_config"])
+    meta["format_version"] = version
+    (target / CONFIG_NAME).write_text(json.dumps(meta))
+    save_file(edit_state(load_file(str(folder / WEIGHTS_NAME))), str(target / WEIGHTS_NAME))
+    return target
 
 
 def test_format_version_1_adapter_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
     """Adapters saved before the rename (``scale`` -> ``residual_scale``, ``extra`` dropped) still load."""
     folder, logits, _, ids = trained
-    old = tmp_path / "v1"
-    old.mkdir()
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    config = meta["expert_config"]
-    config["scale_init"] = config.pop("residual_scale_init")
-    config.pop("router_type")  # version 1 had one router and did not record it
-    config["extra"] = {}
-    meta["format_version"] = 1
-    (old / CONFIG_NAME).write_text(json.dumps(meta))
-    state = load_file(str(folder / WEIGHTS_NAME))
-    save_file({k.replace(".residual_scale", ".scale"): v for k, v in state.items()}, str(old / WEIGHTS_NAME))
+
+    def v1_config(config):
+        config["scale_init"] = config.pop("residual_scale_init")
+        config.pop("router_type")  # version 1 had one router and did not record it
+        config["extra"] = {}
+
+    old = write_old_format(folder, tmp_path / "v1", 1, v1_config,
+                           lambda state: {k.replace(".residual_scale", ".scale"): v for k, v in state.items()})
     model, config = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
     assert config == ExpertConfig(expert_allocation="uniform", num_experts=4, router_type="noisy_top_k")
     assert torch.equal(_logits(model, ids), logits)
@@ -93,15 +85,11 @@ def test_format_version_1_adapter_loads_to_the_same_logits(trained, tiny_folder,
 def test_format_version_2_adapter_with_scalar_residual_scales_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
     """Version 2 stored each residual_scale as a 0-d tensor (version 3: shape [1], which FSDP2 can shard)."""
     folder, logits, _, ids = trained
-    old = tmp_path / "v2"
-    old.mkdir()
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    meta["format_version"] = 2
-    (old / CONFIG_NAME).write_text(json.dumps(meta))
-    state = load_file(str(folder / WEIGHTS_NAME))
-    assert all(v.shape == (1,) for k, v in state.items() if k.endswith(".residual_scale"))
-    save_file({k: v.reshape(()) if k.endswith(".residual_scale") else v for k, v in state.items()},
-              str(old / WEIGHTS_NAME))
+    assert all(v.shape == (1,) for k, v in load_file(str(folder / WEIGHTS_NAME)).items()
+               if k.endswith(".residual_scale"))
+    old = write_old_format(folder, tmp_path / "v2", 2, lambda config: None,
+                           lambda state: {k: v.reshape(()) if k.endswith(".residual_scale") else v
+                                          for k, v in state.items()})
     model, _ = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
     assert torch.equal(_logits(model, ids), logits)
 
