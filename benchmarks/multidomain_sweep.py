@@ -48,6 +48,8 @@ CONFIGS = {
     "soft": ["--method", "moe", "--router-type", "soft"],
     "switch": ["--method", "moe", "--router-type", "switch", "--top-k", "1"],
     "aux-free": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0"],
+    "aux-free-init0": ["--method", "moe", "--router-type", "aux_free", "--router-init-scale", "0"],
+    "aux-free-init1": ["--method", "moe", "--router-type", "aux_free", "--router-init-scale", "1"],
     "expert-choice": ["--method", "moe", "--router-type", "expert_choice"],
     "hydra": ["--method", "moe", *NOISY, "--expert-type", "shared_down", "--expert-init", "distinct", "--lora-r", "5"],
     "mixlora": ["--method", "moe", *NOISY, "--expert-type", "mixlora", "--expert-allocation", "uniform",
