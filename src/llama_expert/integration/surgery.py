@@ -156,11 +156,11 @@ def parameter_counts(model: nn.Module) -> Dict[str, object]:
 def parameter_report(model: nn.Module) -> str:
     """A printable breakdown: routers, experts, scales, frozen and the trainable share."""
     c = parameter_counts(model)
-    rows = [("routers (W_g, noisy: W_noise)", c["routers"]), ("experts (A, B, cores)", c["experts"]),
+    rows = [("routers (W_g[, W_noise])", c["routers"]), ("experts (A, B, cores)", c["experts"]),
             ("residual scales (alpha_l)", c["scales"]), ("trainable total", c["trainable"]),
             ("frozen base", c["frozen"]), ("all parameters", c["total"])]
     if c["router_state"]:  # saved, not trained
-        rows.insert(-1, ("router biases (not trained)", c["router_state"]))
+        rows.insert(-1, ("router biases (untrained)", c["router_state"]))
     lines = ["Parameter breakdown", "-" * 44]
     lines += [f"{label:<26}{value:>18,}" for label, value in rows]
     lines.append(f"{'trainable share':<26}{c['trainable_percent']:>17.4f}%")
