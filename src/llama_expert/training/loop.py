@@ -204,6 +204,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     if sharded:  # FSDP2 on the frozen base, the adapters replicated (training/sharding.py says why)
         from ..integration.surgery import adapter_parameters
 
+        if accelerator.mixed_precision == "fp16":  # the optimiser is not Accelerate's: no loss scaler to unscale
+            raise ConfigError("FSDP sharding trains in bfloat16 or float32: use --mixed-precision bf16 (or no).")
+
         shard_frozen_base(model, replicated=[*params, *adapter_parameters(model)], device=accelerator.device)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
