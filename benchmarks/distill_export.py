@@ -36,11 +36,18 @@ def llama_expert(*argv: str) -> None:
     subprocess.run([sys.executable, "-m", "llama_expert.cli", *argv], check=True)
 
 
-def test_perplexity(model_dir: Path, report: Path, test_tokens: int) -> dict:
-    llama_expert("benchmark", "--model", str(model_dir), "--dataset", TEST, "--seq-len", "512", "--max-tokens",
-                 str(test_tokens), "--skip-throughput", "--output-json", str(report), "--no-progress")
+def read_perplexity(report: Path) -> dict:
     ppl = json.loads(report.read_text())["perplexity"]
     return {"mean": ppl["perplexity"], **{d: v["perplexity"] for d, v in ppl["domains"].items()}}
+
+
+def test_perplexity(model_or_adapter: Path, report: Path, test_tokens: int) -> dict:
+    """Multi-domain test perplexity of an MoE adapter folder or of a model folder, through `benchmark`."""
+    source = ["--adapter"] if (model_or_adapter / "adapter_config.json").exists() and \
+        "expert_config" in (model_or_adapter / "adapter_config.json").read_text() else ["--model"]
+    llama_expert("benchmark", *source, str(model_or_adapter), "--dataset", TEST, "--seq-len", "512", "--max-tokens",
+                 str(test_tokens), "--skip-throughput", "--output-json", str(report), "--no-progress")
+    return read_perplexity(report)
 
 
 def greedy(model, tokenizer, prompt: str, tokens: int = 24) -> str:
@@ -56,16 +63,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--test-tokens", type=int, default=16384)
+    parser.add_argument("--reuse", action="store_true", help="keep a distilled LoRA and MoE report already in --out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dense, merged, gguf = out / "dense-lora", out / "merged", out / "gguf"
-    llama_expert("distill", "--adapter", args.adapter, "--output-dir", str(dense), "--calibration", TRAIN,
-                 "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--overwrite", "--no-progress")
+    if not (args.reuse and (dense / "distill_summary.json").exists()):
+        llama_expert("distill", "--adapter", args.adapter, "--output-dir", str(dense), "--calibration", TRAIN,
+                     "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--overwrite", "--no-progress")
     summary = json.loads((dense / "distill_summary.json").read_text())
-    ppl = {"moe": test_perplexity(Path(args.adapter), out / "moe.json", args.test_tokens),
-           "distilled": test_perplexity(dense, out / "distilled.json", args.test_tokens)}
     llama_expert("export", "--adapter", str(dense), "--merge", "--output-dir", str(merged), "--overwrite")
+    # The distilled LoRA is measured merged: `benchmark` takes a model folder, and the merged model computes
+    # the LoRA model's logits (the gap is checked below).
+    moe_report = out / "moe.json"
+    ppl = {"moe": test_perplexity(Path(args.adapter), moe_report, args.test_tokens)
+           if not (args.reuse and moe_report.exists()) else read_perplexity(moe_report),
+           "distilled": test_perplexity(merged, out / "distilled.json", args.test_tokens)}
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
