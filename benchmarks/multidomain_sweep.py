@@ -164,6 +164,18 @@ def middle_third_nmi(folder: Path):
     return sum(middle) / len(middle)
 
 
+def grouped_runs(root: Path) -> dict:
+    """{(configuration, learning rate): [(training summary, run folder), ...]} over the finished runs in ``root``,
+    one entry per seed."""
+    groups = {}
+    for path in sorted(root.glob("*-lr*/training_summary.json")):
+        match = RUN_FOLDER.match(path.parent.name)
+        if match:
+            groups.setdefault((match["name"], float(match["lr"])), []).append((json.loads(path.read_text()),
+                                                                               path.parent))
+    return groups
+
+
 def mean_std(values, digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -173,12 +185,7 @@ def mean_std(values, digits: int = 3) -> str:
 def table() -> None:
     """Per configuration and learning rate: mean ± std over the seeds run (std from two seeds on). The best
     learning rate of each configuration is the one with the lowest mean validation perplexity."""
-    groups = {}
-    for path in sorted(OUT.glob("*-lr*/training_summary.json")):
-        match = RUN_FOLDER.match(path.parent.name)
-        if match:
-            key = (match["name"], float(match["lr"]))
-            groups.setdefault(key, []).append((json.loads(path.read_text()), path.parent))
+    groups = grouped_runs(OUT)
     if not groups:
         sys.exit(f"no */training_summary.json under {OUT}: run some configurations first")
     first = next(iter(groups.values()))[0][0]
@@ -236,13 +243,12 @@ def retention_table() -> None:
     on the domains not trained on (code, math), per configuration and learning rate (mean ± std over seeds);
     the ratio of each mean rise to LoRA's."""
     groups = {}
-    for path in sorted((OUT / "retention").glob("*-lr*/training_summary.json")):
-        match = RUN_FOLDER.match(path.parent.name)
-        if match:
-            test = json.loads(path.read_text())["test"]
+    for (name, lr), runs in grouped_runs(OUT / "retention").items():
+        for summary, folder in runs:
+            test = summary["test"]
             change = {d: 100 * (test["after"]["domains"][d]["perplexity"] / test["before"]["domains"][d]["perplexity"] - 1)
                       for d in test["after"]["domains"]}
-            groups.setdefault(f"{match['name']}-lr{match['lr']}", []).append(change)
+            groups.setdefault(f"{name}-lr{RUN_FOLDER.match(folder.name)['lr']}", []).append(change)
     if not groups:
         sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     domains = list(next(iter(groups.values()))[0])

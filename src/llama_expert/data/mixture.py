@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import DataError
+from .sources import hub_name_and_config
 
 
 def split_sources(spec: Optional[str]) -> List[str]:
@@ -30,8 +31,7 @@ def domain_name(source: Optional[str]) -> str:
     """A short label for a source: the file's stem, or the folder's name (``math/train.jsonl`` -> ``math``)."""
     if not source:
         return "embedded"
-    if not Path(source).exists() and ":" in source:  # a Hub id with its configuration: openai/gsm8k:main
-        source = source.rpartition(":")[0]
+    source = hub_name_and_config(source, None)[0]  # openai/gsm8k:main -> openai/gsm8k
     path = Path(source)
     generic = {"train", "test", "valid", "validation", "wiki.valid", "wiki.test", "wiki.train"}
     return path.parent.name if path.stem in generic and path.parent.name else path.stem

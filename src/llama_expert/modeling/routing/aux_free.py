@@ -23,8 +23,8 @@ class AuxFreeRouter(RouterBase):
     each training-mode pass it moves toward balance, under no_grad:
     ``b_i += gamma * sign(mean_j load_j - load_i)``, ``load_i`` = assignments to expert i among the non-padding
     tokens of the pass (of every data-parallel rank: ``global_sums``), ``gamma = aux_free_bias_rate``. In eval it
-    stays fixed. A token's routing depends on
-    its own hidden state and on ``b`` (set by earlier batches), so it is causal.
+    stays fixed. A token's routing depends on its own hidden state and on ``b`` (set by earlier batches), so it
+    is causal.
 
     No auxiliary loss: ``aux_loss`` is a zero (the bias does the balancing); ``z_loss`` as usual. With gradient
     checkpointing the recomputed forward skips the update but sees the bias already updated by this pass.
