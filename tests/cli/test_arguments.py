@@ -86,3 +86,15 @@ def test_every_registered_method_is_built_from_the_flags():
     for name in METHODS.names():
         method = METHODS.get(name).from_expert_config(dataclass_from_args(ExpertConfig, _train(["--lora-r", "4"])))
         assert method.name == name
+
+
+@pytest.mark.parametrize("command", ["train", "benchmark", "compare", "inference", "serve", "prune", "distill",
+                                     "export"])
+def test_every_command_prints_its_help(command, capsys):
+    """`--help` formats every option's help text (a bare "%" in one of them used to crash `distill --help`)."""
+    from llama_expert.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: llama-expert {command}")

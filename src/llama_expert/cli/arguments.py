@@ -48,7 +48,9 @@ def add_dataclass_arguments(parser, cls: type, skip: Iterable[str] = (), only: O
             continue
         meta, hint = field.metadata, hints[field.name]
         default = instance_defaults.get(field.name)
-        kwargs: Dict[str, Any] = {"dest": field.name, "default": default, "help": meta.get("help")}
+        help_text = meta.get("help")  # argparse formats help with %: a literal "5%" must reach it as "5%%"
+        kwargs: Dict[str, Any] = {"dest": field.name, "default": default,
+                                  "help": help_text.replace("%", "%%") if help_text else help_text}
         names = [flag_of(field), *meta.get("aliases", ())]
         value_type = _value_type(hint)
         if value_type is bool:
