@@ -95,14 +95,16 @@ def run_distill(args: DistillArguments) -> Path:
                           f"--adapter {args.adapter} --merge --output-dir DIR).")
     base = args.model or read_adapter_config(args.adapter).get("base_model_name_or_path")
     dtype = parse_dtype(args.dtype)
-    teacher, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as `train`: the GPU when there is one
+    teacher, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token, dtype=dtype,
+                                      device=device)
     moe_size = sum(p.numel() for p in adapter_parameters(teacher) if p.requires_grad)  # trainable, as reported
     teacher.eval().requires_grad_(False)
     check_within_context(teacher.config, args.seq_len, "--seq-len")
     torch.manual_seed(args.seed)
-    student_base = load_base_model(base, auth_token=args.auth_token, dtype=dtype)
+    student_base = load_base_model(base, auth_token=args.auth_token, dtype=dtype, device=device)
     rank = args.rank or max(1, moe_size // lora_parameters_per_rank(student_base))
-    student = add_lora(student_base, rank, dropout=0.0)
+    student = add_lora(student_base, rank, dropout=0.0).to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     windows = calibration_windows(load_tokenizer(base, auth_token=args.auth_token), args.calibration, args.seq_len,
                                   args.max_tokens, args.progress)
@@ -111,7 +113,7 @@ def run_distill(args: DistillArguments) -> Path:
                           f"more than --held-out {args.held_out}; give more text or lower --seq-len.")
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(windows.shape[0], generator=generator)
-    held_out, train = windows[order[:args.held_out]], windows[order[args.held_out:]]
+    held_out, train = windows[order[:args.held_out]].to(device), windows[order[args.held_out:]].to(device)
     kl_before = mean_kl(student.eval(), teacher, held_out, args.temperature)
 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
@@ -119,10 +121,10 @@ def run_distill(args: DistillArguments) -> Path:
                                                                                max(1, round(0.05 * args.steps))))
     student.train()
     started, losses = time.perf_counter(), []
-    autocast = dict(device_type="cpu", dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
+    autocast = dict(device_type=device, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
     with progress_bar(args.steps, "distilling", "step", args.progress) as bar, torch.enable_grad():
         for step in range(args.steps):
-            rows = torch.randint(0, train.shape[0], (args.batch_size,), generator=generator)
+            rows = torch.randint(0, train.shape[0], (args.batch_size,), generator=generator).to(device)
             batch = train[rows]
             with torch.autocast(**autocast):
                 with torch.no_grad():
