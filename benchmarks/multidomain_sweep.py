@@ -38,6 +38,11 @@ PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"
 TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
                                          "wikitext-2-raw/wiki.test.raw"))
 
+def even_split(total: int, layers: int) -> str:
+    """``total`` experts over ``layers`` layers as evenly as integers allow (5s and 6s for 168 over 30)."""
+    return ",".join(str((i + 1) * total // layers - i * total // layers) for i in range(layers))
+
+
 NOISY = ["--router-type", "noisy_top_k"]  # the seed's router, the default until this study made aux_free the default
 CONFIGS = {
     "lora": ["--method", "lora", "--lora-r", "4"],
@@ -48,6 +53,12 @@ CONFIGS = {
     "soft": ["--method", "moe", "--router-type", "soft"],
     "switch": ["--method", "moe", "--router-type", "switch", "--top-k", "1"],
     "aux-free": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0"],
+    # the allocation study (issue 10 §1) at progressive's 168 experts over SmolLM2's 30 layers: grown during
+    # training from half of it (dynamic), or spread evenly (uniform); "aux-free" itself is progressive
+    "aux-free-dynamic": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0",
+                         "--expert-allocation", "dynamic"],
+    "aux-free-uniform": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0",
+                         "--expert-allocation", even_split(168, 30)],
     "aux-free-init0": ["--method", "moe", "--router-type", "aux_free", "--router-init-scale", "0"],
     "aux-free-init1": ["--method", "moe", "--router-type", "aux_free", "--router-init-scale", "1"],
     "expert-choice": ["--method", "moe", "--router-type", "expert_choice"],
@@ -76,7 +87,10 @@ def trainable_parameters(name: str) -> int:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(CONFIGS[name])
-    method = METHODS.get(args.method).from_expert_config(dataclass_from_args(ExpertConfig, args))
+    config = dataclass_from_args(ExpertConfig, args)
+    if config.expert_allocation == "dynamic":  # its size at the end of growth: the budget, progressive's total
+        config.expert_allocation = "progressive"  # (every expert has the same size, wherever it grows)
+    method = METHODS.get(args.method).from_expert_config(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**ARCHITECTURES["SmolLM2-135M"]))
     model = method.add_to(model) or model
@@ -281,7 +295,7 @@ def publish(dest: str, keep=()) -> None:
         names = ["training_summary.json", "expert_usage.json"]
         if run.name in keep or run.relative_to(OUT).as_posix() in keep:
             names += ["adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "domain_expert_usage.png",
-                      "expert_usage.png"]
+                      "expert_usage.png", "allocation.png"]
         for name in names:
             if (run / name).exists():
                 shutil.copy2(run / name, target / name)

@@ -55,8 +55,9 @@ def test_dynamic_training_logs_draws_and_saves_its_allocation(trained_base, tmp_
     _fine_tune(trained_base, out)
     events = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     changes = [e for e in events if e.get("event") == "allocation"]
-    assert [e["step"] for e in changes] == [2, 4, 6]
-    assert all(sum(e["experts"]) == 7 for e in changes)
+    assert [e["step"] for e in changes] == [0, 2, 4, 6]  # the start (half of progressive), then every 2 steps
+    assert sum(changes[0]["experts"]) < 7 and not changes[0]["grown"]
+    assert all(sum(e["experts"]) == 7 for e in changes[1:])
     assert (out / "allocation.png").is_file()
     saved = json.loads((out / "adapter_config.json").read_text())["expert_config"]
     assert saved["expert_allocation"] == changes[-1]["experts"]  # the real counts, not "dynamic"

@@ -57,6 +57,11 @@ class DynamicAllocation:
         for _, adapter in adapters(model):
             adapter.router.record_statistics = True
 
+    def allocation_event(self, model, step: int, retired=(), grown=()) -> Dict:
+        """The ``train_log.jsonl`` record of the allocation at ``step`` (experts per layer, what changed)."""
+        return {"event": "allocation", "step": step, "experts": [a.num_experts for _, a in adapters(model)],
+                "retired": list(retired), "grown": list(grown)}
+
     @torch.no_grad()
     def after_step(self, model, step: int) -> Optional[Dict]:
         """At every ``dynamic_interval``-th step: retire and grow; returns the event (with ``transfers`` for the
@@ -96,8 +101,7 @@ class DynamicAllocation:
             total += 1
         for adapter in layers:
             adapter.router.reset_statistics()
-        return {"event": "allocation", "step": step, "experts": [a.num_experts for a in layers],
-                "retired": retired, "grown": grown, "transfers": transfers}
+        return {**self.allocation_event(model, step, retired, grown), "transfers": transfers}
 
     def state(self, model) -> Dict[str, List]:
         """The routing statistics since the last change (a resumed run must decide from the same numbers)."""

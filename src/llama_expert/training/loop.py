@@ -385,6 +385,8 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
         structure.start(unwrapped)
         if resumed_structure is not None:  # the routing statistics since the checkpoint's last change
             structure.load_state(unwrapped, resumed_structure)
+        elif start_step == 0 and main:  # where the allocation starts: the first column of allocation.png
+            loggers.log(structure.allocation_event(unwrapped, 0))
     step = start_step
     stop = StopRequests(world_size=world, reduce=accelerator.reduce, device=device, announce=main)
     try:
