@@ -1,0 +1,109 @@
+"""The 4-bit base (issue 11 §4), measured against the bfloat16 base on the same machine, same run:
+
+1. weight bytes: every Linear of the decoder layers, and the whole model (the tied embedding / output head stays
+   in bfloat16 under both bitsandbytes and optimum-quanto, as in QLoRA);
+2. base perplexity on the WikiText-2 test text (the adapters compute exactly the base before training);
+3. 20 training steps of the MoE adapters on each base: validation perplexity before and after, peak memory.
+
+Each training run is its own `llama-expert train` process (its peak is its own): optimum-quanto int4 on a CPU,
+bitsandbytes NF4 on CUDA.
+
+    python benchmarks/quantization_4bit.py [--model smollm2-135m] [--steps 20] [--out runs/quantization-4bit]
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DATA = os.environ.get("DATA", "../shared/data")
+
+
+def tensor_bytes(tensor) -> int:
+    """Bytes a tensor holds, through quantised tensor subclasses (quanto: packed data + scales + shifts;
+    bitsandbytes: packed data + its quantisation state)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    total = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    while state is not None:  # bitsandbytes: absmax (itself quantised with double quantisation) and its code
+        total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
+        state = getattr(state, "state2", None)
+    return total
+
+
+def weight_bytes(model) -> dict:
+    """Bytes of the decoder layers' Linear weights and of every distinct parameter and buffer of the model."""
+    linear = sum(tensor_bytes(module.weight) for name, module in model.named_modules()
+                 if ".layers." in name and hasattr(module, "weight") and module.weight is not None
+                 and module.weight.dim() == 2)
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor_bytes(tensor)
+    return {"linear": linear, "model": total}
+
+
+def train(model: str, quantized: bool, steps: int, out: Path) -> dict:
+    folder = out / ("4bit" if quantized else "bfloat16")
+    command = [sys.executable, "-m", "llama_expert.cli", "train", "--model", model, "--method", "moe",
+               "--dataset", f"{DATA}/wikitext-2-raw/wiki.valid.raw", "--test-dataset",
+               f"{DATA}/wikitext-2-raw/wiki.test.raw", "--test-max-tokens", "8192", "--test-seq-len", "512",
+               "--max-steps", str(steps), "--batch-size", "4", "--seq-len", "256", "--learning-rate", "1e-2",
+               "--eval-every", "100000", "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--seed", "1",
+               "--output-dir", str(folder), "--overwrite", "--no-progress"]
+    subprocess.run(command + (["--quantization-4bit"] if quantized else []), check=True, stdout=subprocess.DEVNULL)
+    return json.loads((folder / "training_summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default="runs/quantization-4bit")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from llama_expert.integration.base_models import load_base_model
+
+    sizes = {name: weight_bytes(load_base_model(args.model, dtype="bfloat16", quantization_4bit=q))
+             for name, q in (("bfloat16", False), ("4-bit", True))}
+    runs = {name: train(args.model, q, args.steps, out) for name, q in (("bfloat16", False), ("4-bit", True))}
+
+    backend = "bitsandbytes NF4 (CUDA)" if torch.cuda.is_available() else "optimum-quanto int4, groups of 32 (CPU)"
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    lines = [f"`python benchmarks/quantization_4bit.py --model {args.model} --steps {args.steps}` "
+             f"({machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); 4-bit: {backend}; training: "
+             f"MoE adapters, {args.steps} steps x 4 x 256 tokens of WikiText-2, lr 1e-2, compute in bfloat16", "",
+             "| base | Linear weights | vs bf16 | whole model | vs bf16 | base test PPL | vs bf16 | "
+             "validation PPL before -> after | peak training memory | vs bf16 | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    ref, ref_run = sizes["bfloat16"], runs["bfloat16"]
+    for name in ("bfloat16", "4-bit"):
+        size, run = sizes[name], runs[name]
+        base_ppl, ref_ppl = run["test"]["before"]["perplexity"], ref_run["test"]["before"]["perplexity"]
+        lines.append(
+            f"| {name} | {size['linear'] / 2**20:,.1f} MiB | {size['linear'] / ref['linear']:.3f}x | "
+            f"{size['model'] / 2**20:,.1f} MiB | {size['model'] / ref['model']:.3f}x | {base_ppl:.3f} | "
+            f"{100 * (base_ppl / ref_ppl - 1):+.2f}% | {run['initial_validation']['perplexity']:.3f} -> "
+            f"{run['final_validation']['perplexity']:.3f} | {run['peak_memory']['bytes'] / 2**30:.2f} GiB | "
+            f"{run['peak_memory']['bytes'] / ref_run['peak_memory']['bytes']:.2f}x | "
+            f"{run['tokens'] / run['seconds']:,.0f} |")
+    lines.append(f"\npeak memory is the {ref_run['peak_memory']['kind']} of each training process")
+    text = "\n".join(lines) + "\n"
+    (out / "quantization_4bit.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
