@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ExpertConfig
 from .experts import EXPERT_BANKS
+from .fused_inference import FusedInference
 from .per_expert import Transfer
 from .routing import ROUTERS
 
@@ -72,6 +73,8 @@ class MoEAdapter(nn.Module):
         # alpha_l starts where the bank says (0 for shared_down's "distinct" init, else residual_scale_init)
         # shape [1], not a 0-d scalar: FSDP2's fully_shard cannot shard a tensor without a dimension
         self.residual_scale = nn.Parameter(torch.tensor([bank.initial_residual_scale(config)]))
+        self.fused_inference = True  # the decode fast path in eval without gradients (False: the general path)
+        self.inference_plan: Optional[FusedInference] = None  # built on first use, dropped when experts change
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -88,6 +91,7 @@ class MoEAdapter(nn.Module):
             raise ValueError(f"expert indices must lie in 0..{self.num_experts - 1}, got {index.tolist()}")
         transfers = self.router.select_experts(index) + self.experts.select_experts(index)
         self.num_experts = int(index.numel())
+        self.inference_plan = None  # the per-expert parameters are new tensors
         return transfers
 
     def keep_experts(self, keep) -> List[Transfer]:
@@ -109,8 +113,21 @@ class MoEAdapter(nn.Module):
                 row.add_(torch.randn(row.shape, generator=generator, dtype=torch.float32).to(row) * noise * spread)
         return transfers
 
+    def use_fused_inference(self, hidden: torch.Tensor) -> bool:
+        """Eval, no gradients, no autocast, no statistics being recorded, and a router and bank with an
+        inference form (modeling/fused_inference.py): the fast path gives what the general path gives."""
+        if (not self.fused_inference or self.training or torch.is_grad_enabled() or self.router.record_statistics
+                or torch.is_autocast_enabled(hidden.device.type)):
+            return False
+        if self.inference_plan is None:
+            self.inference_plan = FusedInference(self.router, self.experts, self.residual_scale)
+        return self.inference_plan.ready()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
+        if self.use_fused_inference(hidden):
+            moe = self.inference_plan(hidden.reshape(-1, hidden.shape[-1]).float())
+            return base + moe.to(base.dtype).view(base.shape)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router(flat, self.token_mask.for_hidden(hidden))
         compute_dtype = self.experts.compute_dtype

@@ -17,7 +17,7 @@ learnable per-layer factor lives in the adapter (``MoEAdapter.residual_scale``),
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,21 @@ class ExpertBank(nn.Module):
         """The dtype the bank computes in (its parameters'; float32 after augment_model)."""
         return next(self.parameters()).dtype
 
+    # the decode fast path (modeling.fused_inference); a bank without an inference form keeps these defaults
+    def inference_input_weight(self) -> Optional[torch.Tensor]:
+        """The bank's shared input projection ``A`` [r, d], fused with the router's ``W_g`` into one matmul (None:
+        ``inference_output`` reads ``h`` itself)."""
+        return None
+
+    def inference_state(self, residual_scale: torch.Tensor):
+        """The tensors ``inference_output`` needs, derived from the parameters with ``residual_scale`` (alpha_l)
+        folded in; None where this bank has no inference form (the adapter then keeps the general path)."""
+        return None
+
+    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        """``alpha_l * MoE(h)`` [N, d] from ``z = A h`` [N, r] (or ``h``) and dense gates [N, E]."""
+        raise NotImplementedError
+
 
 def register_bank(name: str):
     """``register_expert_bank`` that also tells the class its registered name (for error messages)."""
@@ -132,6 +147,23 @@ class SharedCoreExperts(ExpertBank):
         routed = torch.matmul(weights.t().unsqueeze(-1) * inner, self.core_out).sum(0)  # gate, W2_i, sum
         return F.linear(z + routed, self.up) * self.lora_scaling
 
+    def inference_input_weight(self) -> torch.Tensor:
+        return self.down
+
+    def inference_state(self, residual_scale: torch.Tensor):
+        """Every core side by side (``W1`` as [r, E*e], ``W2`` as [E*e, r]) and ``alpha_l * s * B``."""
+        if self.down.dtype != torch.float32:
+            return None
+        experts, rank, width = self.core_in.shape
+        return (self.core_in.detach().transpose(0, 1).reshape(rank, experts * width).contiguous(),
+                self.core_out.detach().reshape(experts * width, rank).contiguous(),
+                self.up.detach() * (self.lora_scaling * residual_scale))
+
+    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        core_in, core_out, up = state
+        inner = F.silu(z @ core_in).view(z.shape[0], self.num_experts, -1) * gates.unsqueeze(-1)  # g_i silu(W1_i z)
+        return F.linear(torch.addmm(z, inner.view(z.shape[0], -1), core_out), up)  # B (z + sum_i ...)
+
 
 @register_bank("shared_down")
 class SharedDownExperts(ExpertBank):
@@ -177,6 +209,18 @@ class SharedDownExperts(ExpertBank):
         weights = gate_matrix(indices, gates, self.num_experts).to(z.dtype)  # [N, E]
         scaled = (weights.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1)  # [N, E*r]
         return scaled @ self.up.reshape(-1, self.up.shape[-1]) * self.lora_scaling
+
+    def inference_input_weight(self) -> torch.Tensor:
+        return self.down
+
+    def inference_state(self, residual_scale: torch.Tensor):
+        """The stacked ``B_i`` [E*r, d] times ``alpha_l * s``."""
+        if self.down.dtype != torch.float32:
+            return None
+        return self.up.detach().reshape(-1, self.up.shape[-1]) * (self.lora_scaling * residual_scale)
+
+    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        return (gates.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1) @ state
 
 
 @register_bank("mixlora")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase, in_backward_pass
+from .base import RouterBase, dense_gates, in_backward_pass
 from .losses import Routing, global_sums
 from .registry import register_router
 
@@ -31,6 +31,7 @@ class AuxFreeRouter(RouterBase):
     """
 
     per_expert_parameters = ("weight", "bias")
+    has_inference_gates = True
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, bias_rate: float = 1e-3):
         super().__init__(num_experts, top_k)
@@ -41,6 +42,10 @@ class AuxFreeRouter(RouterBase):
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "AuxFreeRouter":
         return cls(hidden_size, num_experts, config.top_k, bias_rate=config.aux_free_bias_rate)
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        indices = (logits + self.bias.detach().float()).topk(self.top_k, dim=-1).indices
+        return dense_gates(logits, indices, torch.softmax(logits.gather(1, indices), dim=-1))
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

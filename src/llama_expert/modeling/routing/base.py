@@ -22,6 +22,11 @@ from ..per_expert import Transfer, select_rows
 from .losses import Routing, router_z_loss
 
 
+def dense_gates(logits: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """[N, E] matrix holding each token's gates at its chosen experts (``indices``) and zero elsewhere."""
+    return torch.zeros_like(logits).scatter_(1, indices, gates)
+
+
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass (gradient checkpointing recomputing the forward): routers
     that update a buffer after each training pass (aux_free, expert_choice) skip the update then."""
@@ -32,6 +37,7 @@ def in_backward_pass() -> bool:
 class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
     per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)
+    has_inference_gates = False  # True where ``inference_gates`` gives eval routing per token (the decode fast path)
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -87,6 +93,11 @@ class RouterBase(nn.Module):
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         raise NotImplementedError
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """Eval routing as a dense [N, E] gate matrix from the clean logits ``h W_g`` [N, E] (float32): what
+        ``forward`` gives in eval mode, per token, without losses or statistics (``modeling.fused_inference``)."""
+        raise NotImplementedError(f"{type(self).__name__} routes by more than each token's logits")
 
     def need_losses(self) -> bool:
         """Losses are computed in training mode or with gradients on; inference under no_grad needs none."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase
+from .base import RouterBase, dense_gates
 from .losses import Routing, data_parallel_draw, load_balancing_loss
 from .registry import register_router
 
@@ -28,6 +28,7 @@ class NoisyTopKGating(RouterBase):
     """
 
     per_expert_parameters = ("weight", "noise_weight")
+    has_inference_gates = True
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, noise: bool = True):
         super().__init__(num_experts, top_k)
@@ -39,6 +40,10 @@ class NoisyTopKGating(RouterBase):
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "NoisyTopKGating":
         return cls(hidden_size, num_experts, config.top_k, noise=config.router_noise)
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        top_logits, indices = logits.topk(self.top_k, dim=-1)  # eval: no noise
+        return dense_gates(logits, indices, torch.softmax(top_logits, dim=-1))
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

@@ -38,6 +38,11 @@ class SoftRouter(RouterBase):
         self.top_k = int(index.numel())  # every expert, as before
         return super().select_experts(index)
 
+    has_inference_gates = True
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         gates = torch.softmax(logits, dim=-1)

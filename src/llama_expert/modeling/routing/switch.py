@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import RouterBase
+from .base import RouterBase, dense_gates
 from .losses import Routing, data_parallel_draw, load_balancing_loss
 from .registry import register_router
 
@@ -44,6 +44,12 @@ class SwitchRouter(RouterBase):
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "SwitchRouter":
         return cls(hidden_size, num_experts, jitter=config.router_jitter, capacity_factor=config.capacity_factor)
+
+    has_inference_gates = True
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        top_logit, indices = logits.max(dim=-1, keepdim=True)  # eval: no jitter, no capacity
+        return dense_gates(logits, indices, torch.exp(top_logit - torch.logsumexp(logits, dim=-1, keepdim=True)))
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

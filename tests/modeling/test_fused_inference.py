@@ -1,0 +1,121 @@
+"""The decode fast path (modeling/fused_inference.py) gives what the general path gives, for every router and
+bank that has an inference form, falls back for those that do not, and never serves a stale plan."""
+
+import pytest
+import torch
+
+from llama_expert import ExpertConfig
+from llama_expert.modeling.adapter import MoEAdapter
+from llama_expert.modeling.routing import ROUTERS
+
+HIDDEN = 16
+
+
+class TinyMLP(torch.nn.Module):
+    """A Llama-style MLP (mixlora reads its parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(HIDDEN, 32, bias=False)
+        self.up_proj = torch.nn.Linear(HIDDEN, 32, bias=False)
+        self.down_proj = torch.nn.Linear(32, HIDDEN, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, h):
+        return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
+
+
+def trained_adapter(router_type="aux_free", expert_type="shared_core", num_experts=6, seed=0, **extra):
+    """An adapter whose every parameter is random and non-zero (as after training), in eval mode."""
+    torch.manual_seed(seed)
+    config = ExpertConfig(num_experts=num_experts, top_k=2, lora_r=4, router_type=router_type,
+                          expert_type=expert_type, router_noise=True, **extra)
+    adapter = MoEAdapter(TinyMLP(), HIDDEN, num_experts, config)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if not name.startswith("base_mlp"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    return adapter.eval()
+
+
+def general_and_fused(adapter, hidden):
+    with torch.no_grad():
+        adapter.fused_inference = False
+        general = adapter(hidden)
+        adapter.fused_inference = True
+        fused = adapter(hidden)
+    return general, fused
+
+
+@pytest.mark.parametrize("router_type", ["aux_free", "noisy_top_k", "switch", "soft"])
+@pytest.mark.parametrize("expert_type", ["shared_core", "shared_down"])
+def test_the_fused_path_equals_the_general_path(router_type, expert_type):
+    adapter = trained_adapter(router_type, expert_type)
+    for shape in ((1, 1, HIDDEN), (8, 1, HIDDEN), (2, 24, HIDDEN)):  # decode at batch 1 and 8, a prefill
+        hidden = torch.randn(*shape)
+        general, fused = general_and_fused(adapter, hidden)
+        assert adapter.inference_plan is not None and adapter.inference_plan.ready()
+        torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(general, adapter.base_mlp(hidden))  # the adapters do change the output
+
+
+def test_a_bfloat16_base_takes_the_same_float32_adapter_path():
+    adapter = trained_adapter()
+    adapter.base_mlp.to(torch.bfloat16)
+    general, fused = general_and_fused(adapter, torch.randn(3, 5, HIDDEN, dtype=torch.bfloat16))
+    assert fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, general)
+
+
+@pytest.mark.parametrize("router_type,expert_type", [("expert_choice", "shared_core"), ("aux_free", "mixlora")])
+def test_routers_and_banks_without_an_inference_form_keep_the_general_path(router_type, expert_type):
+    adapter = trained_adapter(router_type, expert_type)
+    general, fused = general_and_fused(adapter, torch.randn(2, 7, HIDDEN))
+    assert not adapter.inference_plan.ready()
+    assert torch.equal(fused, general)
+
+
+def test_training_gradients_and_statistics_take_the_general_path():
+    adapter = trained_adapter()
+    hidden = torch.randn(2, 5, HIDDEN)
+    adapter.train()
+    assert not adapter.use_fused_inference(hidden)
+    adapter.eval()
+    assert not adapter.use_fused_inference(hidden)  # gradients on
+    with torch.no_grad():
+        assert adapter.use_fused_inference(hidden)
+        adapter.router.record_statistics = True  # routing_health counts choices: the router must see the tokens
+        assert not adapter.use_fused_inference(hidden)
+        adapter(hidden)
+        assert adapter.router.tokens_seen == 10
+
+
+def test_a_changed_parameter_rebuilds_the_plan():
+    """In-place updates (an optimiser step, loading weights) and pruning reach the next fused call."""
+    adapter = trained_adapter()
+    hidden = torch.randn(4, 3, HIDDEN)
+    general_and_fused(adapter, hidden)
+    with torch.no_grad():
+        adapter.experts.up.mul_(2.0)  # in place
+        adapter.residual_scale.fill_(0.3)
+        adapter.router.bias.add_(torch.linspace(-1, 1, adapter.num_experts))  # aux_free's balancing bias
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+    adapter.keep_experts([0, 2, 5])  # new parameter tensors
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+    adapter.load_state_dict({k: torch.zeros_like(v) if k.endswith("experts.up") else v
+                             for k, v in adapter.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(hidden), adapter.base_mlp(hidden))  # B = 0: the base MLP again
+
+
+def test_every_registered_router_says_whether_it_has_an_inference_form():
+    """A new router gets the general path until it implements ``inference_gates`` (no silent wrong gates)."""
+    for name in ROUTERS.names():
+        router = ROUTERS.get(name)
+        assert isinstance(router.has_inference_gates, bool)
+        if not router.has_inference_gates:
+            with pytest.raises(NotImplementedError):
+                router.inference_gates(router.from_config(HIDDEN, 4, ExpertConfig(num_experts=4, top_k=2)),
+                                       torch.zeros(1, 4))
