@@ -75,9 +75,22 @@ def test_greedy_generation_agrees_and_the_cache_is_smaller(model):
     assert sizes["full"] / sizes["int8"] > 3.0 and sizes["full"] / sizes["int4"] > 5.0, sizes  # float32 model
 
 
+@torch.no_grad()
+def test_keys_and_values_are_quantised_in_groups_of_group_size(model):
+    """Keys: a minimum and a step per channel for every 32 tokens; values: per token for every 32 channels."""
+    cache = KVCacheCompressor(CONFIG, bits=4, residual_length=64, group_size=32)
+    model(torch.randint(0, 100, (1, 130)), cache=cache, use_cache=True)
+    k_codes, k_low, _, v_codes, v_low, _ = cache.layers[0]._stored
+    assert k_codes.shape[2] == 128 and k_low.shape[2:] == (4, 1, 64)  # two windows of 64 = four key groups
+    assert v_codes.shape[2:] == (128, 2, 16) and v_low.shape[2:] == (128, 2, 1)  # 64 channels = two groups
+    assert cache.layers[0].keys.shape[2] == 2  # 130 - 128 tokens wait in the window
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="8 or 4 bits"):
         KVCacheCompressor(CONFIG, bits=2)
+    with pytest.raises(ConfigError, match="group_size must be"):
+        KVCacheCompressor(CONFIG, bits=4, residual_length=48, group_size=32)
     with pytest.raises(ConfigError, match="--kv-cache must be one of"):
         make_cache(None, "int3")
     assert make_cache(None, "none") is None

@@ -1,12 +1,12 @@
 """``KVCacheCompressor``: a KIVI-style quantised key/value cache that ``model.generate`` accepts.
 
 KIVI (Liu et al. 2024) observes that keys have a few outlier *channels* and values do not, so it quantises
-keys per channel and values per token. Here, with ``bits`` in {8, 4} and a window of ``residual_length``
-(``R``) tokens:
+keys per channel and values per token. Here, with ``bits`` in {8, 4}, a window of ``residual_length`` (``R``)
+tokens and groups of ``group_size`` (``G``, 32 as in KIVI):
 
 - the newest tokens stay in full precision until ``R`` of them have gathered; then those ``R`` keys are
-  quantised as one group per (head, channel), with the minimum and the step over the ``R`` tokens, and the
-  ``R`` values one group per (head, token) over the head's channels (asymmetric min-max, round to nearest);
+  quantised per (head, channel) in groups of ``G`` consecutive tokens, and the ``R`` values per (head, token)
+  in groups of ``G`` channels (asymmetric min-max, round to nearest; a window shorter than ``G`` is one group);
 - codes are stored as uint8 (two 4-bit codes per byte at int4), minimum and step as float16;
 - every attention call dequantises the stored part and appends the full-precision window and the new
   tokens, so a prompt's own attention (prefill) is exact and later tokens read the compressed past.
@@ -62,9 +62,11 @@ class CompressedLayer(BaseQuantizedLayer):
     """One decoder layer's cache: quantised keys (per channel, groups of R tokens) and values (per token), plus
     the full-precision window (``self.keys`` / ``self.values``, fewer than R tokens)."""
 
-    def __init__(self, bits: int = 4, residual_length: int = 64):
+    def __init__(self, bits: int = 4, residual_length: int = 64, group_size: int = 32):
         super().__init__()
         self.bits, self.residual_length = bits, residual_length
+        self.key_group = min(group_size, residual_length)  # tokens per key group (R is a whole number of them)
+        self.group_size = group_size  # channels per value group (the whole head when it does not divide it)
         self._stored: Optional[List[torch.Tensor]] = None  # key codes, key min, key step, value codes, min, step
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -72,22 +74,26 @@ class CompressedLayer(BaseQuantizedLayer):
         if self.bits == 4 and key_states.shape[-1] % 2:
             raise ConfigError(f"int4 KV cache needs an even head size; this model's is {key_states.shape[-1]}.")
 
+    def value_group(self, head_size: int) -> int:
+        return self.group_size if head_size % self.group_size == 0 else head_size
+
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantise ``keys``/``values`` (a whole number of R-token groups) and append them to the stored part."""
+        """Quantise ``keys``/``values`` (a whole number of R-token windows) and append them to the stored part."""
         b, h, t, d = keys.shape
-        groups = keys.reshape(b, h, t // self.residual_length, self.residual_length, d)
-        k_codes, k_low, k_step = quantize(groups, dim=-2, bits=self.bits)  # per channel over each group's R tokens
-        v_codes, v_low, v_step = quantize(values, dim=-1, bits=self.bits)  # per token over the head's channels
-        new = [k_codes.flatten(2, 3), k_low, k_step, v_codes, v_low, v_step]
+        groups = keys.reshape(b, h, t // self.key_group, self.key_group, d)
+        k_codes, k_low, k_step = quantize(groups, dim=-2, bits=self.bits)  # per channel over G tokens
+        width = self.value_group(d)
+        v_codes, v_low, v_step = quantize(values.reshape(b, h, t, d // width, width), dim=-1, bits=self.bits)
+        new = [k_codes.flatten(2, 3), k_low, k_step, v_codes, v_low, v_step]  # per token over G channels
         self._stored = new if self._stored is None else [torch.cat([old, part], dim=2)
                                                          for old, part in zip(self._stored, new)]
 
     def _restore(self, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         k_codes, k_low, k_step, v_codes, v_low, v_step = self._stored
         b, h, t = k_codes.shape[:3]
-        codes = _unpack(k_codes, self.bits).reshape(b, h, t // self.residual_length, self.residual_length, -1)
+        codes = _unpack(k_codes, self.bits).reshape(b, h, t // self.key_group, self.key_group, -1)
         keys = (codes.float() * k_step.float() + k_low.float()).flatten(2, 3).to(dtype)
-        return keys, dequantize(v_codes, v_low, v_step, self.bits, dtype)
+        return keys, dequantize(v_codes, v_low, v_step, self.bits, dtype).flatten(-2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.cumulative_length += key_states.shape[-2]
@@ -141,18 +147,22 @@ class KVCacheCompressor(Cache):
     ``KVCacheCompressor(model.config, bits=4, residual_length=64)``; ``nbytes()`` reports what it holds.
     """
 
-    def __init__(self, config, bits: int = 4, residual_length: int = 64):
+    def __init__(self, config, bits: int = 4, residual_length: int = 64, group_size: int = 32):
         if bits not in (4, 8):
             raise ConfigError(f"KVCacheCompressor supports 8 or 4 bits, got {bits}.")
         if residual_length < 1:
             raise ConfigError(f"residual_length must be >= 1, got {residual_length}.")
+        if group_size < 2 or group_size % 2 or (residual_length > group_size and residual_length % group_size):
+            raise ConfigError(f"group_size must be an even number >= 2 that divides residual_length (or exceeds it), "
+                              f"got group_size={group_size} with residual_length={residual_length}.")
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise ConfigError(f"KVCacheCompressor supports models whose layers all use full attention; this one "
                               f"has {sorted(layer_types)}.")
-        self.bits, self.residual_length = bits, residual_length
-        super().__init__(layers=[CompressedLayer(bits, residual_length) for _ in range(config.num_hidden_layers)])
+        self.bits, self.residual_length, self.group_size = bits, residual_length, group_size
+        super().__init__(layers=[CompressedLayer(bits, residual_length, group_size)
+                                 for _ in range(config.num_hidden_layers)])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
