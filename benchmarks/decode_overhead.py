@@ -21,10 +21,12 @@ import torch
 from llama_expert.integration.adapter_files import load_adapter_weights
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
+from llama_expert.modeling.fused_inference import FusedInference
 
 
-class ZeroPlan:
-    """Stands in for an adapter's inference plan: ready, and its expert output is zeros (one small op)."""
+class ZeroPlan(FusedInference):
+    """An adapter's inference plan whose expert output is zeros (one small op): what is left is the plan's
+    bookkeeping and the final add."""
 
     def ready(self) -> bool:
         return True
@@ -41,7 +43,7 @@ def set_variant(model, variant: str) -> None:
         if variant == "wrapper only":
             object.__setattr__(adapter, "forward", adapter.base_mlp)  # in the instance dict (not a submodule)
         elif variant == "no-op plan":
-            adapter.inference_plan = ZeroPlan()
+            adapter.inference_plan = ZeroPlan(adapter.router, adapter.experts, adapter.residual_scale)
 
 
 @torch.no_grad()

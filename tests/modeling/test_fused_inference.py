@@ -119,3 +119,4 @@ def test_every_registered_router_says_whether_it_has_an_inference_form():
             with pytest.raises(NotImplementedError):
                 router.inference_gates(router.from_config(HIDDEN, 4, ExpertConfig(num_experts=4, top_k=2)),
                                        torch.zeros(1, 4))
+

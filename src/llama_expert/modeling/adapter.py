@@ -126,8 +126,8 @@ class MoEAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
         if self.use_fused_inference(hidden):
-            moe = self.inference_plan(hidden.reshape(-1, hidden.shape[-1]).float())
-            return base + moe.to(base.dtype).view(base.shape)
+            moe = self.inference_plan(hidden.reshape(-1, hidden.shape[-1]))
+            return base + (moe if moe.dtype == base.dtype else moe.to(base.dtype)).view(base.shape)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router(flat, self.token_mask.for_hidden(hidden))
         compute_dtype = self.experts.compute_dtype

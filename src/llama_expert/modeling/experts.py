@@ -17,7 +17,7 @@ learnable per-layer factor lives in the adapter (``MoEAdapter.residual_scale``),
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -79,19 +79,16 @@ class ExpertBank(nn.Module):
         """The dtype the bank computes in (its parameters'; float32 after augment_model)."""
         return next(self.parameters()).dtype
 
-    # the decode fast path (modeling.fused_inference); a bank without an inference form keeps these defaults
-    def inference_input_weight(self) -> Optional[torch.Tensor]:
-        """The bank's shared input projection ``A`` [r, d], fused with the router's ``W_g`` into one matmul (None:
-        ``inference_output`` reads ``h`` itself)."""
-        return None
-
+    # the decode fast path (modeling.fused_inference); a bank without an inference form keeps this default
     def inference_state(self, residual_scale: torch.Tensor):
-        """The tensors ``inference_output`` needs, derived from the parameters with ``residual_scale`` (alpha_l)
-        folded in; None where this bank has no inference form (the adapter then keeps the general path)."""
+        """``(input_rows, state)`` derived from the parameters with ``residual_scale`` (alpha_l) folded in:
+        ``input_rows`` [m, d] join the router's ``W_g`` in one matmul with ``h`` (None: ``inference_output`` reads
+        ``h`` itself), ``state`` is what ``inference_output`` needs. None where this bank has no inference form
+        (the adapter then keeps the general path)."""
         return None
 
-    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
-        """``alpha_l * MoE(h)`` [N, d] from ``z = A h`` [N, r] (or ``h``) and dense gates [N, E]."""
+    def inference_output(self, rows: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        """``alpha_l * MoE(h)`` [N, d] from ``input_rows h`` [N, m] (or ``h``) and dense gates [N, E]."""
         raise NotImplementedError
 
 
@@ -147,22 +144,23 @@ class SharedCoreExperts(ExpertBank):
         routed = torch.matmul(weights.t().unsqueeze(-1) * inner, self.core_out).sum(0)  # gate, W2_i, sum
         return F.linear(z + routed, self.up) * self.lora_scaling
 
-    def inference_input_weight(self) -> torch.Tensor:
-        return self.down
-
     def inference_state(self, residual_scale: torch.Tensor):
-        """Every core side by side (``W1`` as [r, E*e], ``W2`` as [E*e, r]) and ``alpha_l * s * B``."""
+        """Input rows ``[A; (W1_1 .. W1_E)^T A]`` (``z`` and every core's input from one matmul with ``h``), the
+        cores' ``W2`` side by side as [E*e, r], and ``alpha_l * s * B``."""
         if self.down.dtype != torch.float32:
             return None
         experts, rank, width = self.core_in.shape
-        return (self.core_in.detach().transpose(0, 1).reshape(rank, experts * width).contiguous(),
-                self.core_out.detach().reshape(experts * width, rank).contiguous(),
-                self.up.detach() * (self.lora_scaling * residual_scale))
+        down = self.down.detach()
+        core_in = self.core_in.detach().transpose(0, 1).reshape(rank, experts * width)  # [r, E*e]
+        return torch.cat([down, core_in.t() @ down]), (
+            rank, self.core_out.detach().reshape(experts * width, rank).contiguous(),
+            self.up.detach() * (self.lora_scaling * residual_scale))
 
-    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
-        core_in, core_out, up = state
-        inner = F.silu(z @ core_in).view(z.shape[0], self.num_experts, -1) * gates.unsqueeze(-1)  # g_i silu(W1_i z)
-        return F.linear(torch.addmm(z, inner.view(z.shape[0], -1), core_out), up)  # B (z + sum_i ...)
+    def inference_output(self, rows: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        rank, core_out, up = state
+        z, n = rows[:, :rank], rows.shape[0]
+        inner = F.silu(rows[:, rank:]).view(n, self.num_experts, -1) * gates.unsqueeze(-1)  # g_i silu(W1_i z)
+        return F.linear(torch.addmm(z, inner.view(n, -1), core_out), up)  # B (z + sum_i g_i W2_i ...)
 
 
 @register_bank("shared_down")
@@ -210,17 +208,14 @@ class SharedDownExperts(ExpertBank):
         scaled = (weights.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1)  # [N, E*r]
         return scaled @ self.up.reshape(-1, self.up.shape[-1]) * self.lora_scaling
 
-    def inference_input_weight(self) -> torch.Tensor:
-        return self.down
-
     def inference_state(self, residual_scale: torch.Tensor):
-        """The stacked ``B_i`` [E*r, d] times ``alpha_l * s``."""
+        """Input rows ``A``, and the stacked ``B_i`` [E*r, d] times ``alpha_l * s``."""
         if self.down.dtype != torch.float32:
             return None
-        return self.up.detach().reshape(-1, self.up.shape[-1]) * (self.lora_scaling * residual_scale)
+        return self.down.detach(), self.up.detach().reshape(-1, self.up.shape[-1]) * (self.lora_scaling * residual_scale)
 
-    def inference_output(self, z: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
-        return (gates.unsqueeze(-1) * z.unsqueeze(1)).reshape(z.shape[0], -1) @ state
+    def inference_output(self, rows: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
+        return (gates.unsqueeze(-1) * rows.unsqueeze(1)).reshape(rows.shape[0], -1) @ state  # z = A h
 
 
 @register_bank("mixlora")

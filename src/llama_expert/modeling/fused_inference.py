@@ -6,10 +6,10 @@ a CPU each small operation runs just after the frozen MLP has streamed its weigh
 adapters cost 0.1x of the base's decode speed at batch 1 (docs/results/decode-speed). The plan does what
 inference needs and no more:
 
-1. one matmul of ``h`` with the router's gate rows stacked on the bank's shared input projection,
-   ``[W_g; A] h`` (float32, as the general path routes);
+1. one matmul of ``h`` with the router's gate rows stacked on the bank's input rows (``[W_g; A; ...]`` h,
+   float32, as the general path routes; ``ExpertBank.inference_input_weight``);
 2. the router's gates as a dense ``[N, E]`` matrix (``RouterBase.inference_gates``);
-3. the bank's output from ``z = A h`` and those gates (``ExpertBank.inference_output``), with
+3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
 The derived tensors are rebuilt whenever a source parameter changes: in place (its version counter moves) or
@@ -43,16 +43,17 @@ class FusedInference:
         if key != self.key:
             self.key = key
             with torch.no_grad():
-                self.state = self.bank.inference_state(self.residual_scale.detach().float())
-                input_weight = self.bank.inference_input_weight()
+                form = self.bank.inference_state(self.residual_scale.detach().float())
+                input_rows, self.state = form if form is not None else (None, None)
                 gates = self.router.weight.detach().float()
                 self.num_gates = gates.shape[0]
-                self.weight = gates if input_weight is None else torch.cat([gates, input_weight.detach().float()])
+                self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
         return self.state is not None and self.router.has_inference_gates
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
-        """The adapter's ``alpha_l * MoE(h)`` for ``flat`` [N, d] float32 hidden states."""
+        """The adapter's ``alpha_l * MoE(h)`` for ``flat`` [N, d] hidden states (computed in float32)."""
+        flat = flat if flat.dtype == torch.float32 else flat.float()
         projected = F.linear(flat, self.weight)
         gates = self.router.inference_gates(projected[:, :self.num_gates])
-        z = projected[:, self.num_gates:] if projected.shape[1] > self.num_gates else flat
-        return self.bank.inference_output(z, gates, self.state)
+        rows = projected[:, self.num_gates:] if projected.shape[1] > self.num_gates else flat
+        return self.bank.inference_output(rows, gates, self.state)

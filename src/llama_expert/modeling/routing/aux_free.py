@@ -44,7 +44,7 @@ class AuxFreeRouter(RouterBase):
         return cls(hidden_size, num_experts, config.top_k, bias_rate=config.aux_free_bias_rate)
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        indices = (logits + self.bias.detach().float()).topk(self.top_k, dim=-1).indices
+        indices = (logits + self.bias).topk(self.top_k, dim=-1).indices  # under no_grad: no detach needed
         return dense_gates(logits, indices, torch.softmax(logits.gather(1, indices), dim=-1))
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
