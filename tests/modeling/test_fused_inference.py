@@ -104,6 +104,9 @@ def test_a_changed_parameter_rebuilds_the_plan():
     adapter.keep_experts([0, 2, 5])  # new parameter tensors
     general, fused = general_and_fused(adapter, hidden)
     torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+    adapter.experts.up = torch.nn.Parameter(adapter.experts.up.detach() * 0.5)  # a replaced parameter
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
     adapter.load_state_dict({k: torch.zeros_like(v) if k.endswith("experts.up") else v
                              for k, v in adapter.state_dict().items()})
     with torch.no_grad():

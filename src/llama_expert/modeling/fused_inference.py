@@ -12,8 +12,9 @@ inference needs and no more:
 3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
-The derived tensors are rebuilt whenever a source parameter changes: in place (its version counter moves) or
-replaced or moved (its storage moves), so training steps, loading, pruning and ``.to()`` never meet a stale plan.
+The derived tensors are rebuilt whenever a source parameter changes: in place (its version counter moves),
+moved (its storage), or replaced (its identity), so training steps, loading, pruning and ``.to()`` never meet
+a stale plan.
 A router whose eval routing is not a function of each token alone (expert choice), or a bank that reads the
 frozen MLP (mixlora), has no inference form, and its adapter keeps the general path. The adapter uses the plan
 only in eval mode, without gradients, autocast or routing statistics; tests pin it to the general path.
@@ -21,7 +22,7 @@ only in eval mode, without gradients, autocast or routing statistics; tests pin 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,6 @@ from torch import nn
 class FusedInference:
     def __init__(self, router: nn.Module, bank: nn.Module, residual_scale: nn.Parameter):
         self.router, self.bank, self.residual_scale = router, bank, residual_scale
-        self.sources: List[torch.Tensor] = [*router.parameters(), *bank.parameters(), residual_scale]
         self.key: Optional[Tuple] = None
         self.weight: Optional[torch.Tensor] = None
         self.state = None
@@ -39,7 +39,10 @@ class FusedInference:
 
     def ready(self) -> bool:
         """Whether this router and bank have an inference form; (re)derives the fused tensors when stale."""
-        key = tuple((p.data_ptr(), p._version) for p in self.sources)
+        # the parameters as the modules hold them now (a replaced one is seen too); routers and banks keep theirs
+        # directly (``_parameters``: four times cheaper than ``parameters()``, which matters once per layer per token)
+        sources = (*self.router._parameters.values(), *self.bank._parameters.values(), self.residual_scale)
+        key = tuple((id(p), p.data_ptr(), p._version) for p in sources if p is not None)
         if key != self.key:
             self.key = key
             with torch.no_grad():
