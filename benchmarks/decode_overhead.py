@@ -43,7 +43,7 @@ def set_variant(model, variant: str) -> None:
         if variant == "wrapper only":
             object.__setattr__(adapter, "forward", adapter.base_mlp)  # in the instance dict (not a submodule)
         elif variant == "no-op plan":
-            adapter.inference_plan = ZeroPlan(adapter.router, adapter.experts, adapter.residual_scale)
+            adapter.inference_plan = ZeroPlan(adapter)
 
 
 @torch.no_grad()

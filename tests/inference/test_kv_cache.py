@@ -90,7 +90,14 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="8 or 4 bits"):
         KVCacheCompressor(CONFIG, bits=2)
     with pytest.raises(ConfigError, match="group_size must be"):
-        KVCacheCompressor(CONFIG, bits=4, residual_length=48, group_size=32)
+        KVCacheCompressor(CONFIG, bits=4, residual_length=64, group_size=7)
+
+
+@torch.no_grad()
+def test_a_window_that_group_size_does_not_divide_groups_keys_by_their_common_divisor(model):
+    cache = KVCacheCompressor(CONFIG, bits=4, residual_length=48, group_size=32)
+    model(torch.randint(0, 100, (1, 100)), cache=cache, use_cache=True)
+    assert cache.layers[0].key_group == 16 and cache.layers[0]._stored[1].shape[2] == 6  # 96 tokens, 6 groups
     with pytest.raises(ConfigError, match="--kv-cache must be one of"):
         make_cache(None, "int3")
     assert make_cache(None, "none") is None

@@ -123,3 +123,43 @@ def test_every_registered_router_says_whether_it_has_an_inference_form():
                 router.inference_gates(router.from_config(HIDDEN, 4, ExpertConfig(num_experts=4, top_k=2)),
                                        torch.zeros(1, 4))
 
+
+
+@pytest.mark.parametrize("router_type", ["noisy_top_k", "switch", "soft"])
+def test_a_fused_optimiser_step_between_two_inference_passes_reaches_the_plan(router_type):
+    """A fused AdamW step (what Hugging Face's Trainer uses) leaves parameter versions unchanged."""
+    adapter = trained_adapter(router_type)
+    hidden = torch.randn(2, 5, HIDDEN)
+    general_and_fused(adapter, hidden)  # a plan exists
+    optimizer = torch.optim.AdamW([p for n, p in adapter.named_parameters() if not n.startswith("base_mlp")],
+                                  lr=0.5, fused=True)
+    adapter(hidden).pow(2).mean().backward()  # eval mode, gradients on: the general path
+    optimizer.step()
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+
+
+def test_replaced_modules_and_scales_and_mode_switches_reach_the_plan():
+    adapter = trained_adapter("noisy_top_k")
+    hidden = torch.randn(2, 5, HIDDEN)
+    general_and_fused(adapter, hidden)
+    adapter.residual_scale = torch.nn.Parameter(torch.tensor([3.0]))
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+    adapter.router = trained_adapter("noisy_top_k", seed=1).router
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+    adapter.experts.up.data.mul_(3.0)  # bypasses version counters: a mode switch rebuilds the plan
+    adapter.train().eval()
+    general, fused = general_and_fused(adapter, hidden)
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+
+
+def test_an_inference_pass_clears_the_last_training_pass_losses():
+    adapter = trained_adapter("noisy_top_k").train()
+    adapter(torch.randn(2, 5, HIDDEN))
+    assert adapter.aux_loss is not None
+    adapter.eval()
+    with torch.no_grad():
+        adapter(torch.randn(2, 5, HIDDEN))
+    assert adapter.aux_loss is None and adapter.z_loss is None  # as the general path leaves them

@@ -93,3 +93,15 @@ def test_dynamic_training_resumes_exactly(random_base, tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+
+def test_allocation_events_keep_the_last_record_of_a_step_logged_twice(tmp_path):
+    """The log is appended to across resumes: a step redone after a resume is drawn once, as it was redone."""
+    from llama_expert.training.methods import allocation_events
+
+    log = tmp_path / "train_log.jsonl"
+    records = [{"event": "allocation", "step": 0, "experts": [2, 2]}, {"event": "allocation", "step": 2, "experts": [3, 2]},
+               {"event": "start", "step": 2, "resume": True}, {"event": "allocation", "step": 2, "experts": [2, 3]},
+               {"event": "allocation", "step": 4, "experts": [2, 3]}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [(e["step"], e["experts"]) for e in allocation_events(log)] == [(0, [2, 2]), (2, [2, 3]), (4, [2, 3])]

@@ -6,7 +6,8 @@ tokens and groups of ``group_size`` (``G``, 32 as in KIVI):
 
 - the newest tokens stay in full precision until ``R`` of them have gathered; then those ``R`` keys are
   quantised per (head, channel) in groups of ``G`` consecutive tokens, and the ``R`` values per (head, token)
-  in groups of ``G`` channels (asymmetric min-max, round to nearest; a window shorter than ``G`` is one group);
+  in groups of ``G`` channels (asymmetric min-max, round to nearest; when ``G`` does not divide ``R``, keys
+  are grouped by the largest number of tokens that divides both);
 - codes are stored as uint8 (two 4-bit codes per byte at int4), minimum and step as float16;
 - every attention call dequantises the stored part and appends the full-precision window and the new
   tokens, so a prompt's own attention (prefill) is exact and later tokens read the compressed past.
@@ -19,6 +20,7 @@ paper found accurate, with plain torch. ``benchmarks/kv_cache.py`` measures both
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -59,13 +61,16 @@ def dequantize(packed: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits
 
 
 class CompressedLayer(BaseQuantizedLayer):
-    """One decoder layer's cache: quantised keys (per channel, groups of R tokens) and values (per token), plus
+    """One decoder layer's cache: quantised keys (per channel, groups of tokens) and values (per token, groups of
+    channels), plus
     the full-precision window (``self.keys`` / ``self.values``, fewer than R tokens)."""
 
     def __init__(self, bits: int = 4, residual_length: int = 64, group_size: int = 32):
         super().__init__()
         self.bits, self.residual_length = bits, residual_length
-        self.key_group = min(group_size, residual_length)  # tokens per key group (R is a whole number of them)
+        # tokens per key group: G, or the largest divisor of both G and R when G does not divide R (R is always a
+        # whole number of key groups)
+        self.key_group = math.gcd(group_size, residual_length)
         self.group_size = group_size  # channels per value group (the whole head when it does not divide it)
         self._stored: Optional[List[torch.Tensor]] = None  # key codes, key min, key step, value codes, min, step
 
@@ -152,9 +157,8 @@ class KVCacheCompressor(Cache):
             raise ConfigError(f"KVCacheCompressor supports 8 or 4 bits, got {bits}.")
         if residual_length < 1:
             raise ConfigError(f"residual_length must be >= 1, got {residual_length}.")
-        if group_size < 2 or group_size % 2 or (residual_length > group_size and residual_length % group_size):
-            raise ConfigError(f"group_size must be an even number >= 2 that divides residual_length (or exceeds it), "
-                              f"got group_size={group_size} with residual_length={residual_length}.")
+        if group_size < 2 or group_size % 2:
+            raise ConfigError(f"group_size must be an even number >= 2, got {group_size}.")
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:

@@ -155,14 +155,18 @@ def _quantization_config(dtype: Optional[torch.dtype]):
 
 
 def quantize_4bit_on_cpu(model):
-    """Int4 weights for every Linear of the frozen base except the output head (optimum-quanto, affine: groups
-    of ``CPU_4BIT_GROUP_SIZE`` weights share a scale and a shift; the matmul dequantises on the fly); the
-    embeddings and norms keep their dtype. Why quanto on a CPU: bitsandbytes' 4-bit kernels need CUDA here, and
-    quanto's weights stay differentiable for the activations, so adapters train on top (QLoRA-style).
+    """Int4 weights for every Linear of the frozen base except the output head (optimum-quanto, affine: in a
+    Linear with more than 128 inputs, groups of ``CPU_4BIT_GROUP_SIZE`` weights share a scale and a shift; smaller
+    ones are quantised per output channel); the embeddings and norms keep their dtype. Why quanto on a CPU:
+    bitsandbytes' 4-bit kernels need CUDA here, and quanto's weights stay differentiable for the activations, so
+    adapters train on top (QLoRA-style).
 
     Why groups of 32, not quanto's 128: on SmolLM2-135M the base's WikiText-2 perplexity rises 59% with groups
-    of 128 and falls 0.15% with groups of 32 (``benchmarks/quantization_4bit.py``); the scales cost 1 bit per
-    weight (5 bits in all, 0.31x of bfloat16), and a base read from a 4-bit GGUF (blocks of 32) keeps its grid."""
+    of 128 and 0.07% with groups of 32 (``benchmarks/quantization_4bit.py``); the scales cost 1 bit per weight
+    (5 bits in all, 0.31x of bfloat16), and a base read from a 4-bit GGUF (blocks of 32) keeps its grid. The
+    price is speed: quanto's fast CPU int4 kernel (TinyGemm) serves only groups of 128 in bfloat16, so with 32
+    each matmul dequantises its weight first (in the benchmark, 4-bit training ran at 0.91x of bfloat16's
+    tokens/s on SmolLM2; a lone 2048 x 2048 bfloat16 matmul at batch 1 can be many times slower than with 128)."""
     try:
         from optimum.quanto import QModuleMixin, freeze, qint4, quantize
     except ImportError:

@@ -113,6 +113,10 @@ class MoEAdapter(nn.Module):
                 row.add_(torch.randn(row.shape, generator=generator, dtype=torch.float32).to(row) * noise * spread)
         return transfers
 
+    def train(self, mode: bool = True) -> "MoEAdapter":
+        self.inference_plan = None  # rebuilt from the parameters as they are at the next inference pass
+        return super().train(mode)
+
     def use_fused_inference(self, hidden: torch.Tensor) -> bool:
         """Eval, no gradients, no autocast, no statistics being recorded, and a router and bank with an
         inference form (modeling/fused_inference.py): the fast path gives what the general path gives."""
@@ -120,12 +124,14 @@ class MoEAdapter(nn.Module):
                 or torch.is_autocast_enabled(hidden.device.type)):
             return False
         if self.inference_plan is None:
-            self.inference_plan = FusedInference(self.router, self.experts, self.residual_scale)
+            self.inference_plan = FusedInference(self)
         return self.inference_plan.ready()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
         if self.use_fused_inference(hidden):
+            if self.router.aux_loss is not None or self.router.z_loss is not None:
+                self.router.aux_loss = self.router.z_loss = None  # as the general path leaves them in eval
             moe = self.inference_plan(hidden.reshape(-1, hidden.shape[-1]))
             return base + (moe if moe.dtype == base.dtype else moe.to(base.dtype)).view(base.shape)
         flat = hidden.reshape(-1, hidden.shape[-1])

@@ -13,8 +13,9 @@ inference needs and no more:
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
 The derived tensors are rebuilt whenever a source parameter changes: in place (its version counter moves),
-moved (its storage), or replaced (its identity), so training steps, loading, pruning and ``.to()`` never meet
-a stale plan.
+moved (its storage), replaced (its identity, or the router's or bank's), and after any optimiser step (a fused
+AdamW step leaves versions as they were) or a switch to training mode. A write through ``.data`` bypasses all of
+these: after one, set ``adapter.inference_plan = None`` (or call ``model.train()`` / ``model.eval()``).
 A router whose eval routing is not a function of each token alone (expert choice), or a bank that reads the
 frozen MLP (mixlora), has no inference form, and its adapter keeps the general path. The adapter uses the plan
 only in eval mode, without gradients, autocast or routing statistics; tests pin it to the general path.
@@ -26,32 +27,54 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
 
+_OPTIMIZER_STEPS = [0]  # every optimiser step anywhere: a fused AdamW step leaves parameter versions unchanged
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
 class FusedInference:
-    def __init__(self, router: nn.Module, bank: nn.Module, residual_scale: nn.Parameter):
-        self.router, self.bank, self.residual_scale = router, bank, residual_scale
+    """The inference plan of one ``MoEAdapter`` (read through the adapter on every call, so that a replaced router,
+    bank or parameter is seen)."""
+
+    def __init__(self, adapter: nn.Module):
+        self.adapter = adapter
         self.key: Optional[Tuple] = None
         self.weight: Optional[torch.Tensor] = None
         self.state = None
         self.num_gates = 0
+        self.router = self.bank = None
 
     def ready(self) -> bool:
         """Whether this router and bank have an inference form; (re)derives the fused tensors when stale."""
-        # the parameters as the modules hold them now (a replaced one is seen too); routers and banks keep theirs
-        # directly (``_parameters``: four times cheaper than ``parameters()``, which matters once per layer per token)
-        sources = (*self.router._parameters.values(), *self.bank._parameters.values(), self.residual_scale)
-        key = tuple((id(p), p.data_ptr(), p._version) for p in sources if p is not None)
+        adapter = self.adapter
+        router, bank, scale = adapter.router, adapter.experts, adapter.residual_scale
+        if not router.has_inference_gates:
+            return False
+        # the parameters as the modules hold them now; routers and banks keep theirs directly (``_parameters``:
+        # four times cheaper than ``parameters()``, which matters once per layer per token)
+        sources = (*router._parameters.values(), *bank._parameters.values(), scale)
+        key = (id(router), id(bank), _OPTIMIZER_STEPS[0],
+               *((id(p), p.data_ptr(), p._version) for p in sources if p is not None))
         if key != self.key:
-            self.key = key
+            self.key = None  # until the new tensors are built (a failed build must not leave a matching key)
             with torch.no_grad():
-                form = self.bank.inference_state(self.residual_scale.detach().float())
+                form = bank.inference_state(scale.detach().float())
                 input_rows, self.state = form if form is not None else (None, None)
-                gates = self.router.weight.detach().float()
+                gates = router.weight.detach().float()
                 self.num_gates = gates.shape[0]
                 self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
-        return self.state is not None and self.router.has_inference_gates
+                self.router, self.bank = router, bank
+            self.key = key
+        return self.state is not None
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The adapter's ``alpha_l * MoE(h)`` for ``flat`` [N, d] hidden states (computed in float32)."""

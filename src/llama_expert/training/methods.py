@@ -161,11 +161,13 @@ class MoEMethod(TrainingMethod):
 
 
 def allocation_events(log: Path) -> List[dict]:
-    """The ``allocation`` events of a training log (dynamic allocation), in order; [] when there are none."""
+    """The ``allocation`` events of a training log (dynamic allocation), by step; [] when there are none. The log
+    is appended to across resumes, so a step logged twice (redone after a resume) keeps its last record."""
     if not log.is_file():
         return []
     events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return [e for e in events if e.get("event") == "allocation"]
+    by_step = {e["step"]: e for e in events if e.get("event") == "allocation"}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 @METHODS.register("lora")
