@@ -62,8 +62,7 @@ def dequantize(packed: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits
 
 class CompressedLayer(BaseQuantizedLayer):
     """One decoder layer's cache: quantised keys (per channel, groups of tokens) and values (per token, groups of
-    channels), plus
-    the full-precision window (``self.keys`` / ``self.values``, fewer than R tokens)."""
+    channels), plus the full-precision window (``self.keys`` / ``self.values``, fewer than R tokens)."""
 
     def __init__(self, bits: int = 4, residual_length: int = 64, group_size: int = 32):
         super().__init__()

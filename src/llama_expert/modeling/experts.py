@@ -26,15 +26,10 @@ from torch import nn
 from ..errors import ConfigError
 from .per_expert import Transfer, select_rows
 from .registry import Registry
+from .routing.losses import gate_matrix
 
 EXPERT_BANKS = Registry("expert bank", "expert_type")
 register_expert_bank = EXPERT_BANKS.register
-
-
-def gate_matrix(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[N, E] matrix holding each token's k gates at its chosen experts and zero elsewhere."""
-    dense = gates.new_zeros(indices.shape[0], num_experts)
-    return dense.scatter(1, indices, gates)
 
 
 def lora_scaling(config) -> float:
@@ -212,7 +207,8 @@ class SharedDownExperts(ExpertBank):
         """Input rows ``A``, and the stacked ``B_i`` [E*r, d] times ``alpha_l * s``."""
         if self.down.dtype != torch.float32:
             return None
-        return self.down.detach(), self.up.detach().reshape(-1, self.up.shape[-1]) * (self.lora_scaling * residual_scale)
+        stacked_up = self.up.detach().reshape(-1, self.up.shape[-1])
+        return self.down.detach(), stacked_up * (self.lora_scaling * residual_scale)
 
     def inference_output(self, rows: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
         return (gates.unsqueeze(-1) * rows.unsqueeze(1)).reshape(rows.shape[0], -1) @ state  # z = A h

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase, dense_gates, in_backward_pass
-from .losses import Routing, global_sums
+from .base import RouterBase, in_backward_pass
+from .losses import Routing, gate_matrix, global_sums
 from .registry import register_router
 
 
@@ -45,7 +45,7 @@ class AuxFreeRouter(RouterBase):
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         indices = (logits + self.bias).topk(self.top_k, dim=-1).indices  # under no_grad: no detach needed
-        return dense_gates(logits, indices, torch.softmax(logits.gather(1, indices), dim=-1))
+        return gate_matrix(indices, torch.softmax(logits.gather(1, indices), dim=-1), self.num_experts)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

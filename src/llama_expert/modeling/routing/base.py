@@ -22,11 +22,6 @@ from ..per_expert import Transfer, select_rows
 from .losses import Routing, router_z_loss
 
 
-def dense_gates(logits: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """[N, E] matrix holding each token's gates at its chosen experts (``indices``) and zero elsewhere."""
-    return torch.zeros_like(logits).scatter_(1, indices, gates)
-
-
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass (gradient checkpointing recomputing the forward): routers
     that update a buffer after each training pass (aux_free, expert_choice) skip the update then."""

@@ -59,6 +59,13 @@ def global_sums(*tensors: torch.Tensor):
     return tuple(reduced)
 
 
+def gate_matrix(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[N, E] matrix holding each token's k gates at its chosen experts and zero elsewhere (a ``Routing``'s
+    ``indices`` and ``gates`` made dense: what the expert banks mix with, and routers' inference gates)."""
+    dense = gates.new_zeros(indices.shape[0], num_experts)
+    return dense.scatter(1, indices, gates)
+
+
 def data_parallel_draw(like: torch.Tensor, draw=torch.randn) -> torch.Tensor:
     """Random numbers shaped like ``like`` ([N, ...], this rank's N tokens; ``draw``: ``torch.randn`` or
     ``torch.rand``): this rank's slice of one draw for the whole data-parallel batch of equal shards.

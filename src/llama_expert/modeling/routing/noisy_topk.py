@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase, dense_gates
-from .losses import Routing, data_parallel_draw, load_balancing_loss
+from .base import RouterBase
+from .losses import Routing, data_parallel_draw, gate_matrix, load_balancing_loss
 from .registry import register_router
 
 
@@ -43,7 +43,7 @@ class NoisyTopKGating(RouterBase):
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         top_logits, indices = logits.topk(self.top_k, dim=-1)  # eval: no noise
-        return dense_gates(logits, indices, torch.softmax(top_logits, dim=-1))
+        return gate_matrix(indices, torch.softmax(top_logits, dim=-1), self.num_experts)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

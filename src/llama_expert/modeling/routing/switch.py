@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import RouterBase, dense_gates
-from .losses import Routing, data_parallel_draw, load_balancing_loss
+from .base import RouterBase
+from .losses import Routing, data_parallel_draw, gate_matrix, load_balancing_loss
 from .registry import register_router
 
 
@@ -49,7 +49,8 @@ class SwitchRouter(RouterBase):
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         top_logit, indices = logits.max(dim=-1, keepdim=True)  # eval: no jitter, no capacity
-        return dense_gates(logits, indices, torch.exp(top_logit - torch.logsumexp(logits, dim=-1, keepdim=True)))
+        gates = torch.exp(top_logit - torch.logsumexp(logits, dim=-1, keepdim=True))  # p_i, as in _route
+        return gate_matrix(indices, gates, self.num_experts)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
