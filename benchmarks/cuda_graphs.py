@@ -23,30 +23,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_speed import random_merged_lora, random_moe  # noqa: E402
 from gpu import build  # noqa: E402
 
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from llama_expert.evaluation.throughput import prompt_ids, synchronize  # noqa: E402
 
 
-def generation_seconds(model, prompts, new_tokens: int, static: bool, device: str) -> float:
+def generation_seconds(model, prompts, new_tokens: int, static: bool) -> float:
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
-    synchronize(device)
+    synchronize(prompts.device)
     start = time.perf_counter()
     model.generate(prompts, **kwargs)
-    synchronize(device)
+    synchronize(prompts.device)
     return time.perf_counter() - start
 
 
-def decode_rate(model, prompts, new_tokens: int, static: bool, repeats: int, device: str) -> float:
+def decode_rate(model, prompts, new_tokens: int, static: bool, repeats: int) -> float:
     for tokens in (1, 1 + new_tokens):  # warm-up: compilation and graph capture for both lengths
-        generation_seconds(model, prompts, tokens, static, device)
+        generation_seconds(model, prompts, tokens, static)
     samples = []
     for _ in range(repeats):
-        one = generation_seconds(model, prompts, 1, static, device)
-        full = generation_seconds(model, prompts, 1 + new_tokens, static, device)
+        one = generation_seconds(model, prompts, 1, static)
+        full = generation_seconds(model, prompts, 1 + new_tokens, static)
         samples.append(prompts.shape[0] * new_tokens / max(full - one, 1e-9))
     return statistics.median(samples)
 
@@ -78,11 +75,11 @@ def main() -> None:
         base = build(name, args.tiny, device).eval()
         models = {"base": base, "MoE adapters": random_moe(base), "merged LoRA": random_merged_lora(base)}
         for batch in (int(b) for b in args.batches.split(",")):
-            prompts = torch.randint(10, 500, (batch, args.prompt_len), device=device)
+            prompts = prompt_ids(base, batch, args.prompt_len).to(device)
             base_graphs = None
             for label, model in models.items():
-                eager = decode_rate(model, prompts, args.new_tokens, False, args.repeats, device)
-                graphs = decode_rate(model, prompts, args.new_tokens, True, args.repeats, device)
+                eager = decode_rate(model, prompts, args.new_tokens, False, args.repeats)
+                graphs = decode_rate(model, prompts, args.new_tokens, True, args.repeats)
                 base_graphs = base_graphs or graphs
                 lines.append(f"| {name} | {label} | {batch} | {eager:,.1f} | {graphs:,.1f} | {graphs / eager:.2f}x | "
                              f"{graphs / base_graphs:.3f} |")
