@@ -22,21 +22,9 @@ from pathlib import Path
 
 import torch
 
+from llama_expert.evaluation.memory import tensor_bytes
+
 DATA = os.environ.get("DATA", "../shared/data")
-
-
-def tensor_bytes(tensor) -> int:
-    """Bytes a tensor holds, through quantised tensor subclasses (quanto: packed data + scales + shifts;
-    bitsandbytes: packed data + its quantisation state)."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    total = tensor.numel() * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)
-    while state is not None:  # bitsandbytes: absmax (itself quantised with double quantisation) and its code
-        total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
-        state = getattr(state, "state2", None)
-    return total
 
 
 def weight_bytes(model) -> dict:

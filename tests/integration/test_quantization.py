@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quant] extra")
 
 from llama_expert import ExpertConfig, TrainingArguments  # noqa: E402
+from llama_expert.evaluation.memory import tensor_bytes  # noqa: E402
 from llama_expert.integration.base_models import load_base_model  # noqa: E402
 from llama_expert.training.arguments import DataArguments  # noqa: E402
 from llama_expert.training.methods import MoEMethod  # noqa: E402
@@ -14,21 +15,9 @@ from llama_expert.training.recipe import fine_tune  # noqa: E402
 
 
 def _linear_weight_bytes(model):
-    total = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or "proj" not in name:
-            continue
-        if type(weight) not in (torch.Tensor, torch.nn.Parameter):  # a quanto tensor: its packed parts
-            inner, _ = weight.__tensor_flatten__()
-            parts = [getattr(weight, n) for n in inner]
-            while any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in parts):
-                parts = [q for p in parts for q in ([getattr(p, n) for n in p.__tensor_flatten__()[0]]
-                                                    if type(p) not in (torch.Tensor, torch.nn.Parameter) else [p])]
-            total += sum(p.numel() * p.element_size() for p in parts)
-        else:
-            total += weight.numel() * weight.element_size()
-    return total
+    """Bytes of the projections' weights (a quanto tensor: its packed codes, scales and shifts)."""
+    return sum(tensor_bytes(module.weight) for name, module in model.named_modules()
+               if "proj" in name and getattr(module, "weight", None) is not None)
 
 
 @torch.no_grad()
