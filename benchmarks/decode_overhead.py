@@ -3,7 +3,9 @@ interleaved repeats, for the base and for the augmented model with parts of the 
 
 - ``wrapper only``: each adapter just calls the frozen MLP (the cost of one more module per layer);
 - ``no-op plan``: the fused path's bookkeeping (checks, casts, the final add) with an expert output of zeros;
-- ``fused path``: the decode fast path (modeling/fused_inference.py), what inference runs;
+- ``compiled kernel``: the decode fast path as one C call per adapter (modeling/decode_kernel.py), what
+  inference runs on a CPU with a C compiler;
+- ``fused path``: the decode fast path in PyTorch operations (modeling/fused_inference.py), what runs without one;
 - ``general path``: the training-time path (router module, Routing record, bank module).
 
     python benchmarks/decode_overhead.py [--adapter MOE_DIR] [--steps 48] [--repeats 5]
@@ -40,6 +42,7 @@ def set_variant(model, variant: str) -> None:
         adapter.__dict__.pop("forward", None)  # back to the class's forward
         adapter.inference_plan = None
         adapter.fused_inference = variant != "general path"
+        adapter.decode_kernel = variant == "compiled kernel"
         if variant == "wrapper only":
             object.__setattr__(adapter, "forward", adapter.base_mlp)  # in the instance dict (not a submodule)
         elif variant == "no-op plan":
@@ -67,14 +70,14 @@ def main() -> None:
     args = parser.parse_args()
     base = load_base_model(args.model).eval()
     moe = load_adapter_weights(copy.deepcopy(base), args.adapter).eval()
-    variants = ["wrapper only", "no-op plan", "fused path", "general path"]
+    variants = ["wrapper only", "no-op plan", "compiled kernel", "fused path", "general path"]
     times = {name: [] for name in ["base", *variants]}
     for _ in range(args.repeats):
         times["base"].append(step_ms(base, args.steps))
         for variant in variants:
             set_variant(moe, variant)
             times[variant].append(step_ms(moe, args.steps))
-    set_variant(moe, "fused path")
+    set_variant(moe, "compiled kernel")
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"`python benchmarks/decode_overhead.py {' '.join(os.sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}, "
           f"{platform.machine()} x {os.cpu_count()} CPUs, torch {torch.__version__}, float32, batch 1, prompt 128, "

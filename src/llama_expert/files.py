@@ -37,6 +37,12 @@ def _fsync(path: PathLike) -> None:
         os.fsync(handle.fileno())
 
 
+def cache_root() -> Path:
+    """Where derived files live (converted GGUF models, the compiled decode kernel): ``$LLAMA_EXPERT_CACHE``,
+    default ``~/.cache/llama_expert``; anything under it can be deleted and is rebuilt."""
+    return Path(os.environ.get("LLAMA_EXPERT_CACHE", Path.home() / ".cache" / "llama_expert"))
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``."""
     path = Path(path)

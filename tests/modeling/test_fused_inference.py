@@ -1,10 +1,18 @@
 """The decode fast path (modeling/fused_inference.py) gives what the general path gives, for every router and
-bank that has an inference form, falls back for those that do not, and never serves a stale plan."""
+bank that has an inference form, falls back for those that do not, and never serves a stale plan; on a CPU its
+compiled kernel (modeling/decode_kernel.py) gives the same, and without a compiler the PyTorch form runs."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama_expert import ExpertConfig
+from llama_expert.modeling.decode_kernel import build_kernel
 from llama_expert.modeling.adapter import MoEAdapter
 from llama_expert.modeling.routing import ROUTERS
 
@@ -163,3 +171,92 @@ def test_an_inference_pass_clears_the_last_training_pass_losses():
     with torch.no_grad():
         adapter(torch.randn(2, 5, HIDDEN))
     assert adapter.aux_loss is None and adapter.z_loss is None  # as the general path leaves them
+
+
+# --- the compiled decode kernel (modeling/decode_kernel.py): the fused path as one C call on a CPU ---
+
+needs_compiler = pytest.mark.skipif(not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+                                    reason="the decode kernel is built with the system C compiler")
+
+
+def kernel_and_pytorch(adapter, hidden):
+    """(general path, compiled kernel, PyTorch fused path) outputs."""
+    general, kernel = general_and_fused(adapter, hidden)
+    assert adapter.inference_plan.kernel is not None, "the kernel should run here"
+    adapter.decode_kernel, adapter.inference_plan = False, None
+    with torch.no_grad():
+        pytorch = adapter(hidden)
+    assert adapter.inference_plan.kernel is None
+    adapter.decode_kernel, adapter.inference_plan = True, None
+    return general, kernel, pytorch
+
+
+@needs_compiler
+@pytest.mark.parametrize("router_type", ["aux_free", "noisy_top_k", "switch", "soft"])
+@pytest.mark.parametrize("expert_type", ["shared_core", "shared_down"])
+def test_the_compiled_kernel_equals_the_general_path(router_type, expert_type):
+    adapter = trained_adapter(router_type, expert_type, num_experts=7)
+    with torch.no_grad():
+        adapter.router.weight.mul_(4.0)  # decisive routing: a near-tie could flip between the two sums' orders
+    for shape in ((1, 1, HIDDEN), (8, 1, HIDDEN), (3, 40, HIDDEN)):
+        general, kernel, pytorch = kernel_and_pytorch(adapter, torch.randn(*shape))
+        torch.testing.assert_close(kernel, general, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pytorch, general, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_the_compiled_kernel_rounds_a_bfloat16_base_once():
+    adapter = trained_adapter()
+    adapter.base_mlp.to(torch.bfloat16)
+    hidden = torch.randn(4, 9, HIDDEN, dtype=torch.bfloat16)
+    general, kernel, pytorch = kernel_and_pytorch(adapter, hidden)
+    assert kernel.dtype == torch.bfloat16
+    with torch.no_grad():  # the exact sum in float32, rounded once: the kernel is within half a bfloat16 step
+        flat = hidden.reshape(-1, HIDDEN).float()
+        routing = adapter.router(flat)
+        moe = adapter.experts(flat, routing.indices, routing.gates).view(hidden.shape)
+        exact = adapter.base_mlp(hidden).float() + adapter.residual_scale * moe
+    torch.testing.assert_close(kernel.float(), exact, rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(kernel, general)
+
+
+@needs_compiler
+def test_the_kernel_leaves_other_layouts_to_pytorch():
+    """A non-contiguous or float64 input takes the PyTorch fused path, with the same result."""
+    adapter = trained_adapter()
+    hidden = torch.randn(9, 4, HIDDEN).transpose(0, 1)
+    general, fused = general_and_fused(adapter, hidden)
+    assert adapter.inference_plan.kernel is not None and not adapter.inference_plan.kernel.accepts(
+        hidden, adapter.base_mlp(hidden))
+    torch.testing.assert_close(fused, general, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_EXPERT_CACHE", str(tmp_path))
+    built = build_kernel()
+    assert built.parent == tmp_path / "kernels" and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert build_kernel() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("environment,warning", [({"CC": "/nonexistent/cc"}, "the compiled decode kernel is unavailable"),
+                                                 ({"LLAMA_EXPERT_DECODE_KERNEL": "0"}, None)])
+def test_without_the_kernel_adapters_take_the_pytorch_fused_path(tmp_path, environment, warning):
+    """No compiler: one warning that names the fix, and the same outputs; turned off: no warning."""
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]);"
+        "from test_fused_inference import trained_adapter, general_and_fused;"
+        "adapter = trained_adapter(); general, fused = general_and_fused(adapter, torch.randn(2, 5, 16));"
+        "assert adapter.inference_plan.kernel is None; torch.testing.assert_close(fused, general);"
+        "general_and_fused(trained_adapter('noisy_top_k'), torch.randn(1, 1, 16)); print('ok')")
+    env = {**os.environ, "LLAMA_EXPERT_CACHE": str(tmp_path), **environment}
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    if warning:
+        assert done.stderr.count(warning) == 1 and "install a C compiler" in done.stderr, done.stderr
+    else:
+        assert "decode kernel" not in done.stderr
+    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())

@@ -74,6 +74,7 @@ class MoEAdapter(nn.Module):
         # shape [1], not a 0-d scalar: FSDP2's fully_shard cannot shard a tensor without a dimension
         self.residual_scale = nn.Parameter(torch.tensor([bank.initial_residual_scale(config)]))
         self.fused_inference = True  # the decode fast path in eval without gradients (False: the general path)
+        self.decode_kernel = True  # on a CPU, the fused path as one compiled call (modeling/decode_kernel.py)
         self.inference_plan: Optional[FusedInference] = None  # built on first use, dropped when experts change
 
     @property
@@ -120,20 +121,23 @@ class MoEAdapter(nn.Module):
     def use_fused_inference(self, hidden: torch.Tensor) -> bool:
         """Eval, no gradients, no autocast, no statistics being recorded, and a router and bank with an
         inference form (modeling/fused_inference.py): the fast path gives what the general path gives."""
-        if (not self.fused_inference or self.training or torch.is_grad_enabled() or self.router.record_statistics
-                or torch.is_autocast_enabled(hidden.device.type)):
+        if not self.fused_inference or self.training or torch.is_grad_enabled():
             return False
-        if self.inference_plan is None:
-            self.inference_plan = FusedInference(self)
-        return self.inference_plan.ready()
+        if self._modules["router"].record_statistics \
+                or torch.is_autocast_enabled("cpu" if hidden.is_cpu else hidden.device.type):
+            return False  # (checked once per layer per decode step: the module dicts directly, without __getattr__)
+        plan = self.inference_plan
+        if plan is None:
+            plan = self.inference_plan = FusedInference(self)
+        return plan.ready()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
         if self.use_fused_inference(hidden):
-            if self.router.aux_loss is not None or self.router.z_loss is not None:
-                self.router.aux_loss = self.router.z_loss = None  # as the general path leaves them in eval
-            moe = self.inference_plan(hidden.reshape(-1, hidden.shape[-1]))
-            return base + (moe if moe.dtype == base.dtype else moe.to(base.dtype)).view(base.shape)
+            router = self._modules["router"]
+            if router.aux_loss is not None or router.z_loss is not None:
+                router.aux_loss = router.z_loss = None  # as the general path leaves them in eval
+            return self.inference_plan.add_to(base, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router(flat, self.token_mask.for_hidden(hidden))
         compute_dtype = self.experts.compute_dtype

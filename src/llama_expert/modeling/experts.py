@@ -86,6 +86,13 @@ class ExpertBank(nn.Module):
         """``alpha_l * MoE(h)`` [N, d] from ``input_rows h`` [N, m] (or ``h``) and dense gates [N, E]."""
         raise NotImplementedError
 
+    def kernel_form(self, residual_scale: torch.Tensor):
+        """The bank as the compiled decode kernel reads it (modeling/decode_kernel.c): ``(name, rank, width,
+        tensors)``, run by the C function ``<name>_add``; ``tensors`` holds ``input_rows`` (``A`` [r, d], under the
+        router's ``W_g``), ``up`` and, for cores, ``core_in`` / ``core_out``, with ``alpha_l * s`` folded into
+        ``up``. None: the kernel has no form of this bank (the PyTorch fused path runs it)."""
+        return None
+
 
 def register_bank(name: str):
     """``register_expert_bank`` that also tells the class its registered name (for error messages)."""
@@ -157,6 +164,14 @@ class SharedCoreExperts(ExpertBank):
         inner = F.silu(rows[:, rank:]).view(n, self.num_experts, -1) * gates.unsqueeze(-1)  # g_i silu(W1_i z)
         return F.linear(torch.addmm(z, inner.view(n, -1), core_out), up)  # B (z + sum_i g_i W2_i ...)
 
+    def kernel_form(self, residual_scale: torch.Tensor):
+        if self.down.dtype != torch.float32:
+            return None
+        experts, rank, width = self.core_in.shape
+        return "shared_core", rank, width, {"input_rows": self.down, "core_in": self.core_in,
+                                            "core_out": self.core_out,
+                                            "up": self.up.detach() * (self.lora_scaling * residual_scale)}
+
 
 @register_bank("shared_down")
 class SharedDownExperts(ExpertBank):
@@ -212,6 +227,12 @@ class SharedDownExperts(ExpertBank):
 
     def inference_output(self, rows: torch.Tensor, gates: torch.Tensor, state) -> torch.Tensor:
         return (gates.unsqueeze(-1) * rows.unsqueeze(1)).reshape(rows.shape[0], -1) @ state  # z = A h
+
+    def kernel_form(self, residual_scale: torch.Tensor):
+        if self.down.dtype != torch.float32:
+            return None
+        return "shared_down", self.down.shape[0], 0, {
+            "input_rows": self.down, "up": self.up.detach() * (self.lora_scaling * residual_scale)}
 
 
 @register_bank("mixlora")

@@ -12,6 +12,10 @@ inference needs and no more:
 3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
+On a CPU, where the router and bank also have a kernel form (``RouterBase.kernel_routing``,
+``ExpertBank.kernel_form``) and the compiled decode kernel builds (modeling/decode_kernel.py), all three steps
+and the residual add are one C call instead.
+
 The derived tensors are rebuilt whenever a source parameter changes: in place (its version counter moves),
 moved (its storage), replaced (its identity, or the router's or bank's), and after any optimiser step (a fused
 AdamW step leaves versions as they were) or a switch to training mode. A write through ``.data`` bypasses all of
@@ -29,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+
+from .decode_kernel import DecodeKernel, kernel_library
 
 
 _OPTIMIZER_STEPS = [0]  # every optimiser step anywhere: a fused AdamW step leaves parameter versions unchanged
@@ -52,18 +58,19 @@ class FusedInference:
         self.state = None
         self.num_gates = 0
         self.router = self.bank = None
+        self.kernel: Optional[DecodeKernel] = None
 
     def ready(self) -> bool:
         """Whether this router and bank have an inference form; (re)derives the fused tensors when stale."""
-        adapter = self.adapter
-        router, bank, scale = adapter.router, adapter.experts, adapter.residual_scale
+        adapter = self.adapter  # its module and parameter dicts directly: this runs once per layer per decode step
+        router, bank, scale = adapter._modules["router"], adapter._modules["experts"], adapter._parameters["residual_scale"]
         if not router.has_inference_gates:
             return False
         # the parameters as the modules hold them now; routers and banks keep theirs directly (``_parameters``:
         # four times cheaper than ``parameters()``, which matters once per layer per token)
         sources = (*router._parameters.values(), *bank._parameters.values(), scale)
-        key = (id(router), id(bank), _OPTIMIZER_STEPS[0],
-               *((id(p), p.data_ptr(), p._version) for p in sources if p is not None))
+        key = [id(router), id(bank), _OPTIMIZER_STEPS[0],
+               *[(id(p), p.data_ptr(), p._version) for p in sources if p is not None]]
         if key != self.key:
             self.key = None  # until the new tensors are built (a failed build must not leave a matching key)
             with torch.no_grad():
@@ -73,8 +80,24 @@ class FusedInference:
                 self.num_gates = gates.shape[0]
                 self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
                 self.router, self.bank = router, bank
+                self.kernel = self.compiled_kernel(router, bank, scale) if self.state is not None else None
             self.key = key
         return self.state is not None
+
+    def compiled_kernel(self, router, bank, scale) -> Optional[DecodeKernel]:
+        if not self.adapter.decode_kernel or router.weight.device.type != "cpu":
+            return None
+        routing, form = router.kernel_routing(), bank.kernel_form(scale.detach().float())
+        library = kernel_library() if routing is not None and form is not None else None
+        return DecodeKernel(library, router.weight, routing, form) if library is not None else None
+
+    def add_to(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``base + alpha_l * MoE(hidden)``: the compiled kernel where it takes these tensors, else PyTorch."""
+        kernel = self.kernel
+        if kernel is not None and kernel.accepts(hidden, base):
+            return kernel(hidden, base)
+        moe = self(hidden.reshape(-1, hidden.shape[-1]))
+        return base + (moe if moe.dtype == base.dtype else moe.to(base.dtype)).view(base.shape)
 
     def __call__(self, flat: torch.Tensor) -> torch.Tensor:
         """The adapter's ``alpha_l * MoE(h)`` for ``flat`` [N, d] hidden states (computed in float32)."""

@@ -47,6 +47,9 @@ class AuxFreeRouter(RouterBase):
         indices = (logits + self.bias).topk(self.top_k, dim=-1).indices  # under no_grad: no detach needed
         return gate_matrix(indices, torch.softmax(logits.gather(1, indices), dim=-1), self.num_experts)
 
+    def kernel_routing(self):
+        return self.top_k, self.bias, False
+
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         indices = (logits + self.bias.detach().float()).topk(self.top_k, dim=-1).indices

@@ -12,7 +12,7 @@ losses (``set_losses``) and calls ``record`` when ``record_statistics`` is on.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,13 @@ class RouterBase(nn.Module):
         """Eval routing as a dense [N, E] gate matrix from the clean logits ``h W_g`` [N, E] (float32): what
         ``forward`` gives in eval mode, per token, without losses or statistics (``modeling.fused_inference``)."""
         raise NotImplementedError(f"{type(self).__name__} routes by more than each token's logits")
+
+    def kernel_routing(self) -> Optional[Tuple[int, Optional[torch.Tensor], bool]]:
+        """Eval routing as the compiled decode kernel runs it (modeling/decode_kernel.c): ``(top_k, bias,
+        normalise_all)`` = the top-k experts of ``logits + bias`` (bias None: none), gated by the softmax of their
+        logits (``normalise_all``: each one's probability under the softmax of all E). None: this router's
+        routing is not of that form, and its adapters use the PyTorch fused path."""
+        return None
 
     def need_losses(self) -> bool:
         """Losses are computed in training mode or with gradients on; inference under no_grad needs none."""

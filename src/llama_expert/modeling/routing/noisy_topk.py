@@ -45,6 +45,9 @@ class NoisyTopKGating(RouterBase):
         top_logits, indices = logits.topk(self.top_k, dim=-1)  # eval: no noise
         return gate_matrix(indices, torch.softmax(top_logits, dim=-1), self.num_experts)
 
+    def kernel_routing(self):
+        return self.top_k, None, False
+
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         routing_logits = logits

@@ -43,6 +43,9 @@ class SoftRouter(RouterBase):
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=-1)
 
+    def kernel_routing(self):
+        return self.num_experts, None, False  # every expert, softmax over all
+
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         gates = torch.softmax(logits, dim=-1)

@@ -52,6 +52,9 @@ class SwitchRouter(RouterBase):
         gates = torch.exp(top_logit - torch.logsumexp(logits, dim=-1, keepdim=True))  # p_i, as in _route
         return gate_matrix(indices, gates, self.num_experts)
 
+    def kernel_routing(self):
+        return 1, None, True  # the top expert, gated by its probability among all
+
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         routing_logits = logits
