@@ -1,7 +1,7 @@
 """The 4-bit base (issue 11 §4), measured against the bfloat16 base on the same machine, same run:
 
-1. weight bytes: every Linear of the decoder layers, and the whole model (the tied embedding / output head stays
-   in bfloat16 under both bitsandbytes and optimum-quanto, as in QLoRA);
+1. weight bytes: every Linear of the decoder layers, and the whole model (on a CPU the tied embedding / output head
+   is int4 too, one table; bitsandbytes on CUDA keeps it in bfloat16, as in QLoRA);
 2. base perplexity on the WikiText-2 test text (the adapters compute exactly the base before training);
 3. 20 training steps of the MoE adapters on each base: validation perplexity before and after, peak memory.
 
@@ -9,6 +9,7 @@ Each training run is its own `llama-expert train` process (its peak is its own):
 bitsandbytes NF4 on CUDA.
 
     python benchmarks/quantization_4bit.py [--model smollm2-135m] [--steps 20] [--out runs/quantization-4bit]
+    python benchmarks/quantization_4bit.py --tables   # CPU: the token table's formats, bytes and base perplexity
 """
 
 import argparse
@@ -52,14 +53,58 @@ def train(model: str, quantized: bool, steps: int, out: Path) -> dict:
     return json.loads((folder / "training_summary.json").read_text())
 
 
+def test_windows(model: str, max_tokens: int = 8192, seq_len: int = 512):
+    """The first ``max_tokens`` WikiText-2 test tokens in windows of ``seq_len``, as ``train --test-dataset`` cuts
+    them (so the base perplexity here is the training summaries' ``test.before``)."""
+    from llama_expert.data import load_split, pack_blocks, tokenize_documents
+    from llama_expert.integration.base_models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    docs = load_split(f"{DATA}/wikitext-2-raw/wiki.test.raw", None, tokenizer, "test")
+    return pack_blocks(tokenize_documents(docs, tokenizer, progress=False), seq_len, max_tokens=max_tokens)
+
+
+def table_formats(model: str) -> str:
+    """Every CPU format of the tied embedding / output head (the Linear layers int4, groups of 32, throughout):
+    whole-model bytes and base perplexity against the bfloat16 base."""
+    from llama_expert.evaluation.perplexity import evaluate_perplexity
+    from llama_expert.integration.base_models import CPU_4BIT_TABLE, CPU_4BIT_TABLE_FORMATS, load_base_model, \
+        quantize_4bit_on_cpu
+
+    windows = test_windows(model)
+    rows = []
+    for name in ["bfloat16 base", *CPU_4BIT_TABLE_FORMATS]:
+        base = load_base_model(model, dtype="bfloat16").eval()
+        if name != "bfloat16 base":
+            quantize_4bit_on_cpu(base, name)
+        rows.append((name, weight_bytes(base)["model"], evaluate_perplexity(base, windows)["perplexity"]))
+    ref_bytes, ref_ppl = rows[0][1], rows[0][2]
+    lines = [f"`python benchmarks/quantization_4bit.py --model {model} --tables` ({platform.machine()}, "
+             f"{os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); Linear layers: "
+             f"optimum-quanto int4, groups of 32; base perplexity on the first {windows.numel():,} WikiText-2 test "
+             f"tokens, windows of {windows.shape[1]}, bfloat16", "",
+             "| token table | whole model | vs bf16 | base test PPL | vs bf16 |", "|---|---:|---:|---:|---:|"]
+    for name, size, ppl in rows:
+        label = f"{name} (default)" if name == CPU_4BIT_TABLE else name
+        lines.append(f"| {label} | {size / 2**20:,.1f} MiB | {size / ref_bytes:.3f}x | {ppl:.3f} | "
+                     f"{100 * (ppl / ref_ppl - 1):+.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default="runs/quantization-4bit")
+    parser.add_argument("--tables", action="store_true", help="compare the CPU token-table formats instead")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.tables:
+        text = table_formats(args.model)
+        (out / "token_tables.md").write_text(text)
+        print(text)
+        return
 
     from llama_expert.integration.base_models import load_base_model
 
@@ -67,7 +112,10 @@ def main() -> None:
              for name, q in (("bfloat16", False), ("4-bit", True))}
     runs = {name: train(args.model, q, args.steps, out) for name, q in (("bfloat16", False), ("4-bit", True))}
 
-    backend = "bitsandbytes NF4 (CUDA)" if torch.cuda.is_available() else "optimum-quanto int4, groups of 32 (CPU)"
+    from llama_expert.integration.base_models import CPU_4BIT_TABLE
+
+    backend = "bitsandbytes NF4 (CUDA)" if torch.cuda.is_available() else \
+        f"optimum-quanto int4, groups of 32, token table {CPU_4BIT_TABLE} (CPU)"
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     lines = [f"`python benchmarks/quantization_4bit.py --model {args.model} --steps {args.steps}` "

