@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, adapter_parameters, augment_model,
                           parameter_counts, parameter_report, remove_adapters, router_losses, weighted_router_loss)
 from llama_expert.modeling import EXPERT_BANKS
+from llama_expert.modeling.decode_kernel import kernel_library
 
 ADAPTER_NAME = re.compile(r"\.mlp\.(router\.|experts\.|residual_scale$)")
 
@@ -320,3 +321,37 @@ def test_budget_on_llama_3_2_3b_architecture():
     assert c["trainable"] == 3_311_644 and c["trainable"] / c["total"] <= 0.002
     assert c["experts_per_layer"] == [4, 4, 4, 4, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 6, 6, 6, 6, 5, 5, 5, 5, 5, 5, 4, 4, 4, 4]
 
+
+
+def test_the_decode_kernel_is_checked_once_per_forward_pass_and_released_after(tiny_model):
+    """The model's hooks hand every adapter its compiled kernel for one pass (integration.surgery), the pass gives
+    the general path's logits, and no adapter keeps the kernel after the pass, even one that raised."""
+    model = augment_model(tiny_model, ExpertConfig(num_experts=4, top_k=2)).eval()
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(torch.randn_like(p) * 0.3)
+    layers = [m for m in model.modules() if isinstance(m, MoEAdapter)]
+    seen = []
+    layers[1].base_mlp.register_forward_hook(lambda module, args, output: seen.append(layers[1].pass_kernel))
+    ids = _batch()
+    fused = _logits(model, ids)
+    # the kernel of the pass is the plan's (None only without a C compiler: then the PyTorch fused path ran)
+    assert seen[0] is layers[1].inference_plan.kernel
+    assert seen[0] is not None or kernel_library() is None
+    assert all(adapter.pass_kernel is None for adapter in layers)
+    for adapter in layers:
+        adapter.fused_inference = False
+    torch.testing.assert_close(fused, _logits(model, ids), rtol=1e-5, atol=1e-5)
+    for adapter in layers:
+        adapter.fused_inference = True
+    with torch.enable_grad():  # gradients on: no kernel for this pass
+        model(input_ids=ids)
+    assert seen[-1] is None
+
+    def fail(module, args, output):
+        raise RuntimeError("stop")
+    handle = layers[0].base_mlp.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="stop"), torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    assert all(adapter.pass_kernel is None for adapter in layers)

@@ -68,8 +68,19 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         token_mask.set(mask)
 
-    handle = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
-    setattr(model, _STATE, {"hook": handle, "requires_grad": requires_grad, "token_mask": token_mask})
+    layer_adapters = [layer.mlp for layer in layers]
+
+    def open_pass(module, args):  # the decode kernel's checks, once per forward pass for every layer
+        for adapter in layer_adapters:
+            adapter.pass_kernel = adapter.kernel_for_pass()
+
+    def close_pass(module, args, output):  # always called, also when the pass raised
+        for adapter in layer_adapters:
+            adapter.pass_kernel = None
+
+    hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True),
+             model.register_forward_pre_hook(open_pass), model.register_forward_hook(close_pass, always_call=True)]
+    setattr(model, _STATE, {"hooks": hooks, "requires_grad": requires_grad, "token_mask": token_mask})
     model.expert_config = config
     if config.use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,7 +95,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         if isinstance(layer.mlp, MoEAdapter):
             layer.mlp = layer.mlp.base_mlp
     state = getattr(model, _STATE)
-    state["hook"].remove()
+    for hook in state["hooks"]:
+        hook.remove()
     for name, p in model.named_parameters():
         p.requires_grad_(state["requires_grad"].get(name, p.requires_grad))
     delattr(model, _STATE)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ExpertConfig
 from .experts import EXPERT_BANKS
+from .decode_kernel import DecodeKernel
 from .fused_inference import FusedInference
 from .per_expert import Transfer
 from .routing import ROUTERS
@@ -76,6 +77,9 @@ class MoEAdapter(nn.Module):
         self.fused_inference = True  # the decode fast path in eval without gradients (False: the general path)
         self.decode_kernel = True  # on a CPU, the fused path as one compiled call (modeling/decode_kernel.py)
         self.inference_plan: Optional[FusedInference] = None  # built on first use, dropped when experts change
+        # the compiled kernel for the model forward pass in progress, set and cleared by the model's hooks
+        # (integration.surgery): checked once per pass for all layers, instead of once per layer
+        self.pass_kernel: Optional[DecodeKernel] = None
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -121,18 +125,35 @@ class MoEAdapter(nn.Module):
     def use_fused_inference(self, hidden: torch.Tensor) -> bool:
         """Eval, no gradients, no autocast, no statistics being recorded, and a router and bank with an
         inference form (modeling/fused_inference.py): the fast path gives what the general path gives."""
+        return self.fused_inference_ready("cpu" if hidden.is_cpu else hidden.device.type)
+
+    def fused_inference_ready(self, device_type: str) -> bool:
         if not self.fused_inference or self.training or torch.is_grad_enabled():
             return False
-        if self._modules["router"].record_statistics \
-                or torch.is_autocast_enabled("cpu" if hidden.is_cpu else hidden.device.type):
+        if self._modules["router"].record_statistics or torch.is_autocast_enabled(device_type):
             return False  # (checked once per layer per decode step: the module dicts directly, without __getattr__)
         plan = self.inference_plan
         if plan is None:
             plan = self.inference_plan = FusedInference(self)
         return plan.ready()
 
+    def kernel_for_pass(self) -> Optional[DecodeKernel]:
+        """The compiled kernel to run for a whole model forward pass, or None: the model's pre-hook asks once per
+        pass (integration.surgery), so that each layer skips the checks above. On a CPU each check costs several
+        times its in-cache time, because it runs right after the frozen MLP has streamed its weights through the
+        caches; in one loop before the pass they stay cheap. Weights must not change during the pass."""
+        if not self.fused_inference_ready(self._modules["router"].weight.device.type):
+            return None
+        router = self._modules["router"]
+        if router.aux_loss is not None or router.z_loss is not None:
+            router.aux_loss = router.z_loss = None  # as the general path leaves them in eval
+        return self.inference_plan.kernel
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
+        kernel = self.pass_kernel
+        if kernel is not None and kernel.accepts(hidden, base):
+            return kernel(hidden, base)
         if self.use_fused_inference(hidden):
             router = self._modules["router"]
             if router.aux_loss is not None or router.z_loss is not None:
