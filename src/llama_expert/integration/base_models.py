@@ -10,6 +10,8 @@ An access token is passed to the Hub and nowhere else: never logged, never writt
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import importlib.util
 import os
@@ -205,7 +207,20 @@ def quantize_4bit_on_cpu(model, table_format: str = CPU_4BIT_TABLE):
             del model.quantized_token_table
         model.set_input_embeddings(QuantizedEmbedding(table, embedding.weight.dtype, tied, embedding.padding_idx,
                                                       sample))
+    del embedding, head, table
+    release_freed_heap()
     return model
+
+
+def release_freed_heap() -> None:
+    """Return the heap that the full-precision weights held to the OS. Why: glibc keeps freed memory in its
+    arenas, so after quantising SmolLM2 the process held 1008 MiB of RSS of which 513 MiB were free; training
+    then peaked above the bfloat16 run. ``malloc_trim`` exists only in glibc; elsewhere this does nothing."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _from_pretrained(auto_class, kind: str, location: str, what: str, auth_token: Optional[str], **kwargs):
