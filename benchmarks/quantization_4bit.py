@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llama_expert.evaluation.memory import tensor_bytes
+from llama_expert.evaluation.memory import model_bytes, tensor_bytes
 
 DATA = os.environ.get("DATA", "../shared/data")
 
@@ -33,12 +33,7 @@ def weight_bytes(model) -> dict:
     linear = sum(tensor_bytes(module.weight) for name, module in model.named_modules()
                  if ".layers." in name and hasattr(module, "weight") and module.weight is not None
                  and module.weight.dim() == 2)
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor_bytes(tensor)
-    return {"linear": linear, "model": total}
+    return {"linear": linear, "model": model_bytes(model)}
 
 
 def train(model: str, quantized: bool, steps: int, out: Path) -> dict:

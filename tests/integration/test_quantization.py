@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quant] extra")
 
 from llama_expert import ExpertConfig, TrainingArguments  # noqa: E402
-from llama_expert.evaluation.memory import tensor_bytes  # noqa: E402
+from llama_expert.evaluation.memory import model_bytes, tensor_bytes  # noqa: E402
 from llama_expert.integration.adapter_files import weights_checksum  # noqa: E402
 from llama_expert.errors import ConfigError  # noqa: E402
 from llama_expert.integration.base_models import load_base_model, load_tokenizer, quantize_4bit_on_cpu  # noqa: E402
@@ -20,17 +20,6 @@ def _linear_weight_bytes(model):
     """Bytes of the projections' weights (a quanto tensor: its packed codes, scales and shifts)."""
     return sum(tensor_bytes(module.weight) for name, module in model.named_modules()
                if "proj" in name and getattr(module, "weight", None) is not None)
-
-
-def _all_weight_bytes(model):
-    """Bytes of every parameter and buffer of the model, each tensor once (a tied table is one)."""
-    seen, total = set(), 0
-    for module in model.modules():
-        for tensor in (*module._parameters.values(), *module._buffers.values(), getattr(module, "weight", None)):
-            if tensor is not None and id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor_bytes(tensor)
-    return total
 
 
 def _smollm2_shaped_base(folder, tied=True, vocab_size=512):
@@ -63,7 +52,7 @@ def test_the_whole_4_bit_base_takes_at_most_035_of_bfloat16(tmp_path, tied, voca
     plain = load_base_model(folder, dtype="bfloat16")
     small = load_base_model(folder, dtype="bfloat16", quantization_4bit=True)
     assert (small.get_output_embeddings().weight is small.get_input_embeddings().weight) == tied
-    ratio = _all_weight_bytes(small) / _all_weight_bytes(plain)
+    ratio = model_bytes(small) / model_bytes(plain)
     assert ratio <= 0.35, ratio
     ids = torch.randint(0, vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     table = small.get_input_embeddings().weight.dequantize()  # the quantised table, whole

@@ -1,7 +1,7 @@
 """Peak memory of this process: CUDA's peak allocation on a GPU, the peak resident set size elsewhere.
 
-The one place that reads it, for training summaries and the benchmark alike; and ``tensor_bytes``, what a
-(possibly quantised) tensor holds. ``ru_maxrss`` is in
+The one place that reads it, for training summaries and the benchmark alike; and ``tensor_bytes`` /
+``model_bytes``, what a (possibly quantised) tensor or model holds. ``ru_maxrss`` is in
 kilobytes on Linux and in bytes on macOS; the peak RSS cannot be reset, so it covers everything the
 process did before (model loading included).
 """
@@ -37,3 +37,9 @@ def tensor_bytes(tensor) -> int:
         total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
         state = getattr(state, "state2", None)
     return total
+
+
+def model_bytes(model) -> int:
+    """Bytes of every distinct parameter and buffer of ``model`` (a tied embedding / head table once), through
+    quantised tensors."""
+    return sum(tensor_bytes(t) for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values())

@@ -171,8 +171,9 @@ def quantize_4bit_on_cpu(model, table_format: str = CPU_4BIT_TABLE):
     rises 59% with groups of 128 and 0.07% with groups of 32 (``benchmarks/quantization_4bit.py``); the scales
     cost 1 bit per weight (5 bits in all, 0.31x of bfloat16), and a base read from a 4-bit GGUF (blocks of 32)
     keeps its grid. Why int4 in groups of 16 for the table (6 bits a weight): with groups of 32 the base's
-    perplexity rose 7.0%, with 16 3.9%, with int8 0.27%; int8 would leave the whole model at 0.352x of bfloat16,
-    groups of 16 at 0.326x, within both goals (at most 0.35x, at most +5%). The price is speed: quanto's fast CPU
+    perplexity rose 7.68%, with 16 4.32%, with int8 0.37% (``benchmarks/quantization_4bit.py --tables``); int8
+    would leave the whole model at 0.353x of bfloat16, groups of 16 at 0.326x, within both goals (at most 0.35x,
+    at most +5%). The price is speed: quanto's fast CPU
     int4 kernel (TinyGemm) serves only groups of 128 in bfloat16, so each matmul dequantises its weight first."""
     try:
         from optimum.quanto import QModuleMixin, freeze, qint4, qint8, quantize

@@ -144,10 +144,14 @@ class MoEAdapter(nn.Module):
         caches; in one loop before the pass they stay cheap. Weights must not change during the pass."""
         if not self.fused_inference_ready(self._modules["router"].weight.device.type):
             return None
+        self.drop_router_losses()
+        return self.inference_plan.kernel
+
+    def drop_router_losses(self) -> None:
+        """No losses after an inference pass, as the general path leaves them in eval (the fast paths compute none)."""
         router = self._modules["router"]
         if router.aux_loss is not None or router.z_loss is not None:
-            router.aux_loss = router.z_loss = None  # as the general path leaves them in eval
-        return self.inference_plan.kernel
+            router.aux_loss = router.z_loss = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
@@ -155,9 +159,7 @@ class MoEAdapter(nn.Module):
         if kernel is not None and kernel.accepts(hidden, base):
             return kernel(hidden, base)
         if self.use_fused_inference(hidden):
-            router = self._modules["router"]
-            if router.aux_loss is not None or router.z_loss is not None:
-                router.aux_loss = router.z_loss = None  # as the general path leaves them in eval
+            self.drop_router_losses()
             return self.inference_plan.add_to(base, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router(flat, self.token_mask.for_hidden(hidden))

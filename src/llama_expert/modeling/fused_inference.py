@@ -7,7 +7,7 @@ adapters cost 0.1x of the base's decode speed at batch 1 (docs/results/decode-sp
 inference needs and no more:
 
 1. one matmul of ``h`` with the router's gate rows stacked on the bank's input rows (``[W_g; A; ...]`` h,
-   float32, as the general path routes; ``ExpertBank.inference_input_weight``);
+   float32, as the general path routes; ``ExpertBank.inference_state``);
 2. the router's gates as a dense ``[N, E]`` matrix (``RouterBase.inference_gates``);
 3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
@@ -74,20 +74,21 @@ class FusedInference:
         if key != self.key:
             self.key = None  # until the new tensors are built (a failed build must not leave a matching key)
             with torch.no_grad():
-                form = bank.inference_state(scale.detach().float())
+                alpha = scale.detach().float()
+                form = bank.inference_state(alpha)
                 input_rows, self.state = form if form is not None else (None, None)
                 gates = router.weight.detach().float()
                 self.num_gates = gates.shape[0]
                 self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
                 self.router, self.bank = router, bank
-                self.kernel = self.compiled_kernel(router, bank, scale) if self.state is not None else None
+                self.kernel = self.compiled_kernel(router, bank, alpha) if self.state is not None else None
             self.key = key
         return self.state is not None
 
-    def compiled_kernel(self, router, bank, scale) -> Optional[DecodeKernel]:
+    def compiled_kernel(self, router, bank, alpha: torch.Tensor) -> Optional[DecodeKernel]:
         if not self.adapter.decode_kernel or router.weight.device.type != "cpu":
             return None
-        routing, form = router.kernel_routing(), bank.kernel_form(scale.detach().float())
+        routing, form = router.kernel_routing(), bank.kernel_form(alpha)
         library = kernel_library() if routing is not None and form is not None else None
         return DecodeKernel(library, router.weight, routing, form) if library is not None else None
 
