@@ -32,3 +32,22 @@ def test_a_folder_with_an_empty_split_file_names_the_file(tmp_path):
     (tmp_path / "valid.txt").write_text("")
     with pytest.raises(DataError, match="valid.txt is empty"):
         load_text_dataset(str(tmp_path))
+
+
+def test_a_one_line_file_names_eval_dataset(tmp_path):
+    """A file too short to hold out a validation tail says how to give validation text."""
+    from llama_expert.data import select_split
+
+    path = tmp_path / "one.txt"
+    path.write_text("just one line\n")
+    with pytest.raises(DataError, match="no \\(or an empty\\) 'validation' split .*--eval-dataset"):
+        select_split(load_text_dataset(str(path)), "validation", str(path))
+
+
+def test_empty_rows_are_not_counted_as_splits_with_text(tmp_path):
+    from llama_expert.data import select_split
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": ""}\n' * 10)
+    with pytest.raises(DataError, match="splits with text: none"):
+        select_split(load_text_dataset(str(path)), "train", str(path))

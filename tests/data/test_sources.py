@@ -19,11 +19,45 @@ def test_embedded_corpus_is_deterministic_and_disjoint():
 
 
 def test_single_file_holds_out_its_tail_for_validation(tmp_path):
+    """One text file is one document: its last 5% of lines are validation, and the two parts put together are
+    the file's text exactly."""
     path = tmp_path / "notes.txt"
-    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    text = "".join(f"line {i}\n" for i in range(100))
+    path.write_text(text)
     splits = load_text_dataset(str(path))
-    assert len(splits["train"]) == 95 and len(splits["validation"]) == 5
-    assert splits["train"][0] == "line 0\n"
+    assert splits["train"] == ["".join(f"line {i}\n" for i in range(95))]
+    assert splits["validation"] == ["".join(f"line {i}\n" for i in range(95, 100))]
+
+
+CODE = "# file: a.py\nimport os\n\n\ndef f():\n    return os.sep\n\n\n# file: b.py\n\nX = 1\n"
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".md", ".text"])
+def test_a_text_file_reaches_the_tokenizer_as_written(tmp_path, suffix):
+    """Code, poetry and paragraph-separated prose keep their own line breaks: no line becomes a document
+    that packing would follow with a blank line (the code domain was once trained triple-spaced)."""
+    from llama_expert.data import load_split
+
+    from ..conftest import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    path = tmp_path / f"code{suffix}"
+    path.write_text(CODE)
+    for split in ("train", "test"):
+        assert tokenizer.decode(tokenize_documents(load_split(str(path), None, tokenizer, split), tokenizer,
+                                                   progress=False)) == CODE
+    held = load_text_dataset(str(path))
+    assert held["train"][0] + held["validation"][0] == CODE
+
+
+def test_wikitext_raw_files_keep_the_published_line_protocol(tmp_path):
+    """A WikiText ``.raw`` file is read line by line, as the Hub's rows, and packing joins the lines with a
+    blank line: the token stream of the perplexity papers (``"\\n\\n".join(test["text"])``)."""
+    from llama_expert.data import load_split
+
+    path = tmp_path / "wiki.test.raw"
+    path.write_text(" = A = \n\n Text .\n")
+    assert load_split(str(path), None, None, "test") == [" = A = \n", "\n", " Text .\n"]
 
 
 def test_wikitext_folder_uses_split_names(shared_data):

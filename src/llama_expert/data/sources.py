@@ -1,8 +1,12 @@
 """Text datasets: the Hub, local files and folders, and an embedded corpus.
 
-Every source becomes ``{split: [document, ...]}``; ``packing`` turns documents into token blocks. Local
-WikiText files are read line by line with their newlines kept, so a local
-``wiki.test.raw`` gives the same token stream as the Hub's ``wikitext-2-raw-v1`` test split.
+Every source becomes ``{split: [document, ...]}``; ``packing`` joins documents with a blank line and turns
+them into token blocks. A text file reaches the tokenizer as written: a ``.txt``/``.md``/``.text`` file is one
+document (code, poetry and paragraph-separated prose keep their own line breaks), a ``.jsonl`` file holds one
+document per row, and a folder of code one per file. The one exception is WikiText's ``.raw`` files, read line
+by line with their newlines kept, because that is the published protocol: the Hub's ``wikitext-2-raw-v1``
+rows are those lines and the perplexity papers and Transformers' perplexity guide join them with
+``"\n\n"``, so a local ``wiki.test.raw`` gives the same token stream as the Hub's test split.
 
 ``embedded`` is the documentation text of the standard library module ``pydoc_data.topics``
 (about 0.5 MB of English prose about Python), present in every Python install: the offline quickstart.
@@ -43,6 +47,7 @@ def embedded_corpus() -> Dict[str, List[str]]:
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".raw", ".md", ".text")
+WIKITEXT_SUFFIX = ".raw"  # WikiText's files: one document per line, as the Hub's rows (the published protocol)
 
 
 def _read_text(path: Path) -> str:
@@ -59,7 +64,8 @@ def _read_text(path: Path) -> str:
 
 
 def read_documents(path: Path, tokenizer=None) -> List[str]:
-    """Lines of a text file (newlines kept), or the documents of a JSON-lines file."""
+    """The documents of a file: its whole text (one document), the rows of a JSON-lines file, or the lines of a
+    WikiText ``.raw`` file (newlines kept; see the module docstring for why)."""
     text = _read_text(path)
     if path.suffix == ".jsonl":
         docs = []
@@ -72,7 +78,7 @@ def read_documents(path: Path, tokenizer=None) -> List[str]:
                 raise DataError(f"{path}:{n} is not valid JSON ({exc}).") from exc
             docs.append(row_text(row, tokenizer, f"{path}:{n}"))
         return docs
-    return text.splitlines(keepends=True)
+    return text.splitlines(keepends=True) if path.suffix == WIKITEXT_SUFFIX else [text]
 
 
 def _split_of_file(path: Path) -> Optional[str]:
@@ -83,9 +89,15 @@ def _split_of_file(path: Path) -> Optional[str]:
     return None
 
 
-def _hold_out(lines: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
-    cut = max(1, int(len(lines) * (1 - fraction))) if len(lines) > 1 else len(lines)
-    return {"train": lines[:cut], "validation": lines[cut:]}
+def _hold_out(docs: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
+    """The last ``fraction`` of the documents for validation; a single document is cut at a line boundary
+    instead, so that training text + validation text is the file's text exactly."""
+    if len(docs) == 1:
+        lines = docs[0].splitlines(keepends=True)
+        cut = max(1, int(len(lines) * (1 - fraction))) if len(lines) > 1 else len(lines)
+        return {"train": ["".join(lines[:cut])], "validation": ["".join(lines[cut:])] if cut < len(lines) else []}
+    cut = max(1, int(len(docs) * (1 - fraction))) if len(docs) > 1 else len(docs)
+    return {"train": docs[:cut], "validation": docs[cut:]}
 
 
 SOURCE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".rb", ".sh",
@@ -176,9 +188,11 @@ def load_text_dataset(name: Optional[str] = None, config: Optional[str] = None,
 def select_split(splits: Dict[str, List[str]], split: str, source: str) -> List[str]:
     docs = splits.get(split)
     if not docs or not "".join(docs).strip():
-        have = ", ".join(k for k, v in splits.items() if v) or "none"
-        raise DataError(f"dataset '{source}' has no (or an empty) '{split}' split (splits with text: {have}). "
-                        f"Pass a file or folder that has one.")
+        have = ", ".join(k for k, v in splits.items() if "".join(v).strip()) or "none"
+        fix = ("pass --eval-dataset FILE for validation text, or a file long enough to hold out its last 5%"
+               if split == "validation" else "pass a file or folder that has one")
+        raise DataError(f"dataset '{source}' has no (or an empty) '{split}' split (splits with text: {have}); "
+                        f"{fix}.")
     return docs
 
 
