@@ -1,4 +1,4 @@
-"""Decode with and without CUDA graphs (issue 11 §3, on a GPU): base, MoE adapters and merged LoRA.
+"""Decode speed on a GPU with and without CUDA graphs: base, MoE adapters and merged LoRA.
 
 Each model generates through `generate()` twice over: with the default dynamic KV cache (eager, one kernel
 launch per op), and with `cache_implementation="static"`, for which Transformers compiles the forward with

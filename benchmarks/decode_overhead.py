@@ -1,4 +1,4 @@
-"""Where the MoE adapters' decode time goes on a CPU (issue 11 §3): one decode step at batch 1, median of
+"""Where the MoE adapters' decode time goes on a CPU: one decode step at batch 1, median of
 interleaved repeats, for the base and for the augmented model with parts of the adapter switched off:
 
 - ``wrapper only``: each adapter just calls the frozen MLP (the cost of one more module per layer);

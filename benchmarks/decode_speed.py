@@ -1,4 +1,4 @@
-"""Decode speed side by side (issue 11 §3): base, MoE-augmented and merged-LoRA models at batch 1 and 8,
+"""Decode speed side by side on a CPU: base, MoE-augmented and merged-LoRA models at batch 1 and 8,
 repeats interleaved so that machine drift hits them alike; ratios to the base from the same run.
 
     python benchmarks/decode_speed.py [--model smollm2-135m] [--adapter MOE_DIR] [--kv-cache none]

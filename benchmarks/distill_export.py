@@ -1,4 +1,4 @@
-"""Distil, merge, export (issue 10 §3): from an MoE adapter to a dense model any engine serves, measured.
+"""Distil, merge, export: from an MoE adapter to a dense model any engine serves, measured.
 
 1. `llama-expert distill`: a dense LoRA (no larger than the MoE adapters) trained on the mix's training files
    to match the MoE-augmented model's next-token distributions;

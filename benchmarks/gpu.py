@@ -1,4 +1,4 @@
-"""The GPU benchmark in one script (issue 12): training and decoding, side by side, written as a Markdown table.
+"""The GPU benchmark in one script: training and decoding, side by side, written as a Markdown table.
 
 For the SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B architectures with random weights (speed and memory do not
 depend on the weights' values, and the machine need not hold any checkpoint), in bfloat16:

@@ -1,4 +1,4 @@
-"""KV-cache compression, measured where it matters (issue 11 §1), on SmolLM2-135M (or --model):
+"""KV-cache compression, measured where it matters, on SmolLM2-135M (or --model):
 
 - bytes per cached token at none / int8 / int4 after a long sequence, and the ratio to the uncompressed cache;
 - chunked perplexity on WikiText-2 test: each window is fed in chunks of CHUNK tokens through the cache, so

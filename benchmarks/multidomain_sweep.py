@@ -1,4 +1,4 @@
-"""The cheap sweep of issue 9 section 2 on the three-domain mix (math, code, prose).
+"""Adapter configurations compared at a matched parameter budget on the three-domain mix (math, code, prose).
 
 Every run: 100 steps x 4 x 256 tokens on the equal-token mix, seed 1, bfloat16 base; selection on the mixture's
 validation perplexity (held out from the training files); the first TEST_TOKENS tokens of each domain's test
@@ -8,7 +8,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run lora:1e-3 moe:3e-3      # NAME:LR[:SEED] ..., one after the other
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
-    python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
+    python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
@@ -53,7 +53,7 @@ CONFIGS = {
     "soft": ["--method", "moe", "--router-type", "soft"],
     "switch": ["--method", "moe", "--router-type", "switch", "--top-k", "1"],
     "aux-free": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0"],
-    # the allocation study (issue 10 §1) at progressive's 168 experts over SmolLM2's 30 layers: grown during
+    # the expert-allocation study at progressive's 168 experts over SmolLM2's 30 layers: grown during
     # training from half of it (dynamic), or spread evenly (uniform); "aux-free" itself is progressive
     "aux-free-dynamic": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0",
                          "--expert-allocation", "dynamic"],

@@ -1,4 +1,4 @@
-"""Pruning curve (issue 10 §2): multi-domain test perplexity of an MoE adapter against the share of experts kept.
+"""Pruning curve: multi-domain test perplexity of an MoE adapter against the share of experts kept.
 
 For each fraction, `llama-expert prune` scores the experts on calibration text (the training files of the mix,
 never the test text) and keeps that share per layer; the pruned adapter is then measured with `benchmark` on

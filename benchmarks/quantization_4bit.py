@@ -1,4 +1,4 @@
-"""The 4-bit base (issue 11 §4), measured against the bfloat16 base on the same machine, same run:
+"""The 4-bit base (``--quantization-4bit``), measured against the bfloat16 base on the same machine, same run:
 
 1. weight bytes: every Linear of the decoder layers, and the whole model (on a CPU the tied embedding / output head
    is int4 too, one table; bitsandbytes on CUDA keeps it in bfloat16, as in QLoRA);
