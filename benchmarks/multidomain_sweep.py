@@ -30,13 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-DATA = os.environ.get("DATA", "../shared/data")
+from common import ARCHITECTURES, PROSE, TEST, TRAIN, machine
+
 OUT = Path(os.environ.get("OUT", "runs/multidomain-sweep"))
-TRAIN = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/train.jsonl", "multidomain/code/train.txt",
-                                          "wikitext-2-raw/wiki.valid.raw"))
-PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"
-TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
-                                         "wikitext-2-raw/wiki.test.raw"))
+
 
 def even_split(total: int, layers: int) -> str:
     """``total`` experts over ``layers`` layers as evenly as integers allow (5s and 6s for 168 over 30)."""
@@ -81,9 +78,6 @@ def trainable_parameters(name: str) -> int:
     from llama_expert.config import ExpertConfig
     from llama_expert.training.methods import METHODS
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from parameter_budget import ARCHITECTURES
-
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(CONFIGS[name])
@@ -126,23 +120,13 @@ def train_command(spec: str, train: str, out: Path):
             "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--no-progress", "--overwrite"], folder
 
 
-def machine_description() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-
-
 def run(specs, train: str = TRAIN, out: Path = OUT, jobs: int = 1, deadline: float = math.inf) -> None:
     """Train every spec, ``jobs`` at a time (each job's output in <folder>.log); none is started after
     ``deadline`` seconds. Several jobs share one GPU well: a run of this size is bound by kernel launches."""
     started, running, failed = time.time(), [], []
     queue = [train_command(spec, train, out) for spec in specs]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "machine.txt").write_text(machine_description() + f", {jobs} runs at a time\n")
+    (out / "machine.txt").write_text(machine() + f", {jobs} runs at a time\n")
     while queue or running:
         for process, folder, log in [r for r in running if r[0].poll() is not None]:
             running.remove((process, folder, log))
