@@ -1,4 +1,4 @@
-"""Decode with and without CUDA graphs (issue 11 §3, on a GPU): base, MoE adapters and merged LoRA.
+"""Decode speed on a GPU with and without CUDA graphs: base, MoE adapters and merged LoRA.
 
 Each model generates through `generate()` twice over: with the default dynamic KV cache (eager, one kernel
 launch per op), and with `cache_implementation="static"`, for which Transformers compiles the forward with
@@ -11,7 +11,6 @@ compiles. Random weights in bfloat16 (speed does not depend on them); the MoE ex
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -19,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_speed import random_merged_lora, random_moe  # noqa: E402
-from gpu import build  # noqa: E402
+from llama_expert.evaluation.throughput import prompt_ids, synchronize
 
-from llama_expert.evaluation.throughput import prompt_ids, synchronize  # noqa: E402
+from common import command, machine, today
+from decode_speed import random_merged_lora, random_moe
+from gpu import build
 
 
 def generation_seconds(model, prompts, new_tokens: int, static: bool) -> float:
@@ -63,10 +62,8 @@ def main() -> None:
         sys.exit("no CUDA device: CUDA graphs need one (python benchmarks/cuda_graphs.py --tiny for a CPU dry run)")
     if args.tiny:
         args.models, args.prompt_len, args.new_tokens, args.repeats = "SmolLM2-135M", 8, 4, 1
-    machine = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
-    lines = [f"`python benchmarks/cuda_graphs.py {' '.join(sys.argv[1:])}` ({machine}, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}; bfloat16, random weights, prompt {args.prompt_len}, {args.new_tokens} new "
-             f"tokens, median of {args.repeats})", "",
+    lines = [f"{command()} ({machine(device)}{', dry run' if args.tiny else ''}, {today()}; bfloat16, random "
+             f"weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats})", "",
              "| model | variant | batch | eager tokens/s | CUDA graphs tokens/s | graphs / eager | vs base (graphs) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     out = Path(args.out)

@@ -1,4 +1,4 @@
-"""Where the MoE adapters' decode time goes on a CPU (issue 11 §3): one decode step at batch 1, median of
+"""Where the MoE adapters' decode time goes on a CPU: one decode step at batch 1, median of
 interleaved repeats, for the base and for the augmented model with parts of the adapter switched off:
 
 - ``wrapper only``: each adapter just calls the frozen MLP (the cost of one more module per layer);
@@ -13,8 +13,6 @@ interleaved repeats, for the base and for the augmented model with parts of the 
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import time
 
@@ -24,6 +22,8 @@ from llama_expert.integration.adapter_files import load_adapter_weights
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
 from llama_expert.modeling.fused_inference import FusedInference
+
+from common import command, machine, today
 
 
 class ZeroPlan(FusedInference):
@@ -79,9 +79,8 @@ def main() -> None:
             times[variant].append(step_ms(moe, args.steps))
     set_variant(moe, "compiled kernel")
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"`python benchmarks/decode_overhead.py {' '.join(os.sys.argv[1:])}` ({time.strftime('%Y-%m-%d')}, "
-          f"{platform.machine()} x {os.cpu_count()} CPUs, torch {torch.__version__}, float32, batch 1, prompt 128, "
-          f"median of {args.repeats} interleaved repeats of {args.steps} decode steps)")
+    print(f"{command()} ({today()}, {machine('cpu')}, float32, batch 1, prompt 128, median of {args.repeats} "
+          f"interleaved repeats of {args.steps} decode steps)")
     print("| model | ms per decode step | added per layer | base / this |")
     print("|---|---:|---:|---:|")
     layers = len(list(adapters(moe)))

@@ -1,4 +1,4 @@
-"""Decode speed side by side (issue 11 §3): base, MoE-augmented and merged-LoRA models at batch 1 and 8,
+"""Decode speed side by side on a CPU: base, MoE-augmented and merged-LoRA models at batch 1 and 8,
 repeats interleaved so that machine drift hits them alike; ratios to the base from the same run.
 
     python benchmarks/decode_speed.py [--model smollm2-135m] [--adapter MOE_DIR] [--kv-cache none]
@@ -10,9 +10,6 @@ architecture, so its ratio should be 1 within noise.
 
 import argparse
 import copy
-import os
-import platform
-import time
 
 import torch
 
@@ -22,6 +19,8 @@ from llama_expert.integration.adapter_files import load_adapter_weights
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
 from llama_expert.training.lora import add_lora
+
+from common import command, machine, today
 
 
 def random_moe(base):
@@ -64,9 +63,7 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     results = measure_interleaved([base, moe, merged], args.samples, args.prompt_len, args.new_tokens, batches,
                                   progress=False, kv_cache=args.kv_cache)
-    print(f"decode speed, `python benchmarks/decode_speed.py {' '.join(os.sys.argv[1:])}`, "
-          f"{time.strftime('%Y-%m-%d')}, {platform.machine()} x {os.cpu_count()} CPUs "
-          f"({torch.get_num_threads()} threads), torch {torch.__version__}, {args.dtype}, prompt {args.prompt_len}, "
+    print(f"decode speed, {command()}, {today()}, {machine('cpu')}, {args.dtype}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, median of {args.samples} interleaved repeats, kv cache {args.kv_cache}")
     print("| model | batch | decode tokens/s | vs base |")
     print("|---|---:|---:|---:|")

@@ -1,4 +1,4 @@
-"""Distil, merge, export (issue 10 §3): from an MoE adapter to a dense model any engine serves, measured.
+"""Distil, merge, export: from an MoE adapter to a dense model any engine serves, measured.
 
 1. `llama-expert distill`: a dense LoRA (no larger than the MoE adapters) trained on the mix's training files
    to match the MoE-augmented model's next-token distributions;
@@ -14,26 +14,14 @@
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-DATA = os.environ.get("DATA", "../shared/data")
-TRAIN = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/train.jsonl", "multidomain/code/train.txt",
-                                          "wikitext-2-raw/wiki.valid.raw"))
-TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
-                                         "wikitext-2-raw/wiki.test.raw"))
+from common import TEST, TRAIN, llama_expert, machine, today
+
 PROMPTS = ["Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
            "def fibonacci(n):\n    ", "The history of the city begins in"]
-
-
-def llama_expert(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", "llama_expert.cli", *argv], check=True)
 
 
 def read_perplexity(report: Path) -> dict:
@@ -112,8 +100,7 @@ def main() -> None:
         llm = Llama(model_path=str(gguf / "f32" / "model.gguf"), n_ctx=512, verbose=False, seed=0)
         texts["llama.cpp (f32)"] = [llm(p, max_tokens=24, temperature=0.0)["choices"][0]["text"] for p in PROMPTS]
 
-    print(f"distil / merge / export of {args.adapter}, {time.strftime('%Y-%m-%d')}, {platform.machine()} x "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"distil / merge / export of {args.adapter}, {today()}, {machine()}")
     print(f"\ndistilled: rank {summary['rank']}, {summary['student_parameters']:,} parameters (MoE "
           f"{summary['teacher_parameters']:,}), {args.steps} steps x 4 x {args.seq_len}; held-out KL "
           f"{summary['held_out_kl_before']:.4f} -> {summary['held_out_kl_after']:.4f}")

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import statistics
 import time
 
 import torch
 
 from llama_expert import ExpertConfig, augment_model, load_base_model
+
+from common import machine
 
 
 def parse_args(argv=None):
@@ -83,8 +83,7 @@ def main(argv=None) -> None:
     print(f"| {args.model} | {args.seq_len} | {args.batch_size} | {base_med:,.0f} | {aug_med:,.0f} "
           f"| {aug_med / base_med:.3f} |")
     print()
-    print(f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"cpu count {os.cpu_count()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"- machine: {machine('cpu')}")
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"- {args.repeats} interleaved repeats after {args.warmup} warm-up runs each; forward under no_grad, "
           f"eval mode, float32; median of paired ratios {paired:.3f}")

@@ -1,4 +1,4 @@
-"""The GPU benchmark in one script (issue 12): training and decoding, side by side, written as a Markdown table.
+"""The GPU benchmark in one script: training and decoding, side by side, written as a Markdown table.
 
 For the SmolLM2-135M, Llama-3.2-1B and Llama-3.2-3B architectures with random weights (speed and memory do not
 depend on the weights' values, and the machine need not hold any checkpoint), in bfloat16:
@@ -21,15 +21,12 @@ on a CPU (the test suite does, so the script cannot rot between GPU loans).
 import argparse
 import gc
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parameter_budget import ARCHITECTURES  # noqa: E402
+from common import ARCHITECTURES, machine, today
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, tie_word_embeddings=True, head_dim=16)
@@ -161,9 +158,8 @@ def decode_rows(name, args, device):
 
 
 def write_table(path: str, args, device: str, started: float, training, decoding, skipped) -> str:
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU x {os.cpu_count()}"
     lines = [f"# GPU benchmark{' (tiny dry run)' if args.tiny else ''}", "",
-             f"{time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, bfloat16, random weights; training: "
+             f"{today()}, {machine(device)}, bfloat16, random weights; training: "
              f"batch {args.batch} x {args.seq_len} tokens, median of {args.steps} steps after {args.warmup}; decode: "
              f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.decode_samples}, interleaved; "
              f"{time.time() - started:.0f} s in all. Peak memory: "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark (issue 12): training and decode of SmolLM2-135M and the Llama-3.2-1B/3B architectures,
+# The GPU benchmark: training and decode of SmolLM2-135M and the Llama-3.2-1B/3B architectures,
 # MoE vs LoRA vs full fine-tuning, with and without gradient checkpointing and a 4-bit base. About 8 minutes
 # on one H200; the table goes to ${OUT:-runs/gpu}/gpu_table.md. A CPU dry run: python benchmarks/gpu.py --tiny
 set -euo pipefail

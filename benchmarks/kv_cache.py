@@ -1,4 +1,4 @@
-"""KV-cache compression, measured where it matters (issue 11 §1), on SmolLM2-135M (or --model):
+"""KV-cache compression, measured where it matters, on SmolLM2-135M (or --model):
 
 - bytes per cached token at none / int8 / int4 after a long sequence, and the ratio to the uncompressed cache;
 - chunked perplexity on WikiText-2 test: each window is fed in chunks of CHUNK tokens through the cache, so
@@ -14,8 +14,6 @@
 import argparse
 import math
 import os
-import platform
-import time
 
 import torch
 
@@ -25,7 +23,7 @@ from llama_expert.inference.kv_cache import KVCacheCompressor
 from llama_expert.inference.kv_cache_choice import cache_kwargs
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
-DATA = os.environ.get("DATA", "../shared/data")
+from common import PROSE_TEST, machine, today
 
 
 def caches(model, residual: int):
@@ -90,8 +88,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/kv-cache")
     args = parser.parse_args()
     model, tokenizer = load_base_model(args.model).eval(), load_tokenizer(args.model)
-    ids = tokenize_documents(load_split(f"{DATA}/wikitext-2-raw/wiki.test.raw", None, tokenizer, "test"),
-                             tokenizer, False)
+    ids = tokenize_documents(load_split(PROSE_TEST, None, tokenizer, "test"), tokenizer, False)
     windows = ids[: args.windows * args.window_len].view(args.windows, args.window_len)
     made = caches(model, args.residual)
     rows = {}
@@ -111,10 +108,9 @@ def main() -> None:
     speeds = {name: measure_throughput(model, 3, 128, 64, [1], progress=False, kv_cache=name)["results"][0]
               ["decode_tokens_per_s"] for name in ("none", "int8", "int4")}
     base = rows["none"]
-    print(f"\nKV cache on {args.model} ({model.dtype}), {time.strftime('%Y-%m-%d')}, {platform.machine()} x "
-          f"{os.cpu_count()} CPUs; WikiText-2 test: {args.windows} windows of {args.window_len} tokens fed in chunks "
-          f"of {args.chunk}; full-precision window {args.residual} tokens; greedy: {args.new} tokens after a "
-          f"64-token prompt")
+    print(f"\nKV cache on {args.model} ({model.dtype}), {today()}, {machine('cpu')}; WikiText-2 test: "
+          f"{args.windows} windows of {args.window_len} tokens fed in chunks of {args.chunk}; full-precision window "
+          f"{args.residual} tokens; greedy: {args.new} tokens after a 64-token prompt")
     print("| cache | bytes / token | smaller by | chunked PPL | vs none | greedy agreement | first divergence | "
           "decode tok/s (b=1) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The multi-domain benchmark at the full protocol (issue 9): PEFT LoRA r=4 and the three best MoE configurations
+# The multi-domain benchmark at the full protocol: PEFT LoRA r=4 and the three best MoE configurations
 # of the cheap sweep, each at three learning rates and three seeds, 200 steps x 4 x 512 tokens on the equal-token
 # mix of math (GSM8K), code (CPython stdlib) and prose (WikiText-2); test: the first 16,384 tokens of each domain's
 # test text in 512-token windows. Then retention: the same configurations trained on prose only.

@@ -1,4 +1,4 @@
-"""The cheap sweep of issue 9 section 2 on the three-domain mix (math, code, prose).
+"""Adapter configurations compared at a matched parameter budget on the three-domain mix (math, code, prose).
 
 Every run: 100 steps x 4 x 256 tokens on the equal-token mix, seed 1, bfloat16 base; selection on the mixture's
 validation perplexity (held out from the training files); the first TEST_TOKENS tokens of each domain's test
@@ -8,7 +8,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run lora:1e-3 moe:3e-3      # NAME:LR[:SEED] ..., one after the other
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
-    python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only (section 4)
+    python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
@@ -30,13 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-DATA = os.environ.get("DATA", "../shared/data")
+from common import ARCHITECTURES, PROSE, TEST, TRAIN, machine
+
 OUT = Path(os.environ.get("OUT", "runs/multidomain-sweep"))
-TRAIN = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/train.jsonl", "multidomain/code/train.txt",
-                                          "wikitext-2-raw/wiki.valid.raw"))
-PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"
-TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
-                                         "wikitext-2-raw/wiki.test.raw"))
+
 
 def even_split(total: int, layers: int) -> str:
     """``total`` experts over ``layers`` layers as evenly as integers allow (5s and 6s for 168 over 30)."""
@@ -53,7 +50,7 @@ CONFIGS = {
     "soft": ["--method", "moe", "--router-type", "soft"],
     "switch": ["--method", "moe", "--router-type", "switch", "--top-k", "1"],
     "aux-free": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0"],
-    # the allocation study (issue 10 §1) at progressive's 168 experts over SmolLM2's 30 layers: grown during
+    # the expert-allocation study at progressive's 168 experts over SmolLM2's 30 layers: grown during
     # training from half of it (dynamic), or spread evenly (uniform); "aux-free" itself is progressive
     "aux-free-dynamic": ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0",
                          "--expert-allocation", "dynamic"],
@@ -80,9 +77,6 @@ def trainable_parameters(name: str) -> int:
     from llama_expert.cli.train import add_arguments
     from llama_expert.config import ExpertConfig
     from llama_expert.training.methods import METHODS
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from parameter_budget import ARCHITECTURES
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -126,23 +120,13 @@ def train_command(spec: str, train: str, out: Path):
             "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--no-progress", "--overwrite"], folder
 
 
-def machine_description() -> str:
-    import platform
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-    return f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} CPUs, torch {torch.__version__}"
-
-
 def run(specs, train: str = TRAIN, out: Path = OUT, jobs: int = 1, deadline: float = math.inf) -> None:
     """Train every spec, ``jobs`` at a time (each job's output in <folder>.log); none is started after
     ``deadline`` seconds. Several jobs share one GPU well: a run of this size is bound by kernel launches."""
     started, running, failed = time.time(), [], []
     queue = [train_command(spec, train, out) for spec in specs]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "machine.txt").write_text(machine_description() + f", {jobs} runs at a time\n")
+    (out / "machine.txt").write_text(machine() + f", {jobs} runs at a time\n")
     while queue or running:
         for process, folder, log in [r for r in running if r[0].poll() is not None]:
             running.remove((process, folder, log))

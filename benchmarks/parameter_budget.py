@@ -1,4 +1,4 @@
-"""Trainable-parameter budget of the MoE adapters on Llama 3.2 1B and SmolLM2-135M shapes.
+"""Trainable-parameter budget of the MoE adapters on the Llama-3.2-1B, Llama-3.2-3B and SmolLM2-135M shapes.
 
 Builds each architecture from its config on the meta device (no weights, no download), augments it and
 prints the breakdown. Usage: python benchmarks/parameter_budget.py [--expert-type shared_core|shared_down]
@@ -11,17 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_expert import ExpertConfig, augment_model, parameter_counts, parameter_report
 
-ARCHITECTURES = {
-    # meta-llama/Llama-3.2-1B config.json
-    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
-    # meta-llama/Llama-3.2-3B config.json
-    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=128),
-    # HuggingFaceTB/SmolLM2-135M-Instruct config.json
-    "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, head_dim=64),
-}
+from common import ARCHITECTURES
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Pruning curve (issue 10 §2): multi-domain test perplexity of an MoE adapter against the share of experts kept.
+"""Pruning curve: multi-domain test perplexity of an MoE adapter against the share of experts kept.
 
 For each fraction, `llama-expert prune` scores the experts on calibration text (the training files of the mix,
 never the test text) and keeps that share per layer; the pruned adapter is then measured with `benchmark` on
@@ -10,21 +10,9 @@ log-perplexity). Prints a Markdown table and writes prune_curve.png and prune_cu
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-DATA = os.environ.get("DATA", "../shared/data")
-TRAIN = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/train.jsonl", "multidomain/code/train.txt",
-                                          "wikitext-2-raw/wiki.valid.raw"))
-TEST = ",".join(f"{DATA}/{p}" for p in ("multidomain/math/test.jsonl", "multidomain/code/test.txt",
-                                         "wikitext-2-raw/wiki.test.raw"))
-
-
-def llama_expert(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", "llama_expert.cli", *argv], check=True)
+from common import TEST, TRAIN, llama_expert, today
 
 
 def measure(adapter: Path, report: Path, test_tokens: int) -> dict:
@@ -61,7 +49,7 @@ def main() -> None:
                      "domains": {d: v["perplexity"] for d, v in ppl["domains"].items()}})
     full = rows[0]["mean"]
     domains = list(rows[0]["domains"])
-    print(f"pruning curve of {args.adapter}, {time.strftime('%Y-%m-%d')}, test: first {args.test_tokens} tokens "
+    print(f"pruning curve of {args.adapter}, {today()}, test: first {args.test_tokens} tokens "
           f"per domain in 512-token windows")
     print(f"| kept | experts | trainable | {' | '.join(domains)} | mean | vs unpruned |")
     print("|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|")

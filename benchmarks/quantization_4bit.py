@@ -1,4 +1,4 @@
-"""The 4-bit base (issue 11 §4), measured against the bfloat16 base on the same machine, same run:
+"""The 4-bit base (``--quantization-4bit``), measured against the bfloat16 base on the same machine, same run:
 
 1. weight bytes: every Linear of the decoder layers, and the whole model (on a CPU the tied embedding / output head
    is int4 too, one table; bitsandbytes on CUDA keeps it in bfloat16, as in QLoRA);
@@ -14,18 +14,13 @@ bitsandbytes NF4 on CUDA.
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from llama_expert.evaluation.memory import model_bytes, tensor_bytes
 
-DATA = os.environ.get("DATA", "../shared/data")
+from common import PROSE, PROSE_TEST, llama_expert, machine, today
 
 
 def weight_bytes(model) -> dict:
@@ -38,13 +33,11 @@ def weight_bytes(model) -> dict:
 
 def train(model: str, quantized: bool, steps: int, out: Path) -> dict:
     folder = out / ("4bit" if quantized else "bfloat16")
-    command = [sys.executable, "-m", "llama_expert.cli", "train", "--model", model, "--method", "moe",
-               "--dataset", f"{DATA}/wikitext-2-raw/wiki.valid.raw", "--test-dataset",
-               f"{DATA}/wikitext-2-raw/wiki.test.raw", "--test-max-tokens", "8192", "--test-seq-len", "512",
-               "--max-steps", str(steps), "--batch-size", "4", "--seq-len", "256", "--learning-rate", "1e-2",
-               "--eval-every", "100000", "--eval-max-tokens", "8192", "--dtype", "bfloat16", "--seed", "1",
-               "--output-dir", str(folder), "--overwrite", "--no-progress"]
-    subprocess.run(command + (["--quantization-4bit"] if quantized else []), check=True, stdout=subprocess.DEVNULL)
+    llama_expert("train", "--model", model, "--method", "moe", "--dataset", PROSE, "--test-dataset", PROSE_TEST,
+                 "--test-max-tokens", "8192", "--test-seq-len", "512", "--max-steps", str(steps), "--batch-size", "4",
+                 "--seq-len", "256", "--learning-rate", "1e-2", "--eval-every", "100000", "--eval-max-tokens", "8192",
+                 "--dtype", "bfloat16", "--seed", "1", "--output-dir", str(folder), "--overwrite", "--no-progress",
+                 *(["--quantization-4bit"] if quantized else []), quiet=True)
     return json.loads((folder / "training_summary.json").read_text())
 
 
@@ -55,7 +48,7 @@ def test_windows(model: str, max_tokens: int = 8192, seq_len: int = 512):
     from llama_expert.integration.base_models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    docs = load_split(f"{DATA}/wikitext-2-raw/wiki.test.raw", None, tokenizer, "test")
+    docs = load_split(PROSE_TEST, None, tokenizer, "test")
     return pack_blocks(tokenize_documents(docs, tokenizer, progress=False), seq_len, max_tokens=max_tokens)
 
 
@@ -74,10 +67,9 @@ def table_formats(model: str) -> str:
             quantize_4bit_on_cpu(base, name)
         rows.append((name, weight_bytes(base)["model"], evaluate_perplexity(base, windows)["perplexity"]))
     ref_bytes, ref_ppl = rows[0][1], rows[0][2]
-    lines = [f"`python benchmarks/quantization_4bit.py --model {model} --tables` ({platform.machine()}, "
-             f"{os.cpu_count()} CPUs, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); Linear layers: "
-             f"optimum-quanto int4, groups of 32; base perplexity on the first {windows.numel():,} WikiText-2 test "
-             f"tokens, windows of {windows.shape[1]}, bfloat16", "",
+    lines = [f"`python benchmarks/quantization_4bit.py --model {model} --tables` ({machine('cpu')}, {today()}); "
+             f"Linear layers: optimum-quanto int4, groups of 32; base perplexity on the first {windows.numel():,} "
+             f"WikiText-2 test tokens, windows of {windows.shape[1]}, bfloat16", "",
              "| token table | whole model | vs bf16 | base test PPL | vs bf16 |", "|---|---:|---:|---:|---:|"]
     for name, size, ppl in rows:
         label = f"{name} (default)" if name == CPU_4BIT_TABLE else name
@@ -111,10 +103,8 @@ def main() -> None:
 
     backend = "bitsandbytes NF4 (CUDA)" if torch.cuda.is_available() else \
         f"optimum-quanto int4, groups of 32, token table {CPU_4BIT_TABLE} (CPU)"
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     lines = [f"`python benchmarks/quantization_4bit.py --model {args.model} --steps {args.steps}` "
-             f"({machine}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}); 4-bit: {backend}; training: "
+             f"({machine()}, {today()}); 4-bit: {backend}; training: "
              f"MoE adapters, {args.steps} steps x 4 x 256 tokens of WikiText-2, lr 1e-2, compute in bfloat16", "",
              "| base | Linear weights | vs bf16 | whole model | vs bf16 | base test PPL | vs bf16 | "
              "validation PPL before -> after | peak training memory | vs bf16 | tokens/s |",

@@ -7,12 +7,13 @@ completions one after another; prints requests/s, generated tokens/s, latency pe
 
 import argparse
 import os
-import platform
 import statistics
 import threading
 import time
 
 import openai
+
+from common import machine, today
 
 PROMPTS = ["The history of", "def parse(line):", "Question: What is 12 times 7?\nAnswer:", "Once upon a time",
            "import numpy as np\n", "The capital of France is", "In mathematics, a prime number",
@@ -74,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or openai.OpenAI(base_url=args.url, api_key=args.api_key).models.list().data[0].id
     print(f"serve load test: {args.url} model {model}, {args.requests} requests per client, max_tokens "
-          f"{args.max_tokens}, {'streaming' if args.stream else 'not streaming'}, {time.strftime('%Y-%m-%d')}, client "
-          f"on {platform.machine()} x {os.cpu_count()} CPUs")
+          f"{args.max_tokens}, {'streaming' if args.stream else 'not streaming'}, {today()}, client on "
+          f"{machine('cpu')}")
     print("| clients | requests | failed | requests/s | tokens/s | latency p50 | p90 | p99 |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for clients in (int(c) for c in args.clients.split(",")):

@@ -15,20 +15,19 @@ the adapters' savings against it are therefore a lower bound.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from common import ARCHITECTURES, machine, today
+
 SHAPES = {  # batch x sequence length per model: the 1B steps take tens of seconds each on a CPU
     "smollm2-135m": (4, 256),
     "llama-3.2-1b-random": (1, 256),
 }
-ARCHITECTURE = {"smollm2-135m": "SmolLM2-135M", "llama-3.2-1b-random": "Llama-3.2-1B"}  # parameter_budget names
+ARCHITECTURE = {"smollm2-135m": "SmolLM2-135M", "llama-3.2-1b-random": "Llama-3.2-1B"}  # names in ARCHITECTURES
 METHODS = ("moe", "lora", "full")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parameter_budget import ARCHITECTURES  # noqa: E402
 
 
 def build(model_name: str):
@@ -161,10 +160,8 @@ def main() -> None:
                                   "--warmup", str(args.warmup)], check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"measured {model_name} {method}", file=sys.stderr, flush=True)
-    import torch
-    print(f"training cost, {time.strftime('%Y-%m-%d')}, {platform.machine()} CPU x {os.cpu_count()}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.steps} steps after "
-          f"{args.warmup} warm-up; RSS sampled every 5 ms while training")
+    print(f"training cost, {today()}, {machine('cpu')}, median of {args.steps} steps after {args.warmup} warm-up; "
+          "RSS sampled every 5 ms while training")
     print("| model | method | trainable | batch x seq | step time | vs full FT | tokens/s | peak RSS | "
           "added by training | vs full FT |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")

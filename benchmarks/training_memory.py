@@ -7,13 +7,10 @@ same for both). Usage: python benchmarks/training_memory.py [--steps 3] [--dtype
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+from common import PROSE, llama_expert, machine, today
 
 
 def main():
@@ -23,24 +20,22 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--lora-r", type=int, default=4, help="4 matches the default MoE budget on SmolLM2-135M")
-    parser.add_argument("--dataset", default=str(DATA))
+    parser.add_argument("--dataset", default=PROSE)
     args, extra = parser.parse_known_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("moe", "lora"):
             out = Path(tmp) / method
-            cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method, "--dataset", args.dataset,
-                   "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
-                   str(args.seq_len), "--dtype", args.dtype, "--eval-every", "0", "--eval-max-tokens", "512",
-                   "--output-dir", str(out), "--no-progress", *extra]
-            if method == "lora":
-                cmd += ["--lora-r", str(args.lora_r)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            lora = ["--lora-r", str(args.lora_r)] if method == "lora" else []
+            llama_expert("train", "--method", method, "--dataset", args.dataset, "--max-steps", str(args.steps),
+                         "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
+                         "--eval-every", "0", "--eval-max-tokens", "512", "--output-dir", str(out), "--no-progress",
+                         *extra, *lora, quiet=True)
             s = json.loads((out / "training_summary.json").read_text())
             rows.append((method, s["trainable_parameters"], s["peak_memory"]["bytes"], s["peak_memory"]["kind"],
                          s["tokens"] / s["seconds"]))
     print(f"training memory, {args.steps} steps x batch {args.batch_size} x {args.seq_len} tokens, base {args.dtype}, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{today()}, {machine()}")
     print("| method | trainable params | peak memory | measured as | tokens/s |")
     print("|---|---:|---:|---|---:|")
     for method, trainable, peak, kind, speed in rows:

@@ -1,5 +1,6 @@
-"""benchmarks/gpu.py runs end to end on a CPU with tiny shapes (issue 12), so the GPU script cannot rot
-between GPU loans: every training and decode row of the real run is produced and written."""
+"""benchmarks/gpu.py (training and decode speed and memory of MoE adapters, LoRA and full fine-tuning) runs end to
+end on a CPU with tiny shapes, so the GPU script cannot rot between GPU loans: every training and decode row of the
+real run is produced and written."""
 
 import subprocess
 import sys
