@@ -298,7 +298,7 @@ def publish(dest: str, keep=()) -> None:
                   "base):\n")
             retention_table()
     (dest_path / "README.md").write_text(
-        "# Multi-domain sweep (issue 9)\n\n`python benchmarks/multidomain_sweep.py table` (and `retention-table`) "
+        "# Multi-domain sweep\n\n`python benchmarks/multidomain_sweep.py table` (and `retention-table`) "
         f"over the runs in this folder: {arguments['max_steps']} steps x {arguments['batch_size']} x "
         f"{arguments['seq_len']} tokens, base in {settings['dtype']}, test on the first {settings['test_max_tokens']:,} "
         f"tokens of each domain in {settings['test_seq_len']}-token windows; see the script's docstring.\n\n"
