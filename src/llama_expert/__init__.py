@@ -30,7 +30,7 @@ _EXPORTS = {
     "load_base_model": "integration.base_models", "load_tokenizer": "integration.base_models",
     "DEFAULT_MODEL": "integration.base_models",
     "TrainingArguments": "training.arguments", "DataArguments": "training.arguments",
-    "TrainResult": "training.loop", "fine_tune_augmented_model": "training.recipe",
+    "TrainResult": "training.trainer", "fine_tune_augmented_model": "training.recipe",
     "fine_tune_lora_model": "training.recipe",
     "ExpertModelBenchmark": "evaluation.benchmark", "compare_throughput": "evaluation.throughput",
     "generate_text": "inference.generation", "interactive_session": "inference.chat",

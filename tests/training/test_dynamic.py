@@ -24,7 +24,7 @@ def test_idle_experts_retire_and_busy_ones_split_to_the_budget(trained_base):
     layers = [a for _, a in adapters(model)]
     assert [a.num_experts for a in layers] == [2, 2]  # half of progressive (4, 4), at least top_k
     policy = DynamicAllocation(model.expert_config, seed=0)
-    policy.start(model)
+    assert policy.start(model, 0, None) == [policy.allocation_event(model, 0)]  # a fresh run logs where it starts
     layers[0].router.expert_counts.copy_(torch.tensor([90.0, 10.0]))
     layers[1].router.expert_counts.copy_(torch.tensor([50.0, 50.0]))
     assert policy.after_step(model, 1) is None  # not an interval step

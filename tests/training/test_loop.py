@@ -1,4 +1,4 @@
-"""The training loop: exact resume, the NaN guard, crash safety, two-rank DDP, and the recipe end to end."""
+"""The trainer: exact resume, the NaN guard, crash safety, two-rank DDP, and the recipe end to end."""
 
 import json
 import os
@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_expert import load_adapter_weights, save_adapter
+from llama_expert import load_adapter_weights
 from llama_expert.training.checkpoints import latest_checkpoint, load_training_state
 from llama_expert.integration.surgery import adapter_state_dict
 from llama_expert.training.arguments import TrainingArguments
-from llama_expert.training.loop import TrainingDiverged, block_rows, train_model
+from llama_expert.training.methods import MoEMethod
+from llama_expert.training.schedule import block_rows
+from llama_expert.training.trainer import TrainingDiverged, train_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import tiny_training_setup  # noqa: E402
@@ -47,11 +49,9 @@ def _noisy_setup():
     return model, blocks
 
 
-def _train(model, blocks, args, eval_windows=None, extra_loss=None):
-    from llama_expert.integration.surgery import weighted_router_loss as router_loss_terms
-
-    return train_model(model, blocks, eval_windows, args, save_model=lambda m, f: save_adapter(m, f),
-                       load_model=load_adapter_weights, extra_loss=extra_loss or router_loss_terms)
+def _train(model, blocks, args, eval_windows=None, method=None):
+    """Train an augmented model as the ``moe`` method would (its own ExpertConfig)."""
+    return train_model(model, method or MoEMethod(model.expert_config), blocks, eval_windows, args)
 
 
 def test_block_rows_partition_each_epoch_across_ranks():
@@ -106,19 +106,20 @@ def test_resume_refuses_other_settings(tmp_path):
     assert {p: p.read_bytes() for p in sorted(found.rglob("*")) if p.is_file()} == before
 
 
+class Poisoned(MoEMethod):
+    """The router losses, NaN from the fourth forward pass on."""
+    calls = 0
+
+    def extra_loss(self, model):
+        self.calls += 1
+        added, logged = super().extra_loss(model)
+        return (added * float("nan") if self.calls > 3 else added), logged
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    from llama_expert.integration.surgery import weighted_router_loss as router_loss_terms
-
-    calls = {"n": 0}
-
-    def poisoned(model):
-        calls["n"] += 1
-        added, logged = router_loss_terms(model)
-        return (added * float("nan") if calls["n"] > 3 else added), logged
-
     model, blocks = _noisy_setup()
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        _train(model, blocks, _args(tmp_path, max_steps=10), extra_loss=poisoned)
+        _train(model, blocks, _args(tmp_path, max_steps=10), method=Poisoned(model.expert_config))
     found = latest_checkpoint(tmp_path / "checkpoints" / "last")
     state = load_training_state(found)
     assert state["step"] == 3
@@ -336,15 +337,13 @@ def test_parameter_groups_put_the_routers_at_the_multiplied_learning_rate():
 
 @pytest.mark.parametrize("multiplier", [4.0, 0.25])
 def test_router_update_scales_with_the_multiplier(tmp_path, multiplier):
-    """One AdamW step of train_model: the routers move `multiplier` times as far, everything else as far."""
+    """One AdamW step of the trainer: the routers move `multiplier` times as far, everything else as far."""
     blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     moved = []
     for m in (1.0, multiplier):
         model, method = _router_setup(m)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        train_model(model, blocks, None, _args(tmp_path / str(m), max_steps=1, warmup_ratio=0.0),
-                    save_model=lambda m_, f: save_adapter(m_, f), load_model=load_adapter_weights,
-                    extra_loss=method.extra_loss, parameter_groups=method.parameter_groups(model, 1e-2))
+        train_model(model, method, blocks, None, _args(tmp_path / str(m), max_steps=1, warmup_ratio=0.0))
         moved.append({n: (p.detach() - before[n]).abs().sum().item() for n, p in model.named_parameters()
                       if p.requires_grad})
     routers = [n for n in moved[0] if _is_router(n)]
@@ -357,9 +356,11 @@ def test_router_update_scales_with_the_multiplier(tmp_path, multiplier):
 def test_parameter_groups_must_cover_every_trainable_parameter(tmp_path):
     from llama_expert import ConfigError
 
+    class RoutersLeftOut(MoEMethod):
+        def parameter_groups(self, model, learning_rate):
+            return super().parameter_groups(model, learning_rate)[:1]
+
     model, method = _router_setup(2.0)
-    groups = method.parameter_groups(model, 1e-2)[:1]  # the routers left out
     blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ConfigError, match="exactly once"):
-        train_model(model, blocks, None, _args(tmp_path, max_steps=1), save_model=lambda m, f: save_adapter(m, f),
-                    load_model=load_adapter_weights, parameter_groups=groups)
+        train_model(model, RoutersLeftOut(method.config), blocks, None, _args(tmp_path, max_steps=1))

@@ -279,12 +279,12 @@ def test_an_unwritable_output_folder_is_refused_before_the_model_loads(tmp_path)
 def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(base, tmp_path, monkeypatch):
     import errno
 
-    from llama_expert.training import loop
+    from llama_expert.training import trainer
 
     def full(folder, fill):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
-    monkeypatch.setattr(loop, "write_checkpoint", full)
+    monkeypatch.setattr(trainer, "write_checkpoint", full)
     with pytest.raises(LlamaExpertError, match=r"cannot write the checkpoint .*No space left on device.*--resume"):
         _train(base, tmp_path / "run", max_steps=2)
 
@@ -345,7 +345,7 @@ def test_a_mixture_trains_equal_tokens_per_domain_and_reports_each(base, tmp_pat
 
 
 def test_settings_a_checkpoint_predates_do_not_block_resume():
-    from llama_expert.training.loop import settings_changes
+    from llama_expert.training.resume import settings_changes
 
     saved = {"learning_rate": 1e-3, "expert_config": {"top_k": 2}}
     now = {"learning_rate": 1e-3, "expert_config": {"top_k": 2, "router_jitter": 0.01}, "output_dir": "x"}

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_expert import ExpertConfig, augment_model, load_adapter_weights, save_adapter
+from llama_expert import ExpertConfig, augment_model
 from llama_expert.integration.surgery import adapter_state_dict
 from llama_expert.training.arguments import TrainingArguments
-from llama_expert.training.loop import train_model
+from llama_expert.training.methods import MoEMethod
+from llama_expert.training.trainer import train_model
 
 
 def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise: bool = False,
@@ -52,28 +53,28 @@ def main():
     if "--local-statistics" in sys.argv:
         use_local_statistics()
     if "--no-gradient-average" in sys.argv:  # break FSDP's replicated adapters on purpose: each rank keeps its own
-        import llama_expert.training.loop as loop
-        loop.average_gradients = lambda params: None
+        import llama_expert.training.trainer as trainer
+        trainer.average_gradients = lambda params: None
     model, blocks = tiny_training_setup(router_losses="--router-losses" in sys.argv,
                                         router_noise="--router-noise" in sys.argv,
                                         router_type=sys.argv[sys.argv.index("--router-type") + 1]
                                         if "--router-type" in sys.argv else "noisy_top_k")
 
-    def save(m, folder):
-        if slow:
-            time.sleep(0.05)  # widen the window in which kill -9 can land mid-write
-        save_adapter(m, folder)
+    class WorkerMethod(MoEMethod):
+        def save(self, model, folder):
+            if slow:
+                time.sleep(0.05)  # widen the window in which kill -9 can land mid-write
+            super().save(model, folder)
+
+        def extra_loss(self, model):  # the router losses only when asked for: the plain LM loss otherwise
+            return super().extra_loss(model) if "--router-losses" in sys.argv else (0.0, {})
 
     args = TrainingArguments(output_dir=out, max_steps=steps, batch_size=batch, seq_len=16, eval_every=0,
                              save_every=1, learning_rate=1e-2, progress=False, mixed_precision="no",
                              resume="--resume" in sys.argv,
                              stop_after_steps=int(sys.argv[sys.argv.index("--stop-after") + 1])
                              if "--stop-after" in sys.argv else None)
-    extra = None
-    if "--router-losses" in sys.argv:
-        from llama_expert.integration.surgery import weighted_router_loss
-        extra = weighted_router_loss
-    train_model(model, blocks, None, args, save_model=save, load_model=load_adapter_weights, extra_loss=extra)
+    train_model(model, WorkerMethod(model.expert_config), blocks, None, args)
     rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))

@@ -8,7 +8,7 @@ from ..config import ExpertConfig
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.methods import METHODS
-from ..training.loop import TrainingInterrupted
+from ..training.trainer import TrainingInterrupted
 from ..training.recipe import fine_tune
 from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
 

@@ -27,6 +27,7 @@ import torch
 from ..integration.surgery import adapters
 from ..modeling.allocation import progressive
 from ..modeling.registry import Registry
+from .hooks import TrainingHook
 
 SPLIT_NOISE = 0.01
 # allocation rules that change the model while it trains, by ``expert_allocation`` name (the others are fixed)
@@ -34,7 +35,10 @@ GROWTH_POLICIES = Registry("allocation that changes during training", "expert_al
 
 
 @GROWTH_POLICIES.register("dynamic")
-class DynamicAllocation:
+class DynamicAllocation(TrainingHook):
+    name = "dynamic"
+    single_process = True  # every rank would need the same decisions and a re-wrapped model
+
     def __init__(self, config, seed: int):
         self.config = config
         self.seed = seed
@@ -42,11 +46,17 @@ class DynamicAllocation:
     def budget(self, num_layers: int) -> int:
         return self.config.dynamic_budget or sum(progressive(self.config.num_experts, self.config.top_k, num_layers))
 
-    def start(self, model) -> None:
-        """Count every routing decision from now on (training passes included)."""
+    def start(self, model, step: int, saved: Optional[dict]) -> List[dict]:
+        """Count every routing decision from now on (training passes included); a resumed run goes on from the
+        statistics since the checkpoint's last change. A fresh run logs where the allocation starts (the first
+        column of ``allocation.png``)."""
         for _, adapter in adapters(model):
             adapter.router.reset_statistics()
             adapter.router.record_statistics = True
+        if saved is not None:
+            self.load_state(model, saved)
+            return []
+        return [self.allocation_event(model, 0)] if step == 0 else []
 
     def pause(self, model) -> None:
         """Stop counting (validation passes, the end of training); ``resume`` goes on without a reset."""
@@ -56,6 +66,9 @@ class DynamicAllocation:
     def resume(self, model) -> None:
         for _, adapter in adapters(model):
             adapter.router.record_statistics = True
+
+    def finish(self, model) -> None:
+        self.pause(model)
 
     def allocation_event(self, model, step: int, retired=(), grown=()) -> Dict:
         """The ``train_log.jsonl`` record of the allocation at ``step`` (experts per layer, what changed)."""

@@ -1,8 +1,9 @@
 """What the recipe trains: MoE adapters or plain PEFT LoRA, behind one small interface.
 
 A method adds its trainable parameters to a freshly loaded base model, says what it built, writes and
-reads its trained tensors (the final adapter and every checkpoint), and may add a loss term (the MoE
-router losses). The recipe drives every method the same way, so ``compare`` measures them under
+reads its trained tensors (the final adapter and every checkpoint), may add a loss term (the MoE router
+losses) and may bring hooks that act between steps (dynamic allocation). The trainer (``training/trainer.py``)
+takes the method as an object and drives every method the same way, so ``compare`` measures them under
 identical data, steps and schedule. New methods are registered in ``METHODS``.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,6 +24,7 @@ from ..integration.surgery import adapters, augment_model, parameter_report, wei
 from ..modeling import check_config
 from ..modeling.registry import Registry
 from .dynamic import GROWTH_POLICIES
+from .hooks import TrainingHook
 from . import lora
 
 METHODS = Registry("training method", "method")
@@ -53,23 +55,24 @@ class TrainingMethod:
         """AdamW parameter groups for ``model`` built by ``add_to``, or None: one group at ``learning_rate``."""
         return None
 
-    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
+    def save(self, model, folder: Path) -> None:
+        """Write the trained tensors (and the config that rebuilds them) to ``folder``."""
         raise NotImplementedError
 
     def load(self, model, folder: Path) -> None:
         """Load the trained tensors of ``folder`` into ``model`` built by ``add_to`` (resume)."""
         raise NotImplementedError
 
-    # ``extra_loss(model) -> (term added to the LM loss, values to log)``, read after each forward pass;
-    # None where the method adds nothing.
-    extra_loss: Optional[Callable[[object], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]] = None
+    def extra_loss(self, model) -> Tuple[object, Dict[str, torch.Tensor]]:
+        """(term added to the LM loss, values to log), read after each forward pass; nothing by default."""
+        return 0.0, {}
 
     def settings(self) -> dict:
         raise NotImplementedError
 
-    def structure(self, seed: int):
-        """An object that changes the trainable parameters while training (``train_model``'s ``structure``)."""
-        return None
+    def hooks(self, seed: int) -> List[TrainingHook]:
+        """What acts between steps (``training/hooks.py``); none by default."""
+        return []
 
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
                        progress: bool = True, domains: Optional[torch.Tensor] = None,
@@ -113,8 +116,8 @@ class MoEMethod(TrainingMethod):
                    "lr": learning_rate * self.config.router_lr_multiplier}]
         return [group for group in groups if group["params"]]
 
-    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
-        save_adapter(model, folder, base_model_name_or_path=base_model_name_or_path)
+    def save(self, model, folder: Path) -> None:
+        save_adapter(model, folder)
 
     def load(self, model, folder: Path) -> None:
         """Load a checkpoint's tensors; under dynamic allocation its layers may hold other expert counts than
@@ -126,10 +129,10 @@ class MoEMethod(TrainingMethod):
                     adapter.select_experts([e % adapter.num_experts for e in range(count)])
         load_adapter_weights(model, folder)
 
-    def structure(self, seed: int):
-        """The growth policy of a dynamic allocation (``training/dynamic.py``), else None."""
+    def hooks(self, seed: int) -> List[TrainingHook]:
+        """The growth policy of a dynamic allocation (``training/dynamic.py``), if that is the allocation."""
         name = self.config.expert_allocation
-        return GROWTH_POLICIES.get(name)(self.config, seed) if name in GROWTH_POLICIES.names() else None
+        return [GROWTH_POLICIES.get(name)(self.config, seed)] if name in GROWTH_POLICIES.names() else []
 
     def extra_loss(self, model):
         return weighted_router_loss(model)
@@ -192,7 +195,7 @@ class LoRAMethod(TrainingMethod):
         return (f"LoRA r={self.rank} on {', '.join(lora.LORA_TARGETS)}: {trainable:,} trainable of {total:,} "
                 f"({100 * trainable / total:.4f}%)")
 
-    def save(self, model, folder: Path, base_model_name_or_path: str) -> None:
+    def save(self, model, folder: Path) -> None:
         lora.save_lora(model, folder)
 
     def load(self, model, folder: Path) -> None:

@@ -27,7 +27,8 @@ from ..files import atomic_write_text
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
 from .arguments import DataArguments, TrainingArguments
-from .loop import TrainResult, autocast_dtype, make_accelerator, train_model
+from .accelerator import autocast_dtype, make_accelerator
+from .trainer import TrainResult, train_model
 from .methods import LoRAMethod, MoEMethod, TrainingMethod
 from .run_folder import RunLock, check_output_folder, clear_run_outputs
 
@@ -154,12 +155,8 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     model.to(accelerator.device)
     test_before = measure_tests(model, data.tests, autocast, progress) if data.tests and main and not args.resume \
         else None
-    result = train_model(model, data.train, data.eval, args,
-                         save_model=lambda m, folder: method.save(m, folder, base_name), load_model=method.load,
-                         extra_loss=method.extra_loss, run_config={"method": method.name, **settings},
-                         accelerator=accelerator, parameter_groups=method.parameter_groups(model, args.learning_rate),
-                         structure=method.structure(args.seed),
-                         regroup=lambda m: method.parameter_groups(m, args.learning_rate))
+    result = train_model(model, method, data.train, data.eval, args, run_config={"method": method.name, **settings},
+                         accelerator=accelerator)
     if not main:
         return result
     output_dir = Path(args.output_dir)

@@ -73,7 +73,7 @@ def data_parallel_draw(like: torch.Tensor, draw=torch.randn) -> torch.Tensor:
     Why: data-parallel ranks are seeded alike, so a local draw would give every rank the same noise
     for different tokens, and N ranks would not draw what one process draws for the concatenated batch. Drawn
     this way, router noise keeps data-parallel training equal to single-process training (rank r holds rows
-    ``r*N .. (r+1)*N`` of the global batch, as ``training.loop.block_rows`` deals them)."""
+    ``r*N .. (r+1)*N`` of the global batch, as ``training.schedule.block_rows`` deals them)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

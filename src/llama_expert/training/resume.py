@@ -1,0 +1,83 @@
+"""``--resume``: find the newest readable checkpoint whose settings match this run's, or say why not.
+
+A run resumes exactly or not at all: every setting that changes the trained weights or the data order must
+equal the checkpoint's (``RESUMABLE_CHANGES`` lists the ones that may differ), and so must the number of
+processes. An unreadable checkpoint (corrupt, truncated, an adapter that no longer loads) is skipped with a
+warning for an older one (``checkpoints.checkpoint_candidates``: ``last``, its parked previous version,
+``best``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import ConfigError, LlamaExpertError
+from ..files import previous_version
+from .checkpoints import CheckpointError, checkpoint_candidates, load_training_state
+
+# Settings that change neither the trained weights nor the data order: a resumed run may change them.
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
+                               "use_tensorboard", "wandb_project", "log_every", "save_every", "eval_every",
+                               "eval_dataset", "eval_max_tokens", "test_dataset", "test_max_tokens", "test_seq_len",
+                               "use_gradient_checkpointing"})
+
+
+def _flat_settings(config: dict, prefix: str = "") -> Dict[str, object]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        elif key not in RESUMABLE_CHANGES:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_changes(saved: dict, current: dict) -> List[str]:
+    """``key: checkpoint X, now Y`` for every setting that changes the result and differs."""
+    before, now = _flat_settings(saved), _flat_settings(current)
+    # A setting the checkpoint does not record is newer than it: its default reproduces the old behaviour.
+    return [f"{key.split('.')[-1]}: checkpoint {before.get(key)!r}, now {now.get(key)!r}"
+            for key in sorted(set(before) | set(now)) if key in before and before.get(key) != now.get(key)]
+
+
+def check_compatible(found: Path, state: dict, run_config: dict, world: int) -> None:
+    """Refuse a checkpoint made with other settings or another number of processes."""
+    changes = settings_changes(state["run_config"], run_config)
+    if changes:
+        raise ConfigError(f"cannot resume from {found}: these settings differ from the checkpoint's: "
+                          f"{'; '.join(changes)}. Rerun with the checkpoint's settings, or train in a new "
+                          f"--output-dir.")
+    if state["world_size"] != world:
+        raise ConfigError(f"cannot resume from {found}: it ran on {state['world_size']} processes, this run has "
+                          f"{world}. Resume with accelerate launch --num_processes {state['world_size']}, or train "
+                          f"in a new --output-dir.")
+
+
+def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Callable[[Path], None],
+                warn: Callable[[str], None]) -> Optional[Tuple[Path, dict]]:
+    """(folder, training state) of the newest usable checkpoint, its weights already loaded by
+    ``load_weights(folder)``; None when the run has no checkpoint yet. Raises when checkpoints exist but none
+    can be read, or when the newest readable one was made with other settings."""
+    unreadable: List[str] = []
+    for found in checkpoint_candidates(output_dir / "checkpoints"):
+        try:
+            state = load_training_state(found)
+        except CheckpointError as exc:
+            unreadable.append(str(exc))
+            warn(f"warning: {exc}; trying an older checkpoint")
+            continue
+        check_compatible(found, state, run_config, world)
+        try:
+            load_weights(found)
+        except LlamaExpertError as exc:
+            unreadable.append(f"the adapter in {found} cannot be loaded ({exc})")
+            warn(f"warning: {unreadable[-1]}; trying an older checkpoint")
+            continue
+        return found, state
+    last, best = output_dir / "checkpoints" / "last", output_dir / "checkpoints" / "best"
+    if any(p.exists() for p in (last, previous_version(last), best)):
+        why = f" ({'; '.join(unreadable)})" if unreadable else ""
+        raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that folder "
+                              f"to start again from step 0, or pass a new --output-dir.")
+    return None
