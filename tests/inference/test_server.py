@@ -1,5 +1,6 @@
 """`llama-expert serve`: a real server process on the tiny trained base, spoken to with the official `openai`
-client (streaming and not) and with raw HTTP for what a client library would refuse to send."""
+client (streaming and not) and with raw HTTP for what a client library would refuse to send; a second one on a
+deliberately slow model for clients that leave mid-answer."""
 
 import os
 import shutil
@@ -14,6 +15,8 @@ import openai
 import pytest
 import torch
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from llama_expert.inference.generation import generate_ids
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
@@ -27,19 +30,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_base, tmp_path_factory):
-    folder, _ = trained_base
-    base = tmp_path_factory.mktemp("served") / "base"
-    shutil.copytree(folder, base)
-    tokenizer = load_tokenizer(str(base))
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(base)
+def _serve(folder, *flags, key=None):
+    """A `llama-expert serve` process on ``folder`` (an API key only if ``key``): yields its URL once it answers."""
     port = _free_port()
-    env = {**os.environ, "LLAMA_EXPERT_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", "--model", str(base), "--port",
-                                str(port), "--served-model-name", "tiny", "--batch-wait-ms", "50"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LLAMA_EXPERT_API_KEY": key or ""}
+    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", "--model", str(folder), "--port",
+                                str(port), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -52,9 +49,42 @@ def server(trained_base, tmp_path_factory):
             process.kill()
             pytest.fail(f"the server did not start:\n{process.stdout.read()}")
         time.sleep(0.2)
-    yield url, base
+    yield url
     process.terminate()
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(trained_base, tmp_path_factory):
+    folder, _ = trained_base
+    base = tmp_path_factory.mktemp("served") / "base"
+    shutil.copytree(folder, base)
+    tokenizer = load_tokenizer(str(base))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(base)
+    for url in _serve(base, "--served-model-name", "tiny", "--batch-wait-ms", "50", key=KEY):
+        yield url, base
+
+
+@pytest.fixture(scope="module")
+def slow_server(trained_base, tmp_path_factory):
+    """A random 16-layer model (~15 ms a token here) with a 4096-token context that never writes its end token:
+    a 2000-token answer keeps the server busy for half a minute unless it is stopped."""
+    tokenizer = load_tokenizer(str(trained_base[0]))
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0  # logit 0 never beats the largest of 256 random logits
+    folder = tmp_path_factory.mktemp("slow") / "slow"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    yield from _serve(folder, "--served-model-name", "slow", "--max-tokens-limit", "2000")
 
 
 def _client(url, key=KEY):
@@ -159,3 +189,40 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     assert health["largest_batch"] > 1  # some of them were generated together
     for prompt in prompts:  # left padding in a batch does not change a greedy answer
         assert answers[prompt] == _greedy(base, prompt, 6), prompt
+
+
+# ---------------------------------------------------------------------------------------------- clients that leave
+def _ask_briefly(url):
+    """Seconds until a 2-token request is answered (the client gives up after 10 s)."""
+    start = time.monotonic()
+    reply = httpx.post(f"{url}/v1/completions", json={"model": "slow", "prompt": "Hi", "max_tokens": 2}, timeout=10)
+    assert reply.status_code == 200
+    return time.monotonic() - start
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(slow_server):
+    url = slow_server
+    before = httpx.get(f"{url}/health").json()
+    stream = _client(url, "none").completions.create(model="slow", prompt="The quick", max_tokens=2000,
+                                                     temperature=0, stream=True)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    stream.close()  # the client leaves after 3 chunks of a 2000-token answer (~30 s of work)
+    waited = _ask_briefly(url)
+    after = httpx.get(f"{url}/health").json()
+    made = after["tokens_generated"] - before["tokens_generated"] - 2
+    print(f"next request answered in {waited:.2f} s; the gone client's row made {made} of its 2000 tokens")
+    assert waited < 5 and after["aborted"] == before["aborted"] + 1 and made < 300
+
+
+def test_a_client_that_times_out_stops_its_generation(slow_server):
+    url = slow_server
+    before = httpx.get(f"{url}/health").json()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        client.completions.create(model="slow", prompt="The quick", max_tokens=2000, temperature=0)
+    waited = _ask_briefly(url)
+    after = httpx.get(f"{url}/health").json()
+    made = after["tokens_generated"] - before["tokens_generated"] - 2
+    print(f"next request answered in {waited:.2f} s; the gone client's row made {made} of its 2000 tokens")
+    assert waited < 5 and after["aborted"] == before["aborted"] + 1 and made < 500

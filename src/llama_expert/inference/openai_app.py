@@ -5,19 +5,34 @@ A request that cannot be served gets an HTTP 4xx with an OpenAI-style body ``{"e
 "param", "code"}}`` and the server keeps serving: malformed JSON or a bad field (400), a wrong API key (401),
 an unknown model (404), a prompt that does not fit the context with ``max_tokens`` (400). With an API key
 every ``/v1`` request must send ``Authorization: Bearer KEY``; keys are compared in constant time.
+
+Hostile or careless clients must not stall the others: the event loop only moves bytes (parsing the JSON,
+tokenizing and generating run on other threads), and a client that leaves (a stream closed early, a
+timeout) has its batch row ended at the next decoding step. ``/health`` counts requests served, batches,
+requests ``aborted`` that way, and ``tokens_generated``.
 """
 
-import hmac  # no "from __future__ import annotations": FastAPI reads the route handlers' annotations at runtime
+import asyncio  # no "from __future__ import annotations": FastAPI reads the route handlers' annotations at runtime
+import hmac
 import json
 import time
 import uuid
-from typing import Iterator, List, Optional, Union
+from dataclasses import dataclass
+from typing import AsyncIterator, List, Optional, Union
 
 from ..errors import ConfigError
 from ..integration.base_models import context_length
 from .batching import BatchEngine, Request
 from .generation import check_text, has_chat_template
 from .openai_fields import RequestError, number, stops
+
+
+@dataclass
+class Call:
+    """A validated request: what the engine generates, and how the answer is sent."""
+    request: Request
+    chat: bool
+    stream: bool
 
 
 class Service:
@@ -42,10 +57,18 @@ class Service:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                             "owned_by": "llama-expert"}]}
 
-    def request(self, body: dict, chat: bool) -> Request:
-        """Validate an OpenAI request body and build the engine's Request (or raise RequestError)."""
+    def parse(self, raw: bytes, chat: bool) -> Call:
+        """The request body's bytes -> a Call (or RequestError). Parses and tokenizes: run it off the event loop."""
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"the request body is not valid JSON ({exc}).") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object.")
+        return Call(self.request(body, chat), chat, bool(body.get("stream")))
+
+    def request(self, body: dict, chat: bool) -> Request:
+        """Validate an OpenAI request body (a dict) and build the engine's Request (or raise RequestError)."""
         model = body.get("model")
         if model != self.name:
             raise RequestError(404, f"the model '{model}' does not exist; this server serves '{self.name}'.",
@@ -91,63 +114,91 @@ class Service:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ answers
-    def events(self, request: Request) -> Iterator[tuple]:
+    async def events(self, request: Request) -> AsyncIterator[tuple]:
+        """The engine's events for ``request``, awaited without holding the event loop (the caller cancels the
+        request if it stops listening early)."""
+        loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
+
+        def listener(event: tuple) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: the server is stopping
+                request.cancel()
+
+        request.listener = listener
         self.engine.submit(request)
         while True:
-            event = request.events.get()
+            event = await inbox.get()
             yield event
             if event[0] in ("done", "error"):
                 return
 
-    def complete(self, body: dict, chat: bool) -> dict:
-        request = self.request(body, chat)
+    async def complete(self, call: Call, disconnected) -> dict:
+        """The whole answer. ``disconnected()`` returns when the client leaves (a timeout, say): then the request
+        is cancelled, so the worker ends its row at the next decoding step instead of finishing it for nobody."""
+        request, chat = call.request, call.chat
+
+        async def cancel_when_gone():
+            await disconnected()
+            request.cancel()
+
+        watch = asyncio.ensure_future(cancel_when_gone())
         text, finish, produced = "", None, 0
-        for event in self.events(request):
-            if event[0] == "text":
-                text += event[1]
-            elif event[0] == "done":
-                finish, produced = event[1], event[2]
-            else:
-                raise RequestError(500, event[1], kind="server_error")
+        try:
+            async for event in self.events(request):
+                if event[0] == "text":
+                    text += event[1]
+                elif event[0] == "done":
+                    finish, produced = event[1], event[2]
+                else:
+                    raise RequestError(500, event[1], kind="server_error")
+        finally:
+            watch.cancel()
         choice = {"index": 0, "finish_reason": finish}
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
         return {"id": _id(chat), "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.name, "choices": [choice],
-                "usage": {"prompt_tokens": len(request.ids), "completion_tokens": produced,
-                          "total_tokens": len(request.ids) + produced}}
+                "usage": _usage(request, produced)}
 
-    def stream(self, body: dict, chat: bool) -> Iterator[str]:
-        """Validate first (errors become a 4xx before streaming starts), then server-sent events."""
-        request = self.request(body, chat)
+    async def stream(self, call: Call) -> AsyncIterator[str]:
+        """Server-sent events. When the client leaves, Starlette stops this generator, whose ``finally`` cancels
+        the request: the worker ends its row at the next decoding step."""
+        request, chat = call.request, call.chat
         ident, created = _id(chat), int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: Optional[str], finish: Optional[str] = None, first: bool = False) -> str:
-            if chat:
-                content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": content, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            data = {"id": ident, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+        def chunk(choices: list) -> str:
+            data = {"id": ident, "object": kind, "created": created, "model": self.name, "choices": choices}
             return f"data: {json.dumps(data)}\n\n"
 
-        def generate() -> Iterator[str]:
+        def choice(delta: Optional[str], finish: Optional[str] = None, first: bool = False) -> list:
             if chat:
-                yield chunk(None, first=True)
-            for event in self.events(request):
+                content = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+                return [{"index": 0, "delta": content, "finish_reason": finish}]
+            return [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]
+
+        try:
+            if chat:
+                yield chunk(choice(None, first=True))
+            async for event in self.events(request):
                 if event[0] == "text":
-                    yield chunk(event[1])
+                    yield chunk(choice(event[1]))
                 elif event[0] == "done":
-                    yield chunk(None, event[1])
+                    yield chunk(choice(None, event[1]))
                 else:
                     yield f"data: {json.dumps(RequestError(500, event[1], kind='server_error').body())}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return generate()
+        finally:
+            request.cancel()  # nothing left to do once it is done
+        yield "data: [DONE]\n\n"
 
 
 def _id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def _usage(request: Request, produced: int) -> dict:
+    return {"prompt_tokens": len(request.ids), "completion_tokens": produced,
+            "total_tokens": len(request.ids) + produced}
 
 
 def build_app(service: Service):
@@ -172,31 +223,25 @@ def build_app(service: Service):
     async def http_error(_, exc: HTTPException):
         return JSONResponse(RequestError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    async def body_of(request: HTTPRequest) -> dict:
-        service.check_key(request.headers.get("authorization"))
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the request body is not valid JSON ({exc}).") from None
-
     @app.get("/health")
     async def health():
         engine = service.engine
         return {"status": "ok", "model": service.name, "requests_served": engine.requests_served,
-                "batches": engine.batches, "largest_batch": engine.largest_batch}
+                "batches": engine.batches, "largest_batch": engine.largest_batch, "aborted": engine.aborted,
+                "tokens_generated": engine.tokens_generated}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         service.check_key(request.headers.get("authorization"))
         return service.models()
 
-    async def answer(request: HTTPRequest, chat: bool):
-        body = await body_of(request)
-        if isinstance(body, dict) and body.get("stream"):
-            events = service.stream(body, chat)  # raises RequestError before any byte is sent
-            return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(await run_in_threadpool(service.complete, body, chat))
+    async def answer(http: HTTPRequest, chat: bool):
+        service.check_key(http.headers.get("authorization"))
+        raw = await http.body()
+        call = await run_in_threadpool(service.parse, raw, chat)  # JSON and tokenizing: off the event loop
+        if call.stream:
+            return StreamingResponse(service.stream(call), media_type="text/event-stream")
+        return JSONResponse(await service.complete(call, lambda: _disconnect(http)))
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -207,3 +252,9 @@ def build_app(service: Service):
         return await answer(request, chat=True)
 
     return app
+
+
+async def _disconnect(http) -> None:
+    """Returns when the client has gone (the body is read: the server's next message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
