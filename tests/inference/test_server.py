@@ -2,6 +2,7 @@
 client (streaming and not) and with raw HTTP for what a client library would refuse to send; a second one on a
 deliberately slow model for clients that leave mid-answer."""
 
+import json
 import os
 import shutil
 import socket
@@ -191,7 +192,47 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
         assert answers[prompt] == _greedy(base, prompt, 6), prompt
 
 
-# ---------------------------------------------------------------------------------------------- clients that leave
+# ---------------------------------------------------------------------------------------------- hostile clients
+def _raw(url, path, body, key=KEY, **headers):
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers}
+    return httpx.post(f"{url}{path}", content=json.dumps(body) if isinstance(body, dict) else body, timeout=10,
+                      headers=headers)
+
+
+def _health_latencies(url, stop: threading.Event, into: list):
+    while not stop.is_set():
+        start = time.monotonic()
+        httpx.get(f"{url}/health", timeout=30)
+        into.append(time.monotonic() - start)
+        time.sleep(0.02)
+
+
+def test_a_body_over_the_cap_is_refused_at_once_while_health_answers(server):
+    url, _ = server
+    big = json.dumps({"model": "tiny", "prompt": "word " * ((6 << 20) // 5), "stream": True}).encode()  # 6 MiB
+    stop, latencies = threading.Event(), []
+    watcher = threading.Thread(target=_health_latencies, args=(url, stop, latencies))
+    watcher.start()
+    try:
+        start = time.monotonic()
+        declared = _raw(url, "/v1/completions", big)  # with a Content-Length
+        declared_s = time.monotonic() - start
+        start = time.monotonic()
+        chunked = _raw(url, "/v1/completions", iter([big[i:i + (1 << 20)] for i in range(0, len(big), 1 << 20)]))
+        chunked_s = time.monotonic() - start
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        watcher.join()
+    print(f"413 after {declared_s:.2f} s (Content-Length) and {chunked_s:.2f} s (chunked); /health answered "
+          f"{len(latencies)} times meanwhile, slowest {max(latencies):.3f} s")
+    for reply in (declared, chunked):
+        assert reply.status_code == 413, reply.text[:200]
+        assert reply.json()["error"]["code"] == "request_too_large" and "--max-body-bytes" in reply.text
+    assert declared_s < 2 and chunked_s < 2 and max(latencies) < 1
+    assert _client(url).completions.create(model="tiny", prompt="The", max_tokens=2).choices  # still serving
+
+
 def _ask_briefly(url):
     """Seconds until a 2-token request is answered (the client gives up after 10 s)."""
     start = time.monotonic()

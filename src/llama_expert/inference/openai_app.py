@@ -3,13 +3,14 @@ its tokenizer and the batching engine), which turns request bodies into answers.
 
 A request that cannot be served gets an HTTP 4xx with an OpenAI-style body ``{"error": {"message", "type",
 "param", "code"}}`` and the server keeps serving: malformed JSON or a bad field (400), a wrong API key (401),
-an unknown model (404), a prompt that does not fit the context with ``max_tokens`` (400). With an API key
-every ``/v1`` request must send ``Authorization: Bearer KEY``; keys are compared in constant time.
+an unknown model (404), a prompt that does not fit the context with ``max_tokens`` (400), a body over
+``--max-body-bytes`` (413). With an API key every ``/v1`` request must send ``Authorization: Bearer KEY``;
+keys are compared in constant time.
 
 Hostile or careless clients must not stall the others: the event loop only moves bytes (parsing the JSON,
-tokenizing and generating run on other threads), and a client that leaves (a stream closed early, a
-timeout) has its batch row ended at the next decoding step. ``/health`` counts requests served, batches,
-requests ``aborted`` that way, and ``tokens_generated``.
+tokenizing and generating run on other threads), a body is refused as soon as it passes the size cap, and a
+client that leaves (a stream closed early, a timeout) has its batch row ended at the next decoding step.
+``/health`` counts requests served, batches, requests ``aborted`` that way, and ``tokens_generated``.
 """
 
 import asyncio  # no "from __future__ import annotations": FastAPI reads the route handlers' annotations at runtime
@@ -201,6 +202,24 @@ def _usage(request: Request, produced: int) -> dict:
             "total_tokens": len(request.ids) + produced}
 
 
+async def read_body(http, limit: int) -> bytes:
+    """The body's bytes, refused with 413 past ``limit``: the declared Content-Length first (nothing is read),
+    then the bytes counted as they arrive (a chunked body declares no length)."""
+    too_large = RequestError(413, f"the request body is larger than this server's limit of {limit} bytes; send a "
+                                  f"shorter request, or start the server with a larger --max-body-bytes.",
+                             None, "request_too_large")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for piece in http.stream():
+        size += len(piece)
+        if size > limit:
+            raise too_large
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
 def build_app(service: Service):
     """The FastAPI application over ``service``."""
     from fastapi import FastAPI, Request as HTTPRequest
@@ -237,7 +256,7 @@ def build_app(service: Service):
 
     async def answer(http: HTTPRequest, chat: bool):
         service.check_key(http.headers.get("authorization"))
-        raw = await http.body()
+        raw = await read_body(http, service.args.max_body_bytes)
         call = await run_in_threadpool(service.parse, raw, chat)  # JSON and tokenizing: off the event loop
         if call.stream:
             return StreamingResponse(service.stream(call), media_type="text/event-stream")

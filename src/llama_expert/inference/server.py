@@ -36,6 +36,8 @@ class ServeArguments:
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
     kv_cache: str = option("none", "key/value cache: none, int8 or int4 (KVCacheCompressor)",
                            choices=KV_CACHE_CHOICES)
+    max_body_bytes: int = option(4 * 1024 * 1024, "largest request body in bytes, larger ones get HTTP 413 (4 MiB: "
+                                                   "room for a 128k-token prompt)")
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -46,6 +48,8 @@ class ServeArguments:
             raise ConfigError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}.")
         if self.max_tokens_limit < 1:
             raise ConfigError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}.")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}.")
 
 
 def api_key(args: ServeArguments) -> Optional[str]:
