@@ -199,6 +199,54 @@ def _raw(url, path, body, key=KEY, **headers):
                       headers=headers)
 
 
+def test_fields_must_have_their_json_types(server):
+    url, _ = server
+    reply = _raw(url, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 2, "stream": "false"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream"
+    assert "true or false" in reply.json()["error"]["message"]
+    reply = _raw(url, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 2, "stream": True,
+                                          "stream_options": {"include_usage": "yes"}})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options.include_usage"
+    reply = _raw(url, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 2,
+                                          "stream_options": {"include_usage": True}})  # without "stream": true
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stream_options"
+
+
+def test_stream_options_include_usage_sends_a_last_chunk_with_the_counts(server):
+    url, _ = server
+    client = _client(url)
+    chunks = list(client.completions.create(model="tiny", prompt="The quick", max_tokens=7, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 7
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 7 and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason == "length"
+    chat = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "The"}],
+                                               max_tokens=5, temperature=0, stream=True,
+                                               stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens == 5
+    plain = list(client.completions.create(model="tiny", prompt="The", max_tokens=3, stream=True))
+    assert all(c.usage is None and c.choices for c in plain)  # without the option: no usage chunk
+
+
+def test_logprobs_are_refused_rather_than_silently_left_out(server):
+    url, _ = server
+    client = _client(url)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="The", max_tokens=2, logprobs=2)
+    assert err.value.body["param"] == "logprobs" and "not supported" in err.value.body["message"]
+    messages = [{"role": "user", "content": "The"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True)
+    assert err.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=3)
+    assert err.value.body["param"] == "top_logprobs"
+    assert client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=False).choices
+    assert _raw(url, "/v1/completions", {"model": "tiny", "prompt": "The", "max_tokens": 2,
+                                         "logprobs": None}).status_code == 200
+
+
 def _health_latencies(url, stop: threading.Event, into: list):
     while not stop.is_set():
         start = time.monotonic()

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..integration.base_models import context_length
 from .batching import BatchEngine, Request
 from .generation import check_text, has_chat_template
-from .openai_fields import RequestError, number, stops
+from .openai_fields import RequestError, flag, number, refuse_unsupported, stops
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Call:
     request: Request
     chat: bool
     stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
 
 
 class Service:
@@ -66,7 +67,12 @@ class Service:
             raise RequestError(400, f"the request body is not valid JSON ({exc}).") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object.")
-        return Call(self.request(body, chat), chat, bool(body.get("stream")))
+        stream, options = flag(body, "stream"), body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or not stream):
+            raise RequestError(400, "'stream_options' must be an object, and only with \"stream\": true.",
+                               "stream_options")
+        include_usage = flag(options or {}, "include_usage", "stream_options.include_usage")
+        return Call(self.request(body, chat), chat, stream, include_usage)
 
     def request(self, body: dict, chat: bool) -> Request:
         """Validate an OpenAI request body (a dict) and build the engine's Request (or raise RequestError)."""
@@ -76,6 +82,7 @@ class Service:
                                "model", "model_not_found")
         if number(body, "n", 1, 1, 1, integer=True) != 1:
             raise RequestError(400, "'n' must be 1.", "n")
+        refuse_unsupported(body)
         limit = self.args.max_tokens_limit
         max_tokens = number(body, "max_completion_tokens" if chat and "max_completion_tokens" in body
                              else "max_tokens", 16 if not chat else min(256, limit), 1, limit, integer=True)
@@ -168,9 +175,11 @@ class Service:
         ident, created = _id(chat), int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(choices: list) -> str:
+        def chunk(choices: list, **extra) -> str:
             data = {"id": ident, "object": kind, "created": created, "model": self.name, "choices": choices}
-            return f"data: {json.dumps(data)}\n\n"
+            if call.include_usage:
+                data["usage"] = None  # as OpenAI: null on every chunk but the last
+            return f"data: {json.dumps({**data, **extra})}\n\n"
 
         def choice(delta: Optional[str], finish: Optional[str] = None, first: bool = False) -> list:
             if chat:
@@ -178,6 +187,7 @@ class Service:
                 return [{"index": 0, "delta": content, "finish_reason": finish}]
             return [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]
 
+        produced = 0
         try:
             if chat:
                 yield chunk(choice(None, first=True))
@@ -185,11 +195,14 @@ class Service:
                 if event[0] == "text":
                     yield chunk(choice(event[1]))
                 elif event[0] == "done":
+                    produced = event[2]
                     yield chunk(choice(None, event[1]))
                 else:
                     yield f"data: {json.dumps(RequestError(500, event[1], kind='server_error').body())}\n\n"
         finally:
             request.cancel()  # nothing left to do once it is done
+        if call.include_usage:
+            yield chunk([], usage=_usage(request, produced))
         yield "data: [DONE]\n\n"
 
 
