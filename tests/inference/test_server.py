@@ -247,6 +247,21 @@ def test_logprobs_are_refused_rather_than_silently_left_out(server):
                                          "logprobs": None}).status_code == 200
 
 
+def test_the_bearer_scheme_is_case_insensitive_and_required(server):
+    url, _ = server
+    models = f"{url}/v1/models"
+    assert httpx.get(models, headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+    assert httpx.get(models, headers={"Authorization": f"BEARER {KEY}"}).status_code == 200
+    assert httpx.get(models, headers={"Authorization": KEY}).status_code == 401  # the bare key
+    assert httpx.get(models, headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+
+
+def test_with_an_api_key_the_api_description_is_not_served(server):
+    url, _ = server
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{path}").status_code == 404, path
+
+
 def _health_latencies(url, stop: threading.Event, into: list):
     while not stop.is_set():
         start = time.monotonic()

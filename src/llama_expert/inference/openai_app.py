@@ -4,8 +4,8 @@ its tokenizer and the batching engine), which turns request bodies into answers.
 A request that cannot be served gets an HTTP 4xx with an OpenAI-style body ``{"error": {"message", "type",
 "param", "code"}}`` and the server keeps serving: malformed JSON or a bad field (400), a wrong API key (401),
 an unknown model (404), a prompt that does not fit the context with ``max_tokens`` (400), a body over
-``--max-body-bytes`` (413). With an API key every ``/v1`` request must send ``Authorization: Bearer KEY``;
-keys are compared in constant time.
+``--max-body-bytes`` (413). With an API key every ``/v1`` request must send ``Authorization: Bearer KEY``
+(compared in constant time), and ``/docs`` and ``/openapi.json`` are off (they would answer without it).
 
 Hostile or careless clients must not stall the others: the event loop only moves bytes (parsing the JSON,
 tokenizing and generating run on other threads), a body is refused as soon as it passes the size cap, and a
@@ -48,10 +48,11 @@ class Service:
         self.created = int(time.time())
 
     def check_key(self, authorization: Optional[str]) -> None:
+        """``Authorization: Bearer KEY``; the scheme is case-insensitive (RFC 7235) and required."""
         if self.api_key is None:
             return
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise RequestError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'.", None,
                                "invalid_api_key", "authentication_error")
 
@@ -241,7 +242,8 @@ def build_app(service: Service):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    app = FastAPI(title="llama-expert", version="1")
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if service.api_key else {}
+    app = FastAPI(title="llama-expert", version="1", **hidden)  # with a key, no page answers without it
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
