@@ -1,6 +1,6 @@
 """`llama-expert serve`: a real server process on the tiny trained base, spoken to with the official `openai`
 client (streaming and not) and with raw HTTP for what a client library would refuse to send; a second one on a
-deliberately slow model for clients that leave mid-answer."""
+deliberately slow model for clients that leave mid-answer; the CLI itself for what happens before serving."""
 
 import json
 import os
@@ -18,6 +18,7 @@ import torch
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llama_expert.cli import main
 from llama_expert.inference.generation import generate_ids
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
@@ -330,3 +331,34 @@ def test_a_client_that_times_out_stops_its_generation(slow_server):
     made = after["tokens_generated"] - before["tokens_generated"] - 2
     print(f"next request answered in {waited:.2f} s; the gone client's row made {made} of its 2000 tokens")
     assert waited < 5 and after["aborted"] == before["aborted"] + 1 and made < 500
+
+
+# ---------------------------------------------------------------------------------------------- before serving
+def test_a_busy_port_fails_at_once_before_the_model_loads(tmp_path):
+    """In a fresh interpreter: the port is tried before Transformers, FastAPI or the model are loaded."""
+    script = ("import sys\nfrom llama_expert.cli import main\ncode = main(sys.argv[1:])\n"
+              "print([m for m in ('transformers', 'fastapi') if m in sys.modules])\nsys.exit(code)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", script, "serve", "--model", str(tmp_path / "no-such-model"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    print(f"a busy port failed after {time.monotonic() - start:.2f} s (a fresh interpreter)")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"port {port}" in errors[0] and "already in use" in errors[0] and "--port" in errors[0]
+    assert done.stdout.strip() == "[]"  # neither Transformers nor FastAPI was imported before the port was tried
+
+
+def test_a_non_loopback_host_without_an_api_key_warns(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("LLAMA_EXPERT_API_KEY", raising=False)
+    missing = str(tmp_path / "no-such-model")  # the warning comes before the model loads (which then fails)
+    for host, key, warned in (("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "k", False)):
+        if key:
+            monkeypatch.setenv("LLAMA_EXPERT_API_KEY", key)
+        assert main(["serve", "--model", missing, "--host", host, "--port", str(_free_port())]) != 0
+        err = capsys.readouterr().err
+        assert ("warning: --host 0.0.0.0" in err and "LLAMA_EXPERT_API_KEY" in err) == warned, err

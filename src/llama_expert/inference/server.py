@@ -6,20 +6,23 @@ that arrive together are generated together (``inference.batching``); the applic
 ``inference.openai_app``. With an API key (``--api-key`` or the ``LLAMA_EXPERT_API_KEY`` environment variable,
 which keeps it out of the process list) every ``/v1`` request must send ``Authorization: Bearer KEY``.
 
-This module is light on purpose (the CLI imports it to build its flags): Transformers and FastAPI are imported
-only when the server starts.
+This module is light on purpose (the CLI imports it to build its flags): the port is opened before
+Transformers and FastAPI are imported and before the model loads, so a busy port fails at once. A host that
+other machines can reach, without an API key, gets a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 from ..errors import ConfigError
 from ..options import option
 from .kv_cache_choice import KV_CACHE_CHOICES
+from .listening import listen, open_to_others
 
 API_KEY_ENV = "LLAMA_EXPERT_API_KEY"
 
@@ -62,21 +65,27 @@ def served_name(model_args, info: Dict) -> str:
 
 
 def run_server(model_args, args: ServeArguments) -> None:
-    """The ``serve`` command: load the model, then serve until interrupted."""
+    """The ``serve`` command: open the port, load the model, then serve until interrupted."""
     args.validate()
     if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
         raise ConfigError("serve needs FastAPI and uvicorn: pip install 'llama-expert[serve]'")
-    import uvicorn
-
-    from ..integration.loading import load_model_and_tokenizer
-    from .openai_app import Service, build_app
-
-    model, tokenizer, info = load_model_and_tokenizer(**asdict(model_args))
-    model.eval()
-    tokenizer.padding_side = "left"
-    name = args.served_model_name or served_name(model_args, info)
+    sock = listen(args.host, args.port)
     key = api_key(args)
-    service = Service(model, tokenizer, name, args, key)
-    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible)"
-          f"{'; API key required' if key else ''}", flush=True)
-    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
+    if open_to_others(args.host) and not key:
+        print(f"warning: --host {args.host} lets other machines reach this server and no API key is set: anyone "
+              f"who can reach port {args.port} can use it. Set {API_KEY_ENV} (or --api-key), or serve on "
+              f"127.0.0.1.", file=sys.stderr, flush=True)
+    with sock:
+        import uvicorn
+
+        from ..integration.loading import load_model_and_tokenizer
+        from .openai_app import Service, build_app
+
+        model, tokenizer, info = load_model_and_tokenizer(**asdict(model_args))
+        model.eval()
+        tokenizer.padding_side = "left"
+        name = args.served_model_name or served_name(model_args, info)
+        service = Service(model, tokenizer, name, args, key)
+        print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible)"
+              f"{'; API key required' if key else ''}", flush=True)
+        uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning")).run(sockets=[sock])
