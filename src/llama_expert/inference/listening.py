@@ -1,6 +1,6 @@
 """Where ``serve`` listens: the socket, opened before the model loads, and whether other machines reach it.
 
-Loading a model takes seconds to minutes; a port that is already taken should fail before that, in a second.
+Loading a model takes seconds to minutes; a port that is already taken should fail before that, not after.
 The open socket is then handed to uvicorn.
 """
 
@@ -14,7 +14,7 @@ from ..errors import ConfigError
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, opened before the model loads: a busy port fails in a second."""
+    """The server's listening socket, opened before the model loads, so that a busy port fails at once."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -25,7 +25,8 @@ def listen(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"port {port} on {host} is already in use (another server?): stop that server, or "
                               f"choose another port with --port.") from None
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host and --port.") from None
+        reason = exc.strerror or exc
+        raise ConfigError(f"cannot listen on {host}:{port} ({reason}); check --host and --port.") from None
     return sock
 
 
