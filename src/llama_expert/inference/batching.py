@@ -5,9 +5,12 @@ sampling settings (temperature, top_p) up to ``max_batch_size``, left-pads their
 ``model.generate`` over the batch. Each request keeps its own limits: a per-row stopping criterion ends a
 row at its own ``max_tokens`` or stop string (generation ends when every row has ended), and a streamer
 splits every decoding step's tokens by row and sends each request its new text as soon as it decodes
-(text is held back while it ends in an incomplete UTF-8 character or in what may begin a stop string). Why not continuous batching: a request
-that arrives mid-batch waits for the next one; Transformers' continuous-batching manager needs paged
-attention of its own and does not host a model whose MLPs were replaced, so this is the batching it allows.
+(text is held back while it ends in an incomplete UTF-8 character or in what may begin a stop string).
+A request whose client has gone is ``cancel()``-ed: its row ends at the next decoding step (or it is dropped
+before its batch starts), so a client that leaves does not keep the worker busy; the rest of its batch goes
+on. Why not continuous batching: a request that arrives mid-batch waits for the next one; Transformers'
+continuous-batching manager needs paged attention of its own and does not host a model whose MLPs were
+replaced, so this is the batching it allows.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -27,13 +30,24 @@ from .kv_cache_choice import cache_kwargs, make_cache
 @dataclass
 class Request:
     """One prompt to complete; its ``events`` queue receives ("text", delta) items and then one
-    ("done", finish_reason, completion_tokens) or ("error", message)."""
+    ("done", finish_reason, completion_tokens) or ("error", message). ``listener``, when set, receives the
+    events instead (called on the worker thread: the server hands them to its event loop). Finish reasons:
+    "stop", "length", or "cancelled" after ``cancel()``."""
     ids: List[int]
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: List[str] = field(default_factory=list)
     events: "queue.Queue" = field(default_factory=queue.Queue)
+    listener: Optional[Callable[[tuple], None]] = None
+    cancelled: bool = False
+
+    def send(self, event: tuple) -> None:
+        (self.listener or self.events.put)(event)
+
+    def cancel(self) -> None:
+        """Nobody wants the rest (the client left): the worker ends this row at its next decoding step."""
+        self.cancelled = True
 
     @property
     def sampling(self) -> Tuple[float, float]:
@@ -64,11 +78,18 @@ class _Row:
                 self.finish = "length"
             ready = len(text) if self.finish is not None else self._ready(text)
             if ready > self.sent:
-                self.request.events.put(("text", text[self.sent:ready]))
+                self.request.send(("text", text[self.sent:ready]))
                 self.sent = ready
         if self.finish is not None:
-            self.request.events.put(("done", self.finish, len(self.ids)))
+            self.request.send(("done", self.finish, len(self.ids)))
 
+    def cancel_if_asked(self) -> bool:
+        """End the row now if its request was cancelled; True when it did."""
+        if self.finish is not None or not self.request.cancelled:
+            return False
+        self.finish = "cancelled"
+        self.request.send(("done", "cancelled", len(self.ids)))
+        return True
 
     def _ready(self, text: str) -> int:
         """How much of ``text`` can be sent: not an incomplete UTF-8 character at the end, nor an ending that
@@ -88,6 +109,7 @@ class BatchEngine:
         self.waiting: "queue.Queue[Request]" = queue.Queue()
         self.held: List[Request] = []  # taken from the queue, different sampling: next batch
         self.requests_served, self.largest_batch, self.batches = 0, 0, 0
+        self.aborted, self.tokens_generated = 0, 0  # requests cancelled before their end; tokens made for all
         self.thread = threading.Thread(target=self._run, name="llama-expert-batching", daemon=True)
         self.thread.start()
 
@@ -113,12 +135,19 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
+            for request in [r for r in batch if r.cancelled]:  # its client left while it waited
+                request.send(("done", "cancelled", 0))
+                self.aborted += 1
+            batch = [r for r in batch if not r.cancelled]
+            if not batch:
+                continue
+            aborted = self.aborted
             try:
                 self.generate(batch)
             except Exception as exc:  # report to every waiting client; the server keeps serving
                 for request in batch:
-                    request.events.put(("error", f"generation failed: {exc}"))
-            self.requests_served += len(batch)
+                    request.send(("error", f"generation failed: {exc}"))
+            self.requests_served += len(batch) - (self.aborted - aborted)
             self.largest_batch = max(self.largest_batch, len(batch))
             self.batches += 1
 
@@ -127,7 +156,7 @@ class BatchEngine:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        tokenizer, model = self.tokenizer, self.model
+        tokenizer, model, engine = self.tokenizer, self.model, self
         config = generation_config(model, tokenizer, max(r.max_tokens for r in batch), *batch[0].sampling)
         eos = config.eos_token_id
         rows = [_Row(r, tokenizer, set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
@@ -145,6 +174,7 @@ class BatchEngine:
                 if not self.prompt_seen:  # generate() first puts the prompt
                     self.prompt_seen = True
                     return
+                engine.tokens_generated += sum(row.finish is None for row in rows)
                 for row, token in zip(rows, value.reshape(-1).tolist()):
                     row.add(token)
 
@@ -152,10 +182,11 @@ class BatchEngine:
                 for row in rows:
                     if row.finish is None:
                         row.finish = "length"
-                        row.request.events.put(("done", "length", len(row.ids)))
+                        row.request.send(("done", "length", len(row.ids)))
 
         class Finished(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
+                engine.aborted += sum(row.cancel_if_asked() for row in rows)
                 return torch.tensor([row.finish is not None for row in rows], device=input_ids.device)
 
         cache = make_cache(model, self.kv_cache)
