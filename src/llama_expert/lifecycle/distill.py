@@ -30,7 +30,7 @@ from ..integration.surgery import adapter_parameters
 from ..options import option
 from .arguments import AdapterCommandArguments
 from ..progress import progress_bar
-from ..training.lora import add_lora, lora_parameters_per_rank, save_lora
+from ..integration.peft_lora import add_lora, lora_parameters_per_rank, save_lora
 from ..training.loop import cosine_with_warmup
 from .calibration import calibration_windows
 from .export import adapter_kind, check_output

@@ -20,7 +20,7 @@ from ..files import atomic_write_text, write_folder
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
 from .arguments import AdapterCommandArguments
-from ..training.lora import load_lora_model
+from ..integration.peft_lora import load_lora_model
 from .gguf_file import TENSOR_TYPES, write_llama_gguf
 
 FORMATS = ("hf", "gguf")

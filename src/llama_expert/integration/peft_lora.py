@@ -3,6 +3,10 @@
 ``compare`` uses it to answer the one question that matters: do the MoE adapters beat plain LoRA at the
 same trainable-parameter budget? ``matched_lora_rank`` picks the LoRA rank whose parameter count is
 closest to a given budget.
+
+It lives on the integration floor, not in training, because loading a LoRA folder is integration's job:
+``load_model_and_tokenizer`` (inference, serve, benchmark) and ``export`` load what ``train --method lora`` and
+``distill`` write.
 """
 
 from __future__ import annotations
