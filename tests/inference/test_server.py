@@ -27,6 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(*model_args):
+    """(process, url) of a `serve` process for ``model_args`` that answers /health."""
+    port = _free_port()
+    env = {**os.environ, "LLAMA_EXPERT_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", *model_args, "--port",
+                                str(port), "--served-model-name", "tiny", "--batch-wait-ms", "50"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"the server did not start:\n{process.stdout.read()}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(trained_base, tmp_path_factory):
     folder, _ = trained_base
@@ -35,23 +56,7 @@ def server(trained_base, tmp_path_factory):
     tokenizer = load_tokenizer(str(base))
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(base)
-    port = _free_port()
-    env = {**os.environ, "LLAMA_EXPERT_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", "--model", str(base), "--port",
-                                str(port), "--served-model-name", "tiny", "--batch-wait-ms", "50"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read()}")
-        time.sleep(0.2)
+    process, url = _launch("--model", str(base))
     yield url, base
     process.terminate()
     process.wait(timeout=30)
@@ -159,3 +164,21 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
     assert health["largest_batch"] > 1  # some of them were generated together
     for prompt in prompts:  # left padding in a batch does not change a greedy answer
         assert answers[prompt] == _greedy(base, prompt, 6), prompt
+
+
+def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_trained_base):
+    """`serve --adapter` with what `train --method lora` and `distill` write: a PEFT LoRA folder."""
+    from peft import PeftModel
+
+    folder, lora = trained_base[0], lora_on_trained_base
+    process, url = _launch("--adapter", str(lora))
+    try:
+        reply = _client(url).completions.create(model="tiny", prompt="The quick", max_tokens=8, temperature=0)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    model = PeftModel.from_pretrained(load_base_model(str(folder)), str(lora)).eval()
+    tokenizer = load_tokenizer(str(folder))
+    ids = torch.tensor([tokenizer("The quick")["input_ids"]])
+    expected = tokenizer.decode(generate_ids(model, tokenizer, ids, 8, temperature=0), skip_special_tokens=True)
+    assert reply.choices[0].text == expected != _greedy(folder, "The quick", 8)

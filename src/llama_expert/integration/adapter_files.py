@@ -98,7 +98,8 @@ def _config_with_counts(model: nn.Module) -> dict:
     return config
 
 
-def read_adapter_config(folder: Union[str, Path]) -> dict:
+def read_config_json(folder: Union[str, Path]) -> dict:
+    """The JSON object in ``folder/adapter_config.json`` (any adapter kind), with one-line errors for the rest."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` run "
@@ -108,8 +109,40 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
         raise AdapterError(f"{folder} holds no {CONFIG_NAME}; it is not a llama-expert adapter folder.")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter is corrupt. Re-save it.") from exc
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path} holds a JSON {type(meta).__name__}, not an object with the adapter's settings; "
+                           f"the adapter is corrupt. Re-save it.")
+    return meta
+
+
+# ``peft_type`` in adapter_config.json -> the kind of adapter (the loaders are registered by kind)
+ADAPTER_KINDS = {"LLAMA_EXPERT_MOE": "moe", "LORA": "lora"}
+
+
+def adapter_kind(folder: Union[str, Path]) -> str:
+    """'moe' (llama-expert MoE adapters) or 'lora' (a PEFT LoRA), for a folder that holds its weights too."""
+    peft_type = read_config_json(folder).get("peft_type")
+    if peft_type not in ADAPTER_KINDS:
+        raise AdapterError(f"{folder} holds a {peft_type or 'unknown'} adapter; llama-expert loads llama-expert MoE "
+                           f"adapters and PEFT LoRA adapters.")
+    return ADAPTER_KINDS[peft_type]
+
+
+def recorded_base(folder: Union[str, Path]) -> Optional[str]:
+    """The base model that the adapter in ``folder`` (either kind) records, or None when it records none."""
+    base = read_config_json(folder).get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{Path(folder) / CONFIG_NAME} records base_model_name_or_path {base!r}, not a name; "
+                           f"pass the base model with --model.")
+    return base or None
+
+
+def read_adapter_config(folder: Union[str, Path]) -> dict:
+    """The settings of the MoE adapter in ``folder``, upgraded to the current format version."""
+    path = Path(folder) / CONFIG_NAME
+    meta = read_config_json(folder)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this llama-expert "
                            f"understands ({FORMAT_VERSION}). Upgrade llama-expert.")

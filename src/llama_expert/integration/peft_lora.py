@@ -11,6 +11,7 @@ It lives on the integration floor, not in training, because loading a LoRA folde
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -73,4 +74,6 @@ def load_lora_model(base_model, folder):
     if not (Path(folder) / "adapter_config.json").is_file():
         raise ConfigError(f"{folder} holds no PEFT adapter_config.json; pass a folder written by "
                           f"`llama-expert train --method lora` or PEFT's save_pretrained.")
-    return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
+    with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()

@@ -17,6 +17,7 @@ from typing import Optional
 
 from ..errors import AdapterError, ConfigError
 from ..files import atomic_write_text, write_folder
+from ..integration.adapter_files import adapter_kind
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
 from .arguments import AdapterCommandArguments
@@ -45,24 +46,6 @@ class ExportArguments(AdapterCommandArguments):
             raise ConfigError("export writes merged weights: pass --merge (the adapter is folded into the base).")
         if parse_dtype(self.dtype) is None:
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
-
-
-def adapter_kind(folder: Path) -> str:
-    """'lora' (a PEFT LoRA folder) or 'moe' (llama-expert MoE adapters); a clear error for anything else."""
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` or "
-                           f"`distill` run.")
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterError(f"{folder} holds no adapter_config.json: it is not an adapter folder.")
-    try:
-        peft_type = json.loads(path.read_text()).get("peft_type")
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter is corrupt.") from exc
-    kinds = {"LORA": "lora", "LLAMA_EXPERT_MOE": "moe"}
-    if peft_type not in kinds:
-        raise AdapterError(f"{folder} holds a {peft_type or 'unknown'} adapter; export merges LoRA adapters.")
-    return kinds[peft_type]
 
 
 def check_output(folder: Path, overwrite: bool) -> None:
