@@ -15,9 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import AdapterError, ConfigError
+from ..errors import ConfigError
+from .weights_file import load_finite
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name
 
 
 def _peft():
@@ -57,15 +59,7 @@ def save_lora(model, folder) -> None:
 
 def load_lora_weights(model, folder) -> None:
     """Load a saved LoRA state into a PeftModel built with the same config (used when resuming)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "adapter_model.safetensors"
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise AdapterError(f"{path} cannot be read ({exc}); re-save or re-train the LoRA adapter.") from None
-    _peft().set_peft_model_state_dict(model, state)
+    _peft().set_peft_model_state_dict(model, load_finite(Path(folder) / WEIGHTS_NAME))
 
 
 def load_lora_model(base_model, folder):
@@ -74,6 +68,7 @@ def load_lora_model(base_model, folder):
     if not (Path(folder) / "adapter_config.json").is_file():
         raise ConfigError(f"{folder} holds no PEFT adapter_config.json; pass a folder written by "
                           f"`llama-expert train --method lora` or PEFT's save_pretrained.")
-    with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not the user's to fix
+    load_finite(Path(folder) / WEIGHTS_NAME)  # PEFT would load NaN or inf silently
+    with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not for users
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
