@@ -1,5 +1,6 @@
 import contextlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -374,3 +375,34 @@ def test_an_edited_strategy_name_is_refused_naming_it(trained, tiny_folder, tmp_
     edited = _edited_copy(folder, tmp_path / "edited", lambda meta: meta["expert_config"].update(router_type="soft"))
     line = cli_error(["inference", "--model", str(tiny_folder), "--adapter", str(edited), "--prompt", "hi"])
     assert "router_type 'soft' imply tensors the weights lack" in line and "router.noise_weight" in line, line
+
+
+# ---------------------------------------------------------------------------------------------- adapters travel
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_committed_adapter_records_a_base_that_exists_on_one_machine_only():
+    configs = sorted((ROOT / "docs" / "results").rglob(CONFIG_NAME))
+    assert configs
+    for path in configs:
+        base = json.loads(path.read_text())["base_model_name_or_path"]
+        assert not os.path.isabs(base) and not base.startswith(("~", ".")), f"{path} records {base}"
+
+
+@pytest.mark.parametrize("kind", ["moe", "lora"])
+def test_missing_weights_are_named_before_the_recorded_base_is_looked_for(kind, cli_error, tmp_path):
+    """A results folder that kept only its config, whose base is a file on another machine: the user hears
+    that the weights are missing, not that the other machine's GGUF file is."""
+    source = {"moe": "allocation/aux-free-dynamic-lr1e-2-seed1", "lora": "multidomain-full/lora-lr3e-3-seed1"}[kind]
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    meta = json.loads((ROOT / "docs" / "results" / source / CONFIG_NAME).read_text())
+    meta["base_model_name_or_path"] = "/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    commands = [["inference", "--adapter", str(folder), "--prompt", "hi"],
+                ["benchmark", "--model", str(folder), "--skip-throughput"],
+                ["prune" if kind == "moe" else "export", "--adapter", str(folder), "--output-dir", str(tmp_path / "o")]
+                + (["--keep", "50%"] if kind == "moe" else ["--merge"])]
+    for argv in commands:
+        line = cli_error(argv)
+        assert f"{folder} holds no {WEIGHTS_NAME}: the adapter's weights are not here" in line, (argv, line)

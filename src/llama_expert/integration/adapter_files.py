@@ -102,7 +102,9 @@ def _config_with_counts(model: nn.Module) -> dict:
 
 
 def read_config_json(folder: Union[str, Path]) -> dict:
-    """The JSON object in ``folder/adapter_config.json`` (any adapter kind), with one-line errors for the rest."""
+    """The JSON object in ``folder/adapter_config.json`` of a complete adapter folder (either kind: both keep their
+    weights in ``adapter_model.safetensors``). Missing weights are named first, before the base the config names
+    is looked for: a folder that kept only its config would otherwise fail on a base path from another machine."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` run "
@@ -110,6 +112,9 @@ def read_config_json(folder: Union[str, Path]) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{folder} holds no {CONFIG_NAME}; it is not a llama-expert adapter folder.")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}: the adapter's weights are not here, only its "
+                           f"config. Copy the weights file beside {CONFIG_NAME}, or re-train the adapter.")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -228,9 +233,7 @@ def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Modul
     meta = read_adapter_config(folder)
     check_base_matches(model, meta, folder)
     config = saved_expert_config(meta, folder)
-    weights = Path(folder) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}; the adapter is incomplete. Re-save it.")
+    weights = Path(folder) / WEIGHTS_NAME  # present: read_adapter_config checked
     found = _upgrade_tensors(header_tensors(weights), meta)
     augmented_here = not is_augmented(model)
     if augmented_here:

@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..errors import AdapterError, ConfigError
 from ..files import atomic_write_text, write_folder
-from ..integration.adapter_files import adapter_kind
+from ..integration.adapter_files import adapter_kind, recorded_base
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
 from .arguments import AdapterCommandArguments
@@ -63,7 +63,7 @@ def merged_model(adapter: Path, base: Optional[str] = None, auth_token: Optional
         raise ConfigError(f"{adapter} holds MoE adapters, which cannot be merged (each token picks its experts); "
                           f"distil them into a dense LoRA first: llama-expert distill --adapter {adapter} --rank 8 "
                           f"--output-dir DIR, then export DIR.")
-    base = base or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = base or recorded_base(adapter)
     if not base:
         raise AdapterError(f"{adapter}/adapter_config.json does not name its base model; pass --model.")
     model = load_lora_model(load_base_model(base, auth_token=auth_token), adapter).merge_and_unload()
