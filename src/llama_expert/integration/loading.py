@@ -26,7 +26,8 @@ class ModelArguments:
     model: Optional[str] = option(
         None, "base model (Hub id, local folder, .gguf file, or smollm2-135m) or an adapter folder; default: the "
               "base an adapter records, else smollm2-135m", flag="--model", aliases=("--model-path", "--base-model"))
-    adapter: Optional[str] = option(None, "adapter folder (written by `train`) for the base model",
+    adapter: Optional[str] = option(None, "adapter folder for the base model: MoE adapters or a PEFT LoRA (written by "
+                                          "`train`, `train --method lora` or `distill`)",
                                     aliases=("--augmented-model",))
     auth_token: Optional[str] = option(None, "Hugging Face token for gated or private models (else HF_TOKEN or "
                                              "the stored login)")
