@@ -18,7 +18,7 @@ from llama_expert.evaluation.throughput import measure_interleaved
 from llama_expert.integration.adapter_files import load_adapter_weights
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
-from llama_expert.training.lora import add_lora
+from llama_expert.integration.peft_lora import add_lora
 
 from common import command, machine, today
 

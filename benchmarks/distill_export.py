@@ -72,7 +72,7 @@ def main() -> None:
 
     from llama_expert.evaluation.throughput import measure_interleaved
     from llama_expert.integration.base_models import load_base_model, load_tokenizer
-    from llama_expert.training.lora import load_lora_model
+    from llama_expert.integration.peft_lora import load_lora_model
 
     base_name = summary["base_model"]
     tokenizer = load_tokenizer(base_name)

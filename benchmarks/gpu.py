@@ -91,7 +91,7 @@ class Peak:
 def train_row(name, method, checkpointing, four_bit, args, device):
     from llama_expert import ExpertConfig, augment_model
     from training_cost import train_step
-    from llama_expert.training.lora import add_lora, matched_lora_rank
+    from llama_expert.integration.peft_lora import add_lora, matched_lora_rank
 
     model = build(name, args.tiny, device)
     if four_bit:

@@ -105,7 +105,7 @@ def child(model_name: str, method: str, steps: int, warmup: int) -> dict:
     import torch
 
     from llama_expert import ExpertConfig, augment_model
-    from llama_expert.training.lora import add_lora, matched_lora_rank
+    from llama_expert.integration.peft_lora import add_lora, matched_lora_rank
 
     model = build(model_name)
     moe_budget = None

@@ -207,3 +207,20 @@ def cli_error(capsys):
         return lines[0]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def lora_on_trained_base(trained_base, tmp_path_factory):
+    """A PEFT LoRA folder (rank 4, random B: it visibly changes the model) on the tiny trained base, written as
+    `train --method lora` and `distill` write theirs."""
+    from llama_expert.integration.base_models import load_base_model
+    from llama_expert.integration.peft_lora import add_lora, save_lora
+
+    model = add_lora(load_base_model(str(trained_base[0])), rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    folder = tmp_path_factory.mktemp("lora-on-trained-base") / "lora"
+    save_lora(model, folder)
+    return folder

@@ -1,6 +1,7 @@
 """`llama-expert benchmark`: the embedded model end to end (slow), and a missing adapter as a clear error."""
 
 import json
+import warnings
 
 import pytest
 
@@ -35,3 +36,28 @@ def test_missing_adapter_is_a_clear_error(tmp_path, capsys):
     assert rc == 1
     assert "adapter folder not found" in err and "Traceback" not in err
     assert str(tmp_path / "no-such-adapter") in err
+
+
+def test_benchmark_measures_a_peft_lora_folder(trained_base, lora_on_trained_base, tmp_path, capsys):
+    """What `train --method lora` and `distill` write is benchmarked like MoE adapters: the perplexity PEFT's
+    own model of that folder gets, with the throughput section (through PEFT's wrapper)."""
+    from peft import PeftModel
+
+    from llama_expert.evaluation.benchmark import ExpertModelBenchmark
+    from llama_expert.integration.base_models import load_base_model, load_tokenizer
+
+    folder, text = trained_base
+    out = tmp_path / "report.json"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["benchmark", "--adapter", str(lora_on_trained_base), "--dataset", str(text), "--seq-len", "32",
+                     "--max-tokens", "256", "--num-samples", "1", "--prompt-len", "8", "--new-tokens", "4",
+                     "--throughput-batch-sizes", "1", "--no-progress", "--output-json", str(out)]) == 0
+    assert f"adapter {lora_on_trained_base}" in capsys.readouterr().out
+    assert not [w for w in caught if "past_key_values" in str(w.message)]  # the cache argument's current name
+    report = json.loads(out.read_text())
+    peft_model = PeftModel.from_pretrained(load_base_model(str(folder)), str(lora_on_trained_base)).eval()
+    expected = ExpertModelBenchmark(peft_model, load_tokenizer(str(folder)), dataset=str(text), seq_len=32,
+                                    max_tokens=256, progress=False).benchmark_perplexity()["perplexity"]
+    assert report["perplexity"]["perplexity"] == expected
+    assert report["throughput"]["results"][0]["decode_tokens_per_s"] > 0

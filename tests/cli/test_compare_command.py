@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from llama_expert import load_adapter_weights
 from llama_expert.cli import main
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
-from llama_expert.training.lora import load_lora_model, matched_lora_rank
+from llama_expert.integration.peft_lora import load_lora_model, matched_lora_rank
 
 
 @pytest.mark.slow

@@ -362,3 +362,17 @@ def test_a_non_loopback_host_without_an_api_key_warns(capsys, monkeypatch, tmp_p
         assert main(["serve", "--model", missing, "--host", host, "--port", str(_free_port())]) != 0
         err = capsys.readouterr().err
         assert ("warning: --host 0.0.0.0" in err and "LLAMA_EXPERT_API_KEY" in err) == warned, err
+
+
+def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_trained_base):
+    """`serve --adapter` with what `train --method lora` and `distill` write: a PEFT LoRA folder."""
+    from peft import PeftModel
+
+    folder, lora = trained_base[0], lora_on_trained_base
+    for url in _serve(folder, "--adapter", str(lora), "--served-model-name", "tiny", key=KEY):
+        reply = _client(url).completions.create(model="tiny", prompt="The quick", max_tokens=8, temperature=0)
+    model = PeftModel.from_pretrained(load_base_model(str(folder)), str(lora)).eval()
+    tokenizer = load_tokenizer(str(folder))
+    ids = torch.tensor([tokenizer("The quick")["input_ids"]])
+    expected = tokenizer.decode(generate_ids(model, tokenizer, ids, 8, temperature=0), skip_special_tokens=True)
+    assert reply.choices[0].text == expected != _greedy(folder, "The quick", 8)

@@ -1,6 +1,10 @@
 import copy
+import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 import traceback
 
@@ -9,6 +13,7 @@ import torch
 
 from llama_expert import (ConfigError, ExpertConfig, ModelLoadError, augment_model, load_augmented_model,
                           load_base_model, load_tokenizer, save_adapter)
+from llama_expert.inference.generation import generate_text
 from llama_expert.integration import base_models as models
 
 TOKEN = "hf_TESTSECRET123"
@@ -192,3 +197,83 @@ def test_second_embedded_load_uses_the_cache(smollm):
     assert elapsed < 15, f"second load took {elapsed:.1f} s"
     first = next(iter(base.state_dict().items()))
     assert torch.equal(again.state_dict()[first[0]], first[1])
+
+
+# ---------------------------------------------------------------------------------------------- portable names
+@pytest.fixture
+def embedded_copy(tmp_path):
+    """A copy of the embedded GGUF file at another path, as `/tmp/SmolLM2-135M-Instruct.Q4_1.gguf` was."""
+    target = tmp_path / "copied" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target.parent.mkdir()
+    shutil.copyfile(models.embedded_gguf_path(), target)
+    return target
+
+
+def test_a_copy_of_the_embedded_gguf_is_named_by_its_alias(embedded_copy):
+    assert models.portable_name("gguf", str(embedded_copy), str(embedded_copy)) == "smollm2-135m"
+    with open(embedded_copy, "r+b") as f:  # the same size, one byte different: another model
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert models.portable_name("gguf", str(embedded_copy), str(embedded_copy)) == str(embedded_copy)
+
+
+@pytest.mark.slow
+def test_adapters_trained_on_a_copy_of_the_embedded_gguf_record_its_alias(embedded_copy, tmp_path):
+    """Both adapter kinds (MoE, and PEFT LoRA from `train --method lora` / `distill`) record `smollm2-135m`, not
+    the path of a file that exists on one machine only; the copy reuses the embedded model's cached conversion."""
+    from llama_expert.integration.peft_lora import add_lora, save_lora
+
+    model = load_base_model(str(embedded_copy))
+    assert model.name_or_path == "smollm2-135m"
+    save_lora(add_lora(model, rank=2), tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "smollm2-135m"
+    moe = augment_model(load_base_model(str(embedded_copy)), ExpertConfig(num_experts=2, top_k=1))
+    save_adapter(moe, tmp_path / "moe")
+    assert json.loads((tmp_path / "moe" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "smollm2-135m"
+
+
+def _hub_cache_snapshot(cache, repo_id, source):
+    """``source`` laid out as huggingface_hub caches a download of ``repo_id``: models--ORG--NAME/snapshots/REV."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def test_a_hub_cache_folder_is_named_by_its_hub_id(tiny_folder, tmp_path):
+    snapshot = _hub_cache_snapshot(tmp_path / "hub", "acme/tiny-llama", tiny_folder)
+    assert models.hub_cache_id(str(snapshot)) == "acme/tiny-llama"
+    assert models.hub_cache_id(str(tiny_folder)) is None
+    assert load_base_model(str(snapshot)).name_or_path == "acme/tiny-llama"
+
+
+def test_an_adapter_saved_on_a_hub_cache_folder_loads_on_another_machine(trained_base, tmp_path):
+    """Saved on machine A's cache folder, the adapter records the Hub id; machine B (another cache folder, reached
+    through HF_HUB_CACHE) runs it by that id alone, with the same output."""
+    folder, _ = trained_base
+    on_a = _hub_cache_snapshot(tmp_path / "machine-a", "acme/tiny-llama", folder)
+    _hub_cache_snapshot(tmp_path / "machine-b", "acme/tiny-llama", folder)
+    model = load_base_model(str(on_a))
+    augment_model(model, ExpertConfig(num_experts=2, top_k=1, expert_allocation="uniform"))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/tiny-llama"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "machine-b"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "llama_expert.cli", "inference", "--adapter", str(adapter),
+                           "--prompt", "The quick", "--max-new-tokens", "5", "--temperature", "0", "--no-chat-template"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded adapter" in done.stderr and "on acme/tiny-llama" in done.stderr
+    tokenizer = load_tokenizer(str(on_a))
+    expected = generate_text(model.eval(), tokenizer, "The quick", max_new_tokens=5, temperature=0,
+                             use_chat_template=False)
+    assert done.stdout == expected + "\n"

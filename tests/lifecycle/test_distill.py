@@ -12,7 +12,7 @@ from llama_expert.cli import main
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.distill import distillation_loss
-from llama_expert.training.lora import load_lora_model
+from llama_expert.integration.peft_lora import load_lora_model
 
 
 @pytest.fixture

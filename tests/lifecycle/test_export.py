@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llama_expert import ExpertConfig, augment_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
-from llama_expert.training.lora import add_lora, load_lora_model, save_lora
+from llama_expert.integration.peft_lora import add_lora, load_lora_model, save_lora
 
 PROMPT = "The quick brown fox"
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n") * 20

@@ -35,7 +35,7 @@ from ..integration.surgery import adapter_parameters, adapters, is_augmented, pa
 from ..options import fields_named, flag_of, option
 from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
-from ..training.lora import load_lora_model, matched_lora_rank
+from ..integration.peft_lora import load_lora_model, matched_lora_rank
 from .benchmark import ExpertModelBenchmark, environment
 from .reports import compare_charts, compare_markdown, compare_table, save_domain_heatmap, save_usage_heatmap
 from .routing_health import expert_usage_by_domain

@@ -6,7 +6,6 @@ in machine load hits them alike and their ratio is trustworthy even where absolu
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..inference.kv_cache_choice import KV_CACHE_CHOICES, make_cache
+from ..inference.kv_cache_choice import KV_CACHE_CHOICES, forward_parameters, make_cache
 from ..integration.base_models import check_within_context
 from ..options import option
 from ..progress import progress_bar
@@ -61,7 +60,7 @@ def prompt_ids(model, batch_size: int, prompt_len: int, seed: int = 0) -> torch.
 def _forward_kwargs(model) -> Dict[str, str]:
     """Names of the KV-cache and last-logits arguments: Transformers renamed ``past_key_values`` to
     ``cache`` in 5.x; ``logits_to_keep`` (older: absent) spares the vocabulary projection of the prompt."""
-    params = inspect.signature(model.forward).parameters
+    params = forward_parameters(model)
     return {"cache": "cache" if "cache" in params else "past_key_values",
             "keep": "logits_to_keep" if "logits_to_keep" in params else None}
 

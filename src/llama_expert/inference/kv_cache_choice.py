@@ -27,5 +27,12 @@ def cache_kwargs(model, cache) -> dict:
     argument ``past_key_values`` to ``cache`` (the old name warns, and goes in 6.0)."""
     if cache is None:
         return {}
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {"cache" if "cache" in forward_parameters(model) else "past_key_values": cache}
+
+
+def forward_parameters(model):
+    """The parameters of the Transformers model's ``forward``; for a PEFT model (a LoRA adapter), whose own
+    forward takes ``**kwargs``, those of the model inside it."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(inner.forward).parameters
 

@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ExpertConfig
 from ..errors import AdapterError, ConfigError
 from ..files import atomic_write, atomic_write_text
+from ..modeling import check_config, experts_per_layer
+from .adapter_fit import check_config_fits, check_model_fits
 from .base_models import DEFAULT_MODEL, load_base_model
-from ..modeling.allocation import experts_per_layer
-from .surgery import adapter_state_dict, adapters, augment_model, is_augmented, remove_adapters
+from .surgery import adapter_state_dict, adapters, augment_model, is_augmented
+from .weights_file import header_tensors, load_finite
 
 # Version 2 renamed the learnable per-layer scale: tensor ``*.scale`` -> ``*.residual_scale`` and config
 # field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
@@ -36,6 +38,7 @@ from .surgery import adapter_state_dict, adapters, augment_model, is_augmented, 
 FORMAT_VERSION = 3
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+_JSON_NAMES = {int: "integer", dict: "object", str: "string"}
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
 
@@ -98,7 +101,10 @@ def _config_with_counts(model: nn.Module) -> dict:
     return config
 
 
-def read_adapter_config(folder: Union[str, Path]) -> dict:
+def read_config_json(folder: Union[str, Path]) -> dict:
+    """The JSON object in ``folder/adapter_config.json`` of a complete adapter folder (either kind: both keep their
+    weights in ``adapter_model.safetensors``). Missing weights are named first, before the base the config names
+    is looked for: a folder that kept only its config would otherwise fail on a base path from another machine."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` run "
@@ -106,10 +112,57 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{folder} holds no {CONFIG_NAME}; it is not a llama-expert adapter folder.")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}: the adapter's weights are not here, only its "
+                           f"config. Copy the weights file beside {CONFIG_NAME}, or re-train the adapter.")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter is corrupt. Re-save it.") from exc
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path} holds a JSON {type(meta).__name__}, not an object with the adapter's settings; "
+                           f"the adapter is corrupt. Re-save it.")
+    return meta
+
+
+# ``peft_type`` in adapter_config.json -> the kind of adapter (the loaders are registered by kind)
+ADAPTER_KINDS = {"LLAMA_EXPERT_MOE": "moe", "LORA": "lora"}
+
+
+def adapter_kind(folder: Union[str, Path]) -> str:
+    """'moe' (llama-expert MoE adapters) or 'lora' (a PEFT LoRA), as the folder's ``peft_type`` says."""
+    peft_type = read_config_json(folder).get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in ADAPTER_KINDS:
+        found = f"peft_type {reprlib.repr(peft_type)}" if peft_type is not None else "no peft_type"
+        raise AdapterError(f"{Path(folder) / CONFIG_NAME} records {found}; llama-expert loads its own MoE adapters "
+                           f"(LLAMA_EXPERT_MOE) and PEFT LoRA adapters (LORA). Pass a folder that `train` or "
+                           f"`distill` wrote.")
+    return ADAPTER_KINDS[peft_type]
+
+
+def recorded_base(folder: Union[str, Path]) -> Optional[str]:
+    """The base model that the adapter in ``folder`` (either kind) records, or None when it records none."""
+    base = read_config_json(folder).get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{Path(folder) / CONFIG_NAME} records base_model_name_or_path {base!r}, not a name; "
+                           f"pass the base model with --model.")
+    return base or None
+
+
+# what each field of adapter_config.json must be, where present (the file is untrusted input)
+_META_TYPES = {"format_version": int, "expert_config": dict, "base_model_name_or_path": str,
+               "base_model_architecture": dict, "base_model_weights_checksum": str}
+
+
+def read_adapter_config(folder: Union[str, Path]) -> dict:
+    """The settings of the MoE adapter in ``folder``, upgraded to the current format version."""
+    path = Path(folder) / CONFIG_NAME
+    meta = read_config_json(folder)
+    for field, kind in _META_TYPES.items():
+        value = meta.get(field)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise AdapterError(f"{path} holds {field} {reprlib.repr(value)}, not a JSON {_JSON_NAMES[kind]}: the file "
+                               f"was damaged or edited. Restore it, or re-save the adapter.")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this llama-expert "
                            f"understands ({FORMAT_VERSION}). Upgrade llama-expert.")
@@ -118,6 +171,17 @@ def read_adapter_config(folder: Union[str, Path]) -> dict:
     if meta.get("format_version", 1) < 2:
         meta = {**meta, "expert_config": _upgrade_v1_config(meta["expert_config"])}
     return meta
+
+
+def saved_expert_config(meta: dict, folder: Union[str, Path]) -> ExpertConfig:
+    """The ExpertConfig that ``meta`` (``read_adapter_config``) records, with its values and strategy names checked."""
+    try:
+        config = ExpertConfig.from_dict(meta["expert_config"])
+        check_config(config)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterError(f"{Path(folder) / CONFIG_NAME} holds an invalid expert_config: {exc} Restore the "
+                           f"expert_config saved with these weights, or re-save the adapter.") from exc
+    return config
 
 
 def _upgrade_v1_config(config: dict) -> dict:
@@ -136,6 +200,15 @@ def _upgrade_v2_tensors(state: dict) -> dict:
     return {k: v.reshape(1) if k.endswith(".residual_scale") and v.dim() == 0 else v for k, v in state.items()}
 
 
+def _upgrade_tensors(state: dict, meta: dict) -> dict:
+    """Tensors (or meta tensors of the header) of an older format version, named and shaped as now."""
+    if meta.get("format_version", 1) < 2:
+        state = _upgrade_v1_tensors(state)
+    if meta.get("format_version", 1) < 3:
+        state = _upgrade_v2_tensors(state)
+    return state
+
+
 def check_base_matches(model: nn.Module, meta: dict, folder: Union[str, Path]) -> None:
     saved = meta.get("base_model_architecture") or {}
     here = architecture_fingerprint(model)
@@ -152,40 +225,26 @@ def check_base_matches(model: nn.Module, meta: dict, folder: Union[str, Path]) -
 
 
 def load_adapter_weights(model: nn.Module, folder: Union[str, Path]) -> nn.Module:
-    """Augment ``model`` with the config stored in ``folder`` and load its trained tensors exactly."""
+    """Augment ``model`` with the config stored in ``folder`` and load its trained tensors exactly.
+
+    The folder is untrusted input: the shapes its config implies are compared with the weights file's header
+    before any adapter is built (a config edited to ask for 10^6 experts is refused without allocating them),
+    and weights holding NaN or inf are refused."""
     meta = read_adapter_config(folder)
     check_base_matches(model, meta, folder)
-    try:
-        config = ExpertConfig.from_dict(meta["expert_config"])
-    except (ConfigError, TypeError) as exc:
-        raise AdapterError(f"{Path(folder) / CONFIG_NAME} holds an invalid expert_config: {exc}") from exc
-    weights = Path(folder) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{folder} holds no {WEIGHTS_NAME}; the adapter is incomplete. Re-save it.")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{weights} is corrupt ({exc}). Re-save or re-train the adapter.") from exc
-    if meta.get("format_version", 1) < 2:
-        state = _upgrade_v1_tensors(state)
-    if meta.get("format_version", 1) < 3:
-        state = _upgrade_v2_tensors(state)
+    config = saved_expert_config(meta, folder)
+    weights = Path(folder) / WEIGHTS_NAME  # present: read_adapter_config checked
+    found = _upgrade_tensors(header_tensors(weights), meta)
     augmented_here = not is_augmented(model)
     if augmented_here:
+        check_config_fits(model, config, found, Path(folder) / CONFIG_NAME)
+    else:
+        check_model_fits(adapter_state_dict(model), found, weights)
+    state = _upgrade_tensors(load_finite(weights), meta)
+    if augmented_here:
         augment_model(model, config)
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        if augmented_here:
-            remove_adapters(model)  # leave the model as it was given
-        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else \
-            f"tensor {wrong_shape[0]} has shape {tuple(state[wrong_shape[0]].shape)}, the model expects " \
-            f"{tuple(expected[wrong_shape[0]].shape)}"
-        raise AdapterError(f"{weights} does not fit this model ({detail}): it was saved with another ExpertConfig "
-                           f"or for another base. Load it onto the base it records, or re-save it.")
     with torch.no_grad():
-        for key, target in expected.items():
+        for key, target in adapter_state_dict(model).items():
             target.copy_(state[key].to(device=target.device, dtype=target.dtype))
     return model
 
@@ -208,9 +267,9 @@ def load_augmented_model(model_id: Optional[str] = None, adapter_path: Optional[
     if meta is not None and config is not None:
         raise ConfigError("pass either adapter_path or config: an adapter carries its own ExpertConfig.")
     config = config or ExpertConfig()
+    saved = saved_expert_config(meta, adapter_path) if meta is not None else config  # checked before the base loads
     model = load_base_model(model_id, auth_token=use_auth_token, dtype=dtype, device=device,
-                            quantization_4bit=config.quantization_4bit if meta is None else
-                            bool(meta["expert_config"].get("quantization_4bit", False)))
+                            quantization_4bit=saved.quantization_4bit)
     if meta is not None:
         load_adapter_weights(model, adapter_path)
     else:

@@ -11,6 +11,7 @@ An access token is passed to the Hub and nowhere else: never logged, never writt
 from __future__ import annotations
 
 import ctypes
+import filecmp
 import gc
 import hashlib
 import importlib.util
@@ -102,12 +103,51 @@ def converted_gguf(gguf_path: str) -> Path:
 
 
 def _local_location(model_id: Optional[str]) -> Tuple[str, str, str]:
-    """(kind, folder or hub id, canonical name to record in adapter files)."""
+    """(kind, folder or hub id, the name to record in adapter files: ``portable_name``)."""
     kind, location = resolve_model(model_id)
-    name = (model_id or DEFAULT_MODEL)
+    name = portable_name(kind, location, model_id or DEFAULT_MODEL)
     if kind in ("embedded", "gguf"):
-        return kind, str(converted_gguf(location)), name.lower() if kind == "embedded" else location
-    return kind, location, location
+        if name in EMBEDDED_MODELS:  # also a copy of the embedded file: the same bytes, so its cached conversion
+            location = str(embedded_gguf_path(name))
+        return kind, str(converted_gguf(location)), name
+    return kind, location, name
+
+
+def portable_name(kind: str, location: str, model_id: str) -> str:
+    """The base model's name as an adapter records it: one that finds the same base on another machine.
+
+    The embedded alias for the embedded model, also when it is given as the path of a copy of its GGUF file (the
+    same bytes: ``/tmp/SmolLM2-135M-Instruct.Q4_1.gguf`` exists on one machine only); the Hub id for a folder in
+    the Hugging Face cache (``.../models--ORG--NAME/snapshots/REV``); else the resolved path or Hub id."""
+    if kind == "embedded":
+        return model_id.lower()
+    if kind == "gguf":
+        return embedded_alias(location) or location
+    if kind == "local":
+        return hub_cache_id(location) or location
+    return location
+
+
+def embedded_alias(gguf_path: str) -> Optional[str]:
+    """The alias of the embedded model whose GGUF file has the same bytes as ``gguf_path`` (sizes first), or None."""
+    for name in EMBEDDED_MODELS:
+        try:
+            embedded = embedded_gguf_path(name)
+        except ModelLoadError:  # its package is not installed here
+            continue
+        if filecmp.cmp(gguf_path, embedded, shallow=False):
+            return name
+    return None
+
+
+def hub_cache_id(folder: str) -> Optional[str]:
+    """``ORG/NAME`` for a snapshot folder of the Hugging Face cache (``.../models--ORG--NAME/snapshots/REV``), as
+    huggingface_hub names its cache folders (``--`` cannot occur in a repo id); None for any other folder."""
+    snapshot = Path(folder)
+    kind, _, repo = snapshot.parent.parent.name.partition("--")
+    if snapshot.parent.name != "snapshots" or kind != "models" or not repo:
+        return None
+    return repo.replace("--", "/")
 
 
 def _hub_error(model_id: str, exc: Exception) -> ModelLoadError:

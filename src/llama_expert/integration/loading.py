@@ -15,8 +15,10 @@ import torch
 
 from ..errors import ConfigError
 from ..options import option
-from .adapter_files import CONFIG_NAME, load_augmented_model, read_adapter_config
+from .adapter_files import CONFIG_NAME, adapter_kind, load_augmented_model, recorded_base
 from .base_models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from .peft_lora import load_lora_model
+from .surgery import is_augmented
 
 
 @dataclass
@@ -24,7 +26,8 @@ class ModelArguments:
     model: Optional[str] = option(
         None, "base model (Hub id, local folder, .gguf file, or smollm2-135m) or an adapter folder; default: the "
               "base an adapter records, else smollm2-135m", flag="--model", aliases=("--model-path", "--base-model"))
-    adapter: Optional[str] = option(None, "adapter folder (written by `train`) for the base model",
+    adapter: Optional[str] = option(None, "adapter folder for the base model: MoE adapters or a PEFT LoRA (written by "
+                                          "`train`, `train --method lora` or `distill`)",
                                     aliases=("--augmented-model",))
     auth_token: Optional[str] = option(None, "Hugging Face token for gated or private models (else HF_TOKEN or "
                                              "the stored login)")
@@ -44,6 +47,28 @@ def default_device(device: Optional[str] = None) -> Optional[str]:
     return "cuda" if torch.cuda.is_available() else None
 
 
+def load_moe_adapter(folder, base: str, auth_token=None, dtype=None, device=None):
+    return load_augmented_model(base, adapter_path=folder, use_auth_token=auth_token, dtype=dtype, device=device)[0]
+
+
+def load_peft_lora(folder, base: str, auth_token=None, dtype=None, device=None):
+    return load_lora_model(load_base_model(base, auth_token=auth_token, dtype=dtype, device=device), folder)
+
+
+# adapter kind (``adapter_files.adapter_kind``) -> ``loader(folder, base, auth_token=, dtype=, device=)``
+ADAPTER_LOADERS = {"moe": load_moe_adapter, "lora": load_peft_lora}
+
+
+def load_adapter(folder, base: Optional[str] = None, auth_token: Optional[str] = None, dtype=None,
+                 device: Optional[str] = None):
+    """``(model, base)``: the adapter in ``folder`` (MoE adapters, or a PEFT LoRA from `train --method lora` or
+    `distill`) on ``base``, by default the base the adapter records. The folder is checked (config, weights)
+    before any model loads."""
+    kind = adapter_kind(folder)
+    base = base or recorded_base(folder) or DEFAULT_MODEL
+    return ADAPTER_LOADERS[kind](folder, base, auth_token=auth_token, dtype=dtype, device=device), base
+
+
 def load_model_and_tokenizer(model: Optional[str] = None, adapter: Optional[str] = None,
                              auth_token: Optional[str] = None, dtype=None, device: Optional[str] = None,
                              augmented: bool = True):
@@ -55,7 +80,8 @@ def load_model_and_tokenizer(model: Optional[str] = None, adapter: Optional[str]
     ``adapter`` is an adapter folder for the base ``model_path``; an adapter is always loaded.
     Without one the base is augmented with fresh default adapters when ``augmented`` is true (they
     compute exactly the base until trained), else returned as is. The tokenizer is the base's.
-    ``info`` says which case happened: ``base_model``, ``adapter``, ``augmented``, ``fresh_adapter``.
+    ``info`` says which case happened: ``base_model``, ``adapter``, ``augmented`` (MoE adapters: not a PEFT LoRA),
+    ``fresh_adapter``.
     """
     model_path, device = model, default_device(device)
     if is_adapter_folder(model_path):
@@ -65,11 +91,8 @@ def load_model_and_tokenizer(model: Optional[str] = None, adapter: Optional[str]
                               f"adapter folder alone.")
         adapter, model_path = model_path, None
     if adapter is not None:
-        meta = read_adapter_config(adapter)  # a missing or broken folder fails here, before any loading
-        base = model_path or meta.get("base_model_name_or_path") or DEFAULT_MODEL
-        loaded, _ = load_augmented_model(base, adapter_path=adapter, use_auth_token=auth_token, dtype=dtype,
-                                         device=device)
-        info = {"base_model": base, "adapter": str(adapter), "augmented": True, "fresh_adapter": False}
+        loaded, base = load_adapter(adapter, model_path, auth_token=auth_token, dtype=dtype, device=device)
+        info = {"base_model": base, "adapter": str(adapter), "augmented": is_augmented(loaded), "fresh_adapter": False}
     else:
         base = model_path or DEFAULT_MODEL
         if augmented:

@@ -114,6 +114,21 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
+def planned_adapter_state(model: nn.Module, config: ExpertConfig) -> Dict[str, torch.Tensor]:
+    """What ``adapter_state_dict`` would hold after ``augment_model(model, config)``, as meta tensors (shapes, no
+    data). Why the meta device: the shapes come from the very code that builds the adapters, yet nothing is
+    allocated, so an adapter file whose config asks for 10^6 experts is refused before it costs any memory."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = decoder_layers(model)
+    state = {}
+    for layer, num_experts in zip(layers, experts_per_layer(config, len(layers))):
+        with torch.device("meta"):
+            adapter = MoEAdapter(layer.mlp, model.config.hidden_size, num_experts, config)
+        state.update({f"{names[id(layer.mlp)]}.{name}": p for name, p in adapter.named_parameters()
+                      if not name.startswith("base_mlp.")})
+    return state
+
+
 def adapter_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for _, adapter in adapters(model) for name, p in adapter.named_parameters()
             if not name.startswith("base_mlp.")]

@@ -24,16 +24,16 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..files import atomic_write_text, write_folder
-from ..integration.adapter_files import load_augmented_model, read_adapter_config
+from ..integration.adapter_files import adapter_kind, load_augmented_model, read_adapter_config
 from ..integration.base_models import check_within_context, load_base_model, load_tokenizer, parse_dtype
 from ..integration.surgery import adapter_parameters
 from ..options import option
 from .arguments import AdapterCommandArguments
 from ..progress import progress_bar
-from ..training.lora import add_lora, lora_parameters_per_rank, save_lora
+from ..integration.peft_lora import add_lora, lora_parameters_per_rank, save_lora
 from ..training.schedule import cosine_with_warmup
 from .calibration import calibration_windows
-from .export import adapter_kind, check_output
+from .export import check_output
 
 
 @dataclass

@@ -17,10 +17,11 @@ from typing import Optional
 
 from ..errors import AdapterError, ConfigError
 from ..files import atomic_write_text, write_folder
+from ..integration.adapter_files import adapter_kind, recorded_base
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
 from .arguments import AdapterCommandArguments
-from ..training.lora import load_lora_model
+from ..integration.peft_lora import load_lora_model
 from .gguf_file import TENSOR_TYPES, write_llama_gguf
 
 FORMATS = ("hf", "gguf")
@@ -47,24 +48,6 @@ class ExportArguments(AdapterCommandArguments):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
 
 
-def adapter_kind(folder: Path) -> str:
-    """'lora' (a PEFT LoRA folder) or 'moe' (llama-expert MoE adapters); a clear error for anything else."""
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder not found: {folder}. Pass the --output-dir of a `train` or "
-                           f"`distill` run.")
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        raise AdapterError(f"{folder} holds no adapter_config.json: it is not an adapter folder.")
-    try:
-        peft_type = json.loads(path.read_text()).get("peft_type")
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path} is not valid JSON ({exc}); the adapter is corrupt.") from exc
-    kinds = {"LORA": "lora", "LLAMA_EXPERT_MOE": "moe"}
-    if peft_type not in kinds:
-        raise AdapterError(f"{folder} holds a {peft_type or 'unknown'} adapter; export merges LoRA adapters.")
-    return kinds[peft_type]
-
-
 def check_output(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output-dir {folder} is a file; choose a folder.")
@@ -80,7 +63,7 @@ def merged_model(adapter: Path, base: Optional[str] = None, auth_token: Optional
         raise ConfigError(f"{adapter} holds MoE adapters, which cannot be merged (each token picks its experts); "
                           f"distil them into a dense LoRA first: llama-expert distill --adapter {adapter} --rank 8 "
                           f"--output-dir DIR, then export DIR.")
-    base = base or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = base or recorded_base(adapter)
     if not base:
         raise AdapterError(f"{adapter}/adapter_config.json does not name its base model; pass --model.")
     model = load_lora_model(load_base_model(base, auth_token=auth_token), adapter).merge_and_unload()

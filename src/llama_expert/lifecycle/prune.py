@@ -154,7 +154,7 @@ def run_prune(args: PruneArguments) -> Path:
               "layers": [{"layer": i, "kept": k, **layer} for i, (k, layer) in enumerate(zip(kept, scores))]}
 
     def fill(staging: Path) -> None:
-        save_adapter(model, staging, base_model_name_or_path=base)
+        save_adapter(model, staging)  # records the loaded base's portable name (base_models.portable_name)
         atomic_write_text(staging / "prune_report.json", json.dumps(report, indent=1) + "\n")
 
     write_folder(output, fill)

@@ -6,6 +6,7 @@ function that implements it, so an adapter saved with a strategy loads with the 
 
 from __future__ import annotations
 
+import reprlib
 from typing import Callable, Dict, Generic, List, TypeVar
 
 from ..errors import ConfigError
@@ -29,7 +30,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.config_field} {name!r}; choose one of {', '.join(self.names())}.")
+            raise ConfigError(f"unknown {self.config_field} {reprlib.repr(name)}; choose one of {', '.join(self.names())}.")
         return self._entries[name]
 
     def names(self) -> List[str]:

@@ -19,13 +19,13 @@ from ..config import ExpertConfig
 from ..evaluation.reports import save_allocation_plot, save_domain_heatmap, save_usage_heatmap
 from ..evaluation.routing_health import expert_usage_by_domain
 from ..files import atomic_write_text
+from ..integration import peft_lora
 from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
 from ..modeling.registry import Registry
 from .dynamic import GROWTH_POLICIES
 from .hooks import TrainingHook
-from . import lora
 
 METHODS = Registry("training method", "method")
 
@@ -187,20 +187,20 @@ class LoRAMethod(TrainingMethod):
         return cls(config.lora_r, config.lora_alpha, config.lora_dropout, config.quantization_4bit)
 
     def add_to(self, model):
-        return lora.add_lora(model, self.rank, self.alpha, self.dropout)
+        return peft_lora.add_lora(model, self.rank, self.alpha, self.dropout)
 
     def describe(self, model) -> str:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        return (f"LoRA r={self.rank} on {', '.join(lora.LORA_TARGETS)}: {trainable:,} trainable of {total:,} "
+        return (f"LoRA r={self.rank} on {', '.join(peft_lora.LORA_TARGETS)}: {trainable:,} trainable of {total:,} "
                 f"({100 * trainable / total:.4f}%)")
 
     def save(self, model, folder: Path) -> None:
-        lora.save_lora(model, folder)
+        peft_lora.save_lora(model, folder)
 
     def load(self, model, folder: Path) -> None:
-        lora.load_lora_weights(model, folder)
+        peft_lora.load_lora_weights(model, folder)
 
     def settings(self) -> dict:
         return {"lora": {"r": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                         "targets": list(lora.LORA_TARGETS)}}
+                         "targets": list(peft_lora.LORA_TARGETS)}}

@@ -3,16 +3,23 @@
 ``compare`` uses it to answer the one question that matters: do the MoE adapters beat plain LoRA at the
 same trainable-parameter budget? ``matched_lora_rank`` picks the LoRA rank whose parameter count is
 closest to a given budget.
+
+It lives on the integration floor, not in training, because loading a LoRA folder is integration's job:
+``load_model_and_tokenizer`` (inference, serve, benchmark) and ``export`` load what ``train --method lora`` and
+``distill`` write.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..errors import AdapterError, ConfigError
+from ..errors import ConfigError
+from .weights_file import load_finite
 
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name
 
 
 def _peft():
@@ -52,15 +59,7 @@ def save_lora(model, folder) -> None:
 
 def load_lora_weights(model, folder) -> None:
     """Load a saved LoRA state into a PeftModel built with the same config (used when resuming)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "adapter_model.safetensors"
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise AdapterError(f"{path} cannot be read ({exc}); re-save or re-train the LoRA adapter.") from None
-    _peft().set_peft_model_state_dict(model, state)
+    _peft().set_peft_model_state_dict(model, load_finite(Path(folder) / WEIGHTS_NAME))
 
 
 def load_lora_model(base_model, folder):
@@ -69,4 +68,7 @@ def load_lora_model(base_model, folder):
     if not (Path(folder) / "adapter_config.json").is_file():
         raise ConfigError(f"{folder} holds no PEFT adapter_config.json; pass a folder written by "
                           f"`llama-expert train --method lora` or PEFT's save_pretrained.")
-    return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
+    load_finite(Path(folder) / WEIGHTS_NAME)  # PEFT would load NaN or inf silently
+    with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not for users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()

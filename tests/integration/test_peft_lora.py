@@ -1,6 +1,6 @@
 """The plain-LoRA baseline's budget matching: LoRA parameters per unit of rank, and the closest rank."""
 
-from llama_expert.training.lora import lora_parameters_per_rank, matched_lora_rank
+from llama_expert.integration.peft_lora import lora_parameters_per_rank, matched_lora_rank
 
 
 def test_matched_lora_rank_is_closest_to_the_budget(tiny_model):
@@ -15,7 +15,7 @@ def test_parameters_per_rank_is_what_peft_adds(tiny_model):
     import pytest
 
     pytest.importorskip("peft")
-    from llama_expert.training.lora import add_lora
+    from llama_expert.integration.peft_lora import add_lora
 
     per_rank = lora_parameters_per_rank(tiny_model)
     model = add_lora(tiny_model, rank=3)
