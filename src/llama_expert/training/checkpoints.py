@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import LlamaExpertError
+from .. import files
 from ..files import previous_version, write_folder
 
 STATE_JSON = "training_state.json"
@@ -129,15 +130,7 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 def remove_stale_staging(checkpoints: Path) -> List[Path]:
     """Delete half-written ``.tmp-*`` folders a kill left behind (only ours: written by write_folder)."""
-    removed = []
-    if Path(checkpoints).is_dir():
-        import shutil
-
-        for staging in Path(checkpoints).glob(".tmp-*"):
-            if staging.is_dir():
-                shutil.rmtree(staging, ignore_errors=True)
-                removed.append(staging)
-    return removed
+    return [staging for staging, _ in files.remove_stale_staging(checkpoints)]
 
 
 def rng_state() -> dict:

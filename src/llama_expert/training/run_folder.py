@@ -12,11 +12,11 @@ import fcntl
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import List
 
 from ..errors import ConfigError, LlamaExpertError
+from ..files import write_problem
 
 LOCK_NAME = ".llama-expert.lock"
 # Everything a training run writes into its output folder (the adapter files of both methods included).
@@ -29,23 +29,14 @@ class OutputFolderLocked(LlamaExpertError):
     """Another process is writing to the same output folder."""
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that cannot be written, or that holds files and is neither resumed nor overwritten."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output-dir {folder} is a file, not a folder; pass a folder.")
-    existing = _nearest_existing(folder)
-    try:  # a real write: os.access says yes to root even on read-only mounts
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as exc:
-        raise ConfigError(f"--output-dir {folder} is not writable ({existing}: {exc.strerror or exc}); pass a "
-                          f"folder you can write to.") from None
+    problem = write_problem(folder)
+    if problem:
+        raise ConfigError(f"--output-dir {folder} is not writable ({problem}); pass a folder you can write to.")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them.")
     if not folder.is_dir() or resume:
