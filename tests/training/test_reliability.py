@@ -131,6 +131,19 @@ def test_resume_and_overwrite_together_are_refused(base, tmp_path):
         _train(base, tmp_path / "run", resume=True, overwrite=True)
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(base, tmp_path):
+    folder, _ = base
+    out = tmp_path / "new" / "runs" / "run"
+    with pytest.raises(LlamaExpertError, match="missing.txt"):
+        fine_tune(MoEMethod(), _args(out), DataArguments(dataset=str(tmp_path / "missing.txt")), model_id=str(folder))
+    assert not (tmp_path / "new").exists()  # no lock-only folder, and none of the folders above it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(LlamaExpertError, match="missing.txt"):
+        fine_tune(MoEMethod(), _args(mine), DataArguments(dataset=str(tmp_path / "missing.txt")), model_id=str(folder))
+    assert mine.is_dir() and not list(mine.iterdir())  # the user's folder stays, as empty as it was
+
+
 # ---------------------------------------------------------------------------------------------- 5 lock
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_survives(base, tmp_path):
     out = tmp_path / "run"

@@ -67,14 +67,21 @@ class RunLock:
     """``with RunLock(folder):`` holds an exclusive ``flock`` on ``folder/.llama-expert.lock``.
 
     The kernel releases the lock when its process ends, however it ends (kill -9 included), so there is
-    no stale lock to detect; the file stays and only records who holds it, for the message.
+    no stale lock to detect; the file stays and only records who holds it, for the message. A run that
+    ends having written nothing leaves nothing: no lock file alone in the folder, and no folder it made.
     """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self._handle = None
+        self._made: List[Path] = []
 
     def __enter__(self) -> "RunLock":
+        folder = self.path.parent
+        self._made = []  # the folders mkdir makes, deepest first
+        while not folder.exists() and folder != folder.parent:
+            self._made.append(folder)
+            folder = folder.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
         try:
@@ -94,6 +101,18 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
+            self._tidy()  # before the lock is released: no other run can be starting in the folder yet
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+    def _tidy(self) -> None:
+        folder = self.path.parent
+        if [p.name for p in folder.iterdir()] != [LOCK_NAME]:
+            return
+        self.path.unlink()
+        for made in self._made:  # deepest first; stops at the first that is not empty
+            try:
+                made.rmdir()
+            except OSError:
+                break
