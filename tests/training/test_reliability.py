@@ -131,6 +131,19 @@ def test_resume_and_overwrite_together_are_refused(base, tmp_path):
         _train(base, tmp_path / "run", resume=True, overwrite=True)
 
 
+def test_resume_without_a_checkpoint_is_refused_in_one_line(base, tmp_path, cli_error):
+    """Not a new run from step 0 that exits 0: the user asked to continue something that is not there."""
+    out = tmp_path / "run"
+    err = cli_error(_cli_train(base, out, "--max-steps", "1", "--resume"))
+    assert err == (f"error: --resume: there is no checkpoint in {out / 'checkpoints'}; drop --resume to start a new "
+                   f"run there, or pass the --output-dir of the run to continue.")
+    assert not out.exists()
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("")  # a run that never reached its first checkpoint
+    with pytest.raises(ConfigError, match="there is no checkpoint in"):
+        _train(base, out, resume=True)
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(base, tmp_path):
     folder, _ = base
     out = tmp_path / "new" / "runs" / "run"

@@ -20,13 +20,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import ConfigError, LlamaExpertError
-from ..files import previous_version
 from ..progress import progress_bar
 from ..evaluation.memory import peak_memory
 from ..evaluation.perplexity import evaluate_perplexity
 from .arguments import TrainingArguments
 from .checkpoints import (CheckpointError, checkpoint_candidates, load_training_state, remove_stale_staging,
-                          rng_state, save_training_state, set_rng_state, write_checkpoint)
+                          require_checkpoint, rng_state, save_training_state, set_rng_state, write_checkpoint)
 from .loggers import TrainingLoggers
 from .stopping import StopRequests
 from .sharding import average_gradients, fsdp_requested, shard_frozen_base
@@ -249,6 +248,7 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
     run_config = {**(run_config or {}), **asdict(args)}
     resumed_from, unreadable, resumed_structure = None, [], None
     if args.resume:
+        require_checkpoint(output_dir / "checkpoints")
         for found in checkpoint_candidates(output_dir / "checkpoints"):
             try:
                 state = load_training_state(found)
@@ -286,12 +286,9 @@ def train_model(model, train_blocks: torch.Tensor, eval_windows: Optional[torch.
                 print(f"resumed from {found} at step {start_step}")
             break
         else:
-            if any(p.exists() for p in (last_dir, previous_version(last_dir), best_dir)):
-                why = f" ({'; '.join(unreadable)})" if unreadable else ""
-                raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that "
-                                      f"folder to start again from step 0, or pass a new --output-dir.")
-            if main:
-                print(f"no checkpoint in {last_dir}: starting from step 0")
+            why = f" ({'; '.join(unreadable)})" if unreadable else ""
+            raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that "
+                                  f"folder to start again from step 0, or pass a new --output-dir.")
     if main:
         remove_stale_staging(output_dir / "checkpoints")
 
