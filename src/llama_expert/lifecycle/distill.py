@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LlamaExpertError
 from ..integration.adapter_files import load_augmented_model, read_adapter_config
 from ..integration.base_models import check_within_context, load_base_model, load_tokenizer, parse_dtype
 from ..integration.surgery import adapter_parameters
@@ -84,8 +84,13 @@ def mean_kl(student, teacher, windows: torch.Tensor, temperature: float) -> floa
     return sum(values) / len(values)
 
 
+class DistillationFailed(LlamaExpertError):
+    """The student ended further from the teacher than it started: worse than no distillation."""
+
+
 def run_distill(args: DistillArguments) -> Path:
-    """The ``distill`` command: check the output, train the student, write the LoRA and ``distill_summary.json``."""
+    """The ``distill`` command: check the output, train the student, write the LoRA and ``distill_summary.json``
+    only when the student got closer to the teacher on the held-out windows."""
     args.validate()
     output = Path(args.output_dir)
     if adapter_kind(Path(args.adapter)) != "moe":
@@ -96,6 +101,12 @@ def run_distill(args: DistillArguments) -> Path:
     with locked_output(output, "distill"):
         student, s = distilled_student(args, base)
         before, after = s["held_out_kl_before"], s["held_out_kl_after"]
+        if not after < before:  # the student starts as the base (LoRA B = 0): it ended worse than the base
+            raise DistillationFailed(
+                f"distillation left the student further from {args.adapter} on the {args.held_out} held-out windows "
+                f"(KL {before:.4f} -> {after:.4f}; training loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}), so "
+                f"nothing was written to {output}; lower --learning-rate (now {args.learning_rate:g}) or raise "
+                f"--steps, and rerun.")
         write_outputs(output, "distill_summary.json", s, lambda staging: save_lora(student, staging))
     print(f"distilled {args.adapter} ({s['teacher_parameters']:,} parameters) into a rank-{s['rank']} LoRA "
           f"({s['student_parameters']:,}); held-out KL {before:.4f} -> {after:.4f}; wrote {output}")
