@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import ConfigError
-from .options import option
+from .options import flag_for, option
 
 
 def parse_allocation(text: str) -> Union[str, List[int]]:
@@ -105,6 +105,9 @@ class ExpertConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        def flag(name: str) -> str:  # messages name the flag a user types (also shown for a config file)
+            return flag_for(ExpertConfig, name)
+
         def integer(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -112,54 +115,56 @@ class ExpertConfig:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         need(integer(self.num_experts) and self.num_experts >= 1,
-             f"num_experts must be a positive integer, got {self.num_experts!r}.")
-        need(integer(self.top_k) and self.top_k >= 1, f"top_k must be a positive integer, got {self.top_k!r}.")
+             f"{flag('num_experts')} must be a positive integer, got {self.num_experts!r}.")
+        need(integer(self.top_k) and self.top_k >= 1,
+             f"{flag('top_k')} must be a positive integer, got {self.top_k!r}.")
         need(self.top_k <= self.num_experts,
-             f"top_k={self.top_k} > num_experts={self.num_experts}: a token cannot pick more experts "
+             f"--top-k {self.top_k} > --num-experts {self.num_experts}: a token cannot pick more experts "
              f"than exist. Lower --top-k or raise --num-experts.")
         need(integer(self.lora_r) and self.lora_r >= 1,
-             f"lora_r must be a positive integer (the rank of the experts), got {self.lora_r!r}.")
+             f"{flag('lora_r')} must be a positive integer (the rank of the experts), got {self.lora_r!r}.")
         need(self.expert_hidden_size is None or (integer(self.expert_hidden_size) and self.expert_hidden_size >= 1),
-             f"expert_hidden_size must be a positive integer or None, got {self.expert_hidden_size!r}.")
-        need(finite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be a finite number > 0, got "
-                                                              f"{self.lora_alpha!r}.")
+             f"{flag('expert_hidden_size')} must be a positive integer or None, got {self.expert_hidden_size!r}.")
+        need(finite(self.lora_alpha) and self.lora_alpha > 0,
+             f"{flag('lora_alpha')} must be a finite number > 0, got {self.lora_alpha!r}.")
         need(finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
-             f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+             f"{flag('lora_dropout')} must be in [0, 1), got {self.lora_dropout!r}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0,
-                 f"{name} must be a finite number >= 0, got {getattr(self, name)!r}.")
+                 f"{flag(name)} must be a finite number >= 0, got {getattr(self, name)!r}.")
         need(finite(self.router_jitter) and 0.0 <= self.router_jitter < 1.0,
-             f"router_jitter must be in [0, 1), got {self.router_jitter!r}.")
+             f"{flag('router_jitter')} must be in [0, 1), got {self.router_jitter!r}.")
         need(self.capacity_factor is None or (finite(self.capacity_factor) and self.capacity_factor > 0),
-             f"capacity_factor must be None or a finite number > 0, got {self.capacity_factor!r}.")
+             f"{flag('capacity_factor')} must be None or a finite number > 0, got {self.capacity_factor!r}.")
         need(finite(self.aux_free_bias_rate) and self.aux_free_bias_rate >= 0,
-             f"aux_free_bias_rate must be a finite number >= 0, got {self.aux_free_bias_rate!r}.")
-        need(finite(self.residual_scale_init), f"residual_scale_init must be a finite number, got "
+             f"{flag('aux_free_bias_rate')} must be a finite number >= 0, got {self.aux_free_bias_rate!r}.")
+        need(finite(self.residual_scale_init), f"{flag('residual_scale_init')} must be a finite number, got "
                                                f"{self.residual_scale_init!r}.")
         need(isinstance(self.expert_init, str) and self.expert_init != "",  # the bank checks the value
-             f"expert_init must be a name such as 'zero' or 'distinct', got {self.expert_init!r}.")
+             f"{flag('expert_init')} must be a name such as 'zero' or 'distinct', got {self.expert_init!r}.")
         need(finite(self.router_init_scale) and self.router_init_scale >= 0,
-             f"router_init_scale must be a finite number >= 0, got {self.router_init_scale!r}.")
+             f"{flag('router_init_scale')} must be a finite number >= 0, got {self.router_init_scale!r}.")
         need(finite(self.router_lr_multiplier) and self.router_lr_multiplier > 0,
-             f"router_lr_multiplier must be a finite number > 0, got {self.router_lr_multiplier!r}.")
+             f"{flag('router_lr_multiplier')} must be a finite number > 0, got {self.router_lr_multiplier!r}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
             need(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("expert_type", "router_type"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
-                 f"{name} must be the name of a registered strategy, got {getattr(self, name)!r}.")
+                 f"{flag(name)} must be the name of a registered strategy, got {getattr(self, name)!r}.")
         need(integer(self.dynamic_interval) and self.dynamic_interval >= 1,
-             f"dynamic_interval must be an integer >= 1, got {self.dynamic_interval!r}.")
+             f"{flag('dynamic_interval')} must be an integer >= 1, got {self.dynamic_interval!r}.")
         need(self.dynamic_budget is None or (integer(self.dynamic_budget) and self.dynamic_budget >= 1),
-             f"dynamic_budget must be None or an integer >= 1, got {self.dynamic_budget!r}.")
+             f"{flag('dynamic_budget')} must be None or an integer >= 1, got {self.dynamic_budget!r}.")
         need(finite(self.dynamic_retire_share) and 0 <= self.dynamic_retire_share < 1,
-             f"dynamic_retire_share must be in [0, 1), got {self.dynamic_retire_share!r}.")
+             f"{flag('dynamic_retire_share')} must be in [0, 1), got {self.dynamic_retire_share!r}.")
         alloc = self.expert_allocation
         if not isinstance(alloc, str):
             need(isinstance(alloc, list) and len(alloc) > 0 and all(integer(n) for n in alloc),
-                 f"expert_allocation must be 'progressive', 'uniform' or a list of integers, got {alloc!r}.")
+                 f"{flag('expert_allocation')} must be 'progressive', 'uniform' or a list of integers, got "
+                 f"{alloc!r}.")
             bad = [n for n in alloc if not self.top_k <= n <= self.num_experts]
-            need(not bad, f"expert_allocation {alloc} has counts {bad} outside [top_k={self.top_k}, "
-                          f"num_experts={self.num_experts}]; every layer needs at least top_k experts.")
+            need(not bad, f"--expert-allocation {alloc} has counts {bad} outside [--top-k {self.top_k}, "
+                          f"--num-experts {self.num_experts}]; every layer needs at least --top-k experts.")
 
     # ------------------------------------------------------------------ JSON round trip
     def to_dict(self) -> dict:

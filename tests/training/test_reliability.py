@@ -201,8 +201,22 @@ def test_the_lock_of_a_killed_run_is_free(tmp_path):
 # ---------------------------------------------------------------------------------------------- 6 NaN
 @pytest.mark.parametrize("rate", [float("inf"), float("nan"), 0.0, -1e-3])
 def test_a_learning_rate_that_cannot_work_is_refused_before_loading(rate, tmp_path):
-    with pytest.raises(ConfigError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="--learning-rate must be"):
         fine_tune(MoEMethod(), _args(tmp_path / "run", learning_rate=rate), model_id="/nonexistent/model")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0."),
+    (["--gradient-accumulation", "0"], "--gradient-accumulation must be >= 1, got 0."),
+    (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0."),
+    (["--test-seq-len", "1"], "--test-seq-len must be an integer >= 2 (or unset), got 1."),
+    (["--lora-r", "0"], "--lora-r must be a positive integer (the rank of the experts), got 0."),
+    (["--router-type", "nope"], "unknown --router-type 'nope'; choose one of aux_free, "),
+])
+def test_validation_messages_name_the_flag_not_the_field(flags, message, tmp_path, cli_error):
+    err = cli_error(["train", "--output-dir", str(tmp_path / "run"), *flags])
+    assert err.startswith(f"error: {message}"), err
 
 
 def test_diverging_training_never_saves_nan_weights_and_keeps_the_step_0_best(base, tmp_path):

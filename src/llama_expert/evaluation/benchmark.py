@@ -70,9 +70,9 @@ class ExpertModelBenchmark:
             raise ConfigError("ExpertModelBenchmark(model, tokenizer): pass the tokenizer with a model object, or "
                               "pass model_path=... to load both.")
         if seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}.")
+            raise ConfigError(f"--seq-len must be >= 2 (a window predicts --seq-len minus 1 tokens), got {seq_len}.")
         if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
         if max_tokens is not None and max_tokens < seq_len:
             raise ConfigError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; raise "
                               f"--max-tokens or lower --seq-len.")
