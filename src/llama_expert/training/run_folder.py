@@ -3,7 +3,7 @@
 Nothing a user made is lost: a folder that already holds files is refused unless the run continues it
 (``--resume``) or replaces its outputs (``--overwrite``, which deletes only the files training writes and
 leaves everything else alone). An exclusive file lock keeps two runs from writing one folder (POSIX
-``flock``: Linux and macOS).
+``flock``: Linux and macOS); prune, distill and export hold it on their output folders too.
 """
 
 from __future__ import annotations
