@@ -114,3 +114,15 @@ def test_an_unwritable_compare_output_is_refused_before_training(trained_base, t
     err = cli_error(_tiny_compare(base_folder, text, blocker / "cmp"))
     assert err == (f"error: --output-dir {blocker / 'cmp'} is not writable ({blocker} is a file, not a folder); "
                    f"pass a folder you can write to.")
+
+
+def test_compare_never_writes_its_report_into_an_adapter_it_measures(trained_base, tmp_path, cli_error):
+    base_folder, text = trained_base
+    run = tmp_path / "runs" / "moe"
+    run.mkdir(parents=True)
+    (run / "expert_usage.png").write_bytes(b"the training run's chart")
+    for out in (run, run / "compare"):
+        err = cli_error(_tiny_compare(base_folder, text, out, "--adapter", str(run)))
+        assert err == (f"error: --output-dir {out} is or lies inside the adapter folder {run}: compare would write "
+                       f"its report over that run's files; pass another --output-dir.")
+    assert (run / "expert_usage.png").read_bytes() == b"the training run's chart"

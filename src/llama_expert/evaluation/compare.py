@@ -142,12 +142,18 @@ def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[
     check_within_context(load_base_config(model_id, auth_token=auth_token), a.eval_seq_len, "--eval-seq-len")
 
 
-def check_outputs(a: CompareArguments, children: List[Path]) -> None:
-    """Before anything trains: ``--output-dir`` can be written, and no child run replaces one it did not make
+def check_outputs(a: CompareArguments, children: List[Path], adapters_given: List[Optional[str]]) -> None:
+    """Before anything trains: ``--output-dir`` can be written, is no given adapter's folder (compare writes
+    files that a training run holds too, expert_usage.png), and no child run replaces one it did not make
     unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
     problem = write_problem(a.output_dir)
     if problem:
         raise ConfigError(f"--output-dir {a.output_dir} is not writable ({problem}); pass a folder you can write to.")
+    out = Path(a.output_dir).resolve()
+    for given in filter(None, adapters_given):
+        if out == Path(given).resolve() or out.is_relative_to(Path(given).resolve()):
+            raise ConfigError(f"--output-dir {a.output_dir} is or lies inside the adapter folder {given}: compare "
+                              f"would write its report over that run's files; pass another --output-dir.")
     for child in children:
         present = sorted(p.name for p in child.iterdir() if p.name != LOCK_NAME) if child.is_dir() else []
         if present and not a.overwrite:
@@ -180,7 +186,7 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
     trained_here = ([] if model_args.adapter else [moe_dir]) + \
         ([out / "lora"] if a.lora_baseline and not a.lora_adapter else [])
-    check_outputs(a, trained_here)
+    check_outputs(a, trained_here, [model_args.adapter, a.lora_adapter])
     out.mkdir(parents=True, exist_ok=True)
     child_progress = shows_progress(a.progress)
     if not model_args.adapter:
