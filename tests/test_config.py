@@ -23,17 +23,17 @@ def test_defaults_match_spec():
 
 
 @pytest.mark.parametrize("kwargs, fix_words", [
-    ({"num_experts": 4, "top_k": 5}, ["top_k=5", "num_experts=4", "Lower --top-k or raise --num-experts"]),
-    ({"lora_r": 0}, ["lora_r", "positive integer", "got 0"]),
-    ({"lora_r": -3}, ["lora_r", "positive integer", "got -3"]),
-    ({"expert_type": ""}, ["expert_type", "registered strategy"]),
-    ({"router_type": 3}, ["router_type", "registered strategy"]),
-    ({"expert_allocation": [2, 9, 4, 1]}, ["[9, 1]", "top_k=2", "num_experts=8"]),
+    ({"num_experts": 4, "top_k": 5}, ["--top-k 5 > --num-experts 4", "Lower --top-k or raise --num-experts"]),
+    ({"lora_r": 0}, ["--lora-r", "positive integer", "got 0"]),
+    ({"lora_r": -3}, ["--lora-r", "positive integer", "got -3"]),
+    ({"expert_type": ""}, ["--expert-type", "registered strategy"]),
+    ({"router_type": 3}, ["--router-type", "registered strategy"]),
+    ({"expert_allocation": [2, 9, 4, 1]}, ["[9, 1]", "--top-k 2", "--num-experts 8"]),
     ({"expert_allocation": [4, "4"]}, ["list of integers"]),
     ({"expert_allocation": []}, ["list of integers"]),
-    ({"expert_init": ""}, ["expert_init", "'zero' or 'distinct'"]),
-    ({"router_lr_multiplier": 0.0}, ["router_lr_multiplier", "> 0"]),
-    ({"router_lr_multiplier": float("inf")}, ["router_lr_multiplier", "finite"]),
+    ({"expert_init": ""}, ["--expert-init", "'zero' or 'distinct'"]),
+    ({"router_lr_multiplier": 0.0}, ["--router-lr-multiplier", "> 0"]),
+    ({"router_lr_multiplier": float("inf")}, ["--router-lr-multiplier", "finite"]),
 ])
 def test_invalid_config_raises_with_fix(kwargs, fix_words):
     with pytest.raises(ConfigError) as info:
@@ -102,22 +102,22 @@ def test_parse_allocation_error_names_the_form():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"num_experts": True}, ["num_experts", "positive integer", "True"]),
-    ({"lora_r": True}, ["lora_r", "positive integer", "True"]),
-    ({"top_k": 2.0}, ["top_k", "positive integer"]),
-    ({"residual_scale_init": float("nan")}, ["residual_scale_init", "finite"]),
-    ({"lora_alpha": float("inf")}, ["lora_alpha", "finite"]),
-    ({"router_aux_loss_coef": float("nan")}, ["router_aux_loss_coef", "finite"]),
-    ({"lora_dropout": float("nan")}, ["lora_dropout", "[0, 1)"]),
+    ({"num_experts": True}, ["--num-experts", "positive integer", "True"]),
+    ({"lora_r": True}, ["--lora-r", "positive integer", "True"]),
+    ({"top_k": 2.0}, ["--top-k", "positive integer"]),
+    ({"residual_scale_init": float("nan")}, ["--residual-scale-init", "finite"]),
+    ({"lora_alpha": float("inf")}, ["--lora-alpha", "finite"]),
+    ({"router_aux_loss_coef": float("nan")}, ["--router-aux-loss-coef", "finite"]),
+    ({"lora_dropout": float("nan")}, ["--lora-dropout", "[0, 1)"]),
     ({"router_noise": "no"}, ["router_noise", "True or False"]),
     ({"expert_allocation": [4, True]}, ["list of integers"]),
-    ({"router_jitter": 1.0}, ["router_jitter", "[0, 1)"]),
-    ({"router_jitter": float("nan")}, ["router_jitter", "[0, 1)"]),
-    ({"capacity_factor": 0.0}, ["capacity_factor", "None or a finite number > 0"]),
-    ({"capacity_factor": float("inf")}, ["capacity_factor", "finite"]),
-    ({"capacity_factor": True}, ["capacity_factor", "finite"]),
-    ({"aux_free_bias_rate": -1e-3}, ["aux_free_bias_rate", ">= 0"]),
-    ({"aux_free_bias_rate": float("nan")}, ["aux_free_bias_rate", "finite"]),
+    ({"router_jitter": 1.0}, ["--router-jitter", "[0, 1)"]),
+    ({"router_jitter": float("nan")}, ["--router-jitter", "[0, 1)"]),
+    ({"capacity_factor": 0.0}, ["--capacity-factor", "None or a finite number > 0"]),
+    ({"capacity_factor": float("inf")}, ["--capacity-factor", "finite"]),
+    ({"capacity_factor": True}, ["--capacity-factor", "finite"]),
+    ({"aux_free_bias_rate": -1e-3}, ["--aux-free-bias-rate", ">= 0"]),
+    ({"aux_free_bias_rate": float("nan")}, ["--aux-free-bias-rate", "finite"]),
 ])
 def test_booleans_and_non_finite_numbers_are_rejected(kwargs, words):
     with pytest.raises(ConfigError) as info:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from .errors import ConfigError
-from .options import option
+from .options import flag_for, option
 
 
 def parse_allocation(text: str) -> Union[str, List[int]]:
@@ -108,6 +108,9 @@ class ExpertConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        def flag(name: str) -> str:  # messages name the flag a user types (also shown for a config file)
+            return flag_for(ExpertConfig, name)
+
         def integer(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -115,55 +118,57 @@ class ExpertConfig:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         need(integer(self.num_experts) and self.num_experts >= 1,
-             f"num_experts must be a positive integer, got {shown(self.num_experts)}.")
-        need(integer(self.top_k) and self.top_k >= 1, f"top_k must be a positive integer, got {shown(self.top_k)}.")
+             f"{flag('num_experts')} must be a positive integer, got {shown(self.num_experts)}.")
+        need(integer(self.top_k) and self.top_k >= 1,
+             f"{flag('top_k')} must be a positive integer, got {shown(self.top_k)}.")
         need(self.top_k <= self.num_experts,
-             f"top_k={self.top_k} > num_experts={self.num_experts}: a token cannot pick more experts "
+             f"--top-k {self.top_k} > --num-experts {self.num_experts}: a token cannot pick more experts "
              f"than exist. Lower --top-k or raise --num-experts.")
         need(integer(self.lora_r) and self.lora_r >= 1,
-             f"lora_r must be a positive integer (the rank of the experts), got {shown(self.lora_r)}.")
+             f"{flag('lora_r')} must be a positive integer (the rank of the experts), got {shown(self.lora_r)}.")
         need(self.expert_hidden_size is None or (integer(self.expert_hidden_size) and self.expert_hidden_size >= 1),
-             f"expert_hidden_size must be a positive integer or None, got {shown(self.expert_hidden_size)}.")
-        need(finite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be a finite number > 0, got "
-                                                              f"{shown(self.lora_alpha)}.")
+             f"{flag('expert_hidden_size')} must be a positive integer or None, got {shown(self.expert_hidden_size)}.")
+        need(finite(self.lora_alpha) and self.lora_alpha > 0,
+             f"{flag('lora_alpha')} must be a finite number > 0, got {shown(self.lora_alpha)}.")
         need(finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
-             f"lora_dropout must be in [0, 1), got {shown(self.lora_dropout)}.")
+             f"{flag('lora_dropout')} must be in [0, 1), got {shown(self.lora_dropout)}.")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0,
-                 f"{name} must be a finite number >= 0, got {shown(getattr(self, name))}.")
+                 f"{flag(name)} must be a finite number >= 0, got {shown(getattr(self, name))}.")
         need(finite(self.router_jitter) and 0.0 <= self.router_jitter < 1.0,
-             f"router_jitter must be in [0, 1), got {shown(self.router_jitter)}.")
+             f"{flag('router_jitter')} must be in [0, 1), got {shown(self.router_jitter)}.")
         need(self.capacity_factor is None or (finite(self.capacity_factor) and self.capacity_factor > 0),
-             f"capacity_factor must be None or a finite number > 0, got {shown(self.capacity_factor)}.")
+             f"{flag('capacity_factor')} must be None or a finite number > 0, got {shown(self.capacity_factor)}.")
         need(finite(self.aux_free_bias_rate) and self.aux_free_bias_rate >= 0,
-             f"aux_free_bias_rate must be a finite number >= 0, got {shown(self.aux_free_bias_rate)}.")
-        need(finite(self.residual_scale_init), f"residual_scale_init must be a finite number, got "
+             f"{flag('aux_free_bias_rate')} must be a finite number >= 0, got {shown(self.aux_free_bias_rate)}.")
+        need(finite(self.residual_scale_init), f"{flag('residual_scale_init')} must be a finite number, got "
                                                f"{shown(self.residual_scale_init)}.")
         need(isinstance(self.expert_init, str) and self.expert_init != "",  # the bank checks the value
-             f"expert_init must be a name such as 'zero' or 'distinct', got {shown(self.expert_init)}.")
+             f"{flag('expert_init')} must be a name such as 'zero' or 'distinct', got {shown(self.expert_init)}.")
         need(finite(self.router_init_scale) and self.router_init_scale >= 0,
-             f"router_init_scale must be a finite number >= 0, got {shown(self.router_init_scale)}.")
+             f"{flag('router_init_scale')} must be a finite number >= 0, got {shown(self.router_init_scale)}.")
         need(finite(self.router_lr_multiplier) and self.router_lr_multiplier > 0,
-             f"router_lr_multiplier must be a finite number > 0, got {shown(self.router_lr_multiplier)}.")
+             f"{flag('router_lr_multiplier')} must be a finite number > 0, got {shown(self.router_lr_multiplier)}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
             need(isinstance(getattr(self, name), bool),
                  f"{name} must be True or False, got {shown(getattr(self, name))}.")
         for name in ("expert_type", "router_type"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
-                 f"{name} must be the name of a registered strategy, got {shown(getattr(self, name))}.")
+                 f"{flag(name)} must be the name of a registered strategy, got {shown(getattr(self, name))}.")
         need(integer(self.dynamic_interval) and self.dynamic_interval >= 1,
-             f"dynamic_interval must be an integer >= 1, got {shown(self.dynamic_interval)}.")
+             f"{flag('dynamic_interval')} must be an integer >= 1, got {shown(self.dynamic_interval)}.")
         need(self.dynamic_budget is None or (integer(self.dynamic_budget) and self.dynamic_budget >= 1),
-             f"dynamic_budget must be None or an integer >= 1, got {shown(self.dynamic_budget)}.")
+             f"{flag('dynamic_budget')} must be None or an integer >= 1, got {shown(self.dynamic_budget)}.")
         need(finite(self.dynamic_retire_share) and 0 <= self.dynamic_retire_share < 1,
-             f"dynamic_retire_share must be in [0, 1), got {shown(self.dynamic_retire_share)}.")
+             f"{flag('dynamic_retire_share')} must be in [0, 1), got {shown(self.dynamic_retire_share)}.")
         alloc = self.expert_allocation
         if not isinstance(alloc, str):
             need(isinstance(alloc, list) and len(alloc) > 0 and all(integer(n) for n in alloc),
-                 f"expert_allocation must be 'progressive', 'uniform' or a list of integers, got {shown(alloc)}.")
+                 f"{flag('expert_allocation')} must be 'progressive', 'uniform' or a list of integers, got "
+                 f"{shown(alloc)}.")
             bad = [n for n in alloc if not self.top_k <= n <= self.num_experts]
-            need(not bad, f"expert_allocation {shown(alloc)} has counts {shown(bad)} outside [top_k={self.top_k}, "
-                          f"num_experts={self.num_experts}]; every layer needs at least top_k experts.")
+            need(not bad, f"--expert-allocation {shown(alloc)} has counts {shown(bad)} outside [--top-k {self.top_k}, "
+                          f"--num-experts {self.num_experts}]; every layer needs at least --top-k experts.")
 
     # ------------------------------------------------------------------ JSON round trip
     def to_dict(self) -> dict:

@@ -3,7 +3,9 @@
 One mechanism for the files the package writes that a user keeps (MoE adapter files, training checkpoints,
 summaries and reports, the converted-model cache); PEFT writes the LoRA baseline's files itself. A file is written beside its final name and renamed onto it; a folder is
 filled beside its final name and swapped in with two renames, the previous version parked under
-``.old-<name>`` between them (``previous_version`` finds it after a crash there).
+``.old-<name>`` between them (``previous_version`` finds it after a crash there). A command's outputs in a
+folder the user names (``write_files``) are staged inside that folder and renamed into place one by one, so
+that the folder may hold other files and may be a mount point (which cannot be renamed).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, Path]
+STAGING_PREFIX = ".tmp-"  # what write_folder and write_files stage into; a kill can leave one behind
 
 
 def _read_umask() -> int:
@@ -73,7 +76,7 @@ def write_folder(folder: PathLike, fill: Callable[[Path], None]) -> Path:
     """Create or replace ``folder``: ``fill(staging)`` writes into a fresh sibling that is renamed onto it."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{STAGING_PREFIX}{folder.name}-"))
     old = previous_version(folder)
     try:
         _usual_mode(staging, directory=True)
@@ -91,3 +94,76 @@ def write_folder(folder: PathLike, fill: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def nearest_existing(path: PathLike) -> Path:
+    """``path``, or the closest folder above it that exists (where ``mkdir -p`` would start)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_problem(folder: PathLike) -> Optional[str]:
+    """Why ``folder`` (or, where it does not exist yet, the folder it would be made in) cannot be written;
+    None when it can. A real write: ``os.access`` says yes to root even on a read-only mount."""
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        return f"{existing}: {exc.strerror or exc}"
+    return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_files(folder: PathLike, fill: Callable[[Path], None], remove: Iterable[str] = (),
+                last: Optional[str] = None) -> List[str]:
+    """Write what ``fill(staging)`` makes into ``folder``, leaving its other files alone; returns the names.
+
+    Staged in a hidden folder inside ``folder`` (same file system, and ``folder`` itself is never renamed, so
+    a mount point works), then each entry is renamed onto its name. ``remove``: names a previous run wrote
+    that this one may not write again, deleted first. ``last`` (a summary) is deleted first and moved in
+    last: where it is present, every file it belongs to is complete.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=STAGING_PREFIX))
+    try:
+        fill(staging)
+        names = sorted((p.name for p in staging.iterdir()), key=lambda name: name == last)
+        for f in staging.rglob("*"):
+            if f.is_file():
+                _usual_mode(f, directory=False)
+                _fsync(f)
+            elif f.is_dir():
+                _usual_mode(f, directory=True)
+        stale = [n for n in remove if n not in names and n == Path(n).name and not n.startswith(".")]
+        for name in ([last] if last else []) + stale:
+            _remove(folder / name)
+        for name in names:
+            if (folder / name).is_dir() and not (folder / name).is_symlink():
+                shutil.rmtree(folder / name)  # os.replace cannot replace a folder that holds files
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
+def remove_stale_staging(folder: PathLike) -> List[Tuple[Path, int]]:
+    """Delete the staging folders (``.tmp-*``) a killed writer left in ``folder``; returns each with its size
+    in bytes. Call it only while no other process can be writing there (under the folder's lock)."""
+    removed = []
+    for staging in sorted(Path(folder).glob(STAGING_PREFIX + "*")) if Path(folder).is_dir() else []:
+        if staging.is_dir() and not staging.is_symlink():
+            size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append((staging, size))
+    return removed

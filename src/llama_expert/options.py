@@ -34,3 +34,8 @@ def flag_of(field: dataclasses.Field) -> str:
 def fields_named(cls: type, names) -> list:
     by_name = {f.name: f for f in dataclasses.fields(cls)}
     return [by_name[n] for n in names]
+
+
+def flag_for(cls: type, name: str) -> str:
+    """The flag of field ``name`` of ``cls``: what a message calls a setting (users type flags, not fields)."""
+    return flag_of(fields_named(cls, [name])[0])

@@ -61,3 +61,20 @@ def test_benchmark_measures_a_peft_lora_folder(trained_base, lora_on_trained_bas
                                     max_tokens=256, progress=False).benchmark_perplexity()["perplexity"]
     assert report["perplexity"]["perplexity"] == expected
     assert report["throughput"]["results"][0]["decode_tokens_per_s"] > 0
+
+
+def test_output_json_never_replaces_a_file_unless_asked_and_is_checked_before_loading(chat_folder, tmp_path,
+                                                                                      cli_error):
+    out = tmp_path / "report.json"
+    out.write_text("my earlier report")
+    small = ["--skip-throughput", "--max-tokens", "64", "--seq-len", "32", "--routing-windows", "1", "--no-progress"]
+    err = cli_error(["benchmark", "--model", str(tmp_path / "no-model"), "--output-json", str(out), *small])
+    assert err == f"error: --output-json {out} already exists; pass --overwrite to replace it, or another file."
+    assert out.read_text() == "my earlier report"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    err = cli_error(["benchmark", "--model", str(tmp_path / "no-model"), "--output-json", str(blocker / "r.json"),
+                     *small])
+    assert f"--output-json {blocker / 'r.json'} cannot be written ({blocker} is a file, not a folder)" in err
+    assert main(["benchmark", "--model", str(chat_folder), "--output-json", str(out), "--overwrite", *small]) == 0
+    assert json.loads(out.read_text())["perplexity"]["seq_len"] == 32

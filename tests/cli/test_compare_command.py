@@ -68,3 +68,61 @@ def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, c
     winner = {"moe": "MoE adapters", "lora": "LoRA"}[report["winner_perplexity"]]
     assert f"**Perplexity winner: {winner}**" in text
     assert "| lora |" in capsys.readouterr().out
+
+
+def _tiny_compare(base_folder, text, out, *extra):
+    return ["compare", "--model", str(base_folder), "--output-dir", str(out), "--max-steps", "1", "--seq-len", "32",
+            "--batch-size", "2", "--eval-every", "0", "--eval-seq-len", "32", "--max-tokens", "64", "--dataset",
+            str(text), "--test-dataset", str(text), "--skip-throughput", "--routing-windows", "1", "--no-progress",
+            *extra]
+
+
+def test_compare_never_retrains_over_a_run_it_was_not_told_to_replace(trained_base, tmp_path, cli_error):
+    """`compare --output-dir runs` with the user's own run in runs/moe: refused before anything trains, run intact."""
+    base_folder, text = trained_base
+    runs = tmp_path / "runs"
+    (runs / "moe").mkdir(parents=True)
+    (runs / "moe" / "adapter_config.json").write_text('{"mine": true}')
+    (runs / "moe" / "train_log.jsonl").write_text("")
+    err = cli_error(_tiny_compare(base_folder, text, runs))
+    assert err == (f"error: {runs / 'moe'} already holds a run (adapter_config.json, train_log.jsonl), and compare "
+                   f"would train its moe adapter there: pass --adapter {runs / 'moe'} to measure that run, "
+                   f"--overwrite to retrain it, or another --output-dir.")
+    assert (runs / "moe" / "adapter_config.json").read_text() == '{"mine": true}'
+    assert sorted(p.name for p in runs.iterdir()) == ["moe"]  # nothing trained, nothing measured, nothing written
+    (runs / "lora").mkdir()
+    (runs / "lora" / "adapter_model.safetensors").write_text("x")
+    err = cli_error(_tiny_compare(base_folder, text, tmp_path / "other", "--adapter", str(runs / "moe"),
+                                  "--lora-baseline", "--output-dir", str(runs)))
+    assert f"{runs / 'lora'} already holds a run (adapter_model.safetensors)" in err and "--lora-adapter" in err
+
+
+def test_compare_overwrite_retrains_its_child_runs(trained_base, tmp_path):
+    base_folder, text = trained_base
+    out = tmp_path / "cmp"
+    (out / "moe").mkdir(parents=True)
+    (out / "moe" / "train_log.jsonl").write_text("an older run's log\n")
+    assert main(_tiny_compare(base_folder, text, out, "--overwrite")) == 0
+    summary = json.loads((out / "moe" / "training_summary.json").read_text())
+    assert summary["steps"] == 1 and "older" not in (out / "moe" / "train_log.jsonl").read_text()
+
+
+def test_an_unwritable_compare_output_is_refused_before_training(trained_base, tmp_path, cli_error):
+    base_folder, text = trained_base
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    err = cli_error(_tiny_compare(base_folder, text, blocker / "cmp"))
+    assert err == (f"error: --output-dir {blocker / 'cmp'} is not writable ({blocker} is a file, not a folder); "
+                   f"pass a folder you can write to.")
+
+
+def test_compare_never_writes_its_report_into_an_adapter_it_measures(trained_base, tmp_path, cli_error):
+    base_folder, text = trained_base
+    run = tmp_path / "runs" / "moe"
+    run.mkdir(parents=True)
+    (run / "expert_usage.png").write_bytes(b"the training run's chart")
+    for out in (run, run / "compare"):
+        err = cli_error(_tiny_compare(base_folder, text, out, "--adapter", str(run)))
+        assert err == (f"error: --output-dir {out} is or lies inside the adapter folder {run}: compare would write "
+                       f"its report over that run's files; pass another --output-dir.")
+    assert (run / "expert_usage.png").read_bytes() == b"the training run's chart"

@@ -13,7 +13,7 @@ from llama_expert.inference.generation import check_sampling, encode_prompt
 @pytest.mark.parametrize("temperature, top_p", [(math.nan, 0.9), (math.inf, 0.9), (-0.1, 0.9), (0.7, math.nan),
                                                 (0.7, 0.0), (0.7, 1.5)])
 def test_sampling_settings_that_cannot_work(temperature, top_p):
-    with pytest.raises(ConfigError, match="temperature|top_p"):
+    with pytest.raises(ConfigError, match="--temperature|--top-p"):
         check_sampling(temperature, top_p)
 
 

@@ -79,7 +79,7 @@ def test_distinct_init_gives_distinct_experts_and_a_router_signal_after_one_step
 @pytest.mark.parametrize("expert_type,expert_init", [("shared_core", "distinct"), ("mixlora", "distinct"),
                                                      ("shared_down", "random")])
 def test_unsupported_expert_init_is_refused_before_building(tiny_model, expert_type, expert_init):
-    with pytest.raises(ConfigError, match=f"does not support expert_init '{expert_init}'"):
+    with pytest.raises(ConfigError, match=f"does not support --expert-init {expert_init};"):
         augment_model(tiny_model, ExpertConfig(expert_type=expert_type, expert_init=expert_init))
     assert not any(isinstance(layer.mlp, MoEAdapter) for layer in tiny_model.model.layers)
 

@@ -144,5 +144,23 @@ def test_bad_export_input_gets_one_line_and_writes_nothing(lora_folder, tmp_path
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     err = cli_error(["export", "--adapter", str(adapter), "--merge", "--output-dir", str(out)])
-    assert "not empty" in err and "--overwrite" in err
+    assert "already holds files (keep.txt)" in err and "--overwrite" in err
     assert (out / "keep.txt").read_text() == "mine"  # nothing of the user's is lost
+
+
+def test_overwrite_replaces_the_previous_export_and_nothing_else(lora_folder, tmp_path):
+    """A GGUF export, then an hf export over it: model.gguf goes (export_info.json listed it), the user's file stays."""
+    _, adapter = lora_folder
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", "--adapter", str(adapter), "--merge", "--output-dir", str(out), "--format", "gguf",
+                 "--overwrite"]) == 0
+    assert json.loads((out / "export_info.json").read_text())["files"] == ["model.gguf", "export_info.json"]
+    assert main(["export", "--adapter", str(adapter), "--merge", "--output-dir", str(out), "--overwrite"]) == 0
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["format"] == "hf" and not (out / "model.gguf").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(info["files"])
+    assert {p.name for p in out.iterdir()} == set(info["files"]) | {"notes.txt", ".llama-expert.lock"}
+    AutoModelForCausalLM.from_pretrained(out)  # a complete Transformers folder

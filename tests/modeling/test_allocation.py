@@ -43,9 +43,9 @@ def test_explicit_list_of_wrong_length():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    ({"expert_allocation": "pyramid"}, ["expert_allocation 'pyramid'", "progressive", "uniform"]),
-    ({"expert_type": "dense"}, ["expert_type 'dense'", "shared_core", "shared_down"]),
-    ({"router_type": "hash"}, ["router_type 'hash'", "noisy_top_k"]),
+    ({"expert_allocation": "pyramid"}, ["--expert-allocation 'pyramid'", "progressive", "uniform"]),
+    ({"expert_type": "dense"}, ["--expert-type 'dense'", "shared_core", "shared_down"]),
+    ({"router_type": "hash"}, ["--router-type 'hash'", "noisy_top_k"]),
 ])
 def test_unregistered_strategy_names_fail_with_the_choices(kwargs, words):
     with pytest.raises(ConfigError) as info:

@@ -288,7 +288,7 @@ def test_cli_train_reports_bad_input_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dataset path not found" in err and "Traceback" not in err
     assert main(["train", "--top-k", "9", "--num-experts", "8", "--output-dir", str(tmp_path)]) == 1
-    assert "top_k=9 > num_experts=8" in capsys.readouterr().err
+    assert "--top-k 9 > --num-experts 8" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert main(["train", "--dataset", str(empty), "--output-dir", str(tmp_path)]) == 1

@@ -131,6 +131,32 @@ def test_resume_and_overwrite_together_are_refused(base, tmp_path):
         _train(base, tmp_path / "run", resume=True, overwrite=True)
 
 
+def test_resume_without_a_checkpoint_is_refused_in_one_line(base, tmp_path, cli_error):
+    """Not a new run from step 0 that exits 0: the user asked to continue something that is not there."""
+    out = tmp_path / "run"
+    err = cli_error(_cli_train(base, out, "--max-steps", "1", "--resume"))
+    assert err == (f"error: --resume: there is no checkpoint in {out / 'checkpoints'}; drop --resume to start a new "
+                   f"run there, or pass the --output-dir of the run to continue.")
+    assert not out.exists()
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("")  # a run that never reached its first checkpoint
+    with pytest.raises(ConfigError, match="there is no checkpoint in"):
+        _train(base, out, resume=True)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(base, tmp_path):
+    folder, _ = base
+    out = tmp_path / "new" / "runs" / "run"
+    with pytest.raises(LlamaExpertError, match="missing.txt"):
+        fine_tune(MoEMethod(), _args(out), DataArguments(dataset=str(tmp_path / "missing.txt")), model_id=str(folder))
+    assert not (tmp_path / "new").exists()  # no lock-only folder, and none of the folders above it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(LlamaExpertError, match="missing.txt"):
+        fine_tune(MoEMethod(), _args(mine), DataArguments(dataset=str(tmp_path / "missing.txt")), model_id=str(folder))
+    assert mine.is_dir() and not list(mine.iterdir())  # the user's folder stays, as empty as it was
+
+
 # ---------------------------------------------------------------------------------------------- 5 lock
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_survives(base, tmp_path):
     out = tmp_path / "run"
@@ -175,8 +201,22 @@ def test_the_lock_of_a_killed_run_is_free(tmp_path):
 # ---------------------------------------------------------------------------------------------- 6 NaN
 @pytest.mark.parametrize("rate", [float("inf"), float("nan"), 0.0, -1e-3])
 def test_a_learning_rate_that_cannot_work_is_refused_before_loading(rate, tmp_path):
-    with pytest.raises(ConfigError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="--learning-rate must be"):
         fine_tune(MoEMethod(), _args(tmp_path / "run", learning_rate=rate), model_id="/nonexistent/model")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0."),
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0."),
+    (["--gradient-accumulation", "0"], "--gradient-accumulation must be >= 1, got 0."),
+    (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0."),
+    (["--test-seq-len", "1"], "--test-seq-len must be an integer >= 2 (or unset), got 1."),
+    (["--lora-r", "0"], "--lora-r must be a positive integer (the rank of the experts), got 0."),
+    (["--router-type", "nope"], "unknown --router-type 'nope'; choose one of aux_free, "),
+])
+def test_validation_messages_name_the_flag_not_the_field(flags, message, tmp_path, cli_error):
+    err = cli_error(["train", "--output-dir", str(tmp_path / "run"), *flags])
+    assert err.startswith(f"error: {message}"), err
 
 
 def test_diverging_training_never_saves_nan_weights_and_keeps_the_step_0_best(base, tmp_path):

@@ -28,7 +28,7 @@ import torch
 
 from ..data import domain_name, load_split, pack_blocks, split_sources, tokenize_documents
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, write_problem
 from ..options import option
 from ..integration.base_models import check_within_context
 from ..integration.loading import ModelArguments, is_adapter_folder, load_model_and_tokenizer
@@ -70,9 +70,9 @@ class ExpertModelBenchmark:
             raise ConfigError("ExpertModelBenchmark(model, tokenizer): pass the tokenizer with a model object, or "
                               "pass model_path=... to load both.")
         if seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {seq_len}.")
+            raise ConfigError(f"--seq-len must be >= 2 (a window predicts --seq-len minus 1 tokens), got {seq_len}.")
         if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}.")
         if max_tokens is not None and max_tokens < seq_len:
             raise ConfigError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}; raise "
                               f"--max-tokens or lower --seq-len.")
@@ -349,7 +349,22 @@ class BenchmarkArguments:
     routing_windows: int = option(8, "eval windows used for routing health")
     word_perplexity: bool = option(False, "also report lm-eval-harness style word perplexity (a different number)")
     output_json: Optional[str] = option(None, "write the full report to this JSON file")
+    overwrite: bool = option(False, "replace an existing --output-json file")
     progress: bool = option(True, "no progress bars")
+
+
+def check_output_json(path: Optional[str], overwrite: bool) -> None:
+    """Before the measurements: the report can be written there, and replaces nothing unless asked."""
+    if not path:
+        return
+    if Path(path).is_dir():
+        raise ConfigError(f"--output-json {path} is a folder; pass a file name, e.g. {Path(path) / 'report.json'}.")
+    if Path(path).exists() and not overwrite:
+        raise ConfigError(f"--output-json {path} already exists; pass --overwrite to replace it, or another file.")
+    problem = write_problem(Path(path).parent)
+    if problem:
+        raise ConfigError(f"--output-json {path} cannot be written ({problem}); pass a file in a folder you can "
+                          f"write to.")
 
 
 def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments,
@@ -359,6 +374,7 @@ def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments,
     if not args.augmented and (model_args.adapter or is_adapter_folder(model_args.model)):
         raise ConfigError("--no-augmented benchmarks a plain base model, but an adapter was given; drop "
                           "--no-augmented, or pass a base model without --adapter.")
+    check_output_json(args.output_json, args.overwrite)
     model, tokenizer, info = load_model_and_tokenizer(**asdict(model_args), augmented=args.augmented)
     bench = ExpertModelBenchmark(model, tokenizer, dataset=args.dataset, dataset_config=args.dataset_config,
                                  split=args.split, seq_len=args.seq_len, max_tokens=args.max_tokens,

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, write_problem
 from ..integration.adapter_files import load_adapter_weights
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
@@ -36,6 +36,7 @@ from ..options import fields_named, flag_of, option
 from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..integration.peft_lora import load_lora_model, matched_lora_rank
+from ..training.run_folder import LOCK_NAME
 from .benchmark import ExpertModelBenchmark, environment
 from .reports import compare_charts, compare_markdown, compare_table, save_domain_heatmap, save_usage_heatmap
 from .routing_health import expert_usage_by_domain
@@ -56,6 +57,7 @@ class CompareArguments:
     lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
     moe_args: Optional[str] = option(None, "extra `train` flags for the MoE run, e.g. '--lora-r 32'")
     output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
+    overwrite: bool = option(False, "retrain OUTPUT_DIR/moe (and /lora) when they already hold a run")
     test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on; several, comma-"
                                            "separated: each domain, the exp of their mean log-perplexity and "
                                            "the domain-expert mutual information")
@@ -68,14 +70,17 @@ class CompareArguments:
 
 
 def training_command(method: str, out: Path, model_args: ModelArguments, training: TrainingArguments,
-                     data: DataArguments, extra: List[str], progress: bool = False) -> List[str]:
+                     data: DataArguments, extra: List[str], progress: bool = False,
+                     overwrite: bool = False) -> List[str]:
     """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv.
 
-    ``out`` (``OUTPUT_DIR/moe``, ``OUTPUT_DIR/lora``) belongs to compare, so a rerun replaces its training
-    outputs (``--overwrite``). ``progress``: let the child draw its training bar (it shares our stderr;
-    pass it only for a terminal)."""
+    ``out`` is ``OUTPUT_DIR/moe`` or ``OUTPUT_DIR/lora``; ``overwrite`` (compare's ``--overwrite``) lets the
+    child replace a run already there. ``progress``: let the child draw its training bar (it shares our
+    stderr; pass it only for a terminal)."""
     cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method,
-           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out), "--overwrite"]
+           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out)]
+    if overwrite:
+        cmd.append("--overwrite")
     if not progress:
         cmd.append("--no-progress")
     if model_args.dtype:
@@ -137,6 +142,28 @@ def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[
     check_within_context(load_base_config(model_id, auth_token=auth_token), a.eval_seq_len, "--eval-seq-len")
 
 
+def check_outputs(a: CompareArguments, children: List[Path], adapters_given: List[Optional[str]]) -> None:
+    """Before anything trains: ``--output-dir`` can be written, is no given adapter's folder (compare writes
+    files that a training run holds too, expert_usage.png), and no child run replaces one it did not make
+    unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
+    problem = write_problem(a.output_dir)
+    if problem:
+        raise ConfigError(f"--output-dir {a.output_dir} is not writable ({problem}); pass a folder you can write to.")
+    out = Path(a.output_dir).resolve()
+    for given in filter(None, adapters_given):
+        if out == Path(given).resolve() or out.is_relative_to(Path(given).resolve()):
+            raise ConfigError(f"--output-dir {a.output_dir} is or lies inside the adapter folder {given}: compare "
+                              f"would write its report over that run's files; pass another --output-dir.")
+    for child in children:
+        present = sorted(p.name for p in child.iterdir() if p.name != LOCK_NAME) if child.is_dir() else []
+        if present and not a.overwrite:
+            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            measure = "--adapter" if child.name == "moe" else "--lora-adapter"
+            raise ConfigError(f"{child} already holds a run ({shown}), and compare would train its {child.name} "
+                              f"adapter there: pass {measure} {child} to measure that run, --overwrite to retrain it, "
+                              f"or another --output-dir.")
+
+
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,
                 training: Optional[TrainingArguments] = None, data: Optional[DataArguments] = None,
                 throughput_args: Optional[ThroughputArguments] = None, command: Optional[str] = None) -> dict:
@@ -156,12 +183,15 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     model_id = model_args.model or DEFAULT_MODEL
     _check_measurement(a, model_id, model_args.auth_token)
     out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
+    trained_here = ([] if model_args.adapter else [moe_dir]) + \
+        ([out / "lora"] if a.lora_baseline and not a.lora_adapter else [])
+    check_outputs(a, trained_here, [model_args.adapter, a.lora_adapter])
+    out.mkdir(parents=True, exist_ok=True)
     child_progress = shows_progress(a.progress)
     if not model_args.adapter:
         _run_training("moe", training_command("moe", moe_dir, model_args, training, data,
-                                              a.moe_args.split() if a.moe_args else [], child_progress),
+                                              a.moe_args.split() if a.moe_args else [], child_progress, a.overwrite),
                       model_args.auth_token)
     base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
     tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
@@ -174,7 +204,8 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
         if not a.lora_adapter:
             rank = a.lora_r or matched_lora_rank(base, moe_trainable)
             _run_training("lora", training_command("lora", lora_dir, model_args, training, data,
-                                                   ["--lora-r", str(rank)], child_progress), model_args.auth_token)
+                                                   ["--lora-r", str(rank)], child_progress, a.overwrite),
+                          model_args.auth_token)
         lora = load_lora_model(copy.deepcopy(base), lora_dir)
 
     models = {"base": base, "moe": moe}

@@ -63,9 +63,9 @@ def check_prompt_fits(model, prompt_len: int, max_new_tokens: int) -> None:
 
 def check_sampling(temperature: float, top_p: float) -> None:
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
     if not 0 < top_p <= 1:  # also False for NaN
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}.")
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}.")
 
 
 def generation_config(model, tokenizer, max_new_tokens: int, temperature: float, top_p: float):

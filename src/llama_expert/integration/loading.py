@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..options import option
 from .adapter_files import CONFIG_NAME, adapter_kind, load_augmented_model, recorded_base
 from .base_models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from .devices import check_device
 from .peft_lora import load_lora_model
 from .surgery import is_augmented
 
@@ -41,8 +42,9 @@ def is_adapter_folder(path: Optional[str]) -> bool:
 
 
 def default_device(device: Optional[str] = None) -> Optional[str]:
-    """``device`` if given, else ``"cuda"`` when a GPU is there, else None (the CPU, where models load)."""
+    """``device`` if given (and usable here), else ``"cuda"`` when a GPU is there, else None (the CPU)."""
     if device:
+        check_device(device)
         return device
     return "cuda" if torch.cuda.is_available() else None
 

@@ -12,7 +12,6 @@ Distillation runs are short and are not resumable: an interrupted run writes not
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,9 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..files import atomic_write_text, write_folder
-from ..integration.adapter_files import adapter_kind, load_augmented_model, read_adapter_config
+from ..errors import ConfigError, LlamaExpertError
+from ..integration.adapter_files import adapter_kind, load_augmented_model, recorded_base
 from ..integration.base_models import check_within_context, load_base_model, load_tokenizer, parse_dtype
 from ..integration.surgery import adapter_parameters
 from ..options import option
@@ -33,7 +31,7 @@ from ..progress import progress_bar
 from ..integration.peft_lora import add_lora, lora_parameters_per_rank, save_lora
 from ..training.schedule import cosine_with_warmup
 from .calibration import calibration_windows
-from .export import check_output
+from .output import check_output, locked_output, write_outputs
 
 
 @dataclass
@@ -85,15 +83,37 @@ def mean_kl(student, teacher, windows: torch.Tensor, temperature: float) -> floa
     return sum(values) / len(values)
 
 
+class DistillationFailed(LlamaExpertError):
+    """The student ended further from the teacher than it started: worse than no distillation."""
+
+
 def run_distill(args: DistillArguments) -> Path:
-    """The ``distill`` command: train the student, then write the LoRA and ``distill_summary.json`` atomically."""
+    """The ``distill`` command: check the output, train the student, write the LoRA and ``distill_summary.json``
+    only when the student got closer to the teacher on the held-out windows."""
     args.validate()
     output = Path(args.output_dir)
-    check_output(output, args.overwrite)
     if adapter_kind(Path(args.adapter)) != "moe":
         raise ConfigError(f"{args.adapter} holds a dense LoRA already: export it directly (llama-expert export "
                           f"--adapter {args.adapter} --merge --output-dir DIR).")
-    base = args.model or read_adapter_config(args.adapter).get("base_model_name_or_path")
+    base = args.model or recorded_base(args.adapter)
+    check_output(output, "distill", args.overwrite, args.inputs(base))
+    with locked_output(output, "distill"):
+        student, s = distilled_student(args, base)
+        before, after = s["held_out_kl_before"], s["held_out_kl_after"]
+        if not after < before:  # the student starts as the base (LoRA B = 0): it ended worse than the base
+            raise DistillationFailed(
+                f"distillation left the student further from {args.adapter} on the {args.held_out} held-out windows "
+                f"(KL {before:.4f} -> {after:.4f}; training loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}), so "
+                f"nothing was written to {output}; lower --learning-rate (now {args.learning_rate:g}) or raise "
+                f"--steps, and rerun.")
+        write_outputs(output, "distill_summary.json", s, lambda staging: save_lora(student, staging))
+    print(f"distilled {args.adapter} ({s['teacher_parameters']:,} parameters) into a rank-{s['rank']} LoRA "
+          f"({s['student_parameters']:,}); held-out KL {before:.4f} -> {after:.4f}; wrote {output}")
+    return output
+
+
+def distilled_student(args: DistillArguments, base: Optional[str]):
+    """(the student LoRA model trained on the teacher's distributions, the summary of the run)."""
     dtype = parse_dtype(args.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # as `train`: the GPU when there is one
     teacher, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token, dtype=dtype,
@@ -105,7 +125,6 @@ def run_distill(args: DistillArguments) -> Path:
     student_base = load_base_model(base, auth_token=args.auth_token, dtype=dtype, device=device)
     rank = args.rank or max(1, moe_size // lora_parameters_per_rank(student_base))
     student = add_lora(student_base, rank, dropout=0.0).to(device)
-    trainable = [p for p in student.parameters() if p.requires_grad]
     windows = calibration_windows(load_tokenizer(base, auth_token=args.auth_token), args.calibration, args.seq_len,
                                   args.max_tokens, args.progress)
     if windows.shape[0] <= args.held_out:
@@ -115,15 +134,28 @@ def run_distill(args: DistillArguments) -> Path:
     order = torch.randperm(windows.shape[0], generator=generator)
     held_out, train = windows[order[:args.held_out]].to(device), windows[order[args.held_out:]].to(device)
     kl_before = mean_kl(student.eval(), teacher, held_out, args.temperature)
+    started = time.perf_counter()
+    losses = train_student(student, teacher, train, args, generator, device, dtype)
+    summary = {"adapter": str(args.adapter), "base_model": base, "rank": rank,
+               "student_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+               "teacher_parameters": moe_size, "held_out_kl_before": kl_before,
+               "held_out_kl_after": mean_kl(student.eval(), teacher, held_out, args.temperature),
+               "loss_first": losses[0], "loss_last": losses[-1], "seconds": time.perf_counter() - started,
+               "settings": {k: v for k, v in asdict(args).items() if k != "auth_token"}}
+    return student, summary
 
+
+def train_student(student, teacher, train: torch.Tensor, args: DistillArguments, generator, device, dtype):
+    """``args.steps`` AdamW steps on the distillation loss over random batches of ``train``; the losses."""
+    trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(args.steps,
                                                                                max(1, round(0.05 * args.steps))))
     student.train()
-    started, losses = time.perf_counter(), []
+    losses = []
     autocast = dict(device_type=device, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
     with progress_bar(args.steps, "distilling", "step", args.progress) as bar, torch.enable_grad():
-        for step in range(args.steps):
+        for _ in range(args.steps):
             rows = torch.randint(0, train.shape[0], (args.batch_size,), generator=generator).to(device)
             batch = train[rows]
             with torch.autocast(**autocast):
@@ -138,18 +170,4 @@ def run_distill(args: DistillArguments) -> Path:
             losses.append(float(loss.detach()))
             bar.update(1)
     student.eval()
-    kl_after = mean_kl(student, teacher, held_out, args.temperature)
-    summary = {"adapter": str(args.adapter), "base_model": base, "rank": rank,
-               "student_parameters": sum(p.numel() for p in trainable), "teacher_parameters": moe_size,
-               "held_out_kl_before": kl_before, "held_out_kl_after": kl_after, "loss_first": losses[0],
-               "loss_last": losses[-1], "seconds": time.perf_counter() - started,
-               "settings": {k: v for k, v in asdict(args).items() if k != "auth_token"}}
-
-    def fill(staging: Path) -> None:
-        save_lora(student, staging)
-        atomic_write_text(staging / "distill_summary.json", json.dumps(summary, indent=1) + "\n")
-
-    write_folder(output, fill)
-    print(f"distilled {args.adapter} ({moe_size:,} parameters) into a rank-{rank} LoRA "
-          f"({summary['student_parameters']:,}); held-out KL {kl_before:.4f} -> {kl_after:.4f}; wrote {output}")
-    return output
+    return losses

@@ -9,20 +9,19 @@ token, so no single weight matrix equals them. Distil them into a dense LoRA fir
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..errors import AdapterError, ConfigError
-from ..files import atomic_write_text, write_folder
 from ..integration.adapter_files import adapter_kind, recorded_base
 from ..integration.base_models import load_base_model, load_tokenizer, parse_dtype, resolve_model
 from ..options import option
 from .arguments import AdapterCommandArguments
 from ..integration.peft_lora import load_lora_model
 from .gguf_file import TENSOR_TYPES, write_llama_gguf
+from .output import check_output, locked_output, write_outputs
 
 FORMATS = ("hf", "gguf")
 GGUF_NAME = "model.gguf"
@@ -48,54 +47,51 @@ class ExportArguments(AdapterCommandArguments):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}.")
 
 
-def check_output(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--output-dir {folder} is a file; choose a folder.")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"--output-dir {folder} is not empty: export would replace it. Choose another folder "
-                          f"or pass --overwrite.")
-
-
-def merged_model(adapter: Path, base: Optional[str] = None, auth_token: Optional[str] = None):
-    """(the base with the LoRA of ``adapter`` folded in, in float32; its tokenizer; the base's name)."""
-    kind = adapter_kind(adapter)
-    if kind == "moe":
+def lora_base(adapter: Path, base: Optional[str] = None) -> str:
+    """The base model of the LoRA in ``adapter`` (``base`` when given); a clear error for anything unmergeable."""
+    if adapter_kind(adapter) == "moe":
         raise ConfigError(f"{adapter} holds MoE adapters, which cannot be merged (each token picks its experts); "
                           f"distil them into a dense LoRA first: llama-expert distill --adapter {adapter} --rank 8 "
                           f"--output-dir DIR, then export DIR.")
     base = base or recorded_base(adapter)
     if not base:
         raise AdapterError(f"{adapter}/adapter_config.json does not name its base model; pass --model.")
+    return base
+
+
+def merged_model(adapter: Path, base: Optional[str] = None, auth_token: Optional[str] = None):
+    """(the base with the LoRA of ``adapter`` folded in, in float32; its tokenizer; the base's name)."""
+    base = lora_base(adapter, base)
     model = load_lora_model(load_base_model(base, auth_token=auth_token), adapter).merge_and_unload()
     model.eval()
     return model, load_tokenizer(base, auth_token=auth_token), base
 
 
 def run_export(args: ExportArguments) -> Path:
-    """The ``export`` command: merge, then write the folder atomically (a crash leaves no half model)."""
+    """The ``export`` command: check the output, merge, then write the model and ``export_info.json``."""
     args.validate()
     output = Path(args.output_dir)
-    check_output(output, args.overwrite)
-    model, tokenizer, base = merged_model(Path(args.adapter), args.model, args.auth_token)
-    kind, location = resolve_model(base)
-    info = {"exported_by": "llama-expert export --merge", "adapter": str(args.adapter), "base_model": base,
-            "format": args.format}
+    check_output(output, "export", args.overwrite, args.inputs(lora_base(Path(args.adapter), args.model)))
+    with locked_output(output, "export"):
+        model, tokenizer, base = merged_model(Path(args.adapter), args.model, args.auth_token)
+        kind, location = resolve_model(base)
+        info = {"exported_by": "llama-expert export --merge", "adapter": str(args.adapter), "base_model": base,
+                "format": args.format}
 
-    def fill(staging: Path) -> None:
-        if args.format == "hf":
-            model.to(parse_dtype(args.dtype)).save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            info["dtype"] = args.dtype
-        else:
-            with tempfile.TemporaryDirectory() as tokenizer_folder:
-                tokenizer.save_pretrained(tokenizer_folder)
-                write_llama_gguf(model, tokenizer, Path(tokenizer_folder), staging / GGUF_NAME, args.gguf_type,
-                                 source_gguf=location if kind in ("embedded", "gguf") else None,
-                                 name=f"{Path(str(base)).name} + {Path(args.adapter).name}")
-            info["gguf_type"] = args.gguf_type
-        atomic_write_text(staging / "export_info.json", json.dumps(info, indent=1) + "\n")
+        def fill(staging: Path) -> None:
+            if args.format == "hf":
+                model.to(parse_dtype(args.dtype)).save_pretrained(staging)
+                tokenizer.save_pretrained(staging)
+                info["dtype"] = args.dtype
+            else:
+                with tempfile.TemporaryDirectory() as tokenizer_folder:
+                    tokenizer.save_pretrained(tokenizer_folder)
+                    write_llama_gguf(model, tokenizer, Path(tokenizer_folder), staging / GGUF_NAME, args.gguf_type,
+                                     source_gguf=location if kind in ("embedded", "gguf") else None,
+                                     name=f"{Path(str(base)).name} + {Path(args.adapter).name}")
+                info["gguf_type"] = args.gguf_type
 
-    write_folder(output, fill)
+        write_outputs(output, "export_info.json", info, fill)
     what = output / GGUF_NAME if args.format == "gguf" else output
     print(f"wrote {what}: {base} with {args.adapter} merged in")
     return what

@@ -12,7 +12,6 @@ kept ones by themselves (a softmax over fewer logits). The result is an ordinary
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError
-from ..files import atomic_write_text, write_folder
-from ..integration.adapter_files import load_augmented_model, read_adapter_config, save_adapter
+from ..integration.adapter_files import load_augmented_model, recorded_base, save_adapter
 from ..integration.base_models import check_within_context, load_tokenizer
 from ..integration.surgery import adapters
 from ..modeling.experts import gate_matrix
@@ -30,7 +28,7 @@ from ..options import option
 from .arguments import AdapterCommandArguments
 from ..progress import progress_bar
 from .calibration import calibration_windows
-from .export import check_output
+from .output import check_output, locked_output, write_outputs
 
 
 @dataclass
@@ -135,12 +133,22 @@ def prune_model(model, counts: List[int], scores: List[Dict[str, List[float]]]) 
 
 
 def run_prune(args: PruneArguments) -> Path:
-    """The ``prune`` command: score, keep, write the pruned adapter and ``prune_report.json`` atomically."""
+    """The ``prune`` command: check the output, score, keep, write the pruned adapter and ``prune_report.json``."""
     args.validate()
     output = Path(args.output_dir)
-    check_output(output, args.overwrite)
-    meta = read_adapter_config(args.adapter)
-    base = args.model or meta.get("base_model_name_or_path")
+    base = args.model or recorded_base(args.adapter)
+    check_output(output, "prune", args.overwrite, args.inputs(base))
+    with locked_output(output, "prune"):
+        model, report = pruned_model(args, base)
+        write_outputs(output, "prune_report.json", report,
+                      lambda staging: save_adapter(model, staging))  # the loaded base's portable name
+    before, after = sum(report["experts_before"]), sum(report["experts_after"])
+    print(f"kept {after} of {before} experts ({100 * after / before:.0f}%): {report['experts_after']}; wrote {output}")
+    return output
+
+
+def pruned_model(args: PruneArguments, base: Optional[str]):
+    """(the adapter of ``args.adapter`` with each layer's best experts kept, the report of what was kept)."""
     model, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token)
     experts = [a.num_experts for _, a in adapters(model)]
     counts = parse_keep(args.keep, experts, [a.router.min_experts for _, a in adapters(model)])
@@ -152,12 +160,4 @@ def run_prune(args: PruneArguments) -> Path:
     report = {"adapter": str(args.adapter), "calibration": args.calibration, "calibration_tokens": int(windows.numel()),
               "keep": args.keep, "experts_before": experts, "experts_after": counts,
               "layers": [{"layer": i, "kept": k, **layer} for i, (k, layer) in enumerate(zip(kept, scores))]}
-
-    def fill(staging: Path) -> None:
-        save_adapter(model, staging)  # records the loaded base's portable name (base_models.portable_name)
-        atomic_write_text(staging / "prune_report.json", json.dumps(report, indent=1) + "\n")
-
-    write_folder(output, fill)
-    print(f"kept {sum(counts)} of {sum(experts)} experts ({100 * sum(counts) / sum(experts):.0f}%): "
-          f"{counts}; wrote {output}")
-    return output
+    return model, report

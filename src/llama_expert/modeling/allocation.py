@@ -56,7 +56,7 @@ def experts_per_layer(config, num_layers: int) -> List[int]:
     allocation = config.expert_allocation
     if isinstance(allocation, list):
         if len(allocation) != num_layers:
-            raise ConfigError(f"expert_allocation lists {len(allocation)} layers but the model has "
+            raise ConfigError(f"--expert-allocation lists {len(allocation)} layers but the model has "
                               f"{num_layers} decoder layers; give exactly one count per layer.")
         return list(allocation)
     return ALLOCATIONS.get(allocation)(config.num_experts, config.top_k, num_layers)

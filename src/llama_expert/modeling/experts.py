@@ -61,8 +61,8 @@ class ExpertBank(nn.Module):
     def check_config(cls, config) -> None:
         """Raise ConfigError when this bank cannot be built from ``config`` (called before a model loads)."""
         if config.expert_init not in cls.expert_inits:
-            raise ConfigError(f"expert_type {cls.registered_name!r} does not support expert_init "
-                              f"{config.expert_init!r}; it supports {', '.join(cls.expert_inits)}."
+            raise ConfigError(f"--expert-type {cls.registered_name} does not support --expert-init "
+                              f"{config.expert_init}; it supports {', '.join(cls.expert_inits)}."
                               f"{cls.expert_init_hint}")
 
     @classmethod
@@ -116,7 +116,7 @@ class SharedCoreExperts(ExpertBank):
     ``B != 0`` maps the distinct cores to distinct outputs (docs/design.md section 3).
     """
 
-    expert_init_hint = " Its experts' cores are random and distinct already; use expert_init='zero'."
+    expert_init_hint = " Its experts' cores are random and distinct already; use --expert-init zero."
     per_expert_parameters = ("core_in", "core_out")
 
     def __init__(self, hidden_size: int, num_experts: int, rank: int, expert_hidden_size: int,
@@ -258,7 +258,7 @@ class MixLoRAExperts(ExpertBank):
     """
 
     MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    expert_init_hint = " Its experts' A matrices (C) are random and distinct already; use expert_init='zero'."
+    expert_init_hint = " Its experts' A matrices (C) are random and distinct already; use --expert-init zero."
     per_expert_parameters = ("gate_down", "gate_up", "up_down", "up_up", "down_down", "down_up")
 
     def __init__(self, base_mlp: nn.Module, hidden_size: int, num_experts: int, rank: int, lora_scaling: float,
@@ -266,7 +266,7 @@ class MixLoRAExperts(ExpertBank):
         super().__init__()
         missing = [name for name in self.MLP_PARTS if not hasattr(base_mlp, name)]
         if missing:
-            raise ConfigError(f"expert_type 'mixlora' needs a Llama-style MLP with gate_proj, up_proj, down_proj "
+            raise ConfigError(f"--expert-type mixlora needs a Llama-style MLP with gate_proj, up_proj, down_proj "
                               f"and act_fn; {type(base_mlp).__name__} lacks {', '.join(missing)}. Use shared_core "
                               f"or shared_down.")
         intermediate = base_mlp.gate_proj.out_features

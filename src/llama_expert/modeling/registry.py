@@ -30,7 +30,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.config_field} {reprlib.repr(name)}; choose one of {', '.join(self.names())}.")
+            flag = "--" + self.config_field.replace("_", "-")  # the flag a user types for the field
+            raise ConfigError(f"unknown {flag} {reprlib.repr(name)}; choose one of {', '.join(self.names())}.")
         return self._entries[name]
 
     def names(self) -> List[str]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..errors import ConfigError
-from ..options import option
+from ..options import flag_for, option
 
 
 @dataclass
@@ -39,34 +39,33 @@ class TrainingArguments:
     log_every: int = option(1, "steps between records in train_log.jsonl")
 
     def validate(self) -> None:
-        """Fail before any model loads on settings that cannot work (booleans are not numbers here)."""
-        def need(ok: bool, message: str) -> None:
+        """Fail before any model loads on settings that cannot work (booleans are not numbers here); each
+        message names the flag."""
+        def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(f"{flag_for(TrainingArguments, name)} must be {rule}, got {getattr(self, name)!r}.")
 
         def number(name: str, kinds=(int, float)) -> float:
             value = getattr(self, name)
-            need(isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value),
-                 f"{name} must be a finite number, got {value!r}.")
+            need(isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value), name,
+                 "an integer" if kinds is int else "a finite number")
             return value
 
         for name in ("batch_size", "gradient_accumulation_steps", "seq_len", "log_every"):
-            need(number(name, int) >= 1, f"{name} must be >= 1, got {getattr(self, name)}.")
-        need(number("learning_rate") > 0, f"learning_rate must be > 0, got {self.learning_rate}.")
-        need(number("num_train_epochs") > 0, f"num_train_epochs must be > 0, got {self.num_train_epochs}.")
-        need(number("weight_decay") >= 0, f"weight_decay must be >= 0, got {self.weight_decay}.")
-        need(0 <= number("warmup_ratio") < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
-        need(number("max_grad_norm") > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}.")
-        need(number("eval_every", int) >= 0, f"eval_every must be >= 0 (0: never), got {self.eval_every}.")
+            need(number(name, int) >= 1, name, ">= 1")
+        need(number("learning_rate") > 0, "learning_rate", "> 0")
+        need(number("num_train_epochs") > 0, "num_train_epochs", "> 0")
+        need(number("weight_decay") >= 0, "weight_decay", ">= 0")
+        need(0 <= number("warmup_ratio") < 1, "warmup_ratio", "in [0, 1)")
+        need(number("max_grad_norm") > 0, "max_grad_norm", "> 0")
+        need(number("eval_every", int) >= 0, "eval_every", ">= 0 (0: never)")
         for name in ("max_steps", "max_samples", "save_every", "stop_after_steps", "eval_max_tokens"):
-            need(getattr(self, name) is None or number(name, int) >= 1,
-                 f"{name} must be >= 1 (or unset), got {getattr(self, name)}.")
-        need(self.seq_len >= 2, f"seq_len must be >= 2 (a block predicts seq_len - 1 tokens), got {self.seq_len}.")
-        need(self.eval_max_tokens is None or self.eval_max_tokens >= self.seq_len,
-             f"--eval-max-tokens {self.eval_max_tokens} is less than one window of --seq-len {self.seq_len}; raise "
-             f"--eval-max-tokens or lower --seq-len.")
-        need(self.mixed_precision in ("auto", "no", "bf16", "fp16"),
-             f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}.")
+            need(getattr(self, name) is None or number(name, int) >= 1, name, ">= 1 (or unset)")
+        need(self.seq_len >= 2, "seq_len", ">= 2 (a block predicts --seq-len minus 1 tokens)")
+        if self.eval_max_tokens is not None and self.eval_max_tokens < self.seq_len:
+            raise ConfigError(f"--eval-max-tokens {self.eval_max_tokens} is less than one window of --seq-len "
+                              f"{self.seq_len}; raise --eval-max-tokens or lower --seq-len.")
+        need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
 
 
 @dataclass
@@ -88,7 +87,8 @@ class DataArguments:
         for name in ("test_max_tokens", "test_seq_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
-                raise ConfigError(f"{name} must be an integer >= 2 (or unset), got {value!r}.")
+                raise ConfigError(f"{flag_for(DataArguments, name)} must be an integer >= 2 (or unset), got "
+                                  f"{value!r}.")
         if self.test_seq_len and self.test_max_tokens and self.test_max_tokens < self.test_seq_len:
             raise ConfigError(f"--test-max-tokens {self.test_max_tokens} is less than one window of --test-seq-len "
                               f"{self.test_seq_len}; raise --test-max-tokens or lower --test-seq-len.")

@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import LlamaExpertError
+from ..errors import ConfigError, LlamaExpertError
+from .. import files
 from ..files import previous_version, write_folder
 
 STATE_JSON = "training_state.json"
@@ -111,12 +112,23 @@ def write_checkpoint(folder: Path, fill: Callable[[Path], None]) -> Path:
     return write_folder(folder, fill)
 
 
-def checkpoint_candidates(checkpoints: Path) -> List[Path]:
-    """Checkpoints to resume from, in order of preference: ``last``, its previous version after a crash
-    mid-swap, then ``best`` (the step of each is in its state)."""
+def checkpoint_places(checkpoints: Path) -> List[Path]:
+    """Where a checkpoint to resume from may be, in order of preference: ``last``, its previous version
+    after a crash mid-swap, then ``best`` (the step of each is in its state)."""
     checkpoints = Path(checkpoints)
-    ordered = [checkpoints / "last", previous_version(checkpoints / "last"), checkpoints / "best"]
-    return [c for c in ordered if is_checkpoint(c)]
+    return [checkpoints / "last", previous_version(checkpoints / "last"), checkpoints / "best"]
+
+
+def checkpoint_candidates(checkpoints: Path) -> List[Path]:
+    """The complete checkpoints among ``checkpoint_places``, in that order."""
+    return [c for c in checkpoint_places(checkpoints) if is_checkpoint(c)]
+
+
+def require_checkpoint(checkpoints: Path) -> None:
+    """``--resume`` with nothing to resume would silently start a new run at step 0: refuse it."""
+    if not any(place.exists() for place in checkpoint_places(checkpoints)):
+        raise ConfigError(f"--resume: there is no checkpoint in {checkpoints}; drop --resume to start a new run "
+                          f"there, or pass the --output-dir of the run to continue.")
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -129,15 +141,7 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 def remove_stale_staging(checkpoints: Path) -> List[Path]:
     """Delete half-written ``.tmp-*`` folders a kill left behind (only ours: written by write_folder)."""
-    removed = []
-    if Path(checkpoints).is_dir():
-        import shutil
-
-        for staging in Path(checkpoints).glob(".tmp-*"):
-            if staging.is_dir():
-                shutil.rmtree(staging, ignore_errors=True)
-                removed.append(staging)
-    return removed
+    return [staging for staging, _ in files.remove_stale_staging(checkpoints)]
 
 
 def rng_state() -> dict:

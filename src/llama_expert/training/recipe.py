@@ -30,6 +30,7 @@ from .arguments import DataArguments, TrainingArguments
 from .accelerator import autocast_dtype, make_accelerator
 from .trainer import TrainResult, train_model
 from .methods import LoRAMethod, MoEMethod, TrainingMethod
+from .checkpoints import require_checkpoint
 from .run_folder import RunLock, check_output_folder, clear_run_outputs
 
 USAGE_TOKENS = 8192  # held-out tokens routed to measure expert usage after training
@@ -116,6 +117,8 @@ def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Option
     check_output_folder(output_dir, args.resume, args.overwrite)
     accelerator = make_accelerator(args)
     with RunLock(output_dir) if accelerator.is_main_process else nullcontext():
+        if args.resume:  # under the lock: a run writing there now is the better answer than its missing checkpoint
+            require_checkpoint(output_dir / "checkpoints")
         if args.overwrite and accelerator.is_main_process:
             removed = clear_run_outputs(output_dir)
             if removed:

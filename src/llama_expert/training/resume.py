@@ -10,11 +10,10 @@ warning for an older one (``checkpoints.checkpoint_candidates``: ``last``, its p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from ..errors import ConfigError, LlamaExpertError
-from ..files import previous_version
-from .checkpoints import CheckpointError, checkpoint_candidates, load_training_state
+from .checkpoints import CheckpointError, checkpoint_candidates, load_training_state, require_checkpoint
 
 # Settings that change neither the trained weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
@@ -55,10 +54,11 @@ def check_compatible(found: Path, state: dict, run_config: dict, world: int) -> 
 
 
 def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Callable[[Path], None],
-                warn: Callable[[str], None]) -> Optional[Tuple[Path, dict]]:
+                warn: Callable[[str], None]) -> Tuple[Path, dict]:
     """(folder, training state) of the newest usable checkpoint, its weights already loaded by
-    ``load_weights(folder)``; None when the run has no checkpoint yet. Raises when checkpoints exist but none
-    can be read, or when the newest readable one was made with other settings."""
+    ``load_weights(folder)``. Raises when there is none (``--resume`` with nothing to resume never starts a new
+    run), when none can be read, or when the newest readable one was made with other settings."""
+    require_checkpoint(output_dir / "checkpoints")
     unreadable: List[str] = []
     for found in checkpoint_candidates(output_dir / "checkpoints"):
         try:
@@ -75,9 +75,6 @@ def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Ca
             warn(f"warning: {unreadable[-1]}; trying an older checkpoint")
             continue
         return found, state
-    last, best = output_dir / "checkpoints" / "last", output_dir / "checkpoints" / "best"
-    if any(p.exists() for p in (last, previous_version(last), best)):
-        why = f" ({'; '.join(unreadable)})" if unreadable else ""
-        raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that folder "
-                              f"to start again from step 0, or pass a new --output-dir.")
-    return None
+    why = f" ({'; '.join(unreadable)})" if unreadable else ""
+    raise CheckpointError(f"no checkpoint in {output_dir / 'checkpoints'} can be read{why}. Delete that folder to "
+                          f"start again from step 0, or pass a new --output-dir.")

@@ -3,7 +3,7 @@
 Nothing a user made is lost: a folder that already holds files is refused unless the run continues it
 (``--resume``) or replaces its outputs (``--overwrite``, which deletes only the files training writes and
 leaves everything else alone). An exclusive file lock keeps two runs from writing one folder (POSIX
-``flock``: Linux and macOS).
+``flock``: Linux and macOS); prune, distill and export hold it on their output folders too.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import fcntl
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import List
 
 from ..errors import ConfigError, LlamaExpertError
+from ..files import write_problem
 
 LOCK_NAME = ".llama-expert.lock"
 # Everything a training run writes into its output folder (the adapter files of both methods included).
@@ -29,23 +29,14 @@ class OutputFolderLocked(LlamaExpertError):
     """Another process is writing to the same output folder."""
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that cannot be written, or that holds files and is neither resumed nor overwritten."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output-dir {folder} is a file, not a folder; pass a folder.")
-    existing = _nearest_existing(folder)
-    try:  # a real write: os.access says yes to root even on read-only mounts
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as exc:
-        raise ConfigError(f"--output-dir {folder} is not writable ({existing}: {exc.strerror or exc}); pass a "
-                          f"folder you can write to.") from None
+    problem = write_problem(folder)
+    if problem:
+        raise ConfigError(f"--output-dir {folder} is not writable ({problem}); pass a folder you can write to.")
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them.")
     if not folder.is_dir() or resume:
@@ -76,14 +67,21 @@ class RunLock:
     """``with RunLock(folder):`` holds an exclusive ``flock`` on ``folder/.llama-expert.lock``.
 
     The kernel releases the lock when its process ends, however it ends (kill -9 included), so there is
-    no stale lock to detect; the file stays and only records who holds it, for the message.
+    no stale lock to detect; the file stays and only records who holds it, for the message. A run that
+    ends having written nothing leaves nothing: no lock file alone in the folder, and no folder it made.
     """
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self._handle = None
+        self._made: List[Path] = []
 
     def __enter__(self) -> "RunLock":
+        folder = self.path.parent
+        self._made = []  # the folders mkdir makes, deepest first
+        while not folder.exists() and folder != folder.parent:
+            self._made.append(folder)
+            folder = folder.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+", encoding="utf-8")
         try:
@@ -103,6 +101,18 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
+            self._tidy()  # before the lock is released: no other run can be starting in the folder yet
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+    def _tidy(self) -> None:
+        folder = self.path.parent
+        if [p.name for p in folder.iterdir()] != [LOCK_NAME]:
+            return
+        self.path.unlink()
+        for made in self._made:  # deepest first; stops at the first that is not empty
+            try:
+                made.rmdir()
+            except OSError:
+                break

@@ -177,12 +177,8 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(fresh)
 
     def _resume(self) -> None:
-        found = load_latest(self.output_dir, self.run_config, self.world,
-                            lambda folder: self.method.load(self.unwrapped, folder), self._say)
-        if found is None:
-            self._say(f"no checkpoint in {self.last_dir}: starting from step 0")
-            return
-        folder, saved = found
+        folder, saved = load_latest(self.output_dir, self.run_config, self.world,
+                                    lambda folder: self.method.load(self.unwrapped, folder), self._say)
         if self.hooks:  # the checkpoint's parameters may differ from the start's (dynamic allocation)
             self._rebuild_optimizer()
             hook_states = saved.get("hooks")
