@@ -64,43 +64,30 @@ def test_round_trip_reproduces_logits_exactly(trained, tiny_folder):
     assert torch.equal(_logits(model, ids), logits)
 
 
-def write_old_format(folder, target, version, edit_config, edit_state):
-    """A copy of the adapter in ``folder`` as an older format version wrote it: config and tensors edited."""
-    target.mkdir()
-    meta = json.loads((folder / CONFIG_NAME).read_text())
-    edit_config(meta["expert_config"])
-    meta["format_version"] = version
-    (target / CONFIG_NAME).write_text(json.dumps(meta))
-    save_file(edit_state(load_file(str(folder / WEIGHTS_NAME))), str(target / WEIGHTS_NAME))
-    return target
+REGRESSION = Path(__file__).resolve().parents[1] / "regression"
+FROZEN = sorted(REGRESSION.glob("adapters/v*/*.reference.safetensors"))
 
 
-def test_format_version_1_adapter_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
-    """Adapters saved before the rename (``scale`` -> ``residual_scale``, ``extra`` dropped) still load."""
-    folder, logits, _, ids = trained
-
-    def v1_config(config):
-        config["scale_init"] = config.pop("residual_scale_init")
-        config.pop("router_type")  # version 1 had one router and did not record it
-        config["extra"] = {}
-
-    old = write_old_format(folder, tmp_path / "v1", 1, v1_config,
-                           lambda state: {k.replace(".residual_scale", ".scale"): v for k, v in state.items()})
-    model, config = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
-    assert config == ExpertConfig(expert_allocation="uniform", num_experts=4, router_type="noisy_top_k")
-    assert torch.equal(_logits(model, ids), logits)
+def test_every_format_version_is_frozen():
+    """One folder per format version that was ever written, this one included (tests/regression/write_adapters.py
+    says how each was made: by the version of its time)."""
+    assert sorted({f.parent.name for f in FROZEN}) == [f"v{n}" for n in range(1, FORMAT_VERSION + 1)]
 
 
-def test_format_version_2_adapter_with_scalar_residual_scales_loads_to_the_same_logits(trained, tiny_folder, tmp_path):
-    """Version 2 stored each residual_scale as a 0-d tensor (version 3: shape [1], which FSDP2 can shard)."""
-    folder, logits, _, ids = trained
-    assert all(v.shape == (1,) for k, v in load_file(str(folder / WEIGHTS_NAME)).items()
-               if k.endswith(".residual_scale"))
-    old = write_old_format(folder, tmp_path / "v2", 2, lambda config: None,
-                           lambda state: {k: v.reshape(()) if k.endswith(".residual_scale") else v
-                                          for k, v in state.items()})
-    model, _ = load_augmented_model(model_id=str(tiny_folder), adapter_path=old)
-    assert torch.equal(_logits(model, ids), logits)
+@pytest.mark.parametrize("reference", FROZEN, ids=lambda f: f"{f.parent.name}/{f.name.split('.')[0]}")
+def test_a_frozen_adapter_of_each_format_loads_to_the_logits_its_version_computed(reference, monkeypatch):
+    """Real files written by each past version (format 1: ``scale`` and ``extra``, no router recorded; format 2:
+    0-d residual scales), loaded by today's reader onto the base they record, give the logits that version
+    computed (float32, one rounding step of the fused decode path at most)."""
+    monkeypatch.chdir(REGRESSION.parent.parent)  # the adapters record their base relative to the repository
+    expected = load_file(str(reference))
+    folder = reference.parent / reference.name.split(".")[0]
+    model, config = load_augmented_model(adapter_path=folder)
+    with torch.no_grad():
+        logits = model(input_ids=expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, load_base_model(str(REGRESSION / "base"))(input_ids=expected["input_ids"]).logits,
+                              atol=1e-3)  # the adapter is not a no-op: the comparison above means something
 
 
 def test_loaded_model_is_ready_for_inference(trained, tiny_folder):
