@@ -19,8 +19,8 @@ import torch
 
 from llama_expert.data import load_split, tokenize_documents
 from llama_expert.evaluation.throughput import measure_throughput
-from llama_expert.inference.kv_cache import KVCacheCompressor
-from llama_expert.inference.kv_cache_choice import cache_kwargs
+from llama_expert.integration.kv_cache import KVCacheCompressor
+from llama_expert.integration.kv_cache_choice import cache_kwargs
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
 from common import PROSE_TEST, machine, today

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llama_expert.evaluation.memory import model_bytes, tensor_bytes
+from llama_expert.metrics.memory import model_bytes, tensor_bytes
 
 from common import PROSE, PROSE_TEST, llama_expert, machine, today
 
@@ -55,7 +55,7 @@ def test_windows(model: str, max_tokens: int = 8192, seq_len: int = 512):
 def table_formats(model: str) -> str:
     """Every CPU format of the tied embedding / output head (the Linear layers int4, groups of 32, throughout):
     whole-model bytes and base perplexity against the bfloat16 base."""
-    from llama_expert.evaluation.perplexity import evaluate_perplexity
+    from llama_expert.metrics.perplexity import evaluate_perplexity
     from llama_expert.integration.base_models import CPU_4BIT_TABLE, CPU_4BIT_TABLE_FORMATS, load_base_model, \
         quantize_4bit_on_cpu
 

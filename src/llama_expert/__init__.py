@@ -2,8 +2,8 @@
 
 The public API is imported lazily (PEP 562): ``import llama_expert`` costs nothing until a name is used,
 so ``llama-expert --help`` stays fast. The package is built in floors and imports point down only
-(errors/config -> modeling -> integration/data -> training/evaluation/inference -> cli); see the
-README's "Architecture" section.
+(errors/config -> modeling -> integration/data/metrics -> training/evaluation/inference -> comparison/lifecycle
+-> cli); see docs/design.md section 7.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _EXPORTS = {
     "fine_tune_lora_model": "training.recipe",
     "ExpertModelBenchmark": "evaluation.benchmark", "compare_throughput": "evaluation.throughput",
     "generate_text": "inference.generation", "interactive_session": "inference.chat",
-    "KVCacheCompressor": "inference.kv_cache",
+    "KVCacheCompressor": "integration.kv_cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -56,6 +56,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from .config import ExpertConfig  # noqa: F401
     from .evaluation.benchmark import ExpertModelBenchmark  # noqa: F401
     from .integration.adapter_files import load_augmented_model, save_adapter  # noqa: F401
-    from .inference.kv_cache import KVCacheCompressor  # noqa: F401
+    from .integration.kv_cache import KVCacheCompressor  # noqa: F401
     from .integration.surgery import augment_model  # noqa: F401
     from .training.recipe import fine_tune_augmented_model  # noqa: F401

@@ -66,16 +66,16 @@ class ExpertConfig:
     router_z_loss_coef: float = option(0.001, "weight of the router z-loss")
     router_noise: bool = option(True, "switch off the noise of noisy top-k routing in training (Shazeer et al. 2017)")
     expert_allocation: Union[str, List[int]] = option(
-        "progressive", "progressive, uniform, dynamic (start small, grow where routing asks, within "
-                       "--dynamic-budget), or a comma-separated expert count per layer", parse=parse_allocation)
+        "progressive", "a registered rule (dynamic: start small, grow where routing asks, within --dynamic-budget), "
+                       "or a comma-separated expert count per layer", parse=parse_allocation)
     dynamic_interval: int = option(50, "dynamic allocation: steps between two allocation changes")
     dynamic_budget: Optional[int] = option(None, "dynamic allocation: total experts over all layers (default: what "
                                                  "the progressive allocation gives)")
     dynamic_retire_share: float = option(0.1, "dynamic allocation: retire an expert whose load is below this "
                                               "share of a uniform load (1/E)")
-    expert_type: str = option("shared_core", "a registered expert bank: shared_core, shared_down or mixlora")
-    router_type: str = option("aux_free", "a registered router: aux_free (the default: best of the multi-domain "
-                                           "sweep, docs/results/multidomain), noisy_top_k, switch, soft or expert_choice")
+    expert_type: str = option("shared_core", "the expert bank (docs/design.md section 3)")
+    router_type: str = option("aux_free", "the router (docs/design.md section 2; aux_free: the best of the "
+                                           "multi-domain study, docs/results/README.md)")
     router_jitter: float = option(0.01, "switch router: multiplicative jitter eps on the router input in training "
                                         "(uniform in [1-eps, 1+eps]; 0 turns it off)")
     capacity_factor: Optional[float] = option(None, "switch: expert capacity ceil(factor * tokens / experts) in training, "

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from llama_expert.evaluation import compare as compare_module
-from llama_expert.evaluation.compare import CompareArguments, run_compare
+from llama_expert.comparison import children, compare as compare_module
+from llama_expert.comparison.compare import CompareArguments, run_compare
 from llama_expert.integration.loading import ModelArguments
 from llama_expert.training.arguments import DataArguments, TrainingArguments
 
@@ -44,18 +44,26 @@ def test_no_command_writes_or_prints_the_token(trained_base, tmp_path):
     assert "--auth-token ***" in (out / "cmp" / "compare.json").read_text()
 
 
-def test_compare_hands_the_token_to_its_children_in_the_environment(monkeypatch, tmp_path):
+def test_compare_hands_the_token_to_its_children_in_memory(monkeypatch, tmp_path):
+    """Each training child is spawned by multiprocessing and gets its settings, the token included, through
+    multiprocessing's pipe: a spawned child's command line is multiprocessing's own, never the token."""
     seen = []
 
-    def fake_popen(cmd, env):
-        seen.append((cmd, env))
-        raise SystemExit  # stop after the first child: only its command line matters here
+    class Process:
+        def __init__(self, target, name, kwargs):
+            seen.append(kwargs)
 
-    monkeypatch.setattr(compare_module.subprocess, "Popen", fake_popen)
+        def start(self):
+            raise SystemExit  # stop after the first child: only what it was handed matters here
+
+    class Spawn:
+        def __init__(self, method):
+            seen.append(method)
+            self.Process = Process
+
+    monkeypatch.setattr(children.multiprocessing, "get_context", Spawn)
     monkeypatch.setattr(compare_module, "_check_measurement", lambda *a: None)
     with pytest.raises(SystemExit):
         run_compare(ModelArguments(model="some-base", auth_token=TOKEN), CompareArguments(output_dir=str(tmp_path)),
                     TrainingArguments(), DataArguments())
-    cmd, env = seen[0]
-    assert TOKEN not in " ".join(cmd)
-    assert env["HF_TOKEN"] == TOKEN
+    assert seen[0] == "spawn" and seen[1]["auth_token"] == TOKEN and seen[1]["method"].name == "moe"

@@ -38,12 +38,13 @@ def _evaluate(model, tokenizer, task_dir):
     return results["results"]["tiny_wikitext"]
 
 
-@pytest.mark.slow
-def test_augmented_model_runs_in_lm_eval_harness(tmp_path, shared_data, smollm):
-    from llama_expert import ExpertConfig, augment_model
+def test_augmented_model_runs_in_lm_eval_harness(tmp_path, shared_data, chat_folder, embedded_tokenizer):
+    """On a tiny random Llama with the embedded model's tokenizer: what matters is how the harness sees an
+    augmented model, not SmolLM2's numbers."""
+    from llama_expert import ExpertConfig, augment_model, load_base_model
 
     wikitext_test = shared_data("wikitext-2-raw/wiki.test.raw")  # skips naming the path when missing; fails on CI
-    base, tokenizer = smollm
+    base, tokenizer = load_base_model(str(chat_folder)).eval(), embedded_tokenizer
     paragraphs = [line for line in wikitext_test.read_text().splitlines() if len(line) > 200][:3]
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps({"text": p[:600]}) + "\n" for p in paragraphs))
@@ -52,6 +53,6 @@ def test_augmented_model_runs_in_lm_eval_harness(tmp_path, shared_data, smollm):
     augmented = augment_model(copy.deepcopy(base), ExpertConfig()).eval()
     got = _evaluate(augmented, tokenizer, tmp_path)
     want = _evaluate(base, tokenizer, tmp_path)
-    assert 1.0 < got["word_perplexity,none"] < 1e4
+    assert 1.0 < got["word_perplexity,none"] < float("inf")
     # fresh adapters compute exactly the base model, so the harness must see the same numbers
     assert got["word_perplexity,none"] == pytest.approx(want["word_perplexity,none"], rel=1e-5)

@@ -13,10 +13,10 @@ from llama_expert import ExpertConfig, augment_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.data.packing import tokenize_documents
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
-from llama_expert.evaluation.compare import CompareArguments, run_compare
-from llama_expert.evaluation.perplexity import evaluate_perplexity
+from llama_expert.comparison.compare import CompareArguments, run_compare
+from llama_expert.metrics.perplexity import evaluate_perplexity
 from llama_expert.evaluation.reports import format_report
-from llama_expert.evaluation.routing_health import measure_expert_usage
+from llama_expert.metrics.routing import measure_expert_usage
 from llama_expert.evaluation.throughput import ThroughputArguments, measure_interleaved
 from llama_expert.integration.loading import ModelArguments
 
@@ -138,7 +138,7 @@ def test_cli_benchmark_help_names_no_progress(capsys):
 def test_compare_prints_each_stage(tiny_model, tiny_folder, text_folder, tmp_path, monkeypatch, capsys, progress):
     terminal = fake_terminal(monkeypatch)
     adapter = save_adapter(augmented(tiny_model), tmp_path / "moe", base_model_name_or_path=str(tiny_folder))
-    monkeypatch.setattr("llama_expert.evaluation.compare.load_tokenizer", lambda *args, **kwargs: CharTokenizer())
+    monkeypatch.setattr("llama_expert.comparison.compare.load_tokenizer", lambda *args, **kwargs: CharTokenizer())
     run_compare(ModelArguments(model=str(tiny_folder), adapter=str(adapter)),
                 CompareArguments(output_dir=str(tmp_path / "cmp"), test_dataset=str(text_folder), eval_seq_len=64,
                                  max_tokens=128, routing_windows=1, progress=progress),

@@ -264,7 +264,7 @@ MEMORY_BOMBS = {  # edit of expert_config -> what the one-line error must name
     "num_experts": ({"num_experts": 10 ** 6}, "num_experts=1000000"),
     "expert_hidden_size": ({"expert_hidden_size": 10 ** 6}, "expert_hidden_size=1000000"),
     "allocation counts": ({"num_experts": 10 ** 6, "expert_allocation": [10 ** 6] * 4}, "expert_allocation="),
-    "allocation of 10^6 layers": ({"expert_allocation": [4] * 10 ** 6}, "expert_allocation lists 1000000 layers"),
+    "allocation of 10^6 layers": ({"expert_allocation": [4] * 10 ** 6}, "--expert-allocation lists 1000000 layers"),
     "lora_r": ({"lora_r": 10 ** 6}, "lora_r=1000000"),
 }
 
@@ -315,11 +315,11 @@ def test_a_config_file_of_the_wrong_shape_is_one_line(trained, tiny_folder, cli_
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"num_experts": "8"}, "num_experts must be a positive integer, got '8'"),
-    ({"top_k": None}, "top_k must be a positive integer, got None"),
-    ({"expert_allocation": {"layer": 1}}, "expert_allocation must be"),
-    ({"expert_allocation": [10 ** 6] * 10 ** 6}, "expert_allocation [1000000, 1000000, 1000000, 1000000, 1000000, "),
-    ({"router_type": "x" * 10 ** 6}, "unknown router_type 'xxxxxxxxxxxx...xxxxxxxxxxxxx'"),
+    ({"num_experts": "8"}, "--num-experts must be a positive integer, got '8'"),
+    ({"top_k": None}, "--top-k must be a positive integer, got None"),
+    ({"expert_allocation": {"layer": 1}}, "--expert-allocation must be"),
+    ({"expert_allocation": [10 ** 6] * 10 ** 6}, "--expert-allocation [1000000, 1000000, 1000000, 1000000, 1000000, "),
+    ({"router_type": "x" * 10 ** 6}, "unknown --router-type 'xxxxxxxxxxxx...xxxxxxxxxxxxx'"),
     ({"quantization_4bit": "yes"}, "quantization_4bit must be True or False, got 'yes'"),
 ])
 def test_bad_values_inside_expert_config_are_one_short_line(trained, tiny_folder, tmp_path, cli_error, change, named):

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quant] extra")
 
 from llama_expert import ExpertConfig, TrainingArguments  # noqa: E402
-from llama_expert.evaluation.memory import model_bytes, tensor_bytes  # noqa: E402
+from llama_expert.metrics.memory import model_bytes, tensor_bytes  # noqa: E402
 from llama_expert.integration.adapter_files import weights_checksum  # noqa: E402
 from llama_expert.errors import ConfigError  # noqa: E402
 from llama_expert.integration.base_models import load_base_model, load_tokenizer, quantize_4bit_on_cpu  # noqa: E402

@@ -15,15 +15,16 @@ def _check_progressive(depth, num_experts, top_k):
     low = max(top_k, math.ceil(num_experts / 2))
     assert len(counts) == depth
     assert all(isinstance(n, int) for n in counts)
-    assert all(low <= n <= num_experts for n in counts), counts
+    assert all(low <= n <= num_experts for n in counts), (depth, num_experts, top_k, counts)
     first_max = counts.index(max(counts))
-    assert first_max < depth / 2, f"max of {counts} is not in the first half"
+    assert first_max < depth / 2, f"max of {counts} is not in the first half ({depth} layers)"
 
 
-@pytest.mark.parametrize("depth", range(3, 41))
-@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (4, 1), (16, 4), (5, 3), (3, 3)])
-def test_progressive_any_depth(depth, num_experts, top_k):
-    _check_progressive(depth, num_experts, top_k)
+def test_progressive_any_depth():
+    """Every depth from 3 to 40 layers, for five (num_experts, top_k) pairs: one test, 190 checks."""
+    for num_experts, top_k in [(8, 2), (4, 1), (16, 4), (5, 3), (3, 3)]:
+        for depth in range(3, 41):
+            _check_progressive(depth, num_experts, top_k)
 
 
 def test_progressive_two_layers():

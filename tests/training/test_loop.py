@@ -175,19 +175,22 @@ def run_two_ranks(out, steps, flags, fsdp=False):
 
 def train_two_ranks_and_one(tmp_path, flags, fsdp=False):
     """The worker's adapter tensors after 4 steps: (rank 0, rank 1) of a two-rank gloo run of batch 2, and one
-    process of batch 4."""
+    process of batch 4. With ``--cases`` in ``flags``: {case: (rank 0, rank 1, one)}."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_two_ranks(ddp, 4, flags, fsdp)
     run = subprocess.run([sys.executable, WORKER, str(single), "4", "4", *flags], env={**os.environ, **WORKER_ENV},
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return (load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors")),
-            load_file(str(single / "rank0.safetensors")))
+
+    def tensors(folder):
+        return (load_file(str(ddp / folder / "rank0.safetensors")), load_file(str(ddp / folder / "rank1.safetensors")),
+                load_file(str(single / folder / "rank0.safetensors")))
+    if "--cases" not in flags:
+        return tensors("")
+    return {case: tensors(case) for case in flags[flags.index("--cases") + 1].split(",")}
 
 
-ROUTING_CASES = {"lm-loss": [], "router-losses": ["--router-losses"],
-                 "router-losses-and-noise": ["--router-losses", "--router-noise"],
-                 "aux-free": ["--router-type", "aux_free"]}
+ROUTING_CASES = ["lm-loss", "router-losses", "router-losses-and-noise", "aux-free"]  # train_worker.CASES
 
 
 def assert_same_training(rank0, rank1, one):
@@ -201,21 +204,33 @@ def assert_same_training(rank0, rank1, one):
     assert moved, "the adapters did not train"
 
 
-@pytest.mark.parametrize("case", list(ROUTING_CASES))
-def test_two_cpu_ranks_match_single_process_math(tmp_path, case):
+@pytest.fixture(scope="module")
+def routing_runs(tmp_path_factory):
+    """Every routing case, trained on two ranks and in one process (one worker start each, for all cases)."""
+    return train_two_ranks_and_one(tmp_path_factory.mktemp("routing"), ["--cases", ",".join(ROUTING_CASES)])
+
+
+@pytest.fixture(scope="module")
+def broken_routing_runs(tmp_path_factory):
+    """The cases whose statistics are global, with each rank's own counts, load and noise instead."""
+    return train_two_ranks_and_one(tmp_path_factory.mktemp("broken"),
+                                   ["--cases", "router-losses-and-noise,aux-free", "--local-statistics"])
+
+
+@pytest.mark.parametrize("case", ROUTING_CASES)
+def test_two_cpu_ranks_match_single_process_math(routing_runs, case):
     """Two ranks of batch B train exactly as one process of batch 2B: with the router losses on too (their
     expert fractions are summed over the ranks: modeling/routing/losses.global_sums), with noisy top-k's noise
     on (drawn for the global batch: data_parallel_draw), and with aux_free (its bias follows the global load)."""
-    assert_same_training(*train_two_ranks_and_one(tmp_path, ROUTING_CASES[case]))
+    assert_same_training(*routing_runs[case])
 
 
 @pytest.mark.parametrize("case", ["router-losses-and-noise", "aux-free"])
-def test_local_routing_statistics_break_the_equality(tmp_path, case):
+def test_local_routing_statistics_break_the_equality(broken_routing_runs, case):
     """The same runs with the mechanism broken on purpose (each rank's own counts, load and noise) fail the
     check above: it would catch a regression."""
-    trained = train_two_ranks_and_one(tmp_path, ROUTING_CASES[case] + ["--local-statistics"])
     with pytest.raises(AssertionError, match="ranks disagree|not close"):
-        assert_same_training(*trained)
+        assert_same_training(*broken_routing_runs[case])
 
 
 def test_fsdp_two_cpu_ranks_match_single_process_math(tmp_path):
@@ -253,17 +268,19 @@ def test_fsdp_checkpoints_load_and_resume_exactly(tmp_path):
         assert torch.equal(state[key], want[key]), key
 
 
-@pytest.mark.slow
-def test_recipe_end_to_end_on_the_embedded_model(tmp_path, smollm):
+def test_recipe_end_to_end(tmp_path, trained_base):
+    """fine_tune_augmented_model, the public entry point, on the tiny trained base (a local folder with its
+    tokenizer): every output, no token in any file, the adapter loads back from what it records."""
     from llama_expert import load_augmented_model
     from llama_expert.training.recipe import fine_tune_augmented_model
 
+    base, text = trained_base
     out = tmp_path / "adapter"
     secret = "hf_TESTSECRET123"
-    result = fine_tune_augmented_model(output_dir=str(out), max_steps=3, batch_size=2, seq_len=64, eval_every=3,
-                                       eval_max_tokens=256, test_dataset="embedded", test_max_tokens=256,
-                                       learning_rate=1e-3, progress=False, use_tensorboard=True,
-                                       auth_token=secret)
+    result = fine_tune_augmented_model(model_id=str(base), dataset_name=str(text), output_dir=str(out), max_steps=3,
+                                       batch_size=2, seq_len=64, eval_every=3, eval_max_tokens=256,
+                                       test_dataset=str(text), test_max_tokens=256, learning_rate=1e-3,
+                                       progress=False, use_tensorboard=True, auth_token=secret)
     for path in out.rglob("*"):  # adapter, checkpoints (optimizer/RNG state), logs, TensorBoard events
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
@@ -275,9 +292,9 @@ def test_recipe_end_to_end_on_the_embedded_model(tmp_path, smollm):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["test"]["before"]["tokens"] == summary["test"]["after"]["tokens"] > 0
     usage = json.loads((out / "expert_usage.json").read_text())
-    assert len(usage) == 30 and all(abs(sum(row["fractions"]) - 1) < 1e-6 for row in usage)
+    assert len(usage) == 2 and all(abs(sum(row["fractions"]) - 1) < 1e-6 for row in usage)
     model, config = load_augmented_model(adapter_path=out)
-    assert model.name_or_path == "smollm2-135m"
+    assert model.name_or_path == str(base)
     assert config.top_k == 2
 
 

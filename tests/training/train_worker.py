@@ -1,8 +1,9 @@
 """Trains a tiny augmented Llama in a separate process: for the kill -9 test and the two-rank DDP test.
 
 Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N] [--router-losses]
-       [--router-noise] [--router-type NAME] [--local-statistics] [--no-gradient-average]
-Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors.
+       [--router-noise] [--router-type NAME] [--local-statistics] [--no-gradient-average] [--cases A,B,...]
+Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors; with ``--cases`` it
+trains each named set-up of CASES in turn, into OUTPUT_DIR/<case>/.
 """
 
 import os
@@ -46,19 +47,22 @@ def use_local_statistics():
     noisy_topk.data_parallel_draw = lambda like, draw=torch.randn: draw(like.shape, dtype=like.dtype, device=like.device)
 
 
-def main():
-    out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    slow = "--slow" in sys.argv
-    torch.set_num_threads(1)
-    if "--local-statistics" in sys.argv:
-        use_local_statistics()
-    if "--no-gradient-average" in sys.argv:  # break FSDP's replicated adapters on purpose: each rank keeps its own
-        import llama_expert.training.trainer as trainer
-        trainer.average_gradients = lambda params: None
-    model, blocks = tiny_training_setup(router_losses="--router-losses" in sys.argv,
-                                        router_noise="--router-noise" in sys.argv,
-                                        router_type=sys.argv[sys.argv.index("--router-type") + 1]
-                                        if "--router-type" in sys.argv else "noisy_top_k")
+# Routing set-ups the data-parallel tests run, by name: each is a list of this worker's flags.
+CASES = {"lm-loss": [], "router-losses": ["--router-losses"],
+         "router-losses-and-noise": ["--router-losses", "--router-noise"],
+         "aux-free": ["--router-type", "aux_free"]}
+
+
+def flag(name: str, flags) -> bool:
+    return name in flags
+
+
+def train_one(out: str, steps: int, batch: int, flags, slow: bool) -> None:
+    """Train the tiny set-up with ``flags`` into ``out`` and write this rank's final adapter tensors there."""
+    model, blocks = tiny_training_setup(router_losses=flag("--router-losses", flags),
+                                        router_noise=flag("--router-noise", flags),
+                                        router_type=flags[flags.index("--router-type") + 1]
+                                        if "--router-type" in flags else "noisy_top_k")
 
     class WorkerMethod(MoEMethod):
         def save(self, model, folder):
@@ -67,17 +71,33 @@ def main():
             super().save(model, folder)
 
         def extra_loss(self, model):  # the router losses only when asked for: the plain LM loss otherwise
-            return super().extra_loss(model) if "--router-losses" in sys.argv else (0.0, {})
+            return super().extra_loss(model) if flag("--router-losses", flags) else (0.0, {})
 
     args = TrainingArguments(output_dir=out, max_steps=steps, batch_size=batch, seq_len=16, eval_every=0,
                              save_every=1, learning_rate=1e-2, progress=False, mixed_precision="no",
-                             resume="--resume" in sys.argv,
-                             stop_after_steps=int(sys.argv[sys.argv.index("--stop-after") + 1])
-                             if "--stop-after" in sys.argv else None)
+                             resume=flag("--resume", flags),
+                             stop_after_steps=int(flags[flags.index("--stop-after") + 1])
+                             if "--stop-after" in flags else None)
     train_model(model, WorkerMethod(model.expert_config), blocks, None, args)
     rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
+
+
+def main():
+    out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    flags = sys.argv[4:]
+    torch.set_num_threads(1)
+    if "--local-statistics" in flags:
+        use_local_statistics()
+    if "--no-gradient-average" in flags:  # break FSDP's replicated adapters on purpose: each rank keeps its own
+        import llama_expert.training.trainer as trainer
+        trainer.average_gradients = lambda params: None
+    if "--cases" in flags:  # several set-ups in one process (one start of torch and of the process group)
+        for case in flags[flags.index("--cases") + 1].split(","):
+            train_one(os.path.join(out, case), steps, batch, flags + CASES[case], slow=False)
+        return
+    train_one(out, steps, batch, flags, slow="--slow" in flags)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,13 @@ def _value_type(hint: Any):
 
 
 def add_dataclass_arguments(parser, cls: type, skip: Iterable[str] = (), only: Optional[Iterable[str]] = None,
-                            title: Optional[str] = None, defaults: Optional[Dict[str, Any]] = None) -> None:
-    """Add one flag per field of ``cls`` (``only`` these, except ``skip``) to ``parser``, in a group ``title``.
+                            title: Optional[str] = None, defaults: Optional[Dict[str, Any]] = None,
+                            choices: Optional[Dict[str, List[str]]] = None):
+    """Add one flag per field of ``cls`` (``only`` these, except ``skip``) to ``parser``, in a group ``title``;
+    returns the group (or the parser), for a command's own flags beside them.
 
-    ``defaults`` overrides a field's default for this command only (``compare`` trains 100 steps).
+    ``defaults`` overrides a field's default for this command only (``compare`` trains 100 steps); ``choices``
+    gives a field the names it may take, read where they are known (``strategy_choices``: the registries).
     """
     group = parser.add_argument_group(title) if title else parser
     only = set(only) if only is not None else None
@@ -58,17 +61,22 @@ def add_dataclass_arguments(parser, cls: type, skip: Iterable[str] = (), only: O
             if default and not meta.get("flag"):
                 names[0] = "--no-" + field.name.replace("_", "-")
         else:
-            if meta.get("parse"):
-                kwargs["type"] = _parser_type(meta["parse"])
+            named = (choices or {}).get(field.name) or meta.get("choices")
+            metavar = meta.get("metavar") or (None if named else names[0].lstrip("-").replace("-", "_").upper())
+            if meta.get("parse"):  # a parsed value may be a name or something else (counts): check names only
+                kwargs["type"] = _parser_type(meta["parse"], named)
+                metavar = metavar or "{" + ",".join(named) + "} or VALUE"
+                named = None
             elif value_type is not None:
                 kwargs["type"] = value_type
             else:
                 element = [a for a in typing.get_args(hint) if a is not type(None)]
                 kwargs["type"], kwargs["nargs"] = (element[0] if element else str), "+"
-            if meta.get("choices"):
-                kwargs["choices"] = list(meta["choices"])
-            kwargs["metavar"] = meta.get("metavar") or names[0].lstrip("-").replace("-", "_").upper()
+            if named:
+                kwargs["choices"] = list(named)  # shown as {a,b,c} in the usage and the help
+            kwargs["metavar"] = metavar
         group.add_argument(*names, **kwargs)
+    return group
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,13 +88,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser_type(parse):
-    """argparse shows a type function's ArgumentTypeError as is, but any other error as 'invalid value'."""
+def strategy_choices() -> Dict[str, List[str]]:
+    """The registered routers, expert banks and allocation rules, as ``choices`` for ``ExpertConfig``'s flags: a
+    name typed by hand in a help text would go stale when a strategy is registered."""
+    from ..modeling import ALLOCATIONS, EXPERT_BANKS, ROUTERS
+
+    return {"router_type": ROUTERS.names(), "expert_type": EXPERT_BANKS.names(),
+            "expert_allocation": ALLOCATIONS.names()}
+
+
+def _parser_type(parse, names: Optional[List[str]] = None):
+    """argparse shows a type function's ArgumentTypeError as is, but any other error as 'invalid value'.
+    ``names``: a parsed string must be one of them (a parsed list, say of counts, is not a name)."""
     def convert(text: str):
         try:
-            return parse(text)
+            value = parse(text)
         except LlamaExpertError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+        if names and isinstance(value, str) and value not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(names)}, or counts "
+                                             f"such as 4,6,8)")
+        return value
     convert.__name__ = parse.__name__
     return convert
 

@@ -1,37 +1,52 @@
 """``llama-expert compare``: base vs MoE adapters (vs a PEFT LoRA baseline) measured in one run.
 
 The seed's form ``compare --base-model ID --augmented-model FOLDER`` works: ``--base-model`` is an alias
-of ``--model`` and ``--augmented-model`` of ``--adapter``.
+of ``--model`` and ``--augmented-model`` of ``--adapter``. ``--moe-args '--lora-r 32 --router-type soft'`` sets
+the MoE run's ``ExpertConfig`` with ``train``'s own flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 
-from ..evaluation.compare import DATA_FIELDS, TRAINING_DEFAULTS, TRAINING_FIELDS, CompareArguments, run_compare
-from ..integration.base_models import DEFAULT_MODEL
+from ..comparison.compare import DATA_FIELDS, TRAINING_DEFAULTS, TRAINING_FIELDS, CompareArguments, run_compare
+from ..config import ExpertConfig
+from ..errors import ConfigError
 from ..evaluation.throughput import ThroughputArguments
+from ..integration.base_models import DEFAULT_MODEL
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
 from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
-
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, ModelArguments, skip=("device",), title="model (the MoE adapter is trained "
                             "here unless --adapter names one; --dtype is the base's dtype while training)",
                             defaults={"model": DEFAULT_MODEL})
-    add_dataclass_arguments(parser, CompareArguments, title="comparison")
+    group = add_dataclass_arguments(parser, CompareArguments, title="comparison")
+    group.add_argument("--moe-args", default=None, metavar="FLAGS",
+                       help="`train` flags for the MoE run's experts, e.g. '--lora-r 32 --router-type soft'")
     add_dataclass_arguments(parser, ThroughputArguments, title="throughput")
     training = parser.add_argument_group("training (both methods, identical)")
     add_dataclass_arguments(training, DataArguments, only=DATA_FIELDS)
     add_dataclass_arguments(training, TrainingArguments, only=TRAINING_FIELDS, defaults=TRAINING_DEFAULTS)
 
 
+def moe_config(flags: str) -> ExpertConfig:
+    """The ``ExpertConfig`` that ``train`` would build from ``flags`` (its experts' flags only)."""
+    parser = argparse.ArgumentParser(prog="llama-expert compare --moe-args", add_help=False, allow_abbrev=False)
+    add_dataclass_arguments(parser, ExpertConfig)
+    try:
+        return dataclass_from_args(ExpertConfig, parser.parse_args(shlex.split(flags)))
+    except SystemExit:  # argparse has printed what is wrong
+        raise ConfigError(f"--moe-args {flags!r}: give `train`'s expert flags, e.g. '--lora-r 32'.") from None
+
+
 def run(args: argparse.Namespace) -> int:
     run_compare(dataclass_from_args(ModelArguments, args, device=None), dataclass_from_args(CompareArguments, args),
                 dataclass_from_args(TrainingArguments, args, only=TRAINING_FIELDS),
                 dataclass_from_args(DataArguments, args, only=DATA_FIELDS),
-                dataclass_from_args(ThroughputArguments, args), command=redacted_command(args.argv))
+                dataclass_from_args(ThroughputArguments, args), command=redacted_command(args.argv),
+                moe_config=moe_config(args.moe_args) if args.moe_args else None)
     return 0

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..config import ExpertConfig
+from ..errors import ConfigError
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.methods import METHODS
 from ..training.trainer import TrainingInterrupted
 from ..training.recipe import fine_tune
-from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
-
-
+from ..options import flag_for
+from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command, strategy_choices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,12 +21,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experts")
     group.add_argument("--method", default="moe", choices=METHODS.names(),
                        help="moe: MoE adapters; lora: the plain PEFT LoRA baseline (rank --lora-r on the MLP)")
-    add_dataclass_arguments(group, ExpertConfig)
+    add_dataclass_arguments(group, ExpertConfig, choices=strategy_choices())
     add_dataclass_arguments(parser, TrainingArguments, title="training")
 
 
+def refuse_ignored_flags(method_class, config: ExpertConfig, method_name: str) -> None:
+    """One line naming every expert flag set away from its default that the chosen method does not read
+    (``--method lora --router-type soft`` would otherwise train a LoRA as if the flag were never given)."""
+    default = ExpertConfig()
+    ignored = [("--no-" + f.replace("_", "-")) if getattr(default, f) is True else flag_for(ExpertConfig, f)
+               for f in ExpertConfig.__dataclass_fields__
+               if f not in method_class.config_fields and getattr(config, f) != getattr(default, f)]
+    if ignored:
+        raise ConfigError(f"--method {method_name} does not use {', '.join(ignored)}; drop "
+                          f"{'it' if len(ignored) == 1 else 'them'}, or train with --method moe.")
+
+
 def run(args: argparse.Namespace) -> int:
-    method = METHODS.get(args.method).from_expert_config(dataclass_from_args(ExpertConfig, args))
+    config = dataclass_from_args(ExpertConfig, args)
+    refuse_ignored_flags(METHODS.get(args.method), config, args.method)
+    method = METHODS.get(args.method).from_expert_config(config)
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
     try:
         fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),

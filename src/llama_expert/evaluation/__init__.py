@@ -1,1 +1,1 @@
-"""Floor 3: perplexity, throughput, memory, routing health, the benchmark, compare, and reports."""
+"""Floor 3: the benchmark of one model (perplexity, throughput, memory, routing health) and its report."""

@@ -33,10 +33,10 @@ from ..options import option
 from ..integration.base_models import check_within_context
 from ..integration.loading import ModelArguments, is_adapter_folder, load_model_and_tokenizer
 from ..integration.surgery import adapters, is_augmented, parameter_counts
-from .memory import peak_memory
-from .perplexity import evaluate_perplexity
+from ..metrics.memory import peak_memory
+from ..metrics.perplexity import evaluate_perplexity
+from ..metrics.routing import domain_specialisation, routing_health
 from .reports import format_header, format_section
-from .routing_health import domain_specialisation, routing_health
 from .throughput import ThroughputArguments, measure_throughput, model_device, prompt_ids, synchronize
 
 
@@ -266,7 +266,7 @@ class ExpertModelBenchmark:
 
     def routing_health(self, max_windows: Optional[int] = 8) -> Dict:
         """Per-layer expert load and router entropy over (up to ``max_windows`` of) the eval windows;
-        see ``llama_expert.evaluation.routing_health.routing_health``."""
+        see ``llama_expert.metrics.routing.routing_health``."""
         if not is_augmented(self.model):
             raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
         windows, labels = self.windows(), self.window_domains()

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..inference.kv_cache_choice import KV_CACHE_CHOICES, forward_parameters, make_cache
+from ..integration.kv_cache_choice import KV_CACHE_CHOICES, forward_parameters, make_cache
 from ..integration.base_models import check_within_context
 from ..options import option
 from ..progress import progress_bar

@@ -1,1 +1,1 @@
-"""Floor 3: text generation and the interactive chat."""
+"""Floor 3: text generation, the interactive chat and the OpenAI-compatible server."""

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .generation import generation_config
-from .kv_cache_choice import cache_kwargs, make_cache
+from ..integration.kv_cache_choice import cache_kwargs, make_cache
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..integration.base_models import context_length
 from ..integration.loading import ModelArguments, load_model_and_tokenizer
 from ..options import option
-from .kv_cache_choice import KV_CACHE_CHOICES
+from ..integration.kv_cache_choice import KV_CACHE_CHOICES
 from .generation import (check_sampling, encode_prompt, generate_ids, generate_text,
                          has_chat_template, make_streamer)
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..integration.base_models import context_length
-from .kv_cache_choice import cache_kwargs, make_cache
+from ..integration.kv_cache_choice import cache_kwargs, make_cache
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -90,7 +90,7 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float,
 def generate_ids(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.7,
                  top_p: float = 0.9, streamer=None, kv_cache: str = "none") -> torch.Tensor:
     """The new token ids (1-D) after ``input_ids`` ``[1, n]``; checks that everything fits the context.
-    ``kv_cache``: none, int8 or int4 (``inference.kv_cache.KVCacheCompressor``)."""
+    ``kv_cache``: none, int8 or int4 (``integration.kv_cache.KVCacheCompressor``)."""
     check_prompt_fits(model, input_ids.shape[1], max_new_tokens)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 
 from ..errors import ConfigError
 from ..options import option
-from .kv_cache_choice import KV_CACHE_CHOICES
+from ..integration.kv_cache_choice import KV_CACHE_CHOICES
 from .listening import listen, open_to_others
 
 API_KEY_ENV = "LLAMA_EXPERT_API_KEY"

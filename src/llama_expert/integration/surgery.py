@@ -48,8 +48,7 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
     """
     if is_augmented(model):
         raise ConfigError("this model already carries MoE adapters; call remove_adapters(model) first.")
-    config.validate()
-    check_config(config)
+    check_config(config)  # the names of its strategies; types and ranges were checked when it was made
     layers = decoder_layers(model)
     hidden_size = model.config.hidden_size
     counts = experts_per_layer(config, len(layers))

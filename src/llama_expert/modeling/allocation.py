@@ -47,8 +47,16 @@ def progressive(num_experts: int, top_k: int, num_layers: int) -> List[int]:
 @ALLOCATIONS.register("dynamic")
 def dynamic_start(num_experts: int, top_k: int, num_layers: int) -> List[int]:
     """Where dynamic allocation starts: half of the progressive allocation per layer (at least top_k); the
-    training loop then grows and retires experts (``training/dynamic.py``)."""
+    trainer then grows and retires experts (``training/dynamic.py``: the hook that ``grows_in_training`` asks for)."""
     return [max(top_k, math.ceil(n / 2)) for n in progressive(num_experts, top_k, num_layers)]
+
+
+dynamic_start.grows_in_training = True  # the other rules keep their counts while training
+
+
+def grows_in_training(allocation) -> bool:
+    """Whether the allocation changes while the adapters train (an explicit list of counts never does)."""
+    return isinstance(allocation, str) and getattr(ALLOCATIONS.get(allocation), "grows_in_training", False)
 
 
 def experts_per_layer(config, num_layers: int) -> List[int]:

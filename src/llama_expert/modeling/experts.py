@@ -135,7 +135,6 @@ class SharedCoreExperts(ExpertBank):
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "SharedCoreExperts":
-        cls.check_config(config)
         return cls(hidden_size, num_experts, config.lora_r, config.expert_hidden_size or config.lora_r,
                    lora_scaling(config), config.lora_dropout)
 
@@ -203,7 +202,6 @@ class SharedDownExperts(ExpertBank):
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "SharedDownExperts":
-        cls.check_config(config)
         return cls(hidden_size, num_experts, config.lora_r, lora_scaling(config), config.lora_dropout,
                    distinct=config.expert_init == "distinct")
 
@@ -286,7 +284,6 @@ class MixLoRAExperts(ExpertBank):
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "MixLoRAExperts":
-        cls.check_config(config)
         if base_mlp is None:
             raise ConfigError("expert_type 'mixlora' needs the frozen MLP: from_config(..., base_mlp=mlp).")
         return cls(base_mlp, hidden_size, num_experts, config.lora_r, lora_scaling(config), config.lora_dropout)

@@ -26,15 +26,11 @@ import torch
 
 from ..integration.surgery import adapters
 from ..modeling.allocation import progressive
-from ..modeling.registry import Registry
 from .hooks import TrainingHook
 
 SPLIT_NOISE = 0.01
-# allocation rules that change the model while it trains, by ``expert_allocation`` name (the others are fixed)
-GROWTH_POLICIES = Registry("allocation that changes during training", "expert_allocation")
 
 
-@GROWTH_POLICIES.register("dynamic")
 class DynamicAllocation(TrainingHook):
     name = "dynamic"
     single_process = True  # every rank would need the same decisions and a re-wrapped model

@@ -9,6 +9,7 @@ identical data, steps and schedule. New methods are registered in ``METHODS``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,15 +17,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..config import ExpertConfig
-from ..evaluation.reports import save_allocation_plot, save_domain_heatmap, save_usage_heatmap
-from ..evaluation.routing_health import expert_usage_by_domain
+from ..metrics.plots import save_allocation_plot, save_domain_heatmap, save_usage_heatmap
+from ..metrics.routing import expert_usage_by_domain
 from ..files import atomic_write_text
 from ..integration import peft_lora
 from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
+from ..modeling.allocation import grows_in_training
 from ..modeling.registry import Registry
-from .dynamic import GROWTH_POLICIES
+from .dynamic import DynamicAllocation
 from .hooks import TrainingHook
 
 METHODS = Registry("training method", "method")
@@ -35,6 +37,8 @@ class TrainingMethod:
 
     name: str = ""
     quantization_4bit: bool = False
+    # the ExpertConfig fields (flags of ``train``) the method reads; ``train`` refuses a flag the method ignores
+    config_fields: Tuple[str, ...] = ()
 
     @classmethod
     def from_expert_config(cls, config: ExpertConfig) -> "TrainingMethod":
@@ -83,6 +87,7 @@ class TrainingMethod:
 @METHODS.register("moe")
 class MoEMethod(TrainingMethod):
     name = "moe"
+    config_fields = tuple(f.name for f in dataclasses.fields(ExpertConfig))  # every one
 
     def __init__(self, config: Optional[ExpertConfig] = None):
         self.config = config or ExpertConfig()
@@ -93,8 +98,7 @@ class MoEMethod(TrainingMethod):
         return cls(config)
 
     def check(self) -> None:
-        self.config.validate()
-        check_config(self.config)
+        check_config(self.config)  # strategy names, before the base loads; types and ranges: ExpertConfig
 
     def add_to(self, model):
         return augment_model(model, self.config)
@@ -131,8 +135,7 @@ class MoEMethod(TrainingMethod):
 
     def hooks(self, seed: int) -> List[TrainingHook]:
         """The growth policy of a dynamic allocation (``training/dynamic.py``), if that is the allocation."""
-        name = self.config.expert_allocation
-        return [GROWTH_POLICIES.get(name)(self.config, seed)] if name in GROWTH_POLICIES.names() else []
+        return [DynamicAllocation(self.config, seed)] if grows_in_training(self.config.expert_allocation) else []
 
     def extra_loss(self, model):
         return weighted_router_loss(model)
@@ -176,17 +179,21 @@ def allocation_events(log: Path) -> List[dict]:
 @METHODS.register("lora")
 class LoRAMethod(TrainingMethod):
     name = "lora"
+    config_fields = ("lora_r", "lora_alpha", "lora_dropout", "quantization_4bit", "use_gradient_checkpointing")
 
     def __init__(self, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.05,
-                 quantization_4bit: bool = False):
+                 quantization_4bit: bool = False, gradient_checkpointing: bool = False):
         self.rank, self.alpha, self.dropout = rank, alpha or 2 * rank, dropout
-        self.quantization_4bit = quantization_4bit
+        self.quantization_4bit, self.gradient_checkpointing = quantization_4bit, gradient_checkpointing
 
     @classmethod
     def from_expert_config(cls, config: ExpertConfig) -> "LoRAMethod":
-        return cls(config.lora_r, config.lora_alpha, config.lora_dropout, config.quantization_4bit)
+        return cls(config.lora_r, config.lora_alpha, config.lora_dropout, config.quantization_4bit,
+                   config.use_gradient_checkpointing)
 
     def add_to(self, model):
+        if self.gradient_checkpointing:  # as the MoE adapters do (integration.surgery.augment_model)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return peft_lora.add_lora(model, self.rank, self.alpha, self.dropout)
 
     def describe(self, model) -> str:

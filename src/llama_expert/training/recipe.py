@@ -22,7 +22,7 @@ from ..config import ExpertConfig
 from ..data import (EMBEDDED_DATASET, domain_name, load_split, load_text_dataset, mix_blocks, pack_blocks,
                     parse_weights, select_split, split_sources, tokenize_documents)
 from ..errors import DataError
-from ..evaluation.perplexity import evaluate_perplexity
+from ..metrics.perplexity import evaluate_perplexity
 from ..files import atomic_write_text
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError, LlamaExpertError
-from ..evaluation.memory import peak_memory
-from ..evaluation.perplexity import evaluate_perplexity
+from ..metrics.memory import peak_memory
+from ..metrics.perplexity import evaluate_perplexity
 from ..progress import progress_bar
 from .accelerator import autocast_dtype, make_accelerator
 from .arguments import TrainingArguments

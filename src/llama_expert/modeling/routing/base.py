@@ -2,7 +2,7 @@
 
 - float32 routing with autocast switched off around it (``forward`` casts and calls ``_route``);
 - the losses of the last pass (``aux_loss``, ``z_loss``; None after an eval-mode pass under ``no_grad``);
-- the routing statistics ``evaluation.routing_health`` reads: ``record_statistics``, ``expert_counts``,
+- the routing statistics ``metrics.routing`` reads: ``record_statistics``, ``expert_counts``,
   ``entropy_sum``, ``tokens_seen``, ``reset_statistics``;
 - ``top_k``: the number of experts each token gets (columns of ``Routing.indices``).
 
@@ -42,7 +42,7 @@ class RouterBase(nn.Module):
         self.top_k = top_k
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
-        self.record_statistics = False  # switched on by evaluation.routing_health while it measures expert usage
+        self.record_statistics = False  # switched on by metrics.routing while it measures expert usage
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)

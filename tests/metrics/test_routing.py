@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llama_expert.evaluation.routing_health import normalized_mutual_information
+from llama_expert.metrics.routing import normalized_mutual_information
 
 
 def test_independent_domains_and_experts_give_zero():

@@ -12,7 +12,7 @@ import torch
 from llama_expert import load_adapter_weights
 from llama_expert.cli import main
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
-from llama_expert.evaluation.routing_health import domain_specialisation
+from llama_expert.metrics.routing import domain_specialisation
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
 

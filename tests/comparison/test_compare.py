@@ -1,4 +1,4 @@
-"""`llama-expert compare` end to end on the embedded model: trains MoE and LoRA briefly, measures all three in
+"""`llama-expert compare` end to end on the tiny trained base: trains MoE and LoRA briefly, measures all three in
 one run, and every number in compare.json is checked against a measurement made here, independently."""
 
 import copy
@@ -13,14 +13,17 @@ from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert.integration.peft_lora import load_lora_model, matched_lora_rank
 
 
-@pytest.mark.slow
-def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, capsys, smollm):
-    base, tokenizer = smollm
+def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, capsys, trained_base):
+    from llama_expert import load_base_model, load_tokenizer
+
+    folder, text = trained_base
+    base, tokenizer = load_base_model(str(folder)), load_tokenizer(str(folder))
     out = tmp_path / "cmp"
-    code = main(["compare", "--lora-baseline", "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
-                 "--seq-len", "64", "--eval-every", "0", "--eval-max-tokens", "128", "--eval-seq-len", "64",
-                 "--max-tokens", "256", "--num-samples", "1", "--prompt-len", "8", "--new-tokens", "2",
-                 "--throughput-batch-sizes", "1", "--routing-windows", "2", "--no-progress"])
+    code = main(["compare", "--model", str(folder), "--lora-baseline", "--output-dir", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--seq-len", "64", "--eval-every", "0", "--eval-max-tokens", "128",
+                 "--eval-seq-len", "64", "--max-tokens", "256", "--num-samples", "1", "--prompt-len", "8",
+                 "--new-tokens", "2", "--throughput-batch-sizes", "1", "--routing-windows", "2", "--no-progress",
+                 "--dataset", str(text), "--test-dataset", str(text)])
     assert code == 0
     report = json.loads((out / "compare.json").read_text())
     rows = report["results"]
@@ -31,7 +34,7 @@ def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, c
               "lora": load_lora_model(copy.deepcopy(base), out / "lora").eval()}
     mine = {}
     for name, model in models.items():
-        ppl = ExpertModelBenchmark(model, tokenizer, dataset="embedded", split="test", seq_len=64,
+        ppl = ExpertModelBenchmark(model, tokenizer, dataset=str(text), split="test", seq_len=64,
                                    max_tokens=256).benchmark_perplexity()
         mine[name] = ppl["perplexity"]
         assert rows[name]["tokens_evaluated"] == ppl["tokens_evaluated"] == 4 * 63

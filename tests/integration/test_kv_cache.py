@@ -7,8 +7,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from llama_expert import KVCacheCompressor
 from llama_expert.errors import ConfigError
-from llama_expert.inference.kv_cache import dequantize, quantize
-from llama_expert.inference.kv_cache_choice import make_cache
+from llama_expert.integration.kv_cache import dequantize, quantize
+from llama_expert.integration.kv_cache_choice import make_cache
 
 CONFIG = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=512)

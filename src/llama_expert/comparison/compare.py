@@ -1,7 +1,7 @@
 """``compare``: the base model, the MoE-augmented model and (``--lora-baseline``) plain LoRA, in one run.
 
-Training happens in child processes (``llama-expert train``), one per method with identical data, steps,
-batch, sequence length and learning rate, so each reports its own peak memory. The measurements then
+Training happens in child processes (``children.py``: what ``llama-expert train`` runs), one per method with
+identical data, steps, batch, sequence length and learning rate, so each reports its own peak memory. The measurements then
 happen here, in one process, on the same windows: perplexity of each model, decode/prefill throughput
 with the repeats interleaved (ratios to the base from the same run), parameter and memory figures, and
 the MoE expert usage. Output: a terminal table, ``compare.json``, ``report.md`` and PNG charts.
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..files import atomic_write_text, write_problem
 from ..integration.adapter_files import load_adapter_weights
@@ -32,15 +30,18 @@ from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load
                                        load_tokenizer)
 from ..integration.loading import ModelArguments
 from ..integration.surgery import adapter_parameters, adapters, is_augmented, parameter_counts
-from ..options import fields_named, flag_of, option
+from ..options import option
 from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..integration.peft_lora import load_lora_model, matched_lora_rank
+from ..training.methods import LoRAMethod, MoEMethod
 from ..training.run_folder import LOCK_NAME
-from .benchmark import ExpertModelBenchmark, environment
-from .reports import compare_charts, compare_markdown, compare_table, save_domain_heatmap, save_usage_heatmap
-from .routing_health import expert_usage_by_domain
-from .throughput import ThroughputArguments, measure_interleaved
+from ..evaluation.benchmark import ExpertModelBenchmark, environment
+from ..evaluation.throughput import ThroughputArguments, measure_interleaved
+from ..metrics.plots import save_domain_heatmap, save_usage_heatmap
+from ..metrics.routing import expert_usage_by_domain
+from .children import train_in_child
+from .report import compare_charts, compare_markdown, compare_table
 
 # The training settings both methods share, and compare's defaults for them (a short run).
 TRAINING_FIELDS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "max_samples",
@@ -55,7 +56,6 @@ class CompareArguments:
     lora_baseline: bool = option(False, "add a PEFT LoRA baseline at a matched budget")
     lora_adapter: Optional[str] = option(None, "a trained LoRA folder (else one is trained here)")
     lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
-    moe_args: Optional[str] = option(None, "extra `train` flags for the MoE run, e.g. '--lora-r 32'")
     output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
     overwrite: bool = option(False, "retrain OUTPUT_DIR/moe (and /lora) when they already hold a run")
     test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on; several, comma-"
@@ -69,30 +69,6 @@ class CompareArguments:
     progress: bool = option(True, "no progress bars")
 
 
-def training_command(method: str, out: Path, model_args: ModelArguments, training: TrainingArguments,
-                     data: DataArguments, extra: List[str], progress: bool = False,
-                     overwrite: bool = False) -> List[str]:
-    """The child ``train`` command. A token travels in the environment (HF_TOKEN), never in argv.
-
-    ``out`` is ``OUTPUT_DIR/moe`` or ``OUTPUT_DIR/lora``; ``overwrite`` (compare's ``--overwrite``) lets the
-    child replace a run already there. ``progress``: let the child draw its training bar (it shares our
-    stderr; pass it only for a terminal)."""
-    cmd = [sys.executable, "-m", "llama_expert.cli", "train", "--method", method,
-           "--model", model_args.model or DEFAULT_MODEL, "--output-dir", str(out)]
-    if overwrite:
-        cmd.append("--overwrite")
-    if not progress:
-        cmd.append("--no-progress")
-    if model_args.dtype:
-        cmd += ["--dtype", model_args.dtype]
-    for settings, names in ((data, DATA_FIELDS), (training, TRAINING_FIELDS)):
-        for field in fields_named(type(settings), names):
-            value = getattr(settings, field.name)
-            if value is not None:
-                cmd += [flag_of(field), str(value)]
-    return cmd + extra
-
-
 @contextmanager
 def _stage(what: str):
     """A line as a stage starts and one as it ends: compare runs for many minutes, one stage after another."""
@@ -102,21 +78,14 @@ def _stage(what: str):
     print(f"{what}: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def _run_training(method: str, cmd: List[str], auth_token: Optional[str]) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if auth_token:
-        env["HF_TOKEN"] = auth_token
+def _train(method, out: Path, model_args: ModelArguments, training: TrainingArguments, data: DataArguments,
+           a: CompareArguments) -> None:
+    """Train ``method`` into ``out`` in a child process, with the settings both methods share."""
+    settings = replace(training, output_dir=str(out), overwrite=a.overwrite, progress=shows_progress(a.progress))
     print(flush=True)
-    with _stage(f"[{method}] training"):
-        print(f"[{method}] python {' '.join(cmd[1:])}", flush=True)
-        child = subprocess.Popen(cmd, env=env)
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it finish its step and save a checkpoint
-            child.wait()
-            raise
-        if code != 0:
-            raise ConfigError(f"training the {method} adapter failed (exit {code}); see the output above.")
+    with _stage(f"[{method.name}] training into {out}"):
+        train_in_child(method, settings, data, model_args.model or DEFAULT_MODEL, model_args.auth_token,
+                       model_args.dtype)
 
 
 def _summary(folder: Optional[Path]) -> dict:
@@ -166,62 +135,75 @@ def check_outputs(a: CompareArguments, children: List[Path], adapters_given: Lis
 
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,
                 training: Optional[TrainingArguments] = None, data: Optional[DataArguments] = None,
-                throughput_args: Optional[ThroughputArguments] = None, command: Optional[str] = None) -> dict:
+                throughput_args: Optional[ThroughputArguments] = None, command: Optional[str] = None,
+                moe_config: Optional[ExpertConfig] = None) -> dict:
     """Train (or load) the MoE adapter and optionally a LoRA baseline, then measure all models side by side.
 
-    ``model_args``: the base model, the MoE adapter folder (else one is trained), the token and the
-    training dtype. ``training``/``data``: the settings both methods train with. ``command``: the command
-    line to record in the report (tokens must already be redacted).
+    ``model_args``: the base model, the MoE adapter folder (else one is trained with ``moe_config``, default
+    ``ExpertConfig()``), the token and the training dtype. ``training``/``data``: the settings both methods
+    train with. ``command``: the command line to record in the report (tokens must already be redacted).
     """
     model_args = model_args or ModelArguments(model=DEFAULT_MODEL)
     a = settings or CompareArguments()
     training = training or TrainingArguments(**TRAINING_DEFAULTS)
     data = data or DataArguments()
     t = throughput_args or ThroughputArguments()
+    model_id = model_args.model or DEFAULT_MODEL
+    out, moe_dir, lora_dir = _plan(model_args, a, model_id)
+    if not model_args.adapter:
+        _train(MoEMethod(moe_config or ExpertConfig()), moe_dir, model_args, training, data, a)
+    base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
+    models = {"base": base, "moe": load_adapter_weights(copy.deepcopy(base), moe_dir).eval()}
+    if lora_dir is not None:
+        if not a.lora_adapter:
+            rank = a.lora_r or matched_lora_rank(base, parameter_counts(models["moe"])["trainable"])
+            _train(LoRAMethod.from_expert_config(ExpertConfig(lora_r=rank)), lora_dir, model_args, training, data, a)
+        models["lora"] = load_lora_model(copy.deepcopy(base), lora_dir)
+    tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
+    rows, bench = _measure_perplexity(models, tokenizer, a, {"moe": moe_dir, "lora": lora_dir})
+    throughput = None if t.skip_throughput else _measure_speed(models, rows, a, t)
+    usage = _measure_usage(models["moe"], bench, a)
+    report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
+              "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
+              "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+              "moe_adapter": str(moe_dir), "lora_adapter": str(lora_dir) if lora_dir else None,
+              "training": {n: s.get("training_arguments") for n, s in (("moe", _summary(moe_dir)),
+                                                                      ("lora", _summary(lora_dir))) if s},
+              "results": rows, "throughput_detail": throughput, "expert_usage": usage,
+              "moe_layers": len(adapters(models["moe"])), "command": command or "run_compare(...) from Python"}
+    if "lora" in models:
+        report["winner_perplexity"] = "moe" if rows["moe"]["perplexity"] < rows["lora"]["perplexity"] else "lora"
+    _write_report(report, usage, bench.domain_names, out)
+    return report
+
+
+def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str):
+    """(output folder, MoE adapter folder, LoRA folder or None), after every check that needs no model."""
     if a.lora_adapter and not a.lora_baseline:
         raise ConfigError("--lora-adapter needs --lora-baseline.")
-    model_id = model_args.model or DEFAULT_MODEL
     _check_measurement(a, model_id, model_args.auth_token)
     out = Path(a.output_dir)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
-    trained_here = ([] if model_args.adapter else [moe_dir]) + \
-        ([out / "lora"] if a.lora_baseline and not a.lora_adapter else [])
+    lora_dir = (Path(a.lora_adapter) if a.lora_adapter else out / "lora") if a.lora_baseline else None
+    trained_here = ([] if model_args.adapter else [moe_dir]) + ([lora_dir] if lora_dir and not a.lora_adapter else [])
     check_outputs(a, trained_here, [model_args.adapter, a.lora_adapter])
     out.mkdir(parents=True, exist_ok=True)
-    child_progress = shows_progress(a.progress)
-    if not model_args.adapter:
-        _run_training("moe", training_command("moe", moe_dir, model_args, training, data,
-                                              a.moe_args.split() if a.moe_args else [], child_progress, a.overwrite),
-                      model_args.auth_token)
-    base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
-    tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
-    moe = load_adapter_weights(copy.deepcopy(base), moe_dir).eval()
-    moe_trainable = parameter_counts(moe)["trainable"]
+    return out, moe_dir, lora_dir
 
-    lora, lora_dir = None, None
-    if a.lora_baseline:
-        lora_dir = Path(a.lora_adapter) if a.lora_adapter else out / "lora"
-        if not a.lora_adapter:
-            rank = a.lora_r or matched_lora_rank(base, moe_trainable)
-            _run_training("lora", training_command("lora", lora_dir, model_args, training, data,
-                                                   ["--lora-r", str(rank)], child_progress, a.overwrite),
-                          model_args.auth_token)
-        lora = load_lora_model(copy.deepcopy(base), lora_dir)
 
-    models = {"base": base, "moe": moe}
-    if lora is not None:
-        models["lora"] = lora
-    summaries = {"base": {}, "moe": _summary(moe_dir), "lora": _summary(lora_dir)}
+def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArguments,
+                        folders: Dict[str, Optional[Path]]):
+    """Each model's perplexity on the very same windows, with its size and its training run's figures."""
     rows: Dict[str, dict] = {}
-    windows = window_domains = None
+    windows = window_domains = bench = None
     for name, model in models.items():
         bench = ExpertModelBenchmark(model, tokenizer, dataset=a.test_dataset, split=a.split, seq_len=a.eval_seq_len,
                                      max_tokens=a.max_tokens, windows=windows, window_domains=window_domains,
                                      progress=a.progress)
         with _stage(f"[{name}] perplexity"):
             ppl = bench.benchmark_perplexity()
-        windows, window_domains = bench.windows(), bench.window_domains()  # the very same windows for every model
-        s = summaries[name]
+        windows, window_domains = bench.windows(), bench.window_domains()
+        s = _summary(folders.get(name))
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
                       "trainable_parameters": _adapter_size(model),
                       "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -232,50 +214,49 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
             rows[name]["domains"] = {d: r["perplexity"] for d, r in ppl["domains"].items()}
         print(f"[{name}] perplexity {ppl['perplexity']:.3f} on {ppl['tokens_evaluated']:,} tokens"
               + "".join(f", {d} {r['perplexity']:.3f}" for d, r in ppl.get("domains", {}).items()), flush=True)
-    if lora is not None and rows["moe"]["training_steps"] != rows["lora"]["training_steps"]:
+    if "lora" in rows and rows["moe"]["training_steps"] != rows["lora"]["training_steps"]:
         print(f"warning: MoE trained {rows['moe']['training_steps']} steps, LoRA {rows['lora']['training_steps']}")
+    return rows, bench
 
-    throughput = None
-    if not t.skip_throughput:
-        names = list(models)
-        with _stage(f"[{', '.join(names)}] throughput, repeats interleaved"):
-            measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
-                                           t.throughput_batch_sizes, a.progress, t.kv_cache)
-        throughput = {n: m for n, m in zip(names, measured)}
-        for n in names:
-            rows[n]["throughput"] = []
-            for mine, base_row in zip(throughput[n]["results"], throughput["base"]["results"]):
-                rows[n]["throughput"].append({
-                    "batch_size": mine["batch_size"], "decode_tokens_per_s": mine["decode_tokens_per_s"],
-                    "prefill_tokens_per_s": mine["prefill_tokens_per_s"],
-                    "decode_ratio": mine["decode_tokens_per_s"] / base_row["decode_tokens_per_s"],
-                    "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]})
 
+def _measure_speed(models: Dict[str, object], rows: Dict[str, dict], a: CompareArguments,
+                   t: ThroughputArguments) -> dict:
+    """Decode and prefill tokens/s of every model with the repeats interleaved; ratios to the base's."""
+    names = list(models)
+    with _stage(f"[{', '.join(names)}] throughput, repeats interleaved"):
+        measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
+                                       t.throughput_batch_sizes, a.progress, t.kv_cache)
+    throughput = dict(zip(names, measured))
+    for n in names:
+        rows[n]["throughput"] = [
+            {"batch_size": mine["batch_size"], "decode_tokens_per_s": mine["decode_tokens_per_s"],
+             "prefill_tokens_per_s": mine["prefill_tokens_per_s"],
+             "decode_ratio": mine["decode_tokens_per_s"] / base_row["decode_tokens_per_s"],
+             "prefill_ratio": mine["prefill_tokens_per_s"] / base_row["prefill_tokens_per_s"]}
+            for mine, base_row in zip(throughput[n]["results"], throughput["base"]["results"])]
+    return throughput
+
+
+def _measure_usage(moe, bench: ExpertModelBenchmark, a: CompareArguments) -> list:
+    """The MoE adapters' expert usage on the first ``routing_windows`` test windows (of each domain)."""
+    windows, window_domains, names = bench.windows(), bench.window_domains(), bench.domain_names
     with _stage("[moe] expert usage"):
-        names = bench.domain_names
-        if names:  # the first routing_windows windows of each domain
-            keep = torch.cat([(window_domains == d).nonzero()[:, 0][: a.routing_windows] for d in range(len(names))])
-            usage = expert_usage_by_domain(moe, windows[keep], window_domains[keep], names, progress=a.progress)
-        else:
-            usage = expert_usage_by_domain(moe, windows[: a.routing_windows], progress=a.progress)
-    report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
-              "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
-              "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
-              "moe_adapter": str(moe_dir), "lora_adapter": str(lora_dir) if lora_dir else None,
-              "training": {n: summaries[n].get("training_arguments") for n in ("moe", "lora") if summaries[n]},
-              "results": rows, "throughput_detail": throughput, "expert_usage": usage,
-              "moe_layers": len(adapters(moe)), "command": command or "run_compare(...) from Python"}
-    if lora is not None:
-        report["winner_perplexity"] = "moe" if rows["moe"]["perplexity"] < rows["lora"]["perplexity"] else "lora"
+        if not names:
+            return expert_usage_by_domain(moe, windows[: a.routing_windows], progress=a.progress)
+        keep = torch.cat([(window_domains == d).nonzero()[:, 0][: a.routing_windows] for d in range(len(names))])
+        return expert_usage_by_domain(moe, windows[keep], window_domains[keep], names, progress=a.progress)
+
+
+def _write_report(report: dict, usage: list, domain_names, out: Path) -> None:
+    """compare.json, the charts, report.md, and the table on the terminal."""
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1) + "\n")
     charts = compare_charts(report, out)
     save_usage_heatmap(usage, out / "expert_usage.png", title="MoE expert usage on the test windows")
     charts.append("expert_usage.png")
-    if len(names) > 1:
+    if domain_names and len(domain_names) > 1:
         save_domain_heatmap(usage, out / "domain_expert_usage.png", title="MoE domain x expert usage")
         charts.append("domain_expert_usage.png")
     atomic_write_text(out / "report.md", compare_markdown(report, charts))
     print()
     print(compare_table(report))
     print(f"\nwrote {out / 'compare.json'}, {out / 'report.md'} and charts in {out}")
-    return report
