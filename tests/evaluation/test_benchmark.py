@@ -1,6 +1,6 @@
 """ExpertModelBenchmark: perplexity against a hand computation, the token cap, throughput against a fake
 clock, memory against the KV-cache formula and the real cache, routing health (with a forced collapse) and
-the full JSON report. The `benchmark` command: tests/cli/test_benchmark_command.py."""
+the full JSON report. The `benchmark` command: tests/cli/test_benchmark.py."""
 
 import copy
 import json

@@ -1,5 +1,5 @@
 """generate_text, the interactive session (in process: what each turn's prompt holds), and model resolution
-for the CLI. The `inference` command itself, through a pseudo-terminal too: tests/cli/test_inference_command.py."""
+for the CLI. The `inference` command itself, through a pseudo-terminal too: tests/cli/test_inference.py."""
 
 import io
 
