@@ -2,6 +2,7 @@
 files a user can get wrong: one-line errors that name the problem and the fix, never a traceback."""
 
 import json
+import time
 
 import pytest
 
@@ -130,6 +131,15 @@ def test_each_hub_source_can_name_its_configuration(monkeypatch):
     load_text_dataset("wikitext", config="wikitext-2-raw-v1")
     assert calls[-1] == ("wikitext", "wikitext-2-raw-v1")
     assert domain_name("openai/gsm8k:main") == "gsm8k"
+
+
+def test_a_dataset_not_in_the_cache_fails_fast_naming_local_forms(unreachable_hub):
+    started = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_text_dataset("some-org/some-data")
+    assert time.perf_counter() - started < 15
+    assert "the Hub cannot be used (cannot connect to 127.0.0.1:9" in str(info.value)
+    assert "--dataset embedded" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
