@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny random Llama (seconds), the embedded SmolLM2-135M (loaded once per session), the
-shared data folder, and two guards that keep the test run honest:
+shared data folder, a Hub that cannot be reached, and two guards that keep the test run honest:
 
 - a test that loads the embedded SmolLM2-135M must be marked ``@pytest.mark.slow`` (the ``smollm`` fixture or
   any in-process load of the model fails an unmarked test);
@@ -224,3 +224,12 @@ def lora_on_trained_base(trained_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora-on-trained-base") / "lora"
     save_lora(model, folder)
     return folder
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The Hub as a closed local port: one refused connection decides it is unreachable."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens

@@ -1,8 +1,9 @@
-"""The package's structural rule, checked on every test run (README "Architecture").
+"""The package's structural rule, checked on every test run (docs/design.md section 7).
 
-Imports point down only (errors/config -> modeling -> integration/data -> training/evaluation/inference
--> cli), checked by import-linter's contracts in ``.importlinter``; ``modeling`` imports only torch, the
-standard library and the package's bottom floor; no module imports another module's private (``_name``) name.
+Imports point down only (errors/config -> modeling -> integration/data/metrics -> training | evaluation |
+inference -> comparison | lifecycle -> cli, where ``|`` separates packages that may not import each other),
+checked by import-linter's contracts in ``.importlinter``; ``modeling`` imports only torch, the standard library
+and the package's bottom floor; no module imports another module's private (``_name``) name.
 """
 
 import ast
@@ -10,8 +11,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "llama_expert"
@@ -74,8 +73,34 @@ def test_modeling_imports_only_torch_and_the_standard_library():
     assert not offences, "; ".join(offences)
 
 
-@pytest.mark.parametrize("floor", ["modeling", "integration", "data", "training", "evaluation", "inference",
-                                   "lifecycle", "cli"])
-def test_every_floor_has_a_test_folder(floor):
-    """Tests mirror the layout, so a new module has an obvious place for its tests."""
-    assert (ROOT / "tests" / floor).is_dir()
+def test_tests_mirror_the_modules():
+    """tests/<package>/test_<module>.py tests src/llama_expert/<package>/<module>.py, so a module's tests have one
+    obvious place and a test file names what it tests: every package has a test folder, and every test file
+    names a module (or package) of its folder's package. A few files test what the package does across its
+    modules; they say so in WHOLE_PACKAGE_TESTS."""
+    tests = ROOT / "tests"
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert [p for p in packages if not (tests / p).is_dir()] == []
+    stray = []
+    for test_file in sorted(tests.rglob("test_*.py")):
+        folder = test_file.parent.relative_to(tests)
+        if folder.parts and folder.parts[0] == "benchmarks":  # the scripts in benchmarks/, not the package
+            continue
+        name = test_file.stem[len("test_"):]
+        source = PACKAGE.joinpath(*folder.parts)
+        if not ((source / f"{name}.py").is_file() or (source / name).is_dir()
+                or str(test_file.relative_to(tests)) in WHOLE_PACKAGE_TESTS):
+            stray.append(str(test_file.relative_to(tests)))
+    assert stray == [], f"test files that name no module of their folder's package: {stray}"
+
+
+# test files that test a package across its modules (their name says what they check, not which module)
+WHOLE_PACKAGE_TESTS = {
+    "test_architecture.py",  # the import rules and this layout, over every module
+    "test_shared_data.py",  # the tests' own guard for the shared data folder (conftest.py)
+    "test_seed_surfaces.py",  # the seed's documented surfaces: ExpertModelBenchmark(model_path=...) and main.py
+    "cli/test_token_never_written.py",  # every command run with --auth-token: no file, output or child argv holds it
+    "integration/test_causality.py",  # every registered router in a Transformers model: causal, cached decoding exact
+    "modeling/test_reference.py",  # every registered router and expert bank against its per-token formula
+    "training/test_reliability.py",  # a new user's probe, pinned: checkpoints, locks, modes, signals, resume, data
+}

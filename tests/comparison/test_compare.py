@@ -1,21 +1,24 @@
 """`llama-expert compare` end to end on the tiny trained base: trains MoE and LoRA briefly, measures all three in
-one run, and every number in compare.json is checked against a measurement made here, independently."""
+one run, and every number in compare.json is checked against a measurement made here, independently; with
+`--test-dataset a,b` each domain is measured on its own windows, with the mean of their log-perplexities and the
+domain-expert mutual information per layer. Outputs that hold a run or an adapter are never written over."""
 
 import copy
 import json
+import math
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from llama_expert import load_adapter_weights
+from llama_expert import load_adapter_weights, load_base_model, load_tokenizer
 from llama_expert.cli import main
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert.integration.peft_lora import load_lora_model, matched_lora_rank
+from llama_expert.metrics.routing import domain_specialisation
 
 
 def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, capsys, trained_base):
-    from llama_expert import load_base_model, load_tokenizer
-
     folder, text = trained_base
     base, tokenizer = load_base_model(str(folder)), load_tokenizer(str(folder))
     out = tmp_path / "cmp"
@@ -71,6 +74,56 @@ def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, c
     winner = {"moe": "MoE adapters", "lora": "LoRA"}[report["winner_perplexity"]]
     assert f"**Perplexity winner: {winner}**" in text
     assert "| lora |" in capsys.readouterr().out
+
+
+def test_compare_measures_each_domain_and_their_mean(trained_base, tmp_path, capsys):
+    base_folder, train_text = trained_base
+    text = tmp_path / "prose.txt"
+    text.write_text(train_text.read_text())
+    other = tmp_path / "digits.txt"
+    other.write_text("0123456789 9876543210 " * 200)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--model", str(base_folder), "--output-dir", str(out),
+                 "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-every", "0",
+                 "--eval-seq-len", "32", "--max-tokens", "128", "--dataset", str(text),
+                 "--test-dataset", f"{text},{other}", "--skip-throughput", "--routing-windows", "2",
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "compare.json").read_text())
+    base = load_base_model(str(base_folder))
+    tokenizer = load_tokenizer(str(base_folder))
+    moe = load_adapter_weights(copy.deepcopy(base), out / "moe").eval()
+    domains = {"prose": str(text), "digits": str(other)}
+    for name, model in {"base": base, "moe": moe}.items():
+        row = report["results"][name]
+        assert list(row["domains"]) == list(domains)
+        logs = []
+        for domain, source in domains.items():
+            ppl = ExpertModelBenchmark(model, tokenizer, dataset=source, seq_len=32, max_tokens=128,
+                                       progress=False).benchmark_perplexity()
+            assert row["domains"][domain] == pytest.approx(ppl["perplexity"], rel=1e-5), (name, domain)
+            logs.append(math.log(ppl["perplexity"]))
+        assert row["perplexity"] == pytest.approx(math.exp(sum(logs) / len(logs)), rel=1e-5), name
+    assert report["results"]["base"]["domains"]["digits"] != report["results"]["base"]["domains"]["prose"]
+
+    # Routing: per layer the NMI of domain and expert over both domains' first two windows.
+    windows = [ExpertModelBenchmark(moe, tokenizer, dataset=s, seq_len=32, max_tokens=128).windows()[:2]
+               for s in domains.values()]
+    mine = domain_specialisation(moe, torch.cat(windows), torch.tensor([0, 0, 1, 1]), list(domains), progress=False)
+    usage = report["expert_usage"]
+    assert len(usage) == len(mine) == 2
+    for layer, want in zip(usage, mine):
+        assert layer["domains"] == list(domains)
+        assert layer["domain_expert_nmi"] == pytest.approx(want["nmi"], abs=1e-9)
+        assert layer["tokens"] == 4 * 32
+    assert (out / "domain_expert_usage.png").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| model | trainable params | prose | digits | mean PPL (exp mean log) |" in markdown
+    assert "| layer | experts | entropy | min load | max load | NMI |" in markdown
+    assert "![domain_expert_usage.png](domain_expert_usage.png)" in markdown
+    printed = capsys.readouterr().out
+    assert "| prose | digits | mean PPL (exp mean log) |" in printed
+    assert "nan" not in printed  # --skip-throughput: no speed columns filled with nan
 
 
 def _tiny_compare(base_folder, text, out, *extra):

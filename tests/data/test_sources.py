@@ -1,12 +1,12 @@
-"""Datasets: the embedded corpus, local files and folders (WikiText names), JSON lines, and errors."""
+"""Datasets: the embedded corpus, local files and folders (WikiText names), JSON lines, Hub sources, and the
+files a user can get wrong: one-line errors that name the problem and the fix, never a traceback."""
 
 import json
+import time
 
 import pytest
-import torch
 
-from llama_expert.data import (embedded_corpus, load_text_dataset, pack_blocks, select_split,
-                               tokenize_documents)
+from llama_expert.data import embedded_corpus, load_split, load_text_dataset, select_split, tokenize_documents
 from llama_expert.errors import DataError
 
 
@@ -91,21 +91,6 @@ def test_missing_path_and_unreachable_hub_dataset_say_what_to_pass(tmp_path):
         load_text_dataset("no-such-org/no-such-dataset")
 
 
-def test_pack_blocks_drops_the_tail_and_caps():
-    ids = torch.arange(25)
-    assert pack_blocks(ids, 10).tolist() == [list(range(10)), list(range(10, 20))]
-    assert pack_blocks(ids, 10, max_blocks=1).shape == (1, 10)
-    assert pack_blocks(ids, 5, max_tokens=12).shape == (2, 5)
-    with pytest.raises(DataError, match="fewer than one block"):
-        pack_blocks(ids, 30)
-
-
-def test_tokenize_joins_documents_with_blank_lines(embedded_tokenizer):
-    tokenizer = embedded_tokenizer
-    ids = tokenize_documents(["a\n", "b\n"], tokenizer)
-    assert tokenizer.decode(ids) == "a\n\n\nb\n"
-
-
 def test_a_folder_of_code_is_a_dataset_of_files(tmp_path):
     """A folder without split-named files (a code repository): each code or text file is one document, the
     last 5% of files (at least one) held out for validation; binary and non-UTF-8 files are skipped."""
@@ -146,3 +131,60 @@ def test_each_hub_source_can_name_its_configuration(monkeypatch):
     load_text_dataset("wikitext", config="wikitext-2-raw-v1")
     assert calls[-1] == ("wikitext", "wikitext-2-raw-v1")
     assert domain_name("openai/gsm8k:main") == "gsm8k"
+
+
+def test_a_dataset_not_in_the_cache_fails_fast_naming_local_forms(unreachable_hub):
+    started = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_text_dataset("some-org/some-data")
+    assert time.perf_counter() - started < 15
+    assert "the Hub cannot be used (cannot connect to 127.0.0.1:9" in str(info.value)
+    assert "--dataset embedded" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name, content, words", [
+    ("image.png", b"\x89PNG\r\n\x1a\n\x00\x00", ["unsupported file type '.png'", ".txt, .raw or .jsonl"]),
+    ("rows.jsonl", b'[1, 2]\n', ["rows.jsonl:1", "JSON object", "got a list"]),
+    ("scalar.jsonl", b'"text"\n', ["scalar.jsonl:1", "got a str"]),
+    ("broken.jsonl", b'{"text": \n', ["broken.jsonl:1 is not valid JSON"]),
+    ("empty.txt", b"", ["empty.txt is empty"]),
+    ("blank.txt", b"  \n\n", ["blank.txt is empty"]),
+    ("latin1.txt", "café\n".encode("latin-1"), ["latin1.txt is not UTF-8 text", "byte 3"]),
+])
+@pytest.mark.parametrize("loader", ["split", "dataset"])
+def test_bad_files_give_one_line_errors(tmp_path, name, content, words, loader):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_split(str(path), None, None, "train") if loader == "split" else load_text_dataset(str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_a_folder_with_an_empty_split_file_names_the_file(tmp_path):
+    (tmp_path / "train.txt").write_text("some text\n")
+    (tmp_path / "valid.txt").write_text("")
+    with pytest.raises(DataError, match="valid.txt is empty"):
+        load_text_dataset(str(tmp_path))
+
+
+def test_a_one_line_file_names_eval_dataset(tmp_path):
+    """A file too short to hold out a validation tail says how to give validation text."""
+    from llama_expert.data import select_split
+
+    path = tmp_path / "one.txt"
+    path.write_text("just one line\n")
+    with pytest.raises(DataError, match="no \\(or an empty\\) 'validation' split .*--eval-dataset"):
+        select_split(load_text_dataset(str(path)), "validation", str(path))
+
+
+def test_empty_rows_are_not_counted_as_splits_with_text(tmp_path):
+    from llama_expert.data import select_split
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": ""}\n' * 10)
+    with pytest.raises(DataError, match="splits with text: none"):
+        select_split(load_text_dataset(str(path)), "train", str(path))

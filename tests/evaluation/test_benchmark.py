@@ -1,6 +1,7 @@
 """ExpertModelBenchmark: perplexity against a hand computation, the token cap, throughput against a fake
 clock, memory against the KV-cache formula and the real cache, routing health (with a forced collapse) and
-the full JSON report. The `benchmark` command: tests/cli/test_benchmark_command.py."""
+the full JSON report, its sections handed over in order as measured. The `benchmark` command:
+tests/cli/test_benchmark.py."""
 
 import copy
 import json
@@ -279,3 +280,20 @@ def test_full_report_is_json(tiny_model, text_folder):
     table = format_report(report)
     for words in ("Perplexity", "word perplexity", "Routing health", "Throughput", "Memory", "KV cache"):
         assert words in table
+
+
+def test_sections_are_reported_in_order_as_measured(tiny_model, text_folder):
+    model = augment_model(copy.deepcopy(tiny_model), moe_config())
+    bench = ExpertModelBenchmark(model, CharTokenizer(), dataset=str(text_folder), seq_len=64, max_tokens=128,
+                                 progress=False)
+    seen = []
+    report = bench.run_full_benchmark(num_samples=1, prompt_len=8, new_tokens=2, batch_sizes=(1,), routing_windows=1,
+                                      on_section=lambda name, result: seen.append((name, result)))
+    assert [name for name, _ in seen] == ["perplexity", "routing_health", "throughput", "memory"]
+    assert all(result is report[name] for name, result in seen)
+    # a base model without throughput: the skipped sections are None in the report and not announced
+    seen.clear()
+    base = ExpertModelBenchmark(tiny_model, CharTokenizer(), dataset=str(text_folder), seq_len=64, max_tokens=128,
+                                progress=False).run_full_benchmark(throughput=False, on_section=lambda n, r: seen.append(n))
+    assert seen == ["perplexity", "memory"]
+    assert base["routing_health"] is None and base["throughput"] is None

@@ -1,16 +1,41 @@
-"""`load_model_and_tokenizer` (inference, serve, benchmark) loads both adapter kinds: llama-expert MoE adapters and
-the PEFT LoRA folders that `train --method lora` and `distill` write, the latter exactly as PEFT itself does."""
+"""`load_model_and_tokenizer` (inference, serve, benchmark) resolves a base, a base with fresh adapters, or an
+adapter folder with the base it records, and loads both adapter kinds: llama-expert MoE adapters and the PEFT LoRA
+folders that `train --method lora` and `distill` write, the latter exactly as PEFT itself does."""
 
 import warnings
 
 import pytest
 import torch
 from peft import PeftModel
+from transformers import LlamaForCausalLM
 
+from llama_expert import ConfigError, ExpertConfig, augment_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.inference.generation import generate_text
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 from llama_expert.integration.loading import load_model_and_tokenizer
+
+
+def test_load_model_for_cli_resolves_bases_and_adapters(chat_folder, tmp_path):
+    model, tok, info = load_model_and_tokenizer(str(chat_folder), augmented=False)
+    assert info == {"base_model": str(chat_folder), "adapter": None, "augmented": False, "fresh_adapter": False}
+    assert not hasattr(model, "expert_config") and len(tok) == model.config.vocab_size
+
+    model, _, info = load_model_and_tokenizer(str(chat_folder))
+    assert info["fresh_adapter"] and model.expert_config == ExpertConfig()
+
+    trained = augment_model(LlamaForCausalLM.from_pretrained(chat_folder),
+                            ExpertConfig(num_experts=4, top_k=2, expert_allocation="uniform"))
+    with torch.no_grad():
+        trained.model.layers[1].mlp.experts.up.fill_(0.5)
+    adapter = save_adapter(trained, tmp_path / "adapter", base_model_name_or_path=str(chat_folder))
+    for args in [(str(adapter),), (str(chat_folder), str(adapter)), (None, str(adapter))]:
+        model, _, info = load_model_and_tokenizer(*args)
+        assert info["adapter"] == str(adapter) and info["base_model"] == str(chat_folder)
+        assert not info["fresh_adapter"] and model.expert_config.num_experts == 4
+        assert torch.all(model.model.layers[1].mlp.experts.up == 0.5)
+    with pytest.raises(ConfigError, match="is an adapter folder"):
+        load_model_and_tokenizer(str(adapter), adapter=str(adapter))
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,5 @@
+import copy
+import json
 import re
 
 import pytest
@@ -5,7 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, adapter_parameters, augment_model,
+from llama_expert import (ConfigError, ExpertConfig, MoEAdapter, adapter_parameters, augment_model, load_base_model,
                           parameter_counts, parameter_report, remove_adapters, router_losses, weighted_router_loss)
 from llama_expert.modeling import EXPERT_BANKS
 from llama_expert.modeling.decode_kernel import kernel_library
@@ -355,3 +357,54 @@ def test_the_decode_kernel_is_checked_once_per_forward_pass_and_released_after(t
         model(input_ids=ids)
     handle.remove()
     assert all(adapter.pass_kernel is None for adapter in layers)
+
+
+# ---------------------------------------------------------------------------------------------- lm-evaluation-harness
+# The harness sees an augmented model as an ordinary Transformers model (its HFLM wrapper). It fetches its stock
+# tasks from the Hub, so the test defines a tiny local task (a rolling log-likelihood over three WikiText-2
+# paragraphs read from a JSON-lines file) with the harness's own YAML.
+TASK_YAML = """task: tiny_wikitext
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+metadata:
+  version: 1.0
+"""
+
+
+def _harness_results(model, tokenizer, task_dir):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=256)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["tiny_wikitext"], task_manager=TaskManager(include_path=str(task_dir)),
+                                      limit=3, bootstrap_iters=0)
+    return results["results"]["tiny_wikitext"]
+
+
+def test_augmented_model_runs_in_lm_eval_harness(tmp_path, shared_data, chat_folder, embedded_tokenizer):
+    """On a tiny random Llama with the embedded model's tokenizer: what matters is how the harness sees an
+    augmented model, not SmolLM2's numbers."""
+    pytest.importorskip("lm_eval")
+    wikitext_test = shared_data("wikitext-2-raw/wiki.test.raw")  # skips naming the path when missing; fails on CI
+    base, tokenizer = load_base_model(str(chat_folder)).eval(), embedded_tokenizer
+    paragraphs = [line for line in wikitext_test.read_text().splitlines() if len(line) > 200][:3]
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"text": p[:600]}) + "\n" for p in paragraphs))
+    (tmp_path / "tiny_wikitext.yaml").write_text(TASK_YAML.format(data=data))
+
+    augmented = augment_model(copy.deepcopy(base), ExpertConfig()).eval()
+    got = _harness_results(augmented, tokenizer, tmp_path)
+    want = _harness_results(base, tokenizer, tmp_path)
+    assert 1.0 < got["word_perplexity,none"] < float("inf")
+    # fresh adapters compute exactly the base model, so the harness must see the same numbers
+    assert got["word_perplexity,none"] == pytest.approx(want["word_perplexity,none"], rel=1e-5)

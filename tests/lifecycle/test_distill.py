@@ -1,5 +1,6 @@
 """`distill`: a dense LoRA trained to reproduce the MoE-augmented model gets closer to it (held-out KL falls,
-measured here independently), is written in PEFT's format, and `export --merge` takes it: the whole path."""
+measured here independently), is written in PEFT's format, and `export --merge` takes it: the whole path. A
+distillation that leaves the student worse fails and writes nothing."""
 
 import json
 
@@ -15,19 +16,23 @@ from llama_expert.lifecycle.distill import distillation_loss
 from llama_expert.integration.peft_lora import load_lora_model
 
 
-@pytest.fixture
-def moe_folder(trained_base, tmp_path):
+def _moe_adapter(trained_base, folder, scale):
+    """(base folder, calibration text file, a MoE adapter folder whose experts change the base by ``scale``)."""
     base_folder, text = trained_base
     model = augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=4, top_k=2,
                                                                           expert_allocation="uniform"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, adapter in adapters(model):
-            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * 0.3)
+            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * scale)
             adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator))
-    folder = tmp_path / "moe"
     save_adapter(model, folder, base_model_name_or_path=str(base_folder))
     return base_folder, text, folder
+
+
+@pytest.fixture
+def moe_folder(trained_base, tmp_path):
+    return _moe_adapter(trained_base, tmp_path / "moe", 0.3)
 
 
 def test_distillation_loss_is_the_kl_divergence_per_token():
@@ -74,3 +79,15 @@ def test_bad_distill_input_gets_one_line(moe_folder, tmp_path, cli_error):
     assert "--rank must be >= 1" in cli_error(["distill", "--adapter", str(folder), "--output-dir", out, "--rank", "0"])
     assert "not found" in cli_error(["distill", "--adapter", str(tmp_path / "none"), "--output-dir", out])
     assert "--output-dir" in cli_error(["distill", "--adapter", str(folder)])
+
+
+def test_a_distillation_that_makes_the_student_worse_fails_and_writes_nothing(trained_base, tmp_path, cli_error):
+    """A teacher barely off the base (KL ~0.002) and a learning rate far too high: the student ends far off."""
+    _, text, folder = _moe_adapter(trained_base, tmp_path / "moe", 0.01)
+    out = tmp_path / "dense"
+    err = cli_error(["distill", "--adapter", str(folder), "--output-dir", str(out), "--calibration", str(text),
+                     "--seq-len", "32", "--max-tokens", "1024", "--steps", "4", "--batch-size", "2",
+                     "--learning-rate", "1", "--held-out", "2", "--no-progress"])
+    assert f"distillation left the student further from {folder} on the 2 held-out windows (KL " in err
+    assert f"nothing was written to {out}; lower --learning-rate (now 1) or raise --steps" in err
+    assert not out.exists()

@@ -1,6 +1,6 @@
 """Transformers 5 renamed the KV-cache argument ``past_key_values`` to ``cache`` and removes the old name in
 5.40 (pyproject caps below it). Every path that decodes with a cache passes the name the installed
-version has: none of them may trigger Transformers' deprecation message."""
+version has (``cache_kwargs``): none of them may trigger Transformers' deprecation message."""
 
 import logging
 import warnings

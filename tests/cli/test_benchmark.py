@@ -1,11 +1,15 @@
-"""`llama-expert benchmark`: the embedded model end to end (slow), and a missing adapter as a clear error."""
+"""`llama-expert benchmark`: the embedded model end to end (slow), a missing adapter as a clear error, a PEFT LoRA
+folder, each domain of `--dataset a,b` with the domain-expert information, and an output never replaced unasked."""
 
 import json
+import math
 import warnings
 
 import pytest
 
 from llama_expert.cli import main
+from llama_expert.evaluation.benchmark import ExpertModelBenchmark
+from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
 
 @pytest.mark.slow
@@ -78,3 +82,34 @@ def test_output_json_never_replaces_a_file_unless_asked_and_is_checked_before_lo
     assert f"--output-json {blocker / 'r.json'} cannot be written ({blocker} is a file, not a folder)" in err
     assert main(["benchmark", "--model", str(chat_folder), "--output-json", str(out), "--overwrite", *small]) == 0
     assert json.loads(out.read_text())["perplexity"]["seq_len"] == 32
+
+
+def test_benchmark_measures_each_domain_and_the_domain_expert_information(trained_base, tmp_path, capsys):
+    base_folder, train_text = trained_base
+    prose, digits = tmp_path / "prose.txt", tmp_path / "digits.txt"
+    prose.write_text(train_text.read_text())
+    digits.write_text("0123456789 9876543210 " * 200)
+    out = tmp_path / "bench.json"
+    code = main(["benchmark", "--model", str(base_folder), "--dataset", f"{prose},{digits}", "--seq-len", "32",
+                 "--max-tokens", "96", "--skip-throughput", "--routing-windows", "2", "--output-json", str(out),
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    base = load_base_model(str(base_folder))
+    tokenizer = load_tokenizer(str(base_folder))
+    ppl = report["perplexity"]
+    logs = []
+    for name, source in {"prose": prose, "digits": digits}.items():
+        alone = ExpertModelBenchmark(base, tokenizer, dataset=str(source), seq_len=32, max_tokens=96,
+                                     progress=False).benchmark_perplexity()
+        # fresh adapters compute exactly the base: the same perplexity as the plain base, domain by domain
+        assert ppl["domains"][name]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5), name
+        assert ppl["domains"][name]["windows"] == 3
+        logs.append(alone["mean_nll"])
+    assert ppl["perplexity"] == pytest.approx(math.exp(sum(logs) / 2), rel=1e-5)
+    layers = report["routing_health"]["layers"]
+    assert report["routing_health"]["windows"] == 4  # two per domain
+    assert all(layer["domains"] == ["prose", "digits"] and 0.0 <= layer["domain_expert_nmi"] <= 1.0
+               for layer in layers)
+    printed = capsys.readouterr().out
+    assert "Perplexity per domain" in printed and "NMI" in printed

@@ -1,5 +1,6 @@
-"""Progress on long work: bars on stderr (off with progress=False and off a terminal), benchmark sections
-printed as measured, compare's stage lines. A fake terminal stands in for stderr: an ``isatty`` StringIO."""
+"""Progress on long work (progress.py): bars on stderr in every long loop (off with progress=False and off a
+terminal), the benchmark command's report printed as it is measured, compare's stage lines. A fake terminal stands
+in for stderr: an ``isatty`` StringIO. The order of the benchmark's sections: evaluation/test_benchmark.py."""
 
 import copy
 import io
@@ -12,7 +13,6 @@ import torch
 from llama_expert import ExpertConfig, augment_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.data.packing import tokenize_documents
-from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert.comparison.compare import CompareArguments, run_compare
 from llama_expert.metrics.perplexity import evaluate_perplexity
 from llama_expert.evaluation.reports import format_report
@@ -90,22 +90,6 @@ def test_bars_show_each_loop_with_its_total(tiny_model, monkeypatch):
     assert "throughput:" in written and "| 0/12 [" in written  # 2 batch sizes x (1 warm-up + 2 repeats) x 2 models
     assert "routing:" in written and "| 0/2 [" in written
     assert "tokenising 6 characters:" in written and "| 0/1 [" in written  # "ab\n\ncd": one tokenizer call
-
-
-def test_sections_are_reported_in_order_as_measured(tiny_model, text_folder):
-    bench = ExpertModelBenchmark(augmented(tiny_model), CharTokenizer(), dataset=str(text_folder), seq_len=64,
-                                 max_tokens=128, progress=False)
-    seen = []
-    report = bench.run_full_benchmark(num_samples=1, prompt_len=8, new_tokens=2, batch_sizes=(1,), routing_windows=1,
-                                      on_section=lambda name, result: seen.append((name, result)))
-    assert [name for name, _ in seen] == ["perplexity", "routing_health", "throughput", "memory"]
-    assert all(result is report[name] for name, result in seen)
-    # a base model without throughput: the skipped sections are None in the report and not announced
-    seen.clear()
-    base = ExpertModelBenchmark(tiny_model, CharTokenizer(), dataset=str(text_folder), seq_len=64, max_tokens=128,
-                                progress=False).run_full_benchmark(throughput=False, on_section=lambda n, r: seen.append(n))
-    assert seen == ["perplexity", "memory"]
-    assert base["routing_health"] is None and base["throughput"] is None
 
 
 @pytest.mark.parametrize("flags", [["--no-progress"], []])

@@ -1,4 +1,5 @@
-"""Keeping a subset of a layer's experts (what pruning does): every per-expert tensor is sliced, nothing else."""
+"""MoEAdapter.keep_experts (what pruning does) and split_expert (what dynamic allocation does): every tensor
+stacked by expert is declared, sliced or copied, nothing else."""
 
 import copy
 

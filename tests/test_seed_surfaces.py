@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama_expert import ConfigError, ExpertConfig, ExpertModelBenchmark, augment_model, load_base_model, \
     load_tokenizer, save_adapter
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

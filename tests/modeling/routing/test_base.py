@@ -1,0 +1,119 @@
+"""RouterBase: what every router does. It routes in float32 (bfloat16 input, autocast), keeps routing statistics
+(never saved), computes no losses under no_grad in eval, updates its buffers once per pass under gradient
+checkpointing, and draws its router matrix at the configured scale."""
+
+import pytest
+import torch
+
+from llama_expert import ExpertConfig, load_augmented_model
+from llama_expert.integration.surgery import adapter_state_dict
+from llama_expert.modeling.routing import ROUTERS
+
+from .helpers import EXPERTS, TOP_K
+
+HIDDEN = 8  # the width of the checks that build every registered router
+
+
+def test_router_runs_in_float32_for_bfloat16_input(router, hidden):
+    ref = router(hidden)
+    r = router(hidden.to(torch.bfloat16))
+    for t in (r.gates, r.probs, r.logits):
+        assert t.dtype == torch.float32
+    assert torch.equal(r.logits, torch.nn.functional.linear(hidden.to(torch.bfloat16).float(), router.weight))
+    assert router.aux_loss.dtype == torch.float32 and router.z_loss.dtype == torch.float32
+    assert ref.logits.dtype == torch.float32
+
+
+def test_router_runs_in_float32_under_autocast(router, hidden):
+    ref = router(hidden)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(hidden)
+        assert torch.nn.functional.linear(hidden, router.weight).dtype == torch.bfloat16  # autocast is active
+    for t in (r.gates, r.probs, r.logits):
+        assert t.dtype == torch.float32
+    assert torch.equal(r.logits, ref.logits)
+    assert torch.equal(r.indices, ref.indices)
+    assert router.z_loss.dtype == torch.float32
+
+
+def test_expert_counts_accumulate_and_reset(router, hidden):
+    router(hidden)
+    assert router.expert_counts.sum().item() == 0  # recording is off unless asked for
+    router.record_statistics = True
+    r1 = router(hidden)
+    counts1 = torch.bincount(r1.indices.reshape(-1), minlength=EXPERTS).double()
+    assert torch.equal(router.expert_counts, counts1)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[:15] = True
+    r2 = router(hidden, mask)
+    counts2 = torch.bincount(r2.indices[:15].reshape(-1), minlength=EXPERTS).double()
+    assert torch.equal(router.expert_counts, counts1 + counts2)
+    assert router.expert_counts.sum().item() == (40 + 15) * TOP_K
+    assert router.tokens_seen.item() == 55
+    assert router.entropy_sum.item() > 0
+    router.reset_statistics()
+    assert router.expert_counts.sum().item() == 0
+    assert router.tokens_seen.item() == 0
+    assert router.entropy_sum.item() == 0
+
+
+def test_statistics_are_not_saved_in_state_dict(router):
+    assert set(router.state_dict()) == {"weight", "noise_weight"}
+
+
+def test_routers_skip_losses_under_no_grad_eval():
+    for name in ROUTERS.names():
+        router = ROUTERS.get(name).from_config(HIDDEN, 4, ExpertConfig(num_experts=4, top_k=2)).eval()
+        with torch.no_grad():
+            routing = router(torch.randn(6, HIDDEN))
+        assert router.aux_loss is None and router.z_loss is None, name
+        assert routing.probs is None, name
+
+
+def test_routers_record_statistics():
+    for name in ROUTERS.names():
+        router = ROUTERS.get(name).from_config(HIDDEN, 4, ExpertConfig(num_experts=4, top_k=2)).eval()
+        router.record_statistics = True
+        with torch.no_grad():
+            routing = router(torch.randn(6, HIDDEN))
+        assert float(router.tokens_seen) == 6, name
+        assert float(router.expert_counts.sum()) == int((routing.gates > 0).sum()), name  # the chosen pairs
+        router.reset_statistics()
+        assert float(router.tokens_seen) == 0 and float(router.expert_counts.sum()) == 0, name
+
+
+@pytest.mark.parametrize("router_type", ["aux_free", "expert_choice"])
+def test_buffer_updates_happen_once_per_pass_under_gradient_checkpointing(tiny_folder, router_type):
+    """The recomputed forward of gradient checkpointing must not update the bias / thresholds a second time."""
+    config = ExpertConfig(router_type=router_type, num_experts=4, top_k=2, expert_allocation="uniform",
+                          aux_free_bias_rate=0.1)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    states = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _ = load_augmented_model(str(tiny_folder), config=config)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        states.append({name: p.clone() for name, p in adapter_state_dict(model).items()
+                       if name.endswith((".router.bias", ".router.thresholds"))})
+    assert states[0] and states[0].keys() == states[1].keys()
+    assert any(bool(v.abs().sum() > 0) for v in states[0].values())  # the pass did update them
+    for name in states[0]:
+        torch.testing.assert_close(states[1][name], states[0][name], rtol=0, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+def test_router_init_scale_sets_the_spread_of_the_router_matrix(router_type):
+    from llama_expert.modeling.adapter import MoEAdapter
+
+    assert ExpertConfig().router_init_scale == ROUTERS.get(router_type).DEFAULT_INIT_SCALE
+    mlp = torch.nn.Linear(64, 64)
+    spreads = {}
+    for scale in (0.0, 0.1, 1.0):
+        torch.manual_seed(0)
+        adapter = MoEAdapter(mlp, 64, 16, ExpertConfig(router_type=router_type, router_init_scale=scale))
+        spreads[scale] = float(adapter.router.weight.std())
+    assert spreads[0.0] == 0.0
+    assert spreads[0.1] == pytest.approx(0.1 / 8, rel=0.1) and spreads[1.0] == pytest.approx(1 / 8, rel=0.1)

@@ -1,0 +1,33 @@
+"""The recipe (fine_tune_augmented_model, the public entry point) end to end on the tiny trained base."""
+
+import json
+
+
+def test_recipe_end_to_end(tmp_path, trained_base):
+    """fine_tune_augmented_model, the public entry point, on the tiny trained base (a local folder with its
+    tokenizer): every output, no token in any file, the adapter loads back from what it records."""
+    from llama_expert import load_augmented_model
+    from llama_expert.training.recipe import fine_tune_augmented_model
+
+    base, text = trained_base
+    out = tmp_path / "adapter"
+    secret = "hf_TESTSECRET123"
+    result = fine_tune_augmented_model(model_id=str(base), dataset_name=str(text), output_dir=str(out), max_steps=3,
+                                       batch_size=2, seq_len=64, eval_every=3, eval_max_tokens=256,
+                                       test_dataset=str(text), test_max_tokens=256, learning_rate=1e-3,
+                                       progress=False, use_tensorboard=True, auth_token=secret)
+    for path in out.rglob("*"):  # adapter, checkpoints (optimizer/RNG state), logs, TensorBoard events
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "expert_usage.json",
+                 "expert_usage.png", "training_summary.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    assert result.steps == 3 and result.tokens == 3 * 2 * 64
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["test"]["before"]["tokens"] == summary["test"]["after"]["tokens"] > 0
+    usage = json.loads((out / "expert_usage.json").read_text())
+    assert len(usage) == 2 and all(abs(sum(row["fractions"]) - 1) < 1e-6 for row in usage)
+    model, config = load_augmented_model(adapter_path=out)
+    assert model.name_or_path == str(base)
+    assert config.top_k == 2
