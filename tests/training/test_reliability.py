@@ -212,11 +212,25 @@ def test_a_learning_rate_that_cannot_work_is_refused_before_loading(rate, tmp_pa
     (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0."),
     (["--test-seq-len", "1"], "--test-seq-len must be an integer >= 2 (or unset), got 1."),
     (["--lora-r", "0"], "--lora-r must be a positive integer (the rank of the experts), got 0."),
-    (["--router-type", "nope"], "unknown --router-type 'nope'; choose one of aux_free, "),
+    (["--dynamic-interval", "0"], "--dynamic-interval must be an integer >= 1, got 0."),
 ])
 def test_validation_messages_name_the_flag_not_the_field(flags, message, tmp_path, cli_error):
     err = cli_error(["train", "--output-dir", str(tmp_path / "run"), *flags])
     assert err.startswith(f"error: {message}"), err
+
+
+@pytest.mark.parametrize("flag", ["--router-type", "--expert-type", "--expert-allocation"])
+def test_strategy_names_are_the_registries_choices(flag, capsys):
+    """An unknown router, bank or allocation is refused by the parser, which lists the registered names."""
+    from llama_expert.cli import main
+    from llama_expert.modeling import ALLOCATIONS, EXPERT_BANKS, ROUTERS
+
+    registry = {"--router-type": ROUTERS, "--expert-type": EXPERT_BANKS, "--expert-allocation": ALLOCATIONS}[flag]
+    with pytest.raises(SystemExit) as info:
+        main(["train", flag, "nope"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: invalid choice: 'nope'" in err
+    assert all(name in err for name in registry.names())
 
 
 def test_diverging_training_never_saves_nan_weights_and_keeps_the_step_0_best(base, tmp_path):

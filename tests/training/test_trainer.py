@@ -193,17 +193,14 @@ def assert_same_training(rank0, rank1, one):
     assert moved, "the adapters did not train"
 
 
+BROKEN_CASES = ["router-losses-and-noise", "aux-free"]  # run again as "<case>-local": each rank's own statistics
+
+
 @pytest.fixture(scope="module")
 def routing_runs(tmp_path_factory):
-    """Every routing case, trained on two ranks and in one process (one worker start each, for all cases)."""
-    return train_two_ranks_and_one(tmp_path_factory.mktemp("routing"), ["--cases", ",".join(ROUTING_CASES)])
-
-
-@pytest.fixture(scope="module")
-def broken_routing_runs(tmp_path_factory):
-    """The cases whose statistics are global, with each rank's own counts, load and noise instead."""
-    return train_two_ranks_and_one(tmp_path_factory.mktemp("broken"),
-                                   ["--cases", "router-losses-and-noise,aux-free", "--local-statistics"])
+    """Every routing case, and the broken ones, trained on two ranks and in one process (one worker start each)."""
+    cases = ROUTING_CASES + [f"{case}-local" for case in BROKEN_CASES]
+    return train_two_ranks_and_one(tmp_path_factory.mktemp("routing"), ["--cases", ",".join(cases)])
 
 
 @pytest.mark.parametrize("case", ROUTING_CASES)
@@ -214,18 +211,28 @@ def test_two_cpu_ranks_match_single_process_math(routing_runs, case):
     assert_same_training(*routing_runs[case])
 
 
-@pytest.mark.parametrize("case", ["router-losses-and-noise", "aux-free"])
-def test_local_routing_statistics_break_the_equality(broken_routing_runs, case):
+@pytest.mark.parametrize("case", BROKEN_CASES)
+def test_local_routing_statistics_break_the_equality(routing_runs, case):
     """The same runs with the mechanism broken on purpose (each rank's own counts, load and noise) fail the
     check above: it would catch a regression."""
     with pytest.raises(AssertionError, match="ranks disagree|not close"):
-        assert_same_training(*broken_routing_runs[case])
+        assert_same_training(*routing_runs[f"{case}-local"])
 
 
-def test_fsdp_two_cpu_ranks_match_single_process_math(tmp_path):
+FSDP_FLAGS = ["--router-losses", "--router-noise"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """(folder of a 4-step FSDP2 run on two gloo ranks, the tensors of (rank 0, rank 1, one process of batch 4))."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    return folder / "ddp", train_two_ranks_and_one(folder, FSDP_FLAGS, fsdp=True)
+
+
+def test_fsdp_two_cpu_ranks_match_single_process_math(fsdp_run):
     """FSDP2 on the frozen base (training/sharding.py), two gloo ranks of batch 2: the adapters train as in one
     process of batch 4, router losses and noise on."""
-    assert_same_training(*train_two_ranks_and_one(tmp_path, ["--router-losses", "--router-noise"], fsdp=True))
+    assert_same_training(*fsdp_run[1])
 
 
 def test_fsdp_without_gradient_averaging_breaks_the_equality(tmp_path):
@@ -236,12 +243,11 @@ def test_fsdp_without_gradient_averaging_breaks_the_equality(tmp_path):
         assert_same_training(*trained)
 
 
-def test_fsdp_checkpoints_load_and_resume_exactly(tmp_path):
+def test_fsdp_checkpoints_load_and_resume_exactly(fsdp_run, tmp_path):
     """A checkpoint written under FSDP is a plain adapter (it loads into an unsharded model), and an FSDP run
-    stopped after 2 of 4 steps and resumed ends exactly where an uninterrupted one does."""
-    flags = ["--router-losses", "--router-noise"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_two_ranks(straight, 4, flags, fsdp=True)
+    stopped after 2 of 4 steps and resumed ends exactly where an uninterrupted one (fsdp_run's) does."""
+    flags = FSDP_FLAGS
+    straight, resumed = fsdp_run[0], tmp_path / "resumed"
     run_two_ranks(resumed, 4, [*flags, "--stop-after", "2"], fsdp=True)
     done = run_two_ranks(resumed, 4, [*flags, "--resume"], fsdp=True)
     assert "resumed from" in done.stdout

@@ -6,6 +6,7 @@ Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.
 trains each named set-up of CASES in turn, into OUTPUT_DIR/<case>/.
 """
 
+import contextlib
 import os
 import sys
 import time
@@ -38,19 +39,28 @@ def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise
     return model, blocks
 
 
-def use_local_statistics():
+@contextlib.contextmanager
+def local_statistics():
     """Break the mechanism on purpose (the tests show that it matters): every rank balances with its own
     expert counts, updates the aux_free bias from its own load and draws router noise for its own tokens."""
     from llama_expert.modeling.routing import aux_free, losses, noisy_topk
 
+    saved = losses.global_sums, aux_free.global_sums, noisy_topk.data_parallel_draw
     losses.global_sums = aux_free.global_sums = lambda *tensors: tensors
     noisy_topk.data_parallel_draw = lambda like, draw=torch.randn: draw(like.shape, dtype=like.dtype, device=like.device)
+    try:
+        yield
+    finally:
+        losses.global_sums, aux_free.global_sums, noisy_topk.data_parallel_draw = saved
 
 
 # Routing set-ups the data-parallel tests run, by name: each is a list of this worker's flags.
 CASES = {"lm-loss": [], "router-losses": ["--router-losses"],
          "router-losses-and-noise": ["--router-losses", "--router-noise"],
-         "aux-free": ["--router-type", "aux_free"]}
+         "aux-free": ["--router-type", "aux_free"],
+         # the two whose statistics are global, with each rank's own instead (they must break the equality)
+         "router-losses-and-noise-local": ["--router-losses", "--router-noise", "--local-statistics"],
+         "aux-free-local": ["--router-type", "aux_free", "--local-statistics"]}
 
 
 def flag(name: str, flags) -> bool:
@@ -78,7 +88,8 @@ def train_one(out: str, steps: int, batch: int, flags, slow: bool) -> None:
                              resume=flag("--resume", flags),
                              stop_after_steps=int(flags[flags.index("--stop-after") + 1])
                              if "--stop-after" in flags else None)
-    train_model(model, WorkerMethod(model.expert_config), blocks, None, args)
+    with local_statistics() if flag("--local-statistics", flags) else contextlib.nullcontext():
+        train_model(model, WorkerMethod(model.expert_config), blocks, None, args)
     rank = int(os.environ.get("RANK", "0"))
     state = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
@@ -88,8 +99,6 @@ def main():
     out, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     flags = sys.argv[4:]
     torch.set_num_threads(1)
-    if "--local-statistics" in flags:
-        use_local_statistics()
     if "--no-gradient-average" in flags:  # break FSDP's replicated adapters on purpose: each rank keeps its own
         import llama_expert.training.trainer as trainer
         trainer.average_gradients = lambda params: None
