@@ -233,3 +233,49 @@ def unreachable_hub(monkeypatch):
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+class CharTokenizer:
+    """One token per character (code point mod 128), no chat template: a tokenizer that fits the tiny Llama."""
+
+    pad_token_id = eos_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, return_attention_mask=True, verbose=True, **kwargs):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False, **kwargs):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def moe_adapter_folder(trained_base, folder, scale):
+    """(base folder, its text file, a MoE adapter folder on it whose experts change the base by ``scale``)."""
+    from llama_expert import ExpertConfig, augment_model, load_base_model, save_adapter
+    from llama_expert.integration.surgery import adapters
+
+    base_folder, text = trained_base
+    model = augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=4, top_k=2,
+                                                                          expert_allocation="uniform"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * scale)
+            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator))
+    save_adapter(model, folder, base_model_name_or_path=str(base_folder))
+    return base_folder, text, folder
+
+
+def smollm2_shaped_base(folder, tied=True, vocab_size=512):
+    """One decoder layer of SmolLM2-135M's shape with random weights, saved to ``folder``: 4-bit sizes at its width."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                                 num_key_value_heads=3, vocab_size=vocab_size,
+                                 tie_word_embeddings=tied)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def quanto():
+    """optimum-quanto, or a skip: it is part of the [quanto] extra."""
+    return pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quanto] extra")

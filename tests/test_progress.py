@@ -20,17 +20,9 @@ from llama_expert.metrics.routing import measure_expert_usage
 from llama_expert.evaluation.throughput import ThroughputArguments, measure_interleaved
 from llama_expert.integration.loading import ModelArguments
 
+from .conftest import CharTokenizer
+
 TEXT = "Mixture of experts routes every token to a few small networks.\n" * 12
-
-
-class CharTokenizer:
-    """One token per character (code point mod 128): all that these tests need for the tiny Llama."""
-
-    def __call__(self, text, **kwargs):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    def decode(self, ids, **kwargs):
-        return "".join(map(chr, ids))
 
 
 class Terminal(io.StringIO):

@@ -20,24 +20,13 @@ from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert.evaluation.reports import format_report
 from llama_expert.evaluation.throughput import compare_throughput, measure_throughput
 
+from ..conftest import CharTokenizer
+
 TEXT = [
     "The quick brown fox jumps over the lazy dog.\n",
     "Mixture of experts routes every token to a few small networks.\n",
     "A frozen base model keeps what it knew; the adapters learn the rest.\n",
 ] * 3
-
-
-class CharTokenizer:
-    """One token per character (code point mod 128): a tokenizer small enough for the tiny Llama."""
-
-    pad_token_id = eos_token_id = 0
-    chat_template = None
-
-    def __call__(self, text, return_attention_mask=True, verbose=True, **kwargs):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i) for i in ids)
 
 
 @pytest.fixture

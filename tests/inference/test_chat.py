@@ -10,18 +10,7 @@ from transformers import LlamaForCausalLM
 from llama_expert.inference.chat import PROMPT_MARKER, interactive_session, trim_history
 from llama_expert.inference.generation import encode_prompt
 
-
-class CharTokenizer:
-    """One token per character (code point mod 128), no chat template: fits the tiny Llama."""
-
-    pad_token_id = eos_token_id = 0
-    chat_template = None
-
-    def __call__(self, text, return_attention_mask=True, **kwargs):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(int(i)) for i in ids)
+from ..conftest import CharTokenizer
 
 
 class Lines:

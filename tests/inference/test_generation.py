@@ -12,18 +12,7 @@ import torch
 from llama_expert import ConfigError
 from llama_expert.inference.generation import check_sampling, encode_prompt, generate_text, make_streamer
 
-
-class CharTokenizer:
-    """One token per character (code point mod 128), no chat template: fits the tiny Llama."""
-
-    pad_token_id = eos_token_id = 0
-    chat_template = None
-
-    def __call__(self, text, return_attention_mask=True, **kwargs):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(int(i)) for i in ids)
+from ..conftest import CharTokenizer
 
 
 class Chunks(io.StringIO):

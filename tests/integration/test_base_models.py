@@ -22,6 +22,8 @@ from llama_expert.training.arguments import DataArguments
 from llama_expert.training.methods import MoEMethod
 from llama_expert.training.recipe import fine_tune
 
+from ..conftest import smollm2_shaped_base
+
 TOKEN = "hf_TESTSECRET123"
 
 
@@ -300,32 +302,16 @@ def test_an_adapter_saved_on_a_hub_cache_folder_loads_on_another_machine(trained
 # ---------------------------------------------------------------------------------------------- 4-bit base on a CPU
 # optimum-quanto int4 weights for the frozen base's Linear layers and its tied (or untied) embedding and head,
 # adapters trained on top (QLoRA-style).
-@pytest.fixture
-def quanto():
-    """optimum-quanto, or a skip: it is part of the [quanto] extra."""
-    return pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quanto] extra")
-
-
 def _linear_weight_bytes(model):
     """Bytes of the projections' weights (a quanto tensor: its packed codes, scales and shifts)."""
     return sum(tensor_bytes(module.weight) for name, module in model.named_modules()
                if "proj" in name and getattr(module, "weight", None) is not None)
 
 
-def _smollm2_shaped_base(folder, tied=True, vocab_size=512):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # one decoder layer of SmolLM2-135M's shape, random weights
-    LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
-                                 num_key_value_heads=3, vocab_size=vocab_size,
-                                 tie_word_embeddings=tied)).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.usefixtures("quanto")
 @torch.no_grad()
 def test_4_bit_linear_weights_take_at_most_035_of_bfloat16_at_smollm2_width(tmp_path):
-    folder = _smollm2_shaped_base(tmp_path / "base")
+    folder = smollm2_shaped_base(tmp_path / "base")
     plain = load_base_model(folder, dtype="bfloat16")
     # bfloat16 compute: the groups' scales and shifts are bfloat16 (5 bits per weight with groups of 32; in
     # float32 they would take 6)
@@ -340,7 +326,7 @@ def test_4_bit_linear_weights_take_at_most_035_of_bfloat16_at_smollm2_width(tmp_
 def test_the_whole_4_bit_base_takes_at_most_035_of_bfloat16(tmp_path, tied, vocab_size):
     """Embedding and head included: a fifth of SmolLM2's and Llama 3.2 1B's weights; here most of the tied model's,
     and a quarter of the untied one's (two tables, as in Llama 3 8B)."""
-    folder = _smollm2_shaped_base(tmp_path / "base", tied=tied, vocab_size=vocab_size)
+    folder = smollm2_shaped_base(tmp_path / "base", tied=tied, vocab_size=vocab_size)
     plain = load_base_model(folder, dtype="bfloat16")
     small = load_base_model(folder, dtype="bfloat16", quantization_4bit=True)
     assert (small.get_output_embeddings().weight is small.get_input_embeddings().weight) == tied

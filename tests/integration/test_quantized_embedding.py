@@ -6,21 +6,7 @@ import torch
 
 from llama_expert.integration.base_models import quantize_4bit_on_cpu
 
-
-@pytest.fixture
-def quanto():
-    """optimum-quanto, or a skip: it is part of the [quanto] extra."""
-    return pytest.importorskip("optimum.quanto", reason="optimum-quanto is part of the [quanto] extra")
-
-
-def _smollm2_shaped_base(folder, tied=True, vocab_size=512):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # one decoder layer of SmolLM2-135M's shape, random weights
-    LlamaForCausalLM(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
-                                 num_key_value_heads=3, vocab_size=vocab_size,
-                                 tie_word_embeddings=tied)).save_pretrained(folder)
-    return str(folder)
+from ..conftest import smollm2_shaped_base
 
 
 @pytest.mark.usefixtures("quanto")
@@ -29,7 +15,7 @@ def _smollm2_shaped_base(folder, tied=True, vocab_size=512):
 def test_every_token_table_format_reads_the_rows_it_stores(tmp_path, table_format):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_smollm2_shaped_base(tmp_path / "base", vocab_size=640),
+    model = AutoModelForCausalLM.from_pretrained(smollm2_shaped_base(tmp_path / "base", vocab_size=640),
                                                  dtype=torch.bfloat16)
     plain_rows = model.get_input_embeddings()(torch.arange(640)).clone()
     quantize_4bit_on_cpu(model, table_format)

@@ -8,31 +8,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_expert import ExpertConfig, augment_model, load_augmented_model, save_adapter
+from llama_expert import load_augmented_model
 from llama_expert.cli import main
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.distill import distillation_loss
 from llama_expert.integration.peft_lora import load_lora_model
 
-
-def _moe_adapter(trained_base, folder, scale):
-    """(base folder, calibration text file, a MoE adapter folder whose experts change the base by ``scale``)."""
-    base_folder, text = trained_base
-    model = augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=4, top_k=2,
-                                                                          expert_allocation="uniform"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, adapter in adapters(model):
-            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * scale)
-            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator))
-    save_adapter(model, folder, base_model_name_or_path=str(base_folder))
-    return base_folder, text, folder
+from ..conftest import moe_adapter_folder
 
 
 @pytest.fixture
 def moe_folder(trained_base, tmp_path):
-    return _moe_adapter(trained_base, tmp_path / "moe", 0.3)
+    return moe_adapter_folder(trained_base, tmp_path / "moe", 0.3)
 
 
 def test_distillation_loss_is_the_kl_divergence_per_token():
@@ -83,7 +71,7 @@ def test_bad_distill_input_gets_one_line(moe_folder, tmp_path, cli_error):
 
 def test_a_distillation_that_makes_the_student_worse_fails_and_writes_nothing(trained_base, tmp_path, cli_error):
     """A teacher barely off the base (KL ~0.002) and a learning rate far too high: the student ends far off."""
-    _, text, folder = _moe_adapter(trained_base, tmp_path / "moe", 0.01)
+    _, text, folder = moe_adapter_folder(trained_base, tmp_path / "moe", 0.01)
     out = tmp_path / "dense"
     err = cli_error(["distill", "--adapter", str(folder), "--output-dir", str(out), "--calibration", str(text),
                      "--seq-len", "32", "--max-tokens", "1024", "--steps", "4", "--batch-size", "2",

@@ -10,32 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from llama_expert import ExpertConfig, augment_model, save_adapter
 from llama_expert.cli import main
-from llama_expert.integration.base_models import load_base_model
-from llama_expert.integration.surgery import adapters
 from llama_expert.training.run_folder import LOCK_NAME, RunLock
 
-
-def _moe_adapter(trained_base, folder, scale):
-    """(base folder, calibration text file, a MoE adapter folder whose experts change the base by ``scale``)."""
-    base_folder, text = trained_base
-    model = augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=4, top_k=2,
-                                                                          expert_allocation="uniform"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, adapter in adapters(model):
-            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * scale)
-            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator))
-    save_adapter(model, folder, base_model_name_or_path=str(base_folder))
-    return base_folder, text, folder
+from ..conftest import moe_adapter_folder
 
 
 @pytest.fixture
 def moe(trained_base, tmp_path):
-    return _moe_adapter(trained_base, tmp_path / "moe", 0.3)
+    return moe_adapter_folder(trained_base, tmp_path / "moe", 0.3)
 
 
 def _prune(folder, text, out, *extra):
