@@ -31,3 +31,23 @@ def test_recipe_end_to_end(tmp_path, trained_base):
     model, config = load_augmented_model(adapter_path=out)
     assert model.name_or_path == str(base)
     assert config.top_k == 2
+
+
+def test_every_block_comes_from_one_domain_and_keeps_its_label(trained_base, tmp_path):
+    """A mixture is packed within each domain, then the blocks are mixed: every training block and validation
+    window holds one domain's text, labelled with that domain (what oracle routing, the NMI and the heatmaps read)."""
+    from llama_expert import load_tokenizer
+    from llama_expert.training.arguments import DataArguments
+    from llama_expert.training.recipe import RecipeData
+
+    folder, _ = trained_base
+    (tmp_path / "digits.txt").write_text("".join(f"{i % 10}" * 7 + "\n" for i in range(600)))
+    (tmp_path / "letters.txt").write_text("".join("abcdefg"[i % 7] * 7 + "\n" for i in range(600)))
+    tokenizer = load_tokenizer(str(folder))
+    data = RecipeData(tokenizer, DataArguments(dataset=f"{tmp_path / 'digits.txt'},{tmp_path / 'letters.txt'}"),
+                      seq_len=32, max_samples=None, eval_max_tokens=256, progress=False)
+    alphabets = {0: set("0123456789\n"), 1: set("abcdefg\n")}
+    for blocks, labels in ((data.train, data.domains), (data.eval, data.eval_domains)):
+        assert set(labels.tolist()) == {0, 1}
+        for block, label in zip(blocks, labels.tolist()):
+            assert set(tokenizer.decode(block.tolist())) <= alphabets[label]
