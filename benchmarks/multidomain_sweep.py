@@ -43,6 +43,7 @@ def even_split(total: int, layers: int) -> str:
 NOISY = ["--router-type", "noisy_top_k"]  # the seed's router, the default until this study made aux_free the default
 CONFIGS = {
     "lora": ["--method", "lora", "--lora-r", "4"],
+    "lora-2x": ["--method", "lora", "--lora-r", "8"],  # twice the budget: what more parameters alone buy
     "moe": ["--method", "moe", *NOISY],
     "moe-aux0": ["--method", "moe", *NOISY, "--router-aux-loss-coef", "0"],
     "moe-top1": ["--method", "moe", *NOISY, "--top-k", "1"],
