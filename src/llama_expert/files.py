@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, Path]
-STAGING_PREFIX = ".tmp-"  # what write_folder and write_files stage into; a kill can leave one behind
+# What write_folder and write_files stage into; a kill can leave one behind. A name only this package writes: the
+# staging that a killed run left is deleted, and a user's own hidden folders (``.tmp-*``, say) must never be.
+STAGING_PREFIX = ".llama-expert-staging-"
 
 
 def _read_umask() -> int:
@@ -157,12 +159,13 @@ def write_files(folder: PathLike, fill: Callable[[Path], None], remove: Iterable
     return names
 
 
-def remove_stale_staging(folder: PathLike) -> List[Tuple[Path, int]]:
-    """Delete the staging folders (``.tmp-*``) a killed writer left in ``folder``; returns each with its size
-    in bytes. Call it only while no other process can be writing there (under the folder's lock)."""
+def remove_stale_staging(folder: PathLike, prefixes: Iterable[str] = (STAGING_PREFIX,)) -> List[Tuple[Path, int]]:
+    """Delete the staging folders (names starting with one of ``prefixes``) a killed writer left in ``folder``;
+    returns each with its size in bytes. Call it only while no other process can be writing there (under the
+    folder's lock)."""
     removed = []
-    for staging in sorted(Path(folder).glob(STAGING_PREFIX + "*")) if Path(folder).is_dir() else []:
-        if staging.is_dir() and not staging.is_symlink():
+    for staging in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if staging.name.startswith(tuple(prefixes)) and staging.is_dir() and not staging.is_symlink():
             size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
             shutil.rmtree(staging, ignore_errors=True)
             removed.append((staging, size))

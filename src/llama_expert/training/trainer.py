@@ -26,12 +26,13 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError, LlamaExpertError
+from ..files import remove_stale_staging
 from ..metrics.memory import peak_memory
 from ..metrics.perplexity import evaluate_perplexity
 from ..progress import progress_bar
 from .accelerator import autocast_dtype, make_accelerator
 from .arguments import TrainingArguments
-from .checkpoints import remove_stale_staging, rng_state, save_training_state, set_rng_state, write_checkpoint
+from .checkpoints import STAGING_PREFIXES, rng_state, save_training_state, set_rng_state, write_checkpoint
 from .loggers import TrainingLoggers
 from .optimizer import build_optimizer, rebuild_optimizer
 from .resume import load_latest
@@ -141,7 +142,7 @@ class Trainer:
         if self.args.resume:
             self._resume()
         if self.main:
-            remove_stale_staging(self.output_dir / "checkpoints")
+            remove_stale_staging(self.output_dir / "checkpoints", STAGING_PREFIXES)
 
     def _check_launch(self) -> None:
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
