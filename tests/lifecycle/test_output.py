@@ -61,8 +61,8 @@ def test_prune_overwrite_replaces_only_what_prune_wrote(moe, tmp_path):
     assert main(_prune(folder, text, out, "--overwrite", "--keep", "1")) == 0
     assert json.loads((out / "prune_report.json").read_text())["experts_after"] == [4, 4]
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "adapter_config.json", "adapter_model.safetensors",
-                                                     "notes.txt", "prune_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt",
+                                                     "prune_report.json"]  # no lock file: the folder is an artifact
 
 
 def test_the_message_names_the_command_that_would_replace_the_files(moe, tmp_path, cli_error):
@@ -152,6 +152,7 @@ def test_stale_staging_of_a_killed_run_is_removed_and_said(moe, tmp_path, capsys
     printed = capsys.readouterr().out
     assert f"removed 1 staging folder(s) (3 MB) that an interrupted run left in {out}" in printed
     assert not list(out.glob(f"{STAGING_PREFIX}*")) and (out / "prune_report.json").is_file()
+    assert not (out / LOCK_NAME).exists()  # the killed run's record goes too
 
 
 def test_a_users_hidden_folder_is_a_file_the_output_holds_and_is_never_deleted(moe, tmp_path, cli_error):
@@ -167,10 +168,11 @@ def test_a_users_hidden_folder_is_a_file_the_output_holds_and_is_never_deleted(m
     assert (mine / "notes.txt").read_text() == "keep me" and (out / "prune_report.json").is_file()
 
 
-def test_a_second_command_on_a_locked_output_is_refused(moe, tmp_path, cli_error):
+@pytest.mark.parametrize("holder", ["train", "prune"])
+def test_a_second_command_on_a_locked_output_is_refused(moe, tmp_path, cli_error, holder):
     _, text, folder = moe
     out = tmp_path / "pruned"
-    with RunLock(out):
+    with RunLock(out, keep_record=holder == "train"):
         err = cli_error(_prune(folder, text, out))
     assert f"another llama-expert run (pid {os.getpid()}" in err and str(out) in err
     assert not out.exists()  # the lock's holder made the folder and wrote nothing: it leaves nothing

@@ -55,8 +55,9 @@ def check_output(folder: Path, command: str, overwrite: bool, inputs: Dict[str, 
 
 @contextmanager
 def locked_output(folder: Path, command: str) -> Iterator[Path]:
-    """Hold the folder's lock for the whole command (a second one is refused); remove stale staging."""
-    with RunLock(folder):
+    """Hold the folder's lock for the whole command (a second one is refused; the lock file goes with the command:
+    the folder is an artifact); remove stale staging."""
+    with RunLock(folder, keep_record=False):
         removed = remove_stale_staging(folder)
         if removed:
             size = sum(bytes_ for _, bytes_ in removed)
