@@ -24,7 +24,7 @@ import torch
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
-from ..files import atomic_write_text, write_problem
+from ..files import atomic_write_text, held_files, relation, shown_names, unusable_output
 from ..integration.adapter_files import load_adapter_weights
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
@@ -35,7 +35,6 @@ from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..integration.peft_lora import load_lora_model, matched_lora_rank
 from ..training.methods import LoRAMethod, MoEMethod
-from ..training.run_folder import LOCK_NAME
 from ..evaluation.benchmark import ExpertModelBenchmark, environment
 from ..evaluation.throughput import ThroughputArguments, measure_interleaved
 from ..metrics.plots import save_domain_heatmap, save_usage_heatmap
@@ -115,22 +114,20 @@ def check_outputs(a: CompareArguments, children: List[Path], adapters_given: Lis
     """Before anything trains: ``--output-dir`` can be written, is no given adapter's folder (compare writes
     files that a training run holds too, expert_usage.png), and no child run replaces one it did not make
     unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
-    problem = write_problem(a.output_dir)
+    problem = unusable_output(a.output_dir)
     if problem:
-        raise ConfigError(f"--output-dir {a.output_dir} is not writable ({problem}); pass a folder you can write to.")
-    out = Path(a.output_dir).resolve()
+        raise ConfigError(problem)
     for given in filter(None, adapters_given):
-        if out == Path(given).resolve() or out.is_relative_to(Path(given).resolve()):
+        if relation(a.output_dir, given) in ("is", "lies inside"):
             raise ConfigError(f"--output-dir {a.output_dir} is or lies inside the adapter folder {given}: compare "
                               f"would write its report over that run's files; pass another --output-dir.")
     for child in children:
-        present = sorted(p.name for p in child.iterdir() if p.name != LOCK_NAME) if child.is_dir() else []
+        present = held_files(child)
         if present and not a.overwrite:
-            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
             measure = "--adapter" if child.name == "moe" else "--lora-adapter"
-            raise ConfigError(f"{child} already holds a run ({shown}), and compare would train its {child.name} "
-                              f"adapter there: pass {measure} {child} to measure that run, --overwrite to retrain it, "
-                              f"or another --output-dir.")
+            raise ConfigError(f"{child} already holds a run ({shown_names(present, 3)}), and compare would train "
+                              f"its {child.name} adapter there: pass {measure} {child} to measure that run, "
+                              f"--overwrite to retrain it, or another --output-dir.")
 
 
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,

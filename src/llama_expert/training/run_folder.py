@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import List
 
 from ..errors import ConfigError, LlamaExpertError
-from ..files import write_problem
+from ..files import LOCK_NAME, held_files_problem, unusable_output
 
-LOCK_NAME = ".llama-expert.lock"
 # Everything a training run writes into its output folder (the adapter files of both methods included).
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "checkpoints", "train_log.jsonl",
                "training_summary.json", "expert_usage.json", "expert_usage.png", "domain_expert_usage.png",
@@ -32,21 +31,16 @@ class OutputFolderLocked(LlamaExpertError):
 
 def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that cannot be written, or that holds files and is neither resumed nor overwritten."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--output-dir {folder} is a file, not a folder; pass a folder.")
-    problem = write_problem(folder)
+    problem = unusable_output(folder)
     if problem:
-        raise ConfigError(f"--output-dir {folder} is not writable ({problem}); pass a folder you can write to.")
+        raise ConfigError(problem)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it; pass one of them.")
-    if not folder.is_dir() or resume:
-        return
-    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
-    if present and not overwrite:
-        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
-        raise ConfigError(f"--output-dir {folder} already holds files ({shown}); pass --resume to continue that run, "
-                          f"--overwrite to replace its training outputs, or a new --output-dir.")
+    problem = None if resume else held_files_problem(
+        folder, overwrite, "pass --resume to continue that run, --overwrite to replace its training outputs, or a "
+                           "new --output-dir.")
+    if problem:
+        raise ConfigError(problem)
 
 
 def clear_run_outputs(folder: Path) -> List[str]:
