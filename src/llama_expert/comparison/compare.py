@@ -146,9 +146,9 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     data = data or DataArguments()
     t = throughput_args or ThroughputArguments()
     model_id = model_args.model or DEFAULT_MODEL
-    out, moe_dir, lora_dir = _plan(model_args, a, model_id)
-    if not model_args.adapter:
-        _train(MoEMethod(moe_config or ExpertConfig()), moe_dir, model_args, training, data, a)
+    out, moe_dir, lora_dir, moe = _plan(model_args, a, model_id, moe_config)
+    if moe is not None:
+        _train(moe, moe_dir, model_args, training, data, a)
     base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
     models = {"base": base, "moe": load_adapter_weights(copy.deepcopy(base), moe_dir).eval()}
     if lora_dir is not None:
@@ -174,10 +174,17 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     return report
 
 
-def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str):
-    """(output folder, MoE adapter folder, LoRA folder or None), after every check that needs no model."""
+def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str, moe_config: Optional[ExpertConfig]):
+    """(output folder, MoE adapter folder, LoRA folder or None, the MoE method to train or None), after every
+    check that needs no model: what ``train`` checks of the MoE run's settings included."""
     if a.lora_adapter and not a.lora_baseline:
         raise ConfigError("--lora-adapter needs --lora-baseline.")
+    if model_args.adapter and moe_config is not None:
+        raise ConfigError(f"--moe-args sets up the MoE adapter compare trains, and --adapter {model_args.adapter} "
+                          f"measures a trained one instead; drop one of them.")
+    moe = None if model_args.adapter else MoEMethod(moe_config or ExpertConfig())
+    if moe is not None:
+        moe.check()
     _check_measurement(a, model_id, model_args.auth_token)
     out = Path(a.output_dir)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
@@ -185,7 +192,7 @@ def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str):
     trained_here = ([] if model_args.adapter else [moe_dir]) + ([lora_dir] if lora_dir and not a.lora_adapter else [])
     check_outputs(a, trained_here, [model_args.adapter, a.lora_adapter])
     out.mkdir(parents=True, exist_ok=True)
-    return out, moe_dir, lora_dir
+    return out, moe_dir, lora_dir, moe
 
 
 def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArguments,
