@@ -381,6 +381,7 @@ class Trainer:
                     self._evaluate_when_due(bar)
                     saved = self._checkpoint_when_due(end_step)
                     self.stop(requests, saved, end_step)
+            self._final_evaluation()  # before the hooks finish: evaluation resumes them when it ends
         finally:
             bar.close()
             self.loggers.close()
@@ -429,13 +430,16 @@ class Trainer:
             self.checkpoint(self.last_dir)
         return due
 
+    def _final_evaluation(self) -> None:
+        """The last validation, if the run reached its end and none ran at this step."""
+        final, step = self.final_eval, self.state.step
+        if (final is None or final["step"] != step) and step == self.schedule.total_steps:
+            self.final_eval = self.evaluate()
+            self._consider_best(self.final_eval)
+
     def _finish(self) -> TrainResult:
-        """The last validation (if the run reached its end and none ran at this step), the adapter, the result."""
-        step, total = self.state.step, self.schedule.total_steps
-        final = self.final_eval
-        if (final is None or final["step"] != step) and step == total:
-            final = self.evaluate()
-            self._consider_best(final)
+        """The adapter and the result."""
+        step, total, final = self.state.step, self.schedule.total_steps, self.final_eval
         self.accelerator.wait_for_everyone()
         if not finite(self.params):
             raise TrainingDiverged(f"the weights became NaN/inf; the adapter was not saved. {self._good_checkpoint()} "
