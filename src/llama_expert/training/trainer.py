@@ -169,13 +169,11 @@ class Trainer:
         shard_frozen_base(self.model, replicated=[*self.params, *adapter_parameters(self.model)], device=self.device)
 
     def _rebuild_optimizer(self, transfers=()) -> None:
-        """After a hook replaced trainable parameters: a new optimiser that continues the old one."""
+        """After a hook replaced trainable parameters: the optimiser moves onto them, in place (optimizer.py)."""
         self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
-        old = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate wraps it
-        fresh, self.scheduler = rebuild_optimizer(
-            old, self.scheduler, self.params, self.method.parameter_groups(self.unwrapped, self.args.learning_rate),
-            self.args.learning_rate, self.args.weight_decay, self.schedule, transfers)
-        self.optimizer = self.accelerator.prepare(fresh)
+        rebuild_optimizer(self.optimizer, self.params,
+                          self.method.parameter_groups(self.unwrapped, self.args.learning_rate),
+                          self.args.learning_rate, self.args.weight_decay, transfers)
 
     def _resume(self) -> None:
         folder, saved = load_latest(self.output_dir, self.run_config, self.world,
