@@ -88,6 +88,7 @@ def _train(method, out: Path, model_args: ModelArguments, training: TrainingArgu
 
 
 def _summary(folder: Optional[Path]) -> dict:
+    """The training run's summary in ``folder`` ({} when there is none: a given adapter may come without one)."""
     path = folder / "training_summary.json" if folder else None
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
@@ -157,15 +158,15 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
             _train(LoRAMethod.from_expert_config(ExpertConfig(lora_r=rank)), lora_dir, model_args, training, data, a)
         models["lora"] = load_lora_model(copy.deepcopy(base), lora_dir)
     tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
-    rows, bench = _measure_perplexity(models, tokenizer, a, {"moe": moe_dir, "lora": lora_dir})
+    summaries = {"moe": _summary(moe_dir), "lora": _summary(lora_dir)}  # each read once
+    rows, bench = _measure_perplexity(models, tokenizer, a, summaries)
     throughput = None if t.skip_throughput else _measure_speed(models, rows, a, t)
     usage = _measure_usage(models["moe"], bench, a)
     report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
               "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
               "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
               "moe_adapter": str(moe_dir), "lora_adapter": str(lora_dir) if lora_dir else None,
-              "training": {n: s.get("training_arguments") for n, s in (("moe", _summary(moe_dir)),
-                                                                      ("lora", _summary(lora_dir))) if s},
+              "training": {n: s.get("training_arguments") for n, s in summaries.items() if s},
               "results": rows, "throughput_detail": throughput, "expert_usage": usage,
               "moe_layers": len(adapters(models["moe"])), "command": command or "run_compare(...) from Python"}
     if "lora" in models:
@@ -196,7 +197,7 @@ def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str, moe_co
 
 
 def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArguments,
-                        folders: Dict[str, Optional[Path]]):
+                        summaries: Dict[str, dict]):
     """Each model's perplexity on the very same windows, with its size and its training run's figures."""
     rows: Dict[str, dict] = {}
     windows = window_domains = bench = None
@@ -207,7 +208,7 @@ def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArgument
         with _stage(f"[{name}] perplexity"):
             ppl = bench.benchmark_perplexity()
         windows, window_domains = bench.windows(), bench.window_domains()
-        s = _summary(folders.get(name))
+        s = summaries.get(name, {})
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
                       "trainable_parameters": _adapter_size(model),
                       "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
