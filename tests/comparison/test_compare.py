@@ -209,3 +209,20 @@ def test_moe_args_with_a_trained_adapter_are_refused(trained_base, tmp_path, cli
                                   "--lora-r 32"))
     assert err == (f"error: --moe-args sets up the MoE adapter compare trains, and --adapter {run} measures a "
                    f"trained one instead; drop one of them.")
+
+
+def test_an_earlier_report_is_replaced_only_with_overwrite(trained_base, tmp_path, cli_error):
+    """compare.json and report.md of an earlier compare (or the user's own) are refused before anything trains."""
+    base_folder, text = trained_base
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    err = cli_error(_tiny_compare(base_folder, text, out))
+    assert err == (f"error: --output-dir {out} already holds a compare report (report.md); pass --overwrite to "
+                   f"replace it, or another --output-dir.")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # nothing trained
+    run = moe_adapter_folder(trained_base, tmp_path / "moe", 0.3)[2]
+    assert main(_tiny_compare(base_folder, text, out, "--adapter", str(run), "--overwrite")) == 0
+    assert (out / "report.md").read_text() != "my notes" and (out / "compare.json").is_file()
+    err = cli_error(_tiny_compare(base_folder, text, out, "--adapter", str(run)))  # a rerun needs it too
+    assert "already holds a compare report (compare.json, report.md)" in err

@@ -46,6 +46,7 @@ from .report import compare_charts, compare_markdown, compare_table
 TRAINING_FIELDS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "max_samples",
                    "learning_rate", "eval_every", "eval_max_tokens", "seed")
 DATA_FIELDS = ("dataset", "dataset_weights", "dataset_config", "eval_dataset")
+REPORT_FILES = ("compare.json", "report.md")  # an earlier compare's report, replaced only with --overwrite
 TRAINING_DEFAULTS = {"seq_len": 512, "batch_size": 4, "max_steps": 100, "learning_rate": 2e-3, "eval_every": 50,
                      "eval_max_tokens": 8192}
 
@@ -56,7 +57,8 @@ class CompareArguments:
     lora_adapter: Optional[str] = option(None, "a trained LoRA folder (else one is trained here)")
     lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
     output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
-    overwrite: bool = option(False, "retrain OUTPUT_DIR/moe (and /lora) when they already hold a run")
+    overwrite: bool = option(False, "replace the report of an earlier compare in OUTPUT_DIR, and retrain "
+                                    "OUTPUT_DIR/moe (and /lora) when they already hold a run")
     test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on; several, comma-"
                                            "separated: each domain, the exp of their mean log-perplexity and "
                                            "the domain-expert mutual information")
@@ -113,11 +115,15 @@ def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[
 
 def check_outputs(a: CompareArguments, children: List[Path], adapters_given: List[Optional[str]]) -> None:
     """Before anything trains: ``--output-dir`` can be written, is no given adapter's folder (compare writes
-    files that a training run holds too, expert_usage.png), and no child run replaces one it did not make
-    unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
+    files that a training run holds too, expert_usage.png), and neither its report nor a child run replaces one
+    it did not make unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
     problem = unusable_output(a.output_dir)
     if problem:
         raise ConfigError(problem)
+    report = [name for name in REPORT_FILES if (Path(a.output_dir) / name).exists()]
+    if report and not a.overwrite:
+        raise ConfigError(f"--output-dir {a.output_dir} already holds a compare report ({', '.join(report)}); pass "
+                          f"--overwrite to replace it, or another --output-dir.")
     for given in filter(None, adapters_given):
         if relation(a.output_dir, given) in ("is", "lies inside"):
             raise ConfigError(f"--output-dir {a.output_dir} is or lies inside the adapter folder {given}: compare "
