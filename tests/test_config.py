@@ -109,7 +109,7 @@ def test_parse_allocation_error_names_the_form():
     ({"lora_alpha": float("inf")}, ["--lora-alpha", "finite"]),
     ({"router_aux_loss_coef": float("nan")}, ["--router-aux-loss-coef", "finite"]),
     ({"lora_dropout": float("nan")}, ["--lora-dropout", "[0, 1)"]),
-    ({"router_noise": "no"}, ["router_noise", "True or False"]),
+    ({"router_noise": "no"}, ["--no-router-noise", "True or False"]),
     ({"expert_allocation": [4, True]}, ["list of integers"]),
     ({"router_jitter": 1.0}, ["--router-jitter", "[0, 1)"]),
     ({"router_jitter": float("nan")}, ["--router-jitter", "[0, 1)"]),

@@ -67,7 +67,7 @@ class ExpertConfig:
     router_noise: bool = option(True, "switch off the noise of noisy top-k routing in training (Shazeer et al. 2017)")
     expert_allocation: Union[str, List[int]] = option(
         "progressive", "a registered rule (dynamic: start small, grow where routing asks, within --dynamic-budget), "
-                       "or a comma-separated expert count per layer", parse=parse_allocation)
+                       "or a comma-separated expert count per layer", parse=parse_allocation, metavar="COUNTS")
     dynamic_interval: int = option(50, "dynamic allocation: steps between two allocation changes")
     dynamic_budget: Optional[int] = option(None, "dynamic allocation: total experts over all layers (default: what "
                                                  "the progressive allocation gives)")
@@ -151,7 +151,7 @@ class ExpertConfig:
              f"{flag('router_lr_multiplier')} must be a finite number > 0, got {shown(self.router_lr_multiplier)}.")
         for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
             need(isinstance(getattr(self, name), bool),
-                 f"{name} must be True or False, got {shown(getattr(self, name))}.")
+                 f"{flag(name)} must be True or False, got {shown(getattr(self, name))}.")
         for name in ("expert_type", "router_type"):
             need(isinstance(getattr(self, name), str) and getattr(self, name) != "",
                  f"{flag(name)} must be the name of a registered strategy, got {shown(getattr(self, name))}.")

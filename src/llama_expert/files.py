@@ -1,4 +1,5 @@
-"""Atomic writes: a reader (or a crash) sees the old file or folder, or the new one, never half of one.
+"""Atomic writes: a reader (or a crash) sees the old file or folder, or the new one, never half of one; and the
+checks every command runs on the ``--output-dir`` it is given, written once.
 
 One mechanism for the files the package writes that a user keeps (MoE adapter files, training checkpoints,
 summaries and reports, the converted-model cache); PEFT writes the LoRA baseline's files itself. A file is written beside its final name and renamed onto it; a folder is
@@ -6,6 +7,9 @@ filled beside its final name and swapped in with two renames, the previous versi
 ``.old-<name>`` between them (``previous_version`` finds it after a crash there). A command's outputs in a
 folder the user names (``write_files``) are staged inside that folder and renamed into place one by one, so
 that the folder may hold other files and may be a mount point (which cannot be renamed).
+
+The output checks return the one-line message (this floor raises nothing of the package's own): each command
+raises it, and words its own hint for a folder that already holds files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, Path]
-STAGING_PREFIX = ".tmp-"  # what write_folder and write_files stage into; a kill can leave one behind
+# What write_folder and write_files stage into; a kill can leave one behind. A name only this package writes: the
+# staging that a killed run left is deleted, and a user's own hidden folders (``.tmp-*``, say) must never be.
+STAGING_PREFIX = ".llama-expert-staging-"
+LOCK_NAME = ".llama-expert.lock"  # the record of who holds an output folder's lock (training.run_folder.RunLock)
 
 
 def _read_umask() -> int:
@@ -117,6 +124,44 @@ def write_problem(folder: PathLike) -> Optional[str]:
     return None
 
 
+def unusable_output(folder: PathLike) -> Optional[str]:
+    """Why ``--output-dir folder`` cannot be written to, as a message that names the fix; None when it can."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"--output-dir {folder} is a file, not a folder; pass a folder."
+    problem = write_problem(folder)
+    return f"--output-dir {folder} is not writable ({problem}); pass a folder you can write to." if problem else None
+
+
+def held_files(folder: PathLike) -> List[str]:
+    """The names ``folder`` holds (none when it does not exist), but for the lock's record and this package's
+    staging, which the lock's holder removes."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME
+                  and not p.name.startswith(STAGING_PREFIX)) if folder.is_dir() else []
+
+
+def shown_names(names: List[str], most: int = 5) -> str:
+    """``a, b, c and 4 more``: a message names a few, not a folder of thousands."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def held_files_problem(folder: PathLike, overwrite: bool, hint: str) -> Optional[str]:
+    """A folder that already holds files is written to only with ``--overwrite``: the message (ending in the
+    command's own ``hint``) when it holds some and ``overwrite`` is not given, else None."""
+    present = held_files(folder)
+    if present and not overwrite:
+        return f"--output-dir {folder} already holds files ({shown_names(present)}); {hint}"
+    return None
+
+
+def relation(path: PathLike, other: PathLike) -> Optional[str]:
+    """How ``path`` stands to ``other`` once both are resolved: "is", "lies inside", "holds", or None."""
+    path, other = Path(path).expanduser().resolve(), Path(other).expanduser().resolve()
+    return ("is" if path == other else "lies inside" if path.is_relative_to(other)
+            else "holds" if other.is_relative_to(path) else None)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -157,12 +202,13 @@ def write_files(folder: PathLike, fill: Callable[[Path], None], remove: Iterable
     return names
 
 
-def remove_stale_staging(folder: PathLike) -> List[Tuple[Path, int]]:
-    """Delete the staging folders (``.tmp-*``) a killed writer left in ``folder``; returns each with its size
-    in bytes. Call it only while no other process can be writing there (under the folder's lock)."""
+def remove_stale_staging(folder: PathLike, prefixes: Iterable[str] = (STAGING_PREFIX,)) -> List[Tuple[Path, int]]:
+    """Delete the staging folders (names starting with one of ``prefixes``) a killed writer left in ``folder``;
+    returns each with its size in bytes. Call it only while no other process can be writing there (under the
+    folder's lock)."""
     removed = []
-    for staging in sorted(Path(folder).glob(STAGING_PREFIX + "*")) if Path(folder).is_dir() else []:
-        if staging.is_dir() and not staging.is_symlink():
+    for staging in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if staging.name.startswith(tuple(prefixes)) and staging.is_dir() and not staging.is_symlink():
             size = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file() and not f.is_symlink())
             shutil.rmtree(staging, ignore_errors=True)
             removed.append((staging, size))

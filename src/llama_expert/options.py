@@ -6,7 +6,8 @@ from those fields (``llama_expert.cli.arguments``), so a default or a help text 
 
 ``flag`` overrides the flag name derived from the field name (``num_train_epochs`` -> ``--epochs``);
 ``aliases`` adds more names (the seed's ``--base-model``); ``parse`` turns the command-line string into
-the field's value. A boolean whose default is True becomes a ``--no-...`` switch.
+the field's value; ``metavar`` names the value (for a parsed field with named choices: what else it takes). A
+boolean whose default is True becomes a ``--no-...`` switch: ``flag_of`` says so, for the CLI and messages alike.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def option(default: Any = None, help: Optional[str] = None, *, flag: Optional[st
 
 
 def flag_of(field: dataclasses.Field) -> str:
-    """The command-line flag of a field declared with ``option``."""
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+    """The command-line flag of a field declared with ``option``: its own ``flag``, else its name; a boolean that
+    is on by default can only be switched off, so its flag is ``--no-<name>``."""
+    if field.metadata.get("flag"):
+        return field.metadata["flag"]
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if field.default is True else f"--{name}"
 
 
 def fields_named(cls: type, names) -> list:

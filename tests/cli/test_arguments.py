@@ -1,12 +1,14 @@
 """Flags generated from the settings dataclasses: names kept, defaults from the dataclass, values typed."""
 
 import argparse
+from dataclasses import dataclass
 
 import pytest
 
 from llama_expert import ExpertConfig
 from llama_expert.cli import build_parser
 from llama_expert.cli.arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
+from llama_expert.options import option
 from llama_expert.training.arguments import TrainingArguments
 
 
@@ -78,6 +80,24 @@ def test_a_parse_error_keeps_its_message(capsys):
     with pytest.raises(SystemExit):
         _train(["--expert-allocation", "4,x"])
     assert "--expert-allocation '4,x': use progressive, uniform or counts like 4,6,8,6" in capsys.readouterr().err
+
+
+def test_a_parsed_field_with_named_choices_says_what_else_it_takes(capsys):
+    """The alternative to the names comes from the field (its metavar), not from --expert-allocation's counts."""
+    @dataclass
+    class Speed:
+        rate: object = option("slow", "a named speed or a number", parse=lambda t: float(t) if t[0].isdigit() else t,
+                              metavar="RATE")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Speed, choices={"rate": ["fast", "slow"]})
+    assert parser.parse_args(["--rate", "2.5"]).rate == 2.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rate", "steady"])
+    assert "invalid choice: 'steady' (choose from fast, slow, or RATE)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(["--expert-allocation", "nope"])
+    assert "invalid choice: 'nope' (choose from dynamic, progressive, uniform, or COUNTS)" in capsys.readouterr().err
 
 
 def test_every_registered_method_is_built_from_the_flags():

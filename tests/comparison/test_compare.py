@@ -17,6 +17,8 @@ from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert.integration.peft_lora import load_lora_model, matched_lora_rank
 from llama_expert.metrics.routing import domain_specialisation
 
+from ..conftest import moe_adapter_folder
+
 
 def test_compare_with_lora_baseline_matches_independent_measurements(tmp_path, capsys, trained_base):
     folder, text = trained_base
@@ -182,3 +184,45 @@ def test_compare_never_writes_its_report_into_an_adapter_it_measures(trained_bas
         assert err == (f"error: --output-dir {out} is or lies inside the adapter folder {run}: compare would write "
                        f"its report over that run's files; pass another --output-dir.")
     assert (run / "expert_usage.png").read_bytes() == b"the training run's chart"
+
+
+def test_moe_args_are_checked_as_train_checks_them_before_anything_trains(trained_base, tmp_path, cli_error):
+    """A router that does not exist, or an init the bank does not support, is one line, before any child trains."""
+    base_folder, text = trained_base
+    out = tmp_path / "cmp"
+    err = cli_error(_tiny_compare(base_folder, text, out, "--moe-args", "--router-type nope"))
+    assert err.startswith("error: --moe-args '--router-type nope': argument --router-type: invalid choice: 'nope' "
+                          "(choose from ") and "aux_free" in err
+    err = cli_error(_tiny_compare(base_folder, text, out, "--moe-args", "--expert-init distinct"))
+    assert err == ("error: --expert-type shared_core does not support --expert-init distinct; it supports zero. Its "
+                   "experts' cores are random and distinct already; use --expert-init zero.")
+    err = cli_error(_tiny_compare(base_folder, text, out, "--moe-args", "--lora-r 'unclosed"))
+    assert err.startswith("error: --moe-args \"--lora-r 'unclosed\": No closing quotation;")
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_moe_args_with_a_trained_adapter_are_refused(trained_base, tmp_path, cli_error):
+    """--adapter measures a trained run: --moe-args would be silently ignored."""
+    base_folder, text = trained_base
+    run = moe_adapter_folder(trained_base, tmp_path / "moe", 0.3)[2]
+    err = cli_error(_tiny_compare(base_folder, text, tmp_path / "cmp", "--adapter", str(run), "--moe-args",
+                                  "--lora-r 32"))
+    assert err == (f"error: --moe-args sets up the MoE adapter compare trains, and --adapter {run} measures a "
+                   f"trained one instead; drop one of them.")
+
+
+def test_an_earlier_report_is_replaced_only_with_overwrite(trained_base, tmp_path, cli_error):
+    """compare.json and report.md of an earlier compare (or the user's own) are refused before anything trains."""
+    base_folder, text = trained_base
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    err = cli_error(_tiny_compare(base_folder, text, out))
+    assert err == (f"error: --output-dir {out} already holds a compare report (report.md); pass --overwrite to "
+                   f"replace it, or another --output-dir.")
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]  # nothing trained
+    run = moe_adapter_folder(trained_base, tmp_path / "moe", 0.3)[2]
+    assert main(_tiny_compare(base_folder, text, out, "--adapter", str(run), "--overwrite")) == 0
+    assert (out / "report.md").read_text() != "my notes" and (out / "compare.json").is_file()
+    err = cli_error(_tiny_compare(base_folder, text, out, "--adapter", str(run)))  # a rerun needs it too
+    assert "already holds a compare report (compare.json, report.md)" in err

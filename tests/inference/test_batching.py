@@ -1,17 +1,25 @@
 """The batching engine on its own: a cancelled request's row ends at once while the rest of its batch goes on."""
 
+import queue
 import time
 
 from llama_expert.inference.batching import BatchEngine, Request
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
 
-def _drain(request: Request, timeout: float = 30):
-    events = []
-    deadline = time.monotonic() + timeout
-    while not events or events[-1][0] not in ("done", "error"):
-        events.append(request.events.get(timeout=max(0.1, deadline - time.monotonic())))
+def _submit(engine: BatchEngine, request: Request) -> queue.Queue:
+    """Submit ``request`` with a listener that puts its events into the queue returned."""
+    events: queue.Queue = queue.Queue()
+    engine.submit(request, events.put)
     return events
+
+
+def _drain(events: queue.Queue, timeout: float = 30):
+    seen = []
+    deadline = time.monotonic() + timeout
+    while not seen or seen[-1][0] not in ("done", "error"):
+        seen.append(events.get(timeout=max(0.1, deadline - time.monotonic())))
+    return seen
 
 
 def test_a_cancelled_row_ends_at_the_next_step_and_its_batch_goes_on(trained_base):
@@ -19,17 +27,19 @@ def test_a_cancelled_row_ends_at_the_next_step_and_its_batch_goes_on(trained_bas
     tokenizer = load_tokenizer(str(folder))
     tokenizer.padding_side = "left"
     engine = BatchEngine(load_base_model(str(folder)).eval(), tokenizer, max_batch_size=2, batch_wait=0.5)
-    left = engine.submit(Request(ids=tokenizer("The quick")["input_ids"], max_tokens=100, temperature=0))
-    stays = engine.submit(Request(ids=tokenizer("The lazy")["input_ids"], max_tokens=100, temperature=0))
-    assert left.events.get(timeout=30)[0] == "text"
+    left = Request(ids=tokenizer("The quick")["input_ids"], max_tokens=100, temperature=0)
+    left_events = _submit(engine, left)
+    stays = _submit(engine, Request(ids=tokenizer("The lazy")["input_ids"], max_tokens=100, temperature=0))
+    assert left_events.get(timeout=30)[0] == "text"
     left.cancel()  # its client has gone
-    gone, kept = _drain(left), _drain(stays)
+    gone, kept = _drain(left_events), _drain(stays)
     assert gone[-1][:2] == ("done", "cancelled") and gone[-1][2] < 20
     assert kept[-1] == ("done", "length", 100)  # the other row of the same batch finished
     deadline = time.monotonic() + 10
     while engine.batches < 1 and time.monotonic() < deadline:  # counted once generate() has returned
         time.sleep(0.01)
     assert engine.largest_batch == 2 and engine.aborted == 1 and engine.requests_served == 1
-    waiting = engine.submit(Request(ids=tokenizer("The")["input_ids"], max_tokens=100, temperature=0))
+    assert engine.tokens_generated == gone[-1][2] + kept[-1][2]  # each row's tokens, counted once
+    waiting = Request(ids=tokenizer("The")["input_ids"], max_tokens=100, temperature=0)
     waiting.cancel()  # gone before its batch started: never generated
-    assert _drain(waiting) == [("done", "cancelled", 0)] and engine.aborted == 2
+    assert _drain(_submit(engine, waiting)) == [("done", "cancelled", 0)] and engine.aborted == 2

@@ -320,7 +320,8 @@ def test_a_config_file_of_the_wrong_shape_is_one_line(trained, tiny_folder, cli_
     ({"expert_allocation": {"layer": 1}}, "--expert-allocation must be"),
     ({"expert_allocation": [10 ** 6] * 10 ** 6}, "--expert-allocation [1000000, 1000000, 1000000, 1000000, 1000000, "),
     ({"router_type": "x" * 10 ** 6}, "unknown --router-type 'xxxxxxxxxxxx...xxxxxxxxxxxxx'"),
-    ({"quantization_4bit": "yes"}, "quantization_4bit must be True or False, got 'yes'"),
+    ({"quantization_4bit": "yes"}, "--quantization-4bit must be True or False, got 'yes'"),
+    ({"router_noise": 0}, "--no-router-noise must be True or False, got 0"),
 ])
 def test_bad_values_inside_expert_config_are_one_short_line(trained, tiny_folder, tmp_path, cli_error, change, named):
     folder, *_ = trained

@@ -13,6 +13,7 @@ from llama_expert.cli import main
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.distill import distillation_loss
+from llama_expert.training.run_folder import LOCK_NAME
 from llama_expert.integration.peft_lora import load_lora_model
 
 from ..conftest import moe_adapter_folder
@@ -57,6 +58,7 @@ def test_distilled_lora_moves_toward_the_moe_model_and_exports(moe_folder, tmp_p
 
         exported = tmp_path / "merged"
         assert main(["export", "--adapter", str(out), "--merge", "--output-dir", str(exported)]) == 0
+        assert not (out / LOCK_NAME).exists() and not (exported / LOCK_NAME).exists()  # artifacts: no lock file
         merged = AutoModelForCausalLM.from_pretrained(exported).eval()
         torch.testing.assert_close(merged(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=1e-4)
 

@@ -162,5 +162,5 @@ def test_overwrite_replaces_the_previous_export_and_nothing_else(lora_folder, tm
     assert info["format"] == "hf" and not (out / "model.gguf").exists()
     assert (out / "notes.txt").read_text() == "mine"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(info["files"])
-    assert {p.name for p in out.iterdir()} == set(info["files"]) | {"notes.txt", ".llama-expert.lock"}
+    assert {p.name for p in out.iterdir()} == set(info["files"]) | {"notes.txt"}  # and no lock file
     AutoModelForCausalLM.from_pretrained(out)  # a complete Transformers folder

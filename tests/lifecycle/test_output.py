@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from llama_expert.cli import main
+from llama_expert.files import STAGING_PREFIX
 from llama_expert.training.run_folder import LOCK_NAME, RunLock
 
 from ..conftest import moe_adapter_folder
@@ -60,8 +61,8 @@ def test_prune_overwrite_replaces_only_what_prune_wrote(moe, tmp_path):
     assert main(_prune(folder, text, out, "--overwrite", "--keep", "1")) == 0
     assert json.loads((out / "prune_report.json").read_text())["experts_after"] == [4, 4]
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "adapter_config.json", "adapter_model.safetensors",
-                                                     "notes.txt", "prune_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt",
+                                                     "prune_report.json"]  # no lock file: the folder is an artifact
 
 
 def test_the_message_names_the_command_that_would_replace_the_files(moe, tmp_path, cli_error):
@@ -121,7 +122,7 @@ def test_a_mount_point_works_as_the_output_folder(moe, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     contents = done.stdout.split("--- contents:")[1].split()
     assert {"adapter_config.json", "adapter_model.safetensors", "prune_report.json"} <= set(contents)
-    assert not [name for name in contents if name.startswith(".tmp-")]
+    assert not [name for name in contents if name.startswith(STAGING_PREFIX)]
 
 
 @needs_mounts
@@ -142,7 +143,7 @@ def test_stale_staging_of_a_killed_run_is_removed_and_said(moe, tmp_path, capsys
     """What kill -9 during the write leaves: a hidden staging folder inside the output folder, and the lock file."""
     _, text, folder = moe
     out = tmp_path / "pruned"
-    stale = out / ".tmp-k1ll3d"
+    stale = out / f"{STAGING_PREFIX}k1ll3d"
     stale.mkdir(parents=True)
     (stale / "adapter_model.safetensors").write_bytes(b"\0" * 3_000_000)
     (out / LOCK_NAME).write_text("pid 1 on elsewhere")
@@ -150,13 +151,28 @@ def test_stale_staging_of_a_killed_run_is_removed_and_said(moe, tmp_path, capsys
     assert main(_prune(folder, text, out)) == 0
     printed = capsys.readouterr().out
     assert f"removed 1 staging folder(s) (3 MB) that an interrupted run left in {out}" in printed
-    assert not list(out.glob(".tmp-*")) and (out / "prune_report.json").is_file()
+    assert not list(out.glob(f"{STAGING_PREFIX}*")) and (out / "prune_report.json").is_file()
+    assert not (out / LOCK_NAME).exists()  # the killed run's record goes too
 
 
-def test_a_second_command_on_a_locked_output_is_refused(moe, tmp_path, cli_error):
+def test_a_users_hidden_folder_is_a_file_the_output_holds_and_is_never_deleted(moe, tmp_path, cli_error):
+    """Only staging named as this package names it is cleaned up: a user's ``.tmp-*`` folder is theirs."""
     _, text, folder = moe
     out = tmp_path / "pruned"
-    with RunLock(out):
+    mine = out / ".tmp-mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    err = cli_error(_prune(folder, text, out))
+    assert "already holds files (.tmp-mine); pass --overwrite to replace what prune wrote there" in err
+    assert main(_prune(folder, text, out, "--overwrite")) == 0
+    assert (mine / "notes.txt").read_text() == "keep me" and (out / "prune_report.json").is_file()
+
+
+@pytest.mark.parametrize("holder", ["train", "prune"])
+def test_a_second_command_on_a_locked_output_is_refused(moe, tmp_path, cli_error, holder):
+    _, text, folder = moe
+    out = tmp_path / "pruned"
+    with RunLock(out, keep_record=holder == "train"):
         err = cli_error(_prune(folder, text, out))
     assert f"another llama-expert run (pid {os.getpid()}" in err and str(out) in err
     assert not out.exists()  # the lock's holder made the folder and wrote nothing: it leaves nothing

@@ -1,7 +1,9 @@
 """Dynamic expert allocation: idle experts retire, busy ones split up to the budget, the optimiser follows the
 rows, the allocation is logged and drawn, the adapter saves its real counts, and resume stays exact."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from llama_expert.training.arguments import DataArguments
 from llama_expert.training.dynamic import DynamicAllocation
 from llama_expert.training.methods import MoEMethod
 from llama_expert.training.recipe import fine_tune
+from llama_expert.training.loggers import TrainingLoggers
+from llama_expert.training.trainer import Trainer, train_model
 
 CONFIG = dict(num_experts=4, top_k=2, expert_allocation="dynamic", dynamic_interval=2, dynamic_budget=7)
 
@@ -93,6 +97,52 @@ def test_dynamic_training_resumes_exactly(random_base, tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
+
+
+def test_a_model_trained_with_dynamic_allocation_stops_counting_its_routing(trained_base, tmp_path):
+    """train_model's last validation runs before the hooks finish (a validation resumes them as it ends): the model
+    it returns records no more routing statistics, so it decodes on the fused path."""
+    folder, _ = trained_base
+    model = augment_model(load_base_model(str(folder)), ExpertConfig(**CONFIG))
+    blocks = torch.randint(0, 100, (16, 32), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=2, seq_len=32, eval_every=0,
+                             progress=False, mixed_precision="no")
+    result = train_model(model, MoEMethod(model.expert_config), blocks, blocks[:2], args)
+    assert result.final_eval["step"] == 4  # the last validation ran, after the last step
+    assert not any(adapter.router.record_statistics for _, adapter in adapters(model))
+    model.eval()
+    with torch.no_grad():
+        assert all(adapter.fused_inference_ready("cpu") for _, adapter in adapters(model))
+
+
+def test_an_allocation_change_frees_the_replaced_optimiser_state(trained_base, tmp_path):
+    """The optimiser moves onto the new parameters in place: the Adam state of the ones replaced is freed, where a
+    fresh optimiser prepared by Accelerate at every change kept each earlier one (and its state) alive."""
+    folder, _ = trained_base
+    model = augment_model(load_base_model(str(folder)), ExpertConfig(**CONFIG))
+    blocks = torch.randint(0, 100, (16, 32), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=2, seq_len=32, eval_every=0,
+                             progress=False, mixed_precision="no")
+    trainer = Trainer(model, MoEMethod(model.expert_config), blocks, None, args)
+    trainer.setup()
+    trainer.loggers = TrainingLoggers(args, True, {})
+    for hook in trainer.hooks:
+        hook.start(model, 0, None)
+    trainer.step()
+
+    def state_tensors():
+        return [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+    before = [weakref.ref(t) for t in state_tensors()]
+    prepared = trainer.optimizer
+    trainer.step()  # step 2: the allocation changes, parameters are replaced
+    trainer.loggers.close()
+    assert sum(a.num_experts for _, a in adapters(model)) == 7
+    gc.collect()
+    kept = {id(t) for t in state_tensors()}
+    assert [ref for ref in before if ref() is not None and id(ref()) not in kept] == []  # nothing else holds any
+    assert any(ref() is None for ref in before)  # the replaced parameters' state is gone
+    assert trainer.optimizer is prepared  # Accelerate's wrapper (its fp16 loss scaler) stays the one in use
 
 
 def test_allocation_events_keep_the_last_record_of_a_step_logged_twice(tmp_path):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from llama_expert import ConfigError, ExpertConfig, TrainingArguments
 from llama_expert.errors import LlamaExpertError
+from llama_expert.files import STAGING_PREFIX
 from llama_expert.training.arguments import DataArguments
 from llama_expert.training.checkpoints import CheckpointError, load_training_state
 from llama_expert.training.methods import MoEMethod
@@ -301,13 +302,15 @@ def test_a_corrupt_last_checkpoint_falls_back_with_a_warning(base, tmp_path, cap
     _train(base, out, max_steps=4, stop_after_steps=3, eval_every=2)
     state_file = out / "checkpoints" / "last" / "training_state.safetensors"
     state_file.write_bytes(state_file.read_bytes()[:100])  # truncated
-    stale = out / "checkpoints" / ".tmp-last-abc123"
+    stale = out / "checkpoints" / f"{STAGING_PREFIX}last-abc123"
+    legacy = out / "checkpoints" / ".tmp-last-abc123"  # where older versions staged a checkpoint
     stale.mkdir()
+    legacy.mkdir()
     result = _train(base, out, max_steps=4, eval_every=2, resume=True)
     printed = capsys.readouterr().out
     assert "cannot be read" in printed and "trying an older checkpoint" in printed
     assert "resumed from" in printed and str(out / "checkpoints" / "best") in printed
-    assert result.steps == 4 and not stale.exists()
+    assert result.steps == 4 and not stale.exists() and not legacy.exists()
     events = [json.loads(line).get("event") for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert events.count("start") == 1 and events.count("resume") == 1
 

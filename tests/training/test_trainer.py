@@ -105,6 +105,15 @@ class Poisoned(MoEMethod):
         return (added * float("nan") if self.calls > 3 else added), logged
 
 
+def test_train_model_refuses_resume_without_a_checkpoint(tmp_path):
+    """train_model skips fine_tune's early check: resume.load_latest checks again, so --resume never starts at 0."""
+    from llama_expert import ConfigError
+
+    model, blocks = _noisy_setup()
+    with pytest.raises(ConfigError, match="--resume: there is no checkpoint in"):
+        _train(model, blocks, _args(tmp_path / "run", max_steps=2, resume=True))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model, blocks = _noisy_setup()
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):

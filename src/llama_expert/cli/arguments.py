@@ -58,15 +58,15 @@ def add_dataclass_arguments(parser, cls: type, skip: Iterable[str] = (), only: O
         value_type = _value_type(hint)
         if value_type is bool:
             kwargs["action"] = "store_false" if default else "store_true"
-            if default and not meta.get("flag"):
-                names[0] = "--no-" + field.name.replace("_", "-")
         else:
             named = (choices or {}).get(field.name) or meta.get("choices")
             metavar = meta.get("metavar") or (None if named else names[0].lstrip("-").replace("-", "_").upper())
-            if meta.get("parse"):  # a parsed value may be a name or something else (counts): check names only
-                kwargs["type"] = _parser_type(meta["parse"], named)
-                metavar = metavar or "{" + ",".join(named) + "} or VALUE"
-                named = None
+            if meta.get("parse") and named:  # a parsed value may be a name or what the metavar says: check names only
+                other = meta.get("metavar") or "VALUE"
+                kwargs["type"] = _parser_type(meta["parse"], named, other)
+                metavar, named = "{" + ",".join(named) + "} or " + other, None
+            elif meta.get("parse"):
+                kwargs["type"] = _parser_type(meta["parse"])
             elif value_type is not None:
                 kwargs["type"] = value_type
             else:
@@ -97,17 +97,18 @@ def strategy_choices() -> Dict[str, List[str]]:
             "expert_allocation": ALLOCATIONS.names()}
 
 
-def _parser_type(parse, names: Optional[List[str]] = None):
+def _parser_type(parse, names: Optional[List[str]] = None, other: str = "VALUE"):
     """argparse shows a type function's ArgumentTypeError as is, but any other error as 'invalid value'.
-    ``names``: a parsed string must be one of them (a parsed list, say of counts, is not a name)."""
+    ``names``: a parsed string must be one of them (a parsed list, say of counts, is not a name); ``other``: what
+    the field takes besides (its metavar)."""
     def convert(text: str):
         try:
             value = parse(text)
         except LlamaExpertError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         if names and isinstance(value, str) and value not in names:
-            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(names)}, or counts "
-                                             f"such as 4,6,8)")
+            raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(names)}, or "
+                                             f"{other})")
         return value
     convert.__name__ = parse.__name__
     return convert

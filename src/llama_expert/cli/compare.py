@@ -17,7 +17,7 @@ from ..evaluation.throughput import ThroughputArguments
 from ..integration.base_models import DEFAULT_MODEL
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
-from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command
+from .arguments import add_dataclass_arguments, dataclass_from_args, redacted_command, strategy_choices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,14 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(training, TrainingArguments, only=TRAINING_FIELDS, defaults=TRAINING_DEFAULTS)
 
 
+class _FlagsParser(argparse.ArgumentParser):
+    """argparse prints the usage and exits on a bad flag; a bad flag inside ``--moe-args`` is one error line."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
 def moe_config(flags: str) -> ExpertConfig:
-    """The ``ExpertConfig`` that ``train`` would build from ``flags`` (its experts' flags only)."""
-    parser = argparse.ArgumentParser(prog="llama-expert compare --moe-args", add_help=False, allow_abbrev=False)
-    add_dataclass_arguments(parser, ExpertConfig)
+    """The ``ExpertConfig`` that ``train`` would build from ``flags`` (its experts' flags, with its choices)."""
+    parser = _FlagsParser(prog="llama-expert compare --moe-args", add_help=False, allow_abbrev=False)
+    add_dataclass_arguments(parser, ExpertConfig, choices=strategy_choices())
     try:
-        return dataclass_from_args(ExpertConfig, parser.parse_args(shlex.split(flags)))
-    except SystemExit:  # argparse has printed what is wrong
-        raise ConfigError(f"--moe-args {flags!r}: give `train`'s expert flags, e.g. '--lora-r 32'.") from None
+        parsed = parser.parse_args(shlex.split(flags))
+    except (ConfigError, ValueError) as exc:  # ValueError: shlex, an unclosed quote
+        raise ConfigError(f"--moe-args {flags!r}: {exc}; it takes `train`'s expert flags, e.g. '--lora-r 32'.") \
+            from None
+    return dataclass_from_args(ExpertConfig, parsed)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,21 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainingArguments, title="training")
 
 
-def refuse_ignored_flags(method_class, config: ExpertConfig, method_name: str) -> None:
+def refuse_ignored_flags(method_class, config: ExpertConfig) -> None:
     """One line naming every expert flag set away from its default that the chosen method does not read
     (``--method lora --router-type soft`` would otherwise train a LoRA as if the flag were never given)."""
     default = ExpertConfig()
-    ignored = [("--no-" + f.replace("_", "-")) if getattr(default, f) is True else flag_for(ExpertConfig, f)
-               for f in ExpertConfig.__dataclass_fields__
+    ignored = [flag_for(ExpertConfig, f) for f in ExpertConfig.__dataclass_fields__
                if f not in method_class.config_fields and getattr(config, f) != getattr(default, f)]
     if ignored:
-        raise ConfigError(f"--method {method_name} does not use {', '.join(ignored)}; drop "
+        raise ConfigError(f"--method {method_class.name} does not use {', '.join(ignored)}; drop "
                           f"{'it' if len(ignored) == 1 else 'them'}, or train with --method moe.")
 
 
 def run(args: argparse.Namespace) -> int:
     config = dataclass_from_args(ExpertConfig, args)
-    refuse_ignored_flags(METHODS.get(args.method), config, args.method)
+    refuse_ignored_flags(METHODS.get(args.method), config)
     method = METHODS.get(args.method).from_expert_config(config)
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
     try:

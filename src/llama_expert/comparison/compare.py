@@ -24,7 +24,7 @@ import torch
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
-from ..files import atomic_write_text, write_problem
+from ..files import atomic_write_text, held_files, relation, shown_names, unusable_output
 from ..integration.adapter_files import load_adapter_weights
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
@@ -35,7 +35,6 @@ from ..progress import shows_progress
 from ..training.arguments import DataArguments, TrainingArguments
 from ..integration.peft_lora import load_lora_model, matched_lora_rank
 from ..training.methods import LoRAMethod, MoEMethod
-from ..training.run_folder import LOCK_NAME
 from ..evaluation.benchmark import ExpertModelBenchmark, environment
 from ..evaluation.throughput import ThroughputArguments, measure_interleaved
 from ..metrics.plots import save_domain_heatmap, save_usage_heatmap
@@ -47,6 +46,7 @@ from .report import compare_charts, compare_markdown, compare_table
 TRAINING_FIELDS = ("seq_len", "batch_size", "gradient_accumulation_steps", "max_steps", "max_samples",
                    "learning_rate", "eval_every", "eval_max_tokens", "seed")
 DATA_FIELDS = ("dataset", "dataset_weights", "dataset_config", "eval_dataset")
+REPORT_FILES = ("compare.json", "report.md")  # an earlier compare's report, replaced only with --overwrite
 TRAINING_DEFAULTS = {"seq_len": 512, "batch_size": 4, "max_steps": 100, "learning_rate": 2e-3, "eval_every": 50,
                      "eval_max_tokens": 8192}
 
@@ -57,7 +57,8 @@ class CompareArguments:
     lora_adapter: Optional[str] = option(None, "a trained LoRA folder (else one is trained here)")
     lora_r: Optional[int] = option(None, "LoRA rank (default: matched to the MoE budget)")
     output_dir: str = option("docs/results/compare", "where compare.json, report.md and the charts go")
-    overwrite: bool = option(False, "retrain OUTPUT_DIR/moe (and /lora) when they already hold a run")
+    overwrite: bool = option(False, "replace the report of an earlier compare in OUTPUT_DIR, and retrain "
+                                    "OUTPUT_DIR/moe (and /lora) when they already hold a run")
     test_dataset: str = option("embedded", "dataset (file, folder, Hub name) to measure on; several, comma-"
                                            "separated: each domain, the exp of their mean log-perplexity and "
                                            "the domain-expert mutual information")
@@ -89,6 +90,7 @@ def _train(method, out: Path, model_args: ModelArguments, training: TrainingArgu
 
 
 def _summary(folder: Optional[Path]) -> dict:
+    """The training run's summary in ``folder`` ({} when there is none: a given adapter may come without one)."""
     path = folder / "training_summary.json" if folder else None
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
@@ -113,24 +115,26 @@ def _check_measurement(a: CompareArguments, model_id: str, auth_token: Optional[
 
 def check_outputs(a: CompareArguments, children: List[Path], adapters_given: List[Optional[str]]) -> None:
     """Before anything trains: ``--output-dir`` can be written, is no given adapter's folder (compare writes
-    files that a training run holds too, expert_usage.png), and no child run replaces one it did not make
-    unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
-    problem = write_problem(a.output_dir)
+    files that a training run holds too, expert_usage.png), and neither its report nor a child run replaces one
+    it did not make unless ``--overwrite`` says so (a rerun of compare into the same folder needs it too)."""
+    problem = unusable_output(a.output_dir)
     if problem:
-        raise ConfigError(f"--output-dir {a.output_dir} is not writable ({problem}); pass a folder you can write to.")
-    out = Path(a.output_dir).resolve()
+        raise ConfigError(problem)
+    report = [name for name in REPORT_FILES if (Path(a.output_dir) / name).exists()]
+    if report and not a.overwrite:
+        raise ConfigError(f"--output-dir {a.output_dir} already holds a compare report ({', '.join(report)}); pass "
+                          f"--overwrite to replace it, or another --output-dir.")
     for given in filter(None, adapters_given):
-        if out == Path(given).resolve() or out.is_relative_to(Path(given).resolve()):
+        if relation(a.output_dir, given) in ("is", "lies inside"):
             raise ConfigError(f"--output-dir {a.output_dir} is or lies inside the adapter folder {given}: compare "
                               f"would write its report over that run's files; pass another --output-dir.")
     for child in children:
-        present = sorted(p.name for p in child.iterdir() if p.name != LOCK_NAME) if child.is_dir() else []
+        present = held_files(child)
         if present and not a.overwrite:
-            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
             measure = "--adapter" if child.name == "moe" else "--lora-adapter"
-            raise ConfigError(f"{child} already holds a run ({shown}), and compare would train its {child.name} "
-                              f"adapter there: pass {measure} {child} to measure that run, --overwrite to retrain it, "
-                              f"or another --output-dir.")
+            raise ConfigError(f"{child} already holds a run ({shown_names(present, 3)}), and compare would train "
+                              f"its {child.name} adapter there: pass {measure} {child} to measure that run, "
+                              f"--overwrite to retrain it, or another --output-dir.")
 
 
 def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[CompareArguments] = None,
@@ -149,9 +153,9 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     data = data or DataArguments()
     t = throughput_args or ThroughputArguments()
     model_id = model_args.model or DEFAULT_MODEL
-    out, moe_dir, lora_dir = _plan(model_args, a, model_id)
-    if not model_args.adapter:
-        _train(MoEMethod(moe_config or ExpertConfig()), moe_dir, model_args, training, data, a)
+    out, moe_dir, lora_dir, moe = _plan(model_args, a, model_id, moe_config)
+    if moe is not None:
+        _train(moe, moe_dir, model_args, training, data, a)
     base = load_base_model(model_id, auth_token=model_args.auth_token, dtype=a.eval_dtype)
     models = {"base": base, "moe": load_adapter_weights(copy.deepcopy(base), moe_dir).eval()}
     if lora_dir is not None:
@@ -160,15 +164,15 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
             _train(LoRAMethod.from_expert_config(ExpertConfig(lora_r=rank)), lora_dir, model_args, training, data, a)
         models["lora"] = load_lora_model(copy.deepcopy(base), lora_dir)
     tokenizer = load_tokenizer(model_id, auth_token=model_args.auth_token)
-    rows, bench = _measure_perplexity(models, tokenizer, a, {"moe": moe_dir, "lora": lora_dir})
+    summaries = {"moe": _summary(moe_dir), "lora": _summary(lora_dir)}  # each read once
+    rows, bench = _measure_perplexity(models, tokenizer, a, summaries)
     throughput = None if t.skip_throughput else _measure_speed(models, rows, a, t)
     usage = _measure_usage(models["moe"], bench, a)
     report = {"date": time.strftime("%Y-%m-%d"), "environment": environment(next(base.parameters()).device),
               "model": model_id, "test_dataset": a.test_dataset, "split": a.split, "eval_seq_len": a.eval_seq_len,
               "max_tokens": a.max_tokens, "eval_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
               "moe_adapter": str(moe_dir), "lora_adapter": str(lora_dir) if lora_dir else None,
-              "training": {n: s.get("training_arguments") for n, s in (("moe", _summary(moe_dir)),
-                                                                      ("lora", _summary(lora_dir))) if s},
+              "training": {n: s.get("training_arguments") for n, s in summaries.items() if s},
               "results": rows, "throughput_detail": throughput, "expert_usage": usage,
               "moe_layers": len(adapters(models["moe"])), "command": command or "run_compare(...) from Python"}
     if "lora" in models:
@@ -177,10 +181,17 @@ def run_compare(model_args: Optional[ModelArguments] = None, settings: Optional[
     return report
 
 
-def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str):
-    """(output folder, MoE adapter folder, LoRA folder or None), after every check that needs no model."""
+def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str, moe_config: Optional[ExpertConfig]):
+    """(output folder, MoE adapter folder, LoRA folder or None, the MoE method to train or None), after every
+    check that needs no model: what ``train`` checks of the MoE run's settings included."""
     if a.lora_adapter and not a.lora_baseline:
         raise ConfigError("--lora-adapter needs --lora-baseline.")
+    if model_args.adapter and moe_config is not None:
+        raise ConfigError(f"--moe-args sets up the MoE adapter compare trains, and --adapter {model_args.adapter} "
+                          f"measures a trained one instead; drop one of them.")
+    moe = None if model_args.adapter else MoEMethod(moe_config or ExpertConfig())
+    if moe is not None:
+        moe.check()
     _check_measurement(a, model_id, model_args.auth_token)
     out = Path(a.output_dir)
     moe_dir = Path(model_args.adapter) if model_args.adapter else out / "moe"
@@ -188,11 +199,11 @@ def _plan(model_args: ModelArguments, a: CompareArguments, model_id: str):
     trained_here = ([] if model_args.adapter else [moe_dir]) + ([lora_dir] if lora_dir and not a.lora_adapter else [])
     check_outputs(a, trained_here, [model_args.adapter, a.lora_adapter])
     out.mkdir(parents=True, exist_ok=True)
-    return out, moe_dir, lora_dir
+    return out, moe_dir, lora_dir, moe
 
 
 def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArguments,
-                        folders: Dict[str, Optional[Path]]):
+                        summaries: Dict[str, dict]):
     """Each model's perplexity on the very same windows, with its size and its training run's figures."""
     rows: Dict[str, dict] = {}
     windows = window_domains = bench = None
@@ -203,7 +214,7 @@ def _measure_perplexity(models: Dict[str, object], tokenizer, a: CompareArgument
         with _stage(f"[{name}] perplexity"):
             ppl = bench.benchmark_perplexity()
         windows, window_domains = bench.windows(), bench.window_domains()
-        s = _summary(folders.get(name))
+        s = summaries.get(name, {})
         rows[name] = {"perplexity": ppl["perplexity"], "tokens_evaluated": ppl["tokens_evaluated"],
                       "trainable_parameters": _adapter_size(model),
                       "parameter_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -92,12 +92,12 @@ def _split_of_file(path: Path) -> Optional[str]:
 def _hold_out(docs: List[str], fraction: float = 0.05) -> Dict[str, List[str]]:
     """The last ``fraction`` of the documents for validation; a single document is cut at a line boundary
     instead, so that training text + validation text is the file's text exactly."""
+    units = docs[0].splitlines(keepends=True) if len(docs) == 1 else docs
+    cut = max(1, int(len(units) * (1 - fraction))) if len(units) > 1 else len(units)
+    train, validation = units[:cut], units[cut:]
     if len(docs) == 1:
-        lines = docs[0].splitlines(keepends=True)
-        cut = max(1, int(len(lines) * (1 - fraction))) if len(lines) > 1 else len(lines)
-        return {"train": ["".join(lines[:cut])], "validation": ["".join(lines[cut:])] if cut < len(lines) else []}
-    cut = max(1, int(len(docs) * (1 - fraction))) if len(docs) > 1 else len(docs)
-    return {"train": docs[:cut], "validation": docs[cut:]}
+        return {"train": ["".join(train)], "validation": ["".join(validation)] if validation else []}
+    return {"train": train, "validation": validation}
 
 
 SOURCE_SUFFIXES = (".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".rb", ".sh",

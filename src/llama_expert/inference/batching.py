@@ -29,21 +29,20 @@ from ..integration.kv_cache_choice import cache_kwargs, make_cache
 
 @dataclass
 class Request:
-    """One prompt to complete; its ``events`` queue receives ("text", delta) items and then one
-    ("done", finish_reason, completion_tokens) or ("error", message). ``listener``, when set, receives the
-    events instead (called on the worker thread: the server hands them to its event loop). Finish reasons:
-    "stop", "length", or "cancelled" after ``cancel()``."""
+    """One prompt to complete. Its ``listener`` (given to ``BatchEngine.submit``) receives ("text", delta) events
+    and then one ("done", finish_reason, completion_tokens) or ("error", message), called on the worker thread
+    (the server hands them to its event loop). Finish reasons: "stop", "length", or "cancelled" after
+    ``cancel()``."""
     ids: List[int]
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: List[str] = field(default_factory=list)
-    events: "queue.Queue" = field(default_factory=queue.Queue)
     listener: Optional[Callable[[tuple], None]] = None
     cancelled: bool = False
 
     def send(self, event: tuple) -> None:
-        (self.listener or self.events.put)(event)
+        self.listener(event)
 
     def cancel(self) -> None:
         """Nobody wants the rest (the client left): the worker ends this row at its next decoding step."""
@@ -57,8 +56,8 @@ class Request:
 class _Row:
     """What one batch row has produced, and when it must stop."""
 
-    def __init__(self, request: Request, tokenizer, eos: set):
-        self.request, self.tokenizer, self.eos = request, tokenizer, eos
+    def __init__(self, request: Request, tokenizer, eos: set, engine: "BatchEngine"):
+        self.request, self.tokenizer, self.eos, self.engine = request, tokenizer, eos, engine
         self.ids: List[int] = []
         self.sent = 0  # characters of the text already sent
         self.finish: Optional[str] = None
@@ -66,29 +65,35 @@ class _Row:
     def add(self, token: int) -> None:
         if self.finish is not None:
             return
+        finish = None
         if token in self.eos:
-            self.finish = "stop"
+            finish = "stop"
         else:
             self.ids.append(token)
             text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
             cut = min((text.find(s) for s in self.request.stop if s and s in text), default=-1)
             if cut >= 0:
-                text, self.finish = text[:cut], "stop"
+                text, finish = text[:cut], "stop"
             elif len(self.ids) >= self.request.max_tokens:
-                self.finish = "length"
-            ready = len(text) if self.finish is not None else self._ready(text)
+                finish = "length"
+            ready = len(text) if finish is not None else self._ready(text)
             if ready > self.sent:
                 self.request.send(("text", text[self.sent:ready]))
                 self.sent = ready
-        if self.finish is not None:
-            self.request.send(("done", self.finish, len(self.ids)))
+        if finish is not None:
+            self.end(finish)
+
+    def end(self, finish: str) -> None:
+        """The row is over: its tokens are counted (once, here, not at every step) and its client told."""
+        self.finish = finish
+        self.engine.tokens_generated += len(self.ids)
+        self.request.send(("done", finish, len(self.ids)))
 
     def cancel_if_asked(self) -> bool:
         """End the row now if its request was cancelled; True when it did."""
         if self.finish is not None or not self.request.cancelled:
             return False
-        self.finish = "cancelled"
-        self.request.send(("done", "cancelled", len(self.ids)))
+        self.end("cancelled")
         return True
 
     def _ready(self, text: str) -> int:
@@ -109,11 +114,13 @@ class BatchEngine:
         self.waiting: "queue.Queue[Request]" = queue.Queue()
         self.held: List[Request] = []  # taken from the queue, different sampling: next batch
         self.requests_served, self.largest_batch, self.batches = 0, 0, 0
-        self.aborted, self.tokens_generated = 0, 0  # requests cancelled before their end; tokens made for all
+        self.aborted, self.tokens_generated = 0, 0  # requests cancelled before their end; every ended row's tokens
         self.thread = threading.Thread(target=self._run, name="llama-expert-batching", daemon=True)
         self.thread.start()
 
-    def submit(self, request: Request) -> Request:
+    def submit(self, request: Request, listener: Callable[[tuple], None]) -> Request:
+        """Queue ``request``; ``listener`` receives its events on the worker thread."""
+        request.listener = listener
         self.waiting.put(request)
         return request
 
@@ -159,7 +166,7 @@ class BatchEngine:
         tokenizer, model, engine = self.tokenizer, self.model, self
         config = generation_config(model, tokenizer, max(r.max_tokens for r in batch), *batch[0].sampling)
         eos = config.eos_token_id
-        rows = [_Row(r, tokenizer, set(eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        rows = [_Row(r, tokenizer, set(eos if isinstance(eos, list) else [eos] if eos is not None else []), engine)
                 for r in batch]
         length = max(len(r.ids) for r in batch)
         pad = config.pad_token_id
@@ -174,15 +181,13 @@ class BatchEngine:
                 if not self.prompt_seen:  # generate() first puts the prompt
                     self.prompt_seen = True
                     return
-                engine.tokens_generated += sum(row.finish is None for row in rows)
                 for row, token in zip(rows, value.reshape(-1).tolist()):
                     row.add(token)
 
             def end(self):
                 for row in rows:
                     if row.finish is None:
-                        row.finish = "length"
-                        row.request.send(("done", "length", len(row.ids)))
+                        row.end("length")
 
         class Finished(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):

@@ -134,8 +134,7 @@ class Service:
             except RuntimeError:  # the event loop has closed: the server is stopping
                 request.cancel()
 
-        request.listener = listener
-        self.engine.submit(request)
+        self.engine.submit(request, listener)
         while True:
             event = await inbox.get()
             yield event

@@ -16,47 +16,37 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List
 
 from ..errors import ConfigError
-from ..files import STAGING_PREFIX, atomic_write_text, remove_stale_staging, write_files, write_problem
-from ..training.run_folder import LOCK_NAME, RunLock
+from ..files import (atomic_write_text, held_files_problem, relation, remove_stale_staging, unusable_output,
+                     write_files)
+from ..training.run_folder import RunLock
 
 
 def check_apart(folder: Path, inputs: Dict[str, Iterable[str]], command: str) -> None:
     """Refuse an output folder that is, holds or lies inside an input (``inputs``: what -> paths; paths
     that do not exist locally, such as Hub names, are skipped)."""
-    out = Path(folder).expanduser().resolve()
     for what, paths in inputs.items():
         for path in paths:
-            if not path or not Path(path).expanduser().exists():
-                continue
-            source = Path(path).expanduser().resolve()
-            relation = ("is" if out == source else "lies inside" if out.is_relative_to(source)
-                        else "holds" if source.is_relative_to(out) else None)
-            if relation:
-                raise ConfigError(f"--output-dir {folder} {relation} {what} {path}: {command} would write over "
+            stands = relation(folder, path) if path and Path(path).expanduser().exists() else None
+            if stands:
+                raise ConfigError(f"--output-dir {folder} {stands} {what} {path}: {command} would write over "
                                   f"what it reads; pass another --output-dir.")
 
 
 def check_output(folder: Path, command: str, overwrite: bool, inputs: Dict[str, Iterable[str]]) -> None:
     """Everything about ``--output-dir`` that can fail, checked before the work starts."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--output-dir {folder} is a file, not a folder; pass a folder.")
     check_apart(folder, inputs, command)
-    problem = write_problem(folder)
+    problem = unusable_output(folder) or held_files_problem(
+        folder, overwrite, f"pass --overwrite to replace what {command} wrote there (other files stay), or a new "
+                           f"--output-dir.")
     if problem:
-        raise ConfigError(f"--output-dir {folder} is not writable ({problem}); pass a folder you can write to.")
-    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME
-                     and not p.name.startswith(STAGING_PREFIX)) if folder.is_dir() else []
-    if present and not overwrite:
-        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
-        raise ConfigError(f"--output-dir {folder} already holds files ({shown}); pass --overwrite to replace what "
-                          f"{command} wrote there (other files stay), or a new --output-dir.")
+        raise ConfigError(problem)
 
 
 @contextmanager
 def locked_output(folder: Path, command: str) -> Iterator[Path]:
-    """Hold the folder's lock for the whole command (a second one is refused); remove stale staging."""
-    with RunLock(folder):
+    """Hold the folder's lock for the whole command (a second one is refused; the lock file goes with the command:
+    the folder is an artifact); remove stale staging."""
+    with RunLock(folder, keep_record=False):
         removed = remove_stale_staging(folder)
         if removed:
             size = sum(bytes_ for _, bytes_ in removed)

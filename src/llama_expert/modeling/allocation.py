@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from typing import List
 
+from ..config import ExpertConfig
 from ..errors import ConfigError
+from ..options import flag_for
 from .registry import Registry
 
-ALLOCATIONS = Registry("expert allocation", "expert_allocation")
+ALLOCATIONS = Registry("expert allocation", flag_for(ExpertConfig, "expert_allocation"))
 
 
 @ALLOCATIONS.register("uniform")

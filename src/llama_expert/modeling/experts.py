@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ExpertConfig
 from ..errors import ConfigError
+from ..options import flag_for
 from .per_expert import Transfer, select_rows
 from .registry import Registry
 from .routing.losses import gate_matrix
 
-EXPERT_BANKS = Registry("expert bank", "expert_type")
+EXPERT_BANKS = Registry("expert bank", flag_for(ExpertConfig, "expert_type"))
 register_expert_bank = EXPERT_BANKS.register
 
 

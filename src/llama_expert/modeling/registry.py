@@ -15,9 +15,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, config_field: str):
+    """``kind``: what an entry is, for messages; ``flag``: the flag a user types to name one (``options.flag_for``
+    of the field that stores the name)."""
+
+    def __init__(self, kind: str, flag: str):
         self.kind = kind
-        self.config_field = config_field
+        self.flag = flag
         self._entries: Dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -30,8 +33,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            flag = "--" + self.config_field.replace("_", "-")  # the flag a user types for the field
-            raise ConfigError(f"unknown {flag} {reprlib.repr(name)}; choose one of {', '.join(self.names())}.")
+            raise ConfigError(f"unknown {self.flag} {reprlib.repr(name)}; choose one of {', '.join(self.names())}.")
         return self._entries[name]
 
     def names(self) -> List[str]:

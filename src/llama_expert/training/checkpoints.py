@@ -24,13 +24,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, LlamaExpertError
 from .. import files
+from ..errors import ConfigError, LlamaExpertError
 from ..files import previous_version, write_folder
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 LEGACY_STATE = "training_state.pt"  # pickled state of older versions: never loaded
+# Where older versions staged a checkpoint (``.tmp-last-*``): the checkpoints folder holds only what write_folder
+# writes, so such a folder there is a killed write of ours, cleaned up as the current staging is.
+STAGING_PREFIXES = (files.STAGING_PREFIX, ".tmp-")
 
 
 class CheckpointError(LlamaExpertError):
@@ -137,11 +140,6 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
         if is_checkpoint(candidate):
             return candidate
     return None
-
-
-def remove_stale_staging(checkpoints: Path) -> List[Path]:
-    """Delete half-written ``.tmp-*`` folders a kill left behind (only ours: written by write_folder)."""
-    return [staging for staging, _ in files.remove_stale_staging(checkpoints)]
 
 
 def rng_state() -> dict:

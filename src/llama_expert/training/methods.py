@@ -29,7 +29,7 @@ from ..modeling.registry import Registry
 from .dynamic import DynamicAllocation
 from .hooks import TrainingHook
 
-METHODS = Registry("training method", "method")
+METHODS = Registry("training method", "--method")  # train's own flag: no settings field stores the method
 
 
 class TrainingMethod:

@@ -118,6 +118,7 @@ def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Option
     accelerator = make_accelerator(args)
     with RunLock(output_dir) if accelerator.is_main_process else nullcontext():
         if args.resume:  # under the lock: a run writing there now is the better answer than its missing checkpoint
+            # before the model loads (load_latest checks it again for train_model, which skips this function)
             require_checkpoint(output_dir / "checkpoints")
         if args.overwrite and accelerator.is_main_process:
             removed = clear_run_outputs(output_dir)

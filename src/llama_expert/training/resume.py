@@ -58,7 +58,7 @@ def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Ca
     """(folder, training state) of the newest usable checkpoint, its weights already loaded by
     ``load_weights(folder)``. Raises when there is none (``--resume`` with nothing to resume never starts a new
     run), when none can be read, or when the newest readable one was made with other settings."""
-    require_checkpoint(output_dir / "checkpoints")
+    require_checkpoint(output_dir / "checkpoints")  # for train_model(resume=True); fine_tune checked it sooner
     unreadable: List[str] = []
     for found in checkpoint_candidates(output_dir / "checkpoints"):
         try:

@@ -26,12 +26,13 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError, LlamaExpertError
+from ..files import remove_stale_staging
 from ..metrics.memory import peak_memory
 from ..metrics.perplexity import evaluate_perplexity
 from ..progress import progress_bar
 from .accelerator import autocast_dtype, make_accelerator
 from .arguments import TrainingArguments
-from .checkpoints import remove_stale_staging, rng_state, save_training_state, set_rng_state, write_checkpoint
+from .checkpoints import STAGING_PREFIXES, rng_state, save_training_state, set_rng_state, write_checkpoint
 from .loggers import TrainingLoggers
 from .optimizer import build_optimizer, rebuild_optimizer
 from .resume import load_latest
@@ -141,7 +142,7 @@ class Trainer:
         if self.args.resume:
             self._resume()
         if self.main:
-            remove_stale_staging(self.output_dir / "checkpoints")
+            remove_stale_staging(self.output_dir / "checkpoints", STAGING_PREFIXES)
 
     def _check_launch(self) -> None:
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -168,13 +169,11 @@ class Trainer:
         shard_frozen_base(self.model, replicated=[*self.params, *adapter_parameters(self.model)], device=self.device)
 
     def _rebuild_optimizer(self, transfers=()) -> None:
-        """After a hook replaced trainable parameters: a new optimiser that continues the old one."""
+        """After a hook replaced trainable parameters: the optimiser moves onto them, in place (optimizer.py)."""
         self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
-        old = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate wraps it
-        fresh, self.scheduler = rebuild_optimizer(
-            old, self.scheduler, self.params, self.method.parameter_groups(self.unwrapped, self.args.learning_rate),
-            self.args.learning_rate, self.args.weight_decay, self.schedule, transfers)
-        self.optimizer = self.accelerator.prepare(fresh)
+        rebuild_optimizer(self.optimizer, self.params,
+                          self.method.parameter_groups(self.unwrapped, self.args.learning_rate),
+                          self.args.learning_rate, self.args.weight_decay, transfers)
 
     def _resume(self) -> None:
         folder, saved = load_latest(self.output_dir, self.run_config, self.world,
@@ -380,6 +379,7 @@ class Trainer:
                     self._evaluate_when_due(bar)
                     saved = self._checkpoint_when_due(end_step)
                     self.stop(requests, saved, end_step)
+            self._final_evaluation()  # before the hooks finish: evaluation resumes them when it ends
         finally:
             bar.close()
             self.loggers.close()
@@ -428,13 +428,16 @@ class Trainer:
             self.checkpoint(self.last_dir)
         return due
 
+    def _final_evaluation(self) -> None:
+        """The last validation, if the run reached its end and none ran at this step."""
+        final, step = self.final_eval, self.state.step
+        if (final is None or final["step"] != step) and step == self.schedule.total_steps:
+            self.final_eval = self.evaluate()
+            self._consider_best(self.final_eval)
+
     def _finish(self) -> TrainResult:
-        """The last validation (if the run reached its end and none ran at this step), the adapter, the result."""
-        step, total = self.state.step, self.schedule.total_steps
-        final = self.final_eval
-        if (final is None or final["step"] != step) and step == total:
-            final = self.evaluate()
-            self._consider_best(final)
+        """The adapter and the result."""
+        step, total, final = self.state.step, self.schedule.total_steps, self.final_eval
         self.accelerator.wait_for_everyone()
         if not finite(self.params):
             raise TrainingDiverged(f"the weights became NaN/inf; the adapter was not saved. {self._good_checkpoint()} "

@@ -1,6 +1,8 @@
 """The router registry: ``ExpertConfig.router_type`` names an entry here."""
 
+from ...config import ExpertConfig
+from ...options import flag_for
 from ..registry import Registry
 
-ROUTERS = Registry("router", "router_type")
+ROUTERS = Registry("router", flag_for(ExpertConfig, "router_type"))
 register_router = ROUTERS.register
