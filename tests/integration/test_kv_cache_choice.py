@@ -3,6 +3,7 @@
 version has (``cache_kwargs``): none of them may trigger Transformers' deprecation message."""
 
 import logging
+import queue
 import warnings
 
 import torch
@@ -43,8 +44,9 @@ def test_no_decoding_path_uses_the_deprecated_cache_name(chat_folder, embedded_t
                 generate_ids(model, tokenizer, ids, max_new_tokens=3, temperature=0, top_p=1, kv_cache=kv_cache)
                 measure_throughput(model, num_samples=1, prompt_len=4, new_tokens=2, kv_cache=kv_cache)
             engine = BatchEngine(model, tokenizer, kv_cache="int8")
-            request = engine.submit(Request(ids=ids[0].tolist(), max_tokens=3, temperature=0))
-            while request.events.get(timeout=60)[0] not in ("done", "error"):
+            events = queue.Queue()
+            engine.submit(Request(ids=ids[0].tolist(), max_tokens=3, temperature=0), events.put)
+            while events.get(timeout=60)[0] not in ("done", "error"):
                 pass
     finally:
         logger.removeHandler(records)
