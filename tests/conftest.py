@@ -249,14 +249,15 @@ class CharTokenizer:
         return "".join(chr(int(i)) for i in ids)
 
 
-def moe_adapter_folder(trained_base, folder, scale):
-    """(base folder, its text file, a MoE adapter folder on it whose experts change the base by ``scale``)."""
+def moe_adapter_folder(trained_base, folder, scale, **config):
+    """(base folder, its text file, a MoE adapter folder on it whose experts change the base by ``scale``);
+    ``config``: other ExpertConfig fields (e.g. ``router_type``)."""
     from llama_expert import ExpertConfig, augment_model, load_base_model, save_adapter
     from llama_expert.integration.surgery import adapters
 
     base_folder, text = trained_base
     model = augment_model(load_base_model(str(base_folder)), ExpertConfig(num_experts=4, top_k=2,
-                                                                          expert_allocation="uniform"))
+                                                                          expert_allocation="uniform", **config))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, adapter in adapters(model):

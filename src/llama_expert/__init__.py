@@ -24,7 +24,7 @@ _EXPORTS = {
     "augment_model": "integration.surgery", "remove_adapters": "integration.surgery",
     "parameter_report": "integration.surgery", "parameter_counts": "integration.surgery",
     "router_losses": "integration.surgery", "weighted_router_loss": "integration.surgery",
-    "adapter_parameters": "integration.surgery",
+    "adapter_parameters": "integration.surgery", "domain_labels": "integration.surgery",
     "save_adapter": "integration.adapter_files", "load_adapter_weights": "integration.adapter_files",
     "load_augmented_model": "integration.adapter_files",
     "load_base_model": "integration.base_models", "load_tokenizer": "integration.base_models",

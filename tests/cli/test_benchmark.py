@@ -113,3 +113,38 @@ def test_benchmark_measures_each_domain_and_the_domain_expert_information(traine
                for layer in layers)
     printed = capsys.readouterr().out
     assert "Perplexity per domain" in printed and "NMI" in printed
+
+
+def test_an_oracle_adapter_is_benchmarked_with_each_window_labelled_by_its_dataset(trained_base, tmp_path, capsys,
+                                                                                    cli_error):
+    """Several --dataset sources are the oracle's domains, in order: every section runs (throughput and memory
+    with one label for their random prompts) and each domain uses its own expert; one dataset gives no labels,
+    which is one error line naming the fix."""
+    import torch
+
+    from llama_expert import ExpertConfig, augment_model, save_adapter
+    from llama_expert.integration.surgery import adapters
+
+    base_folder, train_text = trained_base
+    model = augment_model(load_base_model(str(base_folder)),
+                          ExpertConfig(router_type="oracle", num_experts=2, expert_allocation="uniform"))
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            adapter.experts.up.normal_(std=0.1)
+    folder = tmp_path / "oracle"
+    save_adapter(model, folder, base_model_name_or_path=str(base_folder))
+    prose, digits = tmp_path / "prose.txt", tmp_path / "digits.txt"
+    prose.write_text(train_text.read_text())
+    digits.write_text("0123456789 9876543210 " * 200)
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--model", str(folder), "--dataset", f"{prose},{digits}", "--seq-len", "32",
+                 "--max-tokens", "96", "--routing-windows", "2", "--num-samples", "1", "--prompt-len", "4",
+                 "--new-tokens", "2", "--throughput-batch-sizes", "1", "--output-json", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["perplexity"]["domains"]) == {"prose", "digits"} and report["throughput"] and report["memory"]
+    assert all(layer["domain_expert_nmi"] == 1.0 for layer in report["routing_health"]["layers"])
+    line = cli_error(["benchmark", "--model", str(folder), "--dataset", str(prose), "--seq-len", "32",
+                      "--max-tokens", "96", "--skip-throughput", "--no-progress"])
+    assert line.startswith("error: --router-type oracle routes each sequence by its domain label") \
+        and "one --dataset source per domain" in line, line

@@ -376,3 +376,34 @@ def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_
     ids = torch.tensor([tokenizer("The quick")["input_ids"]])
     expected = tokenizer.decode(generate_ids(model, tokenizer, ids, 8, temperature=0), skip_special_tokens=True)
     assert reply.choices[0].text == expected != _greedy(folder, "The quick", 8)
+
+
+def test_a_sequence_routed_adapter_answers_concurrent_requests_as_it_answers_each_alone(trained_base, tmp_path):
+    """`serve` on an adapter whose router routes by the sequence (sequence_aux_free): prompts of different lengths,
+    batched together (left-padded; each row's running sums on that batch's KV cache), each get the library's own
+    single-request greedy answer, and so does the same batch again (nothing is left over from the first)."""
+    from llama_expert import load_augmented_model
+
+    from ..conftest import moe_adapter_folder
+
+    base, _, folder = moe_adapter_folder(trained_base, tmp_path / "moe", 0.3, router_type="sequence_aux_free")
+    model, _ = load_augmented_model(adapter_path=folder)
+    tokenizer = load_tokenizer(str(base))
+    prompts = ["The", "The quick brown fox", "lazy dog jumps over", "The quick brown fox jumps over the lazy dog. T"]
+    alone = {prompt: tokenizer.decode(generate_ids(model, tokenizer, torch.tensor([tokenizer(prompt)["input_ids"]]), 8,
+                                                   temperature=0), skip_special_tokens=True) for prompt in prompts}
+    for url in _serve(folder, "--served-model-name", "tiny", "--batch-wait-ms", "300", key=KEY):
+        for _ in range(2):
+            answers = {}
+
+            def ask(prompt):
+                answers[prompt] = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=8,
+                                                                  temperature=0).choices[0].text
+
+            threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert answers == alone
+        assert httpx.get(f"{url}/health").json()["largest_batch"] > 1  # they were generated together

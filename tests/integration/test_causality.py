@@ -4,7 +4,8 @@ A router may look at its own token only (``llama_expert.modeling.routing``). If 
 flattened batch (a mean over tokens, a capacity limit, a normalisation over the sequence), training would
 leak the future into the past and cached decoding would compute something else than the full forward
 pass. Each test below runs for every name in ``ROUTERS``, on the tiny random Llama with adapters made
-non-trivial first (the output projections start at zero, which would make any router look causal).
+non-trivial first (the output projections start at zero, which would make any router look causal). Every pass
+carries domain labels (row i: domain i % 2), which only the oracle router reads.
 """
 
 import inspect
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from llama_expert import ExpertConfig, augment_model
+from llama_expert.integration.surgery import domain_labels
 from llama_expert.modeling.routing import ROUTERS
 
 VOCAB, LENGTH, BATCH = 128, 20, 2
@@ -40,9 +42,14 @@ def _ids(seed=1, batch=BATCH, length=LENGTH):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def _labels(batch):
+    return torch.arange(batch) % 2
+
+
 @torch.no_grad()
-def _logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
+def _logits(model, ids, labels=None):
+    with domain_labels(model, _labels(ids.shape[0]) if labels is None else labels):
+        return model(input_ids=ids, use_cache=False).logits
 
 
 def _cache_name(model):
@@ -59,13 +66,14 @@ def _output_cache(out):
 def _incremental_logits(model, ids, prefill):
     """Logits of ``ids`` computed as a prefill of ``prefill`` tokens, then one token at a time with the cache."""
     name = _cache_name(model)
-    out = model(input_ids=ids[:, :prefill], use_cache=True)
-    pieces, cache = [out.logits], _output_cache(out)
-    assert cache is not None
-    for t in range(prefill, ids.shape[1]):
-        out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: cache})
-        pieces.append(out.logits)
-        cache = _output_cache(out)
+    with domain_labels(model, _labels(ids.shape[0])):
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        pieces, cache = [out.logits], _output_cache(out)
+        assert cache is not None
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: cache})
+            pieces.append(out.logits)
+            cache = _output_cache(out)
     return torch.cat(pieces, dim=1)
 
 
@@ -91,7 +99,7 @@ def test_a_sequence_ignores_the_other_sequences_of_its_batch(tiny_model, router_
     ids = _ids(batch=3)
     together = _logits(model, ids)
     for row in range(3):
-        alone = _logits(model, ids[row:row + 1])
+        alone = _logits(model, ids[row:row + 1], labels=_labels(3)[row:row + 1])
         torch.testing.assert_close(alone[0], together[row], rtol=0, atol=1e-5,
                                    msg=lambda m: f"{router_type}: sequence {row} depends on its batch. {m}")
 
@@ -114,8 +122,9 @@ def test_greedy_generate_with_cache_equals_recomputing_every_step(tiny_model, ro
     """``model.generate`` (KV cache) picks the same tokens as argmax over a fresh full pass at every step."""
     model = _augmented(tiny_model, router_type)
     prompt = _ids(batch=1, length=5)
-    generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                               max_new_tokens=8, min_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    with domain_labels(model, _labels(1)):
+        generated = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                   max_new_tokens=8, min_new_tokens=8, pad_token_id=0, eos_token_id=None)
     ids = prompt
     for _ in range(8):
         next_token = _logits(model, ids)[:, -1].argmax(-1, keepdim=True)

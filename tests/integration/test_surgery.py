@@ -408,3 +408,30 @@ def test_augmented_model_runs_in_lm_eval_harness(tmp_path, shared_data, chat_fol
     assert 1.0 < got["word_perplexity,none"] < float("inf")
     # fresh adapters compute exactly the base model, so the harness must see the same numbers
     assert got["word_perplexity,none"] == pytest.approx(want["word_perplexity,none"], rel=1e-5)
+
+
+def test_domain_labels_route_each_sequence_to_its_group_and_a_pass_without_them_is_refused(tiny_model):
+    """The oracle router: in every layer, the tokens of a domain-d sequence use experts d*E//D .. (d+1)*E//D - 1
+    only, all of them alike; the labels hold inside the block only; a model without adapters ignores them."""
+    from llama_expert import domain_labels
+    from llama_expert.metrics.routing import recording_routing
+    from llama_expert.integration.surgery import adapters
+
+    with domain_labels(tiny_model, torch.tensor([0])):  # no adapters: nothing to route, nothing changes
+        tiny_model(input_ids=_batch(batch=1))
+    model = augment_model(tiny_model, ExpertConfig(router_type="oracle", num_experts=5, oracle_domains=2,
+                                                   expert_allocation="uniform"))
+    ids, mask = _batch(), _padded_mask()
+    for domain, group in ((0, [0, 1]), (1, [2, 3, 4])):
+        with recording_routing(model), domain_labels(model, torch.full((3,), domain)), torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        for _, adapter in adapters(model):
+            tokens = int(mask.sum())
+            assert adapter.router.expert_counts.tolist() == [tokens if e in group else 0 for e in range(5)]
+    with recording_routing(model), domain_labels(model, torch.tensor([1, 0, 1])), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # one sequence per domain label
+    rows = mask.sum(dim=1).tolist()  # 10, 6 and 7 tokens
+    for _, adapter in adapters(model):
+        assert adapter.router.expert_counts.tolist() == [rows[1]] * 2 + [rows[0] + rows[2]] * 3
+    with pytest.raises(ConfigError, match="this forward pass has none"):
+        model(input_ids=ids)  # outside the block the labels are gone

@@ -7,7 +7,9 @@ expert at a time, in float64, from the module's own parameters. The output proje
 zero, which would hide any such mistake, so every parameter is re-randomised first.
 
 The tests are parametrised over the registries, so a newly registered bank or router is covered at once,
-and fails until a reference for it is added here.
+and fails until a reference for it is added here. Routers are given sequences ([B, T, d], one left-padded, each
+with a domain label), as the adapter gives them; a reference gets a token's sequence up to that token (padding
+left out) and the sequence's label, and a per-token router's reference reads the last token only.
 """
 
 import pytest
@@ -15,19 +17,29 @@ import torch
 import torch.nn.functional as F
 
 from llama_expert import ExpertConfig
-from llama_expert.modeling import MoEAdapter
+from llama_expert.modeling import MoEAdapter, TokenMask
 from llama_expert.modeling.experts import EXPERT_BANKS
 from llama_expert.modeling.routing import ROUTERS
 
 HIDDEN, RANK, CORE, TOKENS, INTERMEDIATE = 16, 4, 6, 24, 20
 SHAPES = [(1, 1), (4, 1), (8, 2), (6, 3), (5, 5)]  # (num_experts, top_k)
+SEQUENCES, LENGTH, PADDING = 3, TOKENS // 3, 3  # the router tests' batch; the last sequence is left-padded
 
 
 def _config(num_experts, top_k, **kw):
     # lora_alpha / lora_r = 3: a scaling applied twice, or not at all, shows. Dropout is on but eval mode
-    # must ignore it.
+    # must ignore it. Three oracle domains (fewer with fewer experts): groups of unequal size, e.g. 1, 1, 2 of 4.
     return ExpertConfig(num_experts=num_experts, top_k=top_k, lora_r=RANK, lora_alpha=3.0 * RANK,
-                        expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform", **kw)
+                        expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform",
+                        oracle_domains=min(3, num_experts), **kw)
+
+
+def _context(labels, mask=None):
+    """The pass context a model's hooks would fill: padding mask [B, T] and one domain label per sequence."""
+    context = TokenMask()
+    context.set(mask)
+    context.domain_labels = labels
+    return context
 
 
 class LlamaStyleMLP(torch.nn.Module):
@@ -211,15 +223,44 @@ def _expert_choice_token(router, h):
                                               for j, p in enumerate(probs)]
 
 
-ROUTER_REFERENCES = {"noisy_top_k": _noisy_top_k_token, "switch": _switch_token, "aux_free": _aux_free_token,
-                     "soft": _soft_token, "expert_choice": _expert_choice_token}
+def _sequence_aux_free_token(router, tokens, label):
+    """aux_free's rule applied to the mean of the sequence's (non-padding) router inputs up to this token."""
+    return _aux_free_token(router, tokens.mean(dim=0))
 
 
-def router_reference(name, router, h):
+def _oracle_token(router, tokens, label):
+    """Every expert listed; domain d's group, experts d*E//D .. (d+1)*E//D - 1, shares gate 1, the others get 0;
+    no logits (zeros)."""
+    experts, domains = router.num_experts, router.num_domains
+    group = range(label * experts // domains, (label + 1) * experts // domains)
+    return [0.0] * experts, list(range(experts)), [1 / len(group) if e in group else 0.0 for e in range(experts)]
+
+
+def _per_token(reference):
+    """A router that routes each token by itself: the reference of the sequence's last token."""
+    return lambda router, tokens, label: reference(router, tokens[-1])
+
+
+ROUTER_REFERENCES = {"noisy_top_k": _per_token(_noisy_top_k_token), "switch": _per_token(_switch_token),
+                     "aux_free": _per_token(_aux_free_token), "soft": _per_token(_soft_token),
+                     "expert_choice": _per_token(_expert_choice_token),
+                     "sequence_aux_free": _sequence_aux_free_token, "oracle": _oracle_token}
+
+
+def router_reference(name, router, tokens, label):
+    """(logits, chosen experts, their gates) of the last of ``tokens`` [t + 1, d] (float64), its sequence so far."""
     if name not in ROUTER_REFERENCES:
         pytest.fail(f"router {name!r} is registered but has no reference: add a per-token loop for it to "
                     f"ROUTER_REFERENCES in tests/modeling/test_reference.py")
-    return ROUTER_REFERENCES[name](router, h)
+    return ROUTER_REFERENCES[name](router, tokens, label)
+
+
+def _sequences(seed, batch=SEQUENCES, length=LENGTH):
+    """Hidden states [B, T, d], the padding mask (the last sequence left-padded) and each sequence's label."""
+    hidden = torch.randn(batch, length, HIDDEN, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[-1, :PADDING] = False
+    return hidden, mask, torch.arange(batch)
 
 
 @pytest.mark.parametrize("num_experts,top_k", SHAPES)
@@ -227,14 +268,17 @@ def router_reference(name, router, h):
 def test_router_matches_the_per_token_loop(name, num_experts, top_k):
     router = ROUTERS.get(name).from_config(HIDDEN, num_experts, _config(num_experts, top_k))
     _randomise(router, seed=num_experts + top_k).eval()
-    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(8))
+    hidden, mask, labels = _sequences(seed=8)
+    labels = labels % min(3, num_experts)
     with torch.no_grad():
-        routing = router(hidden)
+        routing = router.route_sequences(hidden, _context(labels, mask))
     assert routing.gates.dtype == torch.float32
-    for n in range(TOKENS):
-        logits, chosen, gates = router_reference(name, router, hidden[n].double())
-        # the reference fixes k: top_k for noisy_top_k and aux_free, 1 for switch, E for soft and
-        # expert_choice (whose unchosen experts have gate 0)
+    for b, t in mask.nonzero().tolist():  # padding tokens are routed too, but nothing reads their choice
+        n = b * LENGTH + t
+        logits, chosen, gates = router_reference(name, router, hidden[b, :t + 1][mask[b, :t + 1]].double(),
+                                                 int(labels[b]))
+        # the reference fixes k: top_k for noisy_top_k and the aux_free routers, 1 for switch, E for soft,
+        # expert_choice and oracle (whose unchosen experts have gate 0)
         assert routing.indices.shape == routing.gates.shape == (TOKENS, len(chosen))
         torch.testing.assert_close(routing.logits[n].double(), torch.tensor(logits, dtype=torch.float64),
                                    rtol=1e-5, atol=1e-5)
@@ -245,21 +289,26 @@ def test_router_matches_the_per_token_loop(name, num_experts, top_k):
 
 
 @pytest.mark.parametrize("name", ROUTERS.names())
-def test_router_decision_is_per_token(name):
-    """A token's routing is the same alone, in a batch, and in any order of the batch."""
+def test_router_decision_is_per_sequence(name):
+    """A sequence's routing is the same alone, in a batch, and in any order of the batch (and for a per-token
+    router, a token's is the same whatever its neighbours: sequences of one token)."""
     router = ROUTERS.get(name).from_config(HIDDEN, 8, _config(8, 2))
     _randomise(router, seed=9).eval()
-    hidden = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(10))
-    order = torch.randperm(TOKENS, generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        whole = router(hidden)
-        shuffled = router(hidden[order])
-        alone = [router(hidden[n:n + 1]) for n in range(TOKENS)]
-    assert torch.equal(shuffled.indices, whole.indices[order])
-    torch.testing.assert_close(shuffled.gates, whole.gates[order], rtol=0, atol=1e-6)
-    for n, single in enumerate(alone):
-        assert torch.equal(single.indices[0], whole.indices[n])
-        torch.testing.assert_close(single.gates[0], whole.gates[n], rtol=0, atol=1e-6)
+    for batch, length in ((6, 4), (TOKENS, 1)):
+        hidden, mask, labels = _sequences(seed=10, batch=batch, length=length)
+        mask[:] = True
+        labels = labels % 3
+        order = torch.randperm(batch, generator=torch.Generator().manual_seed(11))
+        with torch.no_grad():
+            whole = router.route_sequences(hidden, _context(labels))
+            shuffled = router.route_sequences(hidden[order], _context(labels[order]))
+            alone = [router.route_sequences(hidden[b:b + 1], _context(labels[b:b + 1])) for b in range(batch)]
+        rows = (order.unsqueeze(1) * length + torch.arange(length)).reshape(-1)  # the flat rows of each sequence
+        assert torch.equal(shuffled.indices, whole.indices[rows])
+        torch.testing.assert_close(shuffled.gates, whole.gates[rows], rtol=0, atol=1e-6)
+        for b, single in enumerate(alone):
+            assert torch.equal(single.indices, whole.indices[b * length:(b + 1) * length])
+            torch.testing.assert_close(single.gates, whole.gates[b * length:(b + 1) * length], rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
@@ -276,13 +325,16 @@ def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, rout
     with torch.no_grad():
         adapter.residual_scale.fill_(0.7)
     adapter.eval()
+    adapter.token_mask.domain_labels = torch.tensor([1, 0])  # what integration.surgery.domain_labels sets
     hidden = torch.randn(2, TOKENS // 2, HIDDEN, generator=torch.Generator().manual_seed(15))
     with torch.no_grad():
         got = adapter(hidden).reshape(TOKENS, HIDDEN)
         flat = hidden.reshape(TOKENS, HIDDEN)
         want = []
         for n in range(TOKENS):
-            _, chosen, gates = router_reference(router_type, adapter.router, flat[n].double())
+            b, t = divmod(n, TOKENS // 2)
+            _, chosen, gates = router_reference(router_type, adapter.router, hidden[b, :t + 1].double(),
+                                                [1, 0][b])
             moe = bank_reference(expert_type, adapter.experts, flat[n:n + 1],
                                  torch.tensor([chosen]), torch.tensor([gates], dtype=torch.float64))[0]
             want.append(mlp(flat[n]).double() + 0.7 * moe)

@@ -341,3 +341,33 @@ def test_parameter_groups_must_cover_every_trainable_parameter(tmp_path):
     blocks = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ConfigError, match="exactly once"):
         train_model(model, RoutersLeftOut(method.config), blocks, None, _args(tmp_path, max_steps=1))
+
+
+def test_every_pass_gets_its_rows_domain_labels(tmp_path):
+    """Training micro-batches (gradient accumulation, gradient checkpointing's recomputation included) and
+    validation windows reach the model with their own rows' labels: block i is filled with token i and labelled
+    i % 2, so each pass can check what it was given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_expert import ExpertConfig, augment_model
+    from llama_expert.integration.surgery import adapters
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=128))
+    augment_model(model, ExpertConfig(router_type="oracle", num_experts=2, expert_allocation="uniform",
+                                      use_gradient_checkpointing=True))
+    blocks = torch.arange(24).unsqueeze(1).expand(24, 16).contiguous()
+    token_mask = adapters(model)[0][1].token_mask
+    seen = []
+
+    def check(module, args, kwargs):
+        rows = kwargs["input_ids"][:, 0]
+        seen.append(rows.numel())
+        assert torch.equal(torch.as_tensor(token_mask.domain_labels), rows % 2), (rows, token_mask.domain_labels)
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    train_model(model, MoEMethod(model.expert_config), blocks, blocks[:6],
+                _args(tmp_path / "run", max_steps=3, batch_size=2, gradient_accumulation_steps=2, eval_every=3),
+                domains=torch.arange(24) % 2, eval_domains=torch.arange(6) % 2)
+    assert len(seen) >= 3 * 2 + 2 * 6  # 3 steps x 2 micro-batches, and two validations of 6 windows

@@ -32,7 +32,7 @@ from ..files import atomic_write_text, write_problem
 from ..options import option
 from ..integration.base_models import check_within_context
 from ..integration.loading import ModelArguments, is_adapter_folder, load_model_and_tokenizer
-from ..integration.surgery import adapters, is_augmented, parameter_counts
+from ..integration.surgery import adapters, domain_labels, is_augmented, parameter_counts
 from ..metrics.memory import peak_memory
 from ..metrics.perplexity import evaluate_perplexity
 from ..metrics.routing import domain_specialisation, routing_health
@@ -158,7 +158,8 @@ class ExpertModelBenchmark:
         if self.domain_names:
             return self._domain_perplexity(word_perplexity)
         windows = self.windows()
-        result = evaluate_perplexity(self.model, windows, batch_size=self.batch_size, progress=self.progress)
+        result = evaluate_perplexity(self.model, windows, batch_size=self.batch_size, progress=self.progress,
+                                     domains=self._window_domains)  # given ones too: a domain's own benchmark
         available = int(self.token_ids().numel())
         out = {
             "protocol": "token-level exp(mean NLL) over non-overlapping windows of the split joined with blank "
@@ -191,7 +192,8 @@ class ExpertModelBenchmark:
             single = ExpertModelBenchmark(self.model, self.tokenizer, dataset=source,
                                           dataset_config=self.dataset_config, split=self.split, seq_len=self.seq_len,
                                           max_tokens=self.max_tokens, batch_size=self.batch_size,
-                                          windows=windows[labels == index], progress=self.progress)
+                                          windows=windows[labels == index], window_domains=labels[labels == index],
+                                          progress=self.progress)
             domains[name] = single.benchmark_perplexity(word_perplexity)
         mean_nll = sum(d["mean_nll"] for d in domains.values()) / len(domains)
         total = {key: sum(d[key] for d in domains.values())
@@ -212,8 +214,9 @@ class ExpertModelBenchmark:
         per sequence. One warm-up run per batch size, then the median of ``num_samples`` repeats; CUDA
         is synchronised around every timed phase. ``kv_cache``: none, int8 or int4 (KVCacheCompressor).
         """
-        result = measure_throughput(self.model, num_samples, prompt_len, new_tokens, batch_sizes, self.progress,
-                                    kv_cache)
+        with domain_labels(self.model, 0):  # random prompts have no domain; an oracle's speed does not depend on it
+            result = measure_throughput(self.model, num_samples, prompt_len, new_tokens, batch_sizes, self.progress,
+                                        kv_cache)
         return {**result, "kv_cache": kv_cache}
 
     @torch.no_grad()
@@ -246,7 +249,8 @@ class ExpertModelBenchmark:
         model.eval()
         try:
             batch = prompt_ids(model, self.batch_size, self.seq_len).to(self.device)
-            model(input_ids=batch, use_cache=False)
+            with domain_labels(model, 0):  # as in benchmark_throughput
+                model(input_ids=batch, use_cache=False)
         finally:
             model.train(was_training)
         synchronize(self.device)
@@ -274,7 +278,7 @@ class ExpertModelBenchmark:
             return routing_health(self.model, windows if max_windows is None else windows[:max_windows],
                                   self.batch_size, self.progress)
         keep = torch.cat([(labels == d).nonzero()[:, 0][:max_windows] for d in range(len(self.domain_names))])
-        health = routing_health(self.model, windows[keep], self.batch_size, self.progress)
+        health = routing_health(self.model, windows[keep], self.batch_size, self.progress, labels[keep])
         for layer, by_domain in zip(health["layers"], domain_specialisation(
                 self.model, windows[keep], labels[keep], self.domain_names, self.batch_size, self.progress)):
             layer.update(domains=by_domain["domains"], domain_fractions=by_domain["domain_fractions"],

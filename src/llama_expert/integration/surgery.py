@@ -2,11 +2,13 @@
 
 Works on any causal LM whose decoder layers carry an ``mlp`` attribute (Llama, Mistral, Qwen2,
 SmolLM2, ...). Nothing in Transformers is patched: ``layer.mlp`` is swapped for an ``MoEAdapter`` that
-holds the original MLP, and a forward pre-hook hands the attention mask to the routers.
+holds the original MLP, and a forward pre-hook hands the attention mask to the routers (and, for sequence
+routers, their prefix state: ``integration.prefix_cache``; ``domain_labels`` gives them the domain labels).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Tuple
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..modeling import MoEAdapter, TokenMask, check_config, experts_per_layer
+from .prefix_cache import PrefixCarrier
 
 _STATE = "_llama_expert_state"  # attribute on the model: hook handle, mask, requires_grad flags
 
@@ -79,11 +82,33 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
 
     hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True),
              model.register_forward_pre_hook(open_pass), model.register_forward_hook(close_pass, always_call=True)]
+    if any(adapter.router.sequence_level for adapter in layer_adapters):  # only these pay for the prefix state
+        carrier = PrefixCarrier(token_mask)
+        hooks += [model.register_forward_pre_hook(carrier.open, with_kwargs=True),
+                  model.register_forward_hook(carrier.close, with_kwargs=True, always_call=True)]
     setattr(model, _STATE, {"hooks": hooks, "requires_grad": requires_grad, "token_mask": token_mask})
     model.expert_config = config
     if config.use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+@contextmanager
+def domain_labels(model: nn.Module, labels):
+    """Inside the block, every forward pass of ``model`` routes its sequences with these domain labels: ``labels``
+    [B] holds one domain index per sequence of each pass (an int: every sequence). Only routers that route by the
+    label read them (``oracle``); for others, for a model without adapters and for ``labels=None`` nothing
+    changes. Why a context and not a forward argument: Transformers' forward does not carry extra arguments down
+    to the MLPs; the labels sit beside the attention mask in the pass context (the ``TokenMask``)."""
+    if labels is None or not is_augmented(model):
+        yield
+        return
+    token_mask = getattr(model, _STATE)["token_mask"]
+    before, token_mask.domain_labels = token_mask.domain_labels, labels
+    try:
+        yield
+    finally:
+        token_mask.domain_labels = before
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:

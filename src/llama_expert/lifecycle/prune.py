@@ -90,7 +90,7 @@ def expert_scores(model, windows: torch.Tensor, progress: bool = True) -> List[D
     def observe(index):
         def hook(adapter, args):
             flat = args[0].reshape(-1, args[0].shape[-1]).to(adapter.experts.compute_dtype)
-            routing = adapter.router(flat)
+            routing = adapter.router.route_sequences(args[0], adapter.token_mask)  # as the pass routes it
             gates = gate_matrix(routing.indices, routing.gates.float(), adapter.num_experts).double()  # [N, E]
             n = flat.shape[0]
             one = torch.ones(n, 1, dtype=flat.dtype)

@@ -14,7 +14,7 @@ from typing import Optional, Dict, List
 import torch
 
 from ..errors import ConfigError
-from ..integration.surgery import adapters, is_augmented, reset_routing_statistics
+from ..integration.surgery import adapters, domain_labels, is_augmented, reset_routing_statistics
 from ..progress import progress_bar
 
 
@@ -36,9 +36,10 @@ def expert_usage(model) -> List[Dict[str, object]]:
 
 
 @torch.no_grad()
-def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1,
-                         progress: bool = True) -> List[Dict[str, object]]:
-    """Route ``windows`` in eval mode (no noise) and return the usage table (``progress``: a bar over them)."""
+def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                         domains: Optional[torch.Tensor] = None) -> List[Dict[str, object]]:
+    """Route ``windows`` in eval mode (no noise) and return the usage table (``progress``: a bar over them;
+    ``domains``: each window's domain label, for the oracle router)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -46,7 +47,8 @@ def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1,
         with recording_routing(model), progress_bar(windows.shape[0], "routing", "window", progress) as bar:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start:start + batch_size]
-                model(input_ids=batch.to(device), use_cache=False)
+                with domain_labels(model, domains[start:start + batch_size] if domains is not None else None):
+                    model(input_ids=batch.to(device), use_cache=False)
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
@@ -71,7 +73,8 @@ LOW_LOAD_FACTOR = 0.1  # warn when an expert gets less than LOW_LOAD_FACTOR / E 
 COLLAPSE_SHARE = 0.9  # warn when more than this share of the tokens routes to one expert
 
 
-def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> Dict:
+def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                   domains: Optional[torch.Tensor] = None) -> Dict:
     """Per-layer expert load and router entropy over ``windows``.
 
     ``load``: each expert's share of the T*k (token, slot) assignments (sums to 1 per layer; uniform
@@ -79,13 +82,14 @@ def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: 
     ``entropy``: mean over tokens of the router's entropy over all E experts divided by log E
     (1 = uniform probabilities, 0 = one expert certain). Warnings: an expert with load below
     0.1/E ("nearly unused"), or picked by more than 90% of the tokens ("collapse"; checked only
-    when E > k, since with E == k every expert serves every token). ``progress``: a bar over the windows.
+    when E > k, since with E == k every expert serves every token). ``progress``: a bar over the windows;
+    ``domains``: each window's domain label, for the oracle router.
     """
     if not is_augmented(model):
         raise ConfigError("routing_health needs an augmented model (one with MoE adapters); this one has none.")
     layers, warnings = [], []
     routers = [adapter.router for _, adapter in adapters(model)]
-    for row in measure_expert_usage(model, windows, batch_size, progress):
+    for row in measure_expert_usage(model, windows, batch_size, progress, domains):
         index, num_experts, tokens = row["layer"], row["num_experts"], row["tokens"]
         router = routers[index]
         top_k = int(router.top_k)
@@ -127,7 +131,7 @@ def domain_specialisation(model, windows: torch.Tensor, domains: torch.Tensor, n
                           batch_size: int = 1, progress: bool = True) -> List[Dict[str, object]]:
     """Per layer: how each domain's (token, slot) assignments spread over the experts, and the NMI between
     domain and chosen expert. ``domains[i]`` labels window ``i`` with its index in ``names``."""
-    per_domain = [measure_expert_usage(model, windows[domains == d], batch_size, progress)
+    per_domain = [measure_expert_usage(model, windows[domains == d], batch_size, progress, domains[domains == d])
                   for d in range(len(names)) if bool((domains == d).any())]
     present = [names[d] for d in range(len(names)) if bool((domains == d).any())]
     rows = []
@@ -144,7 +148,7 @@ def expert_usage_by_domain(model, windows: torch.Tensor, domains: Optional[torch
     """``measure_expert_usage`` over all ``windows``; with two or more domain ``names`` (``domains[i]``: the
     index of window i's domain) each layer's row also gets ``domains``, ``domain_fractions`` and
     ``domain_expert_nmi`` (what ``reports.save_domain_heatmap`` draws)."""
-    usage = measure_expert_usage(model, windows, progress=progress)
+    usage = measure_expert_usage(model, windows, progress=progress, domains=domains)
     if names and len(names) > 1 and domains is not None:
         for row, by_domain in zip(usage, domain_specialisation(model, windows, domains, names, progress=progress)):
             row.update(domain_fractions=by_domain["domain_fractions"], domains=by_domain["domains"],

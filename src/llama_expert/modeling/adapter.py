@@ -3,8 +3,9 @@
 ``a_l`` is ``residual_scale``, a learnable scalar per layer, stored with shape [1] (docs/design.md section 1).
 
 The adapter replaces ``layer.mlp`` and keeps the original module inside it (``base_mlp``), so removing
-it gives back the very same MLP object. The padding mask reaches the router through a small shared
-``TokenMask`` that a forward pre-hook on the whole model fills; Transformers itself is not patched.
+it gives back the very same MLP object. The padding mask (and, for sequence routers, the prefix state and the
+domain labels) reaches the router through a small shared ``TokenMask`` that forward hooks on the whole model fill;
+Transformers itself is not patched.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from .experts import EXPERT_BANKS
 from .decode_kernel import DecodeKernel
 from .fused_inference import FusedInference
 from .per_expert import Transfer
-from .routing import ROUTERS
+from .routing import ROUTERS, PrefixState
 
 
 class TokenMask:
-    """The attention mask of the current forward pass, shared by every adapter of a model.
+    """What the current forward pass tells the routers, shared by every adapter of a model: the attention mask,
+    and for sequence-level routers (``RouterBase.sequence_level``) the ``PrefixState`` that earlier passes of the
+    same sequences left (``prefix``, set per pass by ``integration.prefix_cache``) and the sequences' domain labels
+    (``domain_labels``, set by ``integration.surgery.domain_labels``).
 
     The flat mask is worked out once per forward pass (by the first layer) and reused by the others:
     in decoding, per-layer mask handling would cost as much as the router itself.
@@ -31,6 +35,8 @@ class TokenMask:
 
     def __init__(self):
         self.attention_mask: Optional[torch.Tensor] = None
+        self.prefix: Optional[PrefixState] = None
+        self.domain_labels = None  # [B] domain index per sequence, an int for every sequence, or None
         self._key = None
         self._flat: Optional[torch.Tensor] = None
 
@@ -142,7 +148,7 @@ class MoEAdapter(nn.Module):
         pass (integration.surgery), so that each layer skips the checks above. On a CPU each check costs several
         times its in-cache time, because it runs right after the frozen MLP has streamed its weights through the
         caches; in one loop before the pass they stay cheap. Weights must not change during the pass."""
-        if not self.fused_inference_ready(self._modules["router"].weight.device.type):
+        if not self.fused_inference_ready(self._parameters["residual_scale"].device.type):
             return None
         self.drop_router_losses()
         return self.inference_plan.kernel
@@ -162,7 +168,7 @@ class MoEAdapter(nn.Module):
             self.drop_router_losses()
             return self.inference_plan.add_to(base, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        routing = self.router(flat, self.token_mask.for_hidden(hidden))
+        routing = self.router.route_sequences(hidden, self.token_mask)
         compute_dtype = self.experts.compute_dtype
         moe = self.experts(flat.to(compute_dtype), routing.indices, routing.gates)
         return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)

@@ -89,9 +89,11 @@ class RecipeData:
 
 
 def measure_tests(model, tests: Dict[str, torch.Tensor], autocast, progress: bool) -> Dict[str, object]:
-    """Perplexity on each test set and, for several, ``mean``: exp of the mean of their log-perplexities."""
-    per_domain = {name: evaluate_perplexity(model, windows, autocast_dtype=autocast, progress=progress)
-                  for name, windows in tests.items()}
+    """Perplexity on each test set and, for several, ``mean``: exp of the mean of their log-perplexities. The d-th
+    test set is labelled domain d, as the d-th training dataset (what the oracle router routes by)."""
+    per_domain = {name: evaluate_perplexity(model, windows, autocast_dtype=autocast, progress=progress,
+                                            domains=torch.full((len(windows),), index))
+                  for index, (name, windows) in enumerate(tests.items())}
     if len(per_domain) == 1:
         return next(iter(per_domain.values()))
     mean_nll = sum(r["nll"] for r in per_domain.values()) / len(per_domain)
@@ -160,7 +162,7 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     test_before = measure_tests(model, data.tests, autocast, progress) if data.tests and main and not args.resume \
         else None
     result = train_model(model, method, data.train, data.eval, args, run_config={"method": method.name, **settings},
-                         accelerator=accelerator)
+                         accelerator=accelerator, domains=data.domains, eval_domains=data.eval_domains)
     if not main:
         return result
     output_dir = Path(args.output_dir)

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, LlamaExpertError
 from ..files import remove_stale_staging
+from ..integration.surgery import domain_labels
 from ..metrics.memory import peak_memory
 from ..metrics.perplexity import evaluate_perplexity
 from ..progress import progress_bar
@@ -99,13 +100,18 @@ class Trainer:
 
     ``run_config`` holds the settings that made the run (method, model, data); with the training arguments they
     are stored in every checkpoint, and ``--resume`` refuses a checkpoint whose result-changing settings differ.
+    ``domains`` / ``eval_domains`` ([n] each, optional) label every block and validation window with its domain:
+    each forward pass (and its backward, which gradient checkpointing may recompute) gets its rows' labels through
+    ``integration.surgery.domain_labels``, which only a router that routes by the label reads (oracle).
     """
 
     def __init__(self, model, method, train_blocks: torch.Tensor, eval_windows: Optional[torch.Tensor],
-                 args: TrainingArguments, run_config: Optional[dict] = None, accelerator=None):
+                 args: TrainingArguments, run_config: Optional[dict] = None, accelerator=None,
+                 domains: Optional[torch.Tensor] = None, eval_domains: Optional[torch.Tensor] = None):
         args.validate()
         self.model = self.unwrapped = model
         self.method, self.blocks, self.eval_windows, self.args = method, train_blocks, eval_windows, args
+        self.domains, self.eval_domains = domains, eval_domains
         self.accelerator = accelerator or make_accelerator(args)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main = self.accelerator.is_main_process
@@ -204,8 +210,10 @@ class Trainer:
         terms: Dict[str, float] = {}
         for micro in range(args.gradient_accumulation_steps):
             last_micro = micro == args.gradient_accumulation_steps - 1
-            batch = self.blocks[self.schedule.rows(step, micro, self.rank)].to(self.device)
-            with (nullcontext() if last_micro else self.accelerator.no_sync(self.model)):
+            rows = self.schedule.rows(step, micro, self.rank)
+            batch = self.blocks[rows].to(self.device)
+            with (nullcontext() if last_micro else self.accelerator.no_sync(self.model)), \
+                    domain_labels(self.unwrapped, self.domains[rows] if self.domains is not None else None):
                 for name, value in self._forward_backward(batch, step).items():
                     terms[name] = terms.get(name, 0.0) + value / args.gradient_accumulation_steps
         grad_norm = self._clip_gradients(step)
@@ -273,9 +281,11 @@ class Trainer:
 
     def _measure(self) -> dict:
         # Sharded, every rank runs every window: each forward pass is collective (all-gathers of the base).
-        mine = self.eval_windows if self.sharded else self.eval_windows[self.rank::self.world]
+        share = slice(None) if self.sharded else slice(self.rank, None, self.world)
+        mine = self.eval_windows[share]
+        labels = self.eval_domains[share] if self.eval_domains is not None else None
         result = evaluate_perplexity(self.unwrapped, mine, autocast_dtype=self.autocast,
-                                     progress=self.args.progress and self.main) if len(mine) else \
+                                     progress=self.args.progress and self.main, domains=labels) if len(mine) else \
             {"nll": 0.0, "tokens": 0}
         totals = torch.tensor([result["nll"] * result["tokens"], float(result["tokens"])], device=self.device,
                               dtype=torch.float64)
@@ -451,6 +461,8 @@ class Trainer:
 
 
 def train_model(model, method, train_blocks: torch.Tensor, eval_windows: Optional[torch.Tensor],
-                args: TrainingArguments, run_config: Optional[dict] = None, accelerator=None) -> TrainResult:
+                args: TrainingArguments, run_config: Optional[dict] = None, accelerator=None,
+                domains: Optional[torch.Tensor] = None, eval_domains: Optional[torch.Tensor] = None) -> TrainResult:
     """``Trainer(...).train()``: train ``model`` with ``method`` (a ``training.methods.TrainingMethod``)."""
-    return Trainer(model, method, train_blocks, eval_windows, args, run_config, accelerator).train()
+    return Trainer(model, method, train_blocks, eval_windows, args, run_config, accelerator, domains,
+                   eval_domains).train()

@@ -8,6 +8,12 @@
 
 A subclass implements ``_route(hidden [N, d] float32, mask [N] bool or None) -> Routing``, sets the two
 losses (``set_losses``) and calls ``record`` when ``record_statistics`` is on.
+
+``MoEAdapter`` calls ``route_sequences(hidden [B, T, d], context)``, which flattens the tokens for ``forward``. A
+router whose choice depends on the token's sequence rather than on the token alone overrides it and sets
+``sequence_level``: it gets the hidden states with their batch and sequence axes and the model's pass context
+(``modeling.adapter.TokenMask``: the padding mask of these tokens, the prefix sums that earlier passes of the same
+sequences left, the domain labels).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
     per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)
     has_inference_gates = False  # True where ``inference_gates`` gives eval routing per token (the decode fast path)
+    sequence_level = False  # True: ``route_sequences`` routes by the sequence (the model then keeps a prefix state)
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -89,6 +96,17 @@ class RouterBase(nn.Module):
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         raise NotImplementedError
 
+    def route_sequences(self, hidden: torch.Tensor, context) -> Routing:
+        """Routing of a forward pass's ``hidden`` [B, T, d] (or [N, d]; rows in the flat order ``b * T + t``): what
+        ``MoEAdapter`` calls. A per-token router routes the flat tokens with the pass's padding mask.
+
+        Why a second entry point: a ``sequence_level`` router needs the sequence axis, which the flat [N, d] batch
+        of ``forward`` has lost, and what the pass knows beyond the hidden states. ``context`` (the model's
+        ``TokenMask``) gives the padding mask of these tokens (``for_hidden``), the state earlier passes of these
+        sequences left (``prefix``, a ``PrefixState`` or None) and the sequences' domain labels
+        (``domain_labels``). A router must stay causal: token t may depend on tokens 0..t of its own sequence."""
+        return self(hidden.reshape(-1, hidden.shape[-1]), context.for_hidden(hidden) if context is not None else None)
+
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         """Eval routing as a dense [N, E] gate matrix from the clean logits ``h W_g`` [N, E] (float32): what
         ``forward`` gives in eval mode, per token, without losses or statistics (``modeling.fused_inference``)."""
@@ -119,6 +137,15 @@ class RouterBase(nn.Module):
             self.aux_loss, self.z_loss = aux_loss(), router_z_loss(logits, mask)
         else:
             self.aux_loss = self.z_loss = None
+
+    @torch.no_grad()
+    def record_chosen(self, chosen: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """``record`` for routers that list every expert with gate 0 where not chosen: ``chosen`` [N, E] bool."""
+        if mask is not None:
+            chosen, probs = chosen[mask], probs[mask]
+        self.expert_counts += chosen.sum(dim=0).double()
+        self.entropy_sum += torch.special.entr(probs).sum().double()
+        self.tokens_seen += chosen.shape[0]
 
     @torch.no_grad()
     def record(self, indices: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

@@ -63,7 +63,7 @@ class ExpertChoiceRouter(RouterBase):
         indices = torch.arange(self.num_experts, device=logits.device).expand(logits.shape[0], -1)
         self.set_losses(lambda: logits.new_zeros(()), logits, mask)
         if self.record_statistics:
-            self.record_choices(chosen, probs, mask)
+            self.record_chosen(chosen, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs if self.need_probs() else None, logits=logits)
 
     def capacity(self, tokens: int) -> int:
@@ -84,11 +84,3 @@ class ExpertChoiceRouter(RouterBase):
             with torch.no_grad():
                 self.thresholds.add_(THRESHOLD_RATE * (top.values[-1] - self.thresholds))
         return chosen
-
-    @torch.no_grad()
-    def record_choices(self, chosen: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if mask is not None:
-            chosen, probs = chosen[mask], probs[mask]
-        self.expert_counts += chosen.sum(dim=0).double()
-        self.entropy_sum += torch.special.entr(probs).sum().double()
-        self.tokens_seen += chosen.shape[0]
