@@ -19,9 +19,10 @@ running sum: that is refused with a one-line error.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from transformers.cache_utils import Cache
+if TYPE_CHECKING:  # the CLI imports this module; Transformers loads only when a model does (serve tries its port first)
+    from transformers.cache_utils import Cache
 
 from ..errors import ConfigError
 from ..modeling.routing import PrefixState
@@ -45,6 +46,8 @@ def returned_cache(output) -> Optional[Cache]:
         if value is not None:
             return value
     if isinstance(output, tuple):  # return_dict=False
+        from transformers.cache_utils import Cache
+
         return next((item for item in output if isinstance(item, Cache)), None)
     return None
 
