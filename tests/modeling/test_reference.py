@@ -26,8 +26,10 @@ SHAPES = [(1, 1), (4, 1), (8, 2), (6, 3), (5, 5)]  # (num_experts, top_k)
 def _config(num_experts, top_k, **kw):
     # lora_alpha / lora_r = 3: a scaling applied twice, or not at all, shows. Dropout is on but eval mode
     # must ignore it.
+    # lora_experts: routed experts of rank 3 (not lora_r) and a shared expert of rank 2, so both are checked
     return ExpertConfig(num_experts=num_experts, top_k=top_k, lora_r=RANK, lora_alpha=3.0 * RANK,
-                        expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform", **kw)
+                        expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform", expert_rank=3,
+                        shared_expert_rank=2, **kw)
 
 
 class LlamaStyleMLP(torch.nn.Module):
@@ -109,7 +111,18 @@ def _mixlora_token(bank, h, chosen, gates):
     return out
 
 
-BANK_REFERENCES = {"shared_core": _shared_core_token, "shared_down": _shared_down_token, "mixlora": _mixlora_token}
+def _lora_experts_token(bank, h, chosen, gates):
+    """s * (B_s A_s h + sum_i g_i B_i A_i h), for one token (B stored [r, d], so B h-space = z @ up)."""
+    out = torch.zeros(h.shape[0], dtype=torch.float64)
+    if bank.shared_down is not None:
+        out = out + (bank.shared_down.double() @ h) @ bank.shared_up.double()
+    for i, g in zip(chosen, gates):
+        out = out + g * ((bank.down[i].double() @ h) @ bank.up[i].double())
+    return bank.lora_scaling * out
+
+
+BANK_REFERENCES = {"shared_core": _shared_core_token, "shared_down": _shared_down_token, "mixlora": _mixlora_token,
+                   "lora_experts": _lora_experts_token}
 
 
 def bank_reference(name, bank, hidden, indices, gates):
@@ -263,14 +276,18 @@ def test_router_decision_is_per_token(name):
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
+@pytest.mark.parametrize("null_expert", [False, True])
 @pytest.mark.parametrize("router_type", ROUTERS.names())
 @pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
-def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, router_type):
-    """MoEAdapter(h) = MLP(h) + a_l * bank(h; the router's top-k and gates), per token."""
-    config = _config(6, 2, expert_type=expert_type, router_type=router_type)
+def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, router_type, null_expert):
+    """MoEAdapter(h) = MLP(h) + a_l * bank(h; the router's top-k and gates), per token. With a null expert the
+    router has one more logit (the last); a token may choose it, and its gate adds nothing: the bank sums the
+    chosen real experts only, with their gates as the router gave them (not renormalised)."""
+    config = _config(6, 2, expert_type=expert_type, router_type=router_type, null_expert=null_expert)
     torch.manual_seed(12)
     mlp = LlamaStyleMLP(seed=12)
     adapter = MoEAdapter(mlp, HIDDEN, 6, config)
+    assert adapter.router.weight.shape[0] == 6 + null_expert
     _randomise(adapter.router, seed=13)
     _randomise(adapter.experts, seed=14)
     with torch.no_grad():
@@ -280,12 +297,19 @@ def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, rout
     with torch.no_grad():
         got = adapter(hidden).reshape(TOKENS, HIDDEN)
         flat = hidden.reshape(TOKENS, HIDDEN)
-        want = []
+        want, nulls = [], 0
         for n in range(TOKENS):
             _, chosen, gates = router_reference(router_type, adapter.router, flat[n].double())
+            nulls += chosen.count(6)
+            kept = [(i, g) for i, g in zip(chosen, gates) if i != 6]  # the null expert's slot adds nothing
+            # (a bank's always-on part, shared_core's identity path or lora_experts' shared expert, stays)
             moe = bank_reference(expert_type, adapter.experts, flat[n:n + 1],
-                                 torch.tensor([chosen]), torch.tensor([gates], dtype=torch.float64))[0]
+                                 torch.tensor([[i for i, _ in kept]], dtype=torch.long),
+                                 torch.tensor([[g for _, g in kept]], dtype=torch.float64))[0]
             want.append(mlp(flat[n]).double() + 0.7 * moe)
     # float32 adapter vs float64 reference: mixlora sums every routed expert's (E_i - MLP), each of a few
     # units with the randomised deltas, so float32 rounding reaches 1e-5; a routing or scaling mistake is O(1)
     torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-4)
+    if null_expert and router_type != "expert_choice":  # (expert choice's thresholds are random here)
+        assert nulls > 0, "no token chose the null expert: the case is not tested"
+
