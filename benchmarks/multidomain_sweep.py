@@ -41,6 +41,8 @@ def even_split(total: int, layers: int) -> str:
 
 
 NOISY = ["--router-type", "noisy_top_k"]  # the seed's router, the default until this study made aux_free the default
+LORA_EXPERTS = ["--method", "moe", "--router-type", "aux_free", "--router-aux-loss-coef", "0", "--expert-type",
+                "lora_experts", "--num-experts", "4", "--expert-rank", "5", "--expert-allocation", "uniform"]
 CONFIGS = {
     "lora": ["--method", "lora", "--lora-r", "4"],
     "lora-2x": ["--method", "lora", "--lora-r", "8"],  # twice the budget: what more parameters alone buy
@@ -63,6 +65,11 @@ CONFIGS = {
     "hydra": ["--method", "moe", *NOISY, "--expert-type", "shared_down", "--expert-init", "distinct", "--lora-r", "5"],
     "mixlora": ["--method", "moe", *NOISY, "--expert-type", "mixlora", "--expert-allocation", "uniform",
                 "--num-experts", "4", "--lora-r", "1", "--no-router-noise"],
+    # experts that own their A_i and B_i (4 of rank 5 per layer: LoRA r=4's size), alone, with a null expert, and
+    # balanced over about the last 256 sequences instead of each micro-batch
+    "lora-experts": [*LORA_EXPERTS],
+    "lora-experts-null": [*LORA_EXPERTS, "--null-expert"],
+    "lora-experts-window": [*LORA_EXPERTS, "--balance-window", "256"],
 }
 BASELINE = "lora"
 

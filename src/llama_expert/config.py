@@ -40,6 +40,14 @@ class ExpertConfig:
         ``shared_down`` (HydraLoRA-like): shared ``A``, each expert owns its own ``B_i: r->d``.
         ``mixlora``: each expert is a rank-r LoRA delta on the frozen MLP's gate, up and down projections
         (MixLoRA); far above the 0.2% budget at the defaults (docs/design.md section 3).
+        ``lora_experts``: each expert owns its ``A_i: d->expert_rank`` and ``B_i`` (fewer, larger experts that
+        differ in their own subspaces), plus an optional always-on shared expert of ``shared_expert_rank``.
+    null_expert:
+        one more routing choice (the last logit of every router) whose output is zero; it takes no part in
+        load balancing (docs/design.md section 2).
+    balance_window:
+        0 (default): the balancing statistics are those of each micro-batch (summed over data-parallel ranks);
+        ``W > 0``: an exponential moving average over about the last ``W`` sequences.
     expert_init:
         ``zero`` (every bank): the output projections start at zero. ``distinct`` (``shared_down`` only):
         every ``B_i`` starts random and ``residual_scale`` starts at 0 instead of ``residual_scale_init``.
@@ -92,6 +100,16 @@ class ExpertConfig:
     router_lr_multiplier: float = option(1.0, "the routers train at this multiple of --learning-rate")
     router_init_scale: float = option(0.1, "router matrix W_g starts normal with std router_init_scale / sqrt(hidden) "
                                            "(0: all logits equal at step 0)")
+    expert_rank: Optional[int] = option(None, "lora_experts: rank of each routed expert's own A_i and B_i "
+                                              "(default: max(1, lora_r // num_experts))")
+    shared_expert_rank: int = option(0, "lora_experts: rank of an always-on shared expert B_s A_s (0: none)")
+    null_expert: bool = option(False, "give every router one more choice, the null expert, whose output is zero: "
+                                      "text the adapter was not trained for can keep the base model's behaviour")
+    balance_window: int = option(0, "load balancing (the load-balancing loss's f_i, aux_free's load) over a moving "
+                                    "average of about this many sequences, summed over data-parallel ranks "
+                                    "(0: each micro-batch alone)")
+    router_mi_loss_coef: float = option(0.0, "weight of the mutual-information loss "
+                                             "-(H(mean routing) - mean H(routing)) over a batch's tokens (0: off)")
     use_gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                               flag="--gradient-checkpointing")
     quantization_4bit: bool = option(False, "load the base in 4 bit (bitsandbytes NF4 on CUDA, optimum-quanto "
@@ -134,7 +152,7 @@ class ExpertConfig:
              f"{flag('lora_alpha')} must be a finite number > 0, got {shown(self.lora_alpha)}.")
         need(finite(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
              f"{flag('lora_dropout')} must be in [0, 1), got {shown(self.lora_dropout)}.")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_mi_loss_coef"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0,
                  f"{flag(name)} must be a finite number >= 0, got {shown(getattr(self, name))}.")
         need(finite(self.router_jitter) and 0.0 <= self.router_jitter < 1.0,
@@ -153,7 +171,15 @@ class ExpertConfig:
              f"{flag('router_init_scale')} must be a finite number >= 0, got {shown(self.router_init_scale)}.")
         need(finite(self.router_lr_multiplier) and self.router_lr_multiplier > 0,
              f"{flag('router_lr_multiplier')} must be a finite number > 0, got {shown(self.router_lr_multiplier)}.")
-        for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit"):
+        need(self.expert_rank is None or (integer(self.expert_rank) and self.expert_rank >= 1),
+             f"{flag('expert_rank')} must be a positive integer or None, got {shown(self.expert_rank)}.")
+        need(integer(self.shared_expert_rank) and self.shared_expert_rank >= 0,
+             f"{flag('shared_expert_rank')} must be an integer >= 0 (0: no shared expert), got "
+             f"{shown(self.shared_expert_rank)}.")
+        need(integer(self.balance_window) and self.balance_window >= 0,
+             f"{flag('balance_window')} must be an integer >= 0 (sequences; 0: each micro-batch alone), got "
+             f"{shown(self.balance_window)}.")
+        for name in ("router_noise", "use_gradient_checkpointing", "quantization_4bit", "null_expert"):
             need(isinstance(getattr(self, name), bool),
                  f"{flag(name)} must be True or False, got {shown(getattr(self, name))}.")
         for name in ("expert_type", "router_type"):

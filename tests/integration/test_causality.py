@@ -17,14 +17,16 @@ from llama_expert import ExpertConfig, augment_model
 from llama_expert.integration.surgery import domain_labels
 from llama_expert.modeling.routing import ROUTERS
 
+LEARNED = [name for name in ROUTERS.names() if name != "oracle"]  # routers that choose
+
 VOCAB, LENGTH, BATCH = 128, 20, 2
 
 
-def _augmented(model, router_type, seed=0):
+def _augmented(model, router_type, seed=0, **config):
     """Augment ``model`` with ``router_type`` and give every adapter random output weights and routers."""
     base_logits = _logits(model, _ids())
     augment_model(model, ExpertConfig(router_type=router_type, num_experts=4, top_k=2, expert_allocation="uniform",
-                                      lora_dropout=0.0))
+                                      lora_dropout=0.0, **config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -115,6 +117,20 @@ def test_cached_decoding_equals_the_full_forward_pass(tiny_model, router_type, p
     torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-5,
                                msg=lambda m: f"{router_type}: decoding with the KV cache (prefill {prefill}) "
                                              f"differs from one forward pass. {m}")
+
+
+@pytest.mark.parametrize("router_type", LEARNED)  # oracle refuses a null expert (test_oracle.py)
+def test_lora_experts_with_a_null_expert_decode_as_the_full_pass_and_stay_causal(tiny_model, router_type):
+    """The bank of own A_i, B_i with a shared expert and a null choice: cached decoding (the decode kernel on a CPU)
+    equals one forward pass, and a position ignores the tokens after it."""
+    model = _augmented(tiny_model, router_type, expert_type="lora_experts", expert_rank=3, shared_expert_rank=2,
+                       null_expert=True)
+    ids = _ids()
+    full = _logits(model, ids)
+    torch.testing.assert_close(_incremental_logits(model, ids, 7), full, rtol=0, atol=1e-5)
+    changed = ids.clone()
+    changed[:, 11:] = _ids(seed=7, length=LENGTH - 11)
+    torch.testing.assert_close(_logits(model, changed)[:, :11], full[:, :11], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("router_type", ROUTERS.names())

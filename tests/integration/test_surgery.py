@@ -32,7 +32,8 @@ def _logits(model, ids, mask=None):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-INITS = [("shared_core", "zero"), ("shared_down", "zero"), ("shared_down", "distinct"), ("mixlora", "zero")]
+INITS = [("shared_core", "zero"), ("shared_down", "zero"), ("shared_down", "distinct"), ("mixlora", "zero"),
+         ("lora_experts", "zero")]
 
 
 @pytest.mark.parametrize("expert_type,expert_init", INITS)
@@ -213,6 +214,34 @@ def test_router_losses_before_forward_raises(tiny_model):
         0.01 * losses["aux_loss"].item() + 0.001 * losses["z_loss"].item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("expert_type", ["shared_core", "lora_experts"])
+def test_a_null_expert_and_a_balance_window_keep_step_zero_exact(tiny_model, expert_type):
+    ids, mask = _batch(), _padded_mask()
+    base = _logits(tiny_model, ids, mask)
+    augment_model(tiny_model, ExpertConfig(expert_type=expert_type, null_expert=True, balance_window=64,
+                                           shared_expert_rank=4, router_mi_loss_coef=0.1))
+    assert torch.equal(_logits(tiny_model, ids, mask), base)
+    tiny_model.train()
+    tiny_model(input_ids=ids, attention_mask=mask, labels=ids)  # a training pass runs with all of them
+    assert set(weighted_router_loss(tiny_model)[1]) == {"aux_loss", "z_loss", "mi_loss"}
+
+
+def test_weighted_router_loss_adds_each_registered_loss_in_use(tiny_model):
+    """``mi_loss`` joins the sum, weighted by --router-mi-loss-coef, only when that is above 0 (the default 0 leaves
+    the total as it was)."""
+    augment_model(tiny_model, ExpertConfig(router_mi_loss_coef=0.5))
+    tiny_model(input_ids=_batch())
+    weighted, losses = weighted_router_loss(tiny_model)
+    mods = [layer.mlp for layer in tiny_model.model.layers]
+    mi = sum(m.router.extra_losses["mi_loss"].item() for m in mods) / 4
+    assert losses["mi_loss"].item() == pytest.approx(mi, rel=1e-6) and mi < 0  # -(mutual information) <= 0
+    assert weighted.item() == pytest.approx(
+        0.01 * losses["aux_loss"].item() + 0.001 * losses["z_loss"].item() + 0.5 * mi, rel=1e-6)
+    tiny_model.model.layers[0].mlp.router.weight.grad = None
+    weighted.backward()
+    assert tiny_model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
 def test_parameter_counts(tiny_model):
     base_total = sum(p.numel() for p in tiny_model.parameters())
     augment_model(tiny_model, ExpertConfig())
@@ -248,6 +277,31 @@ def test_mixlora_parameter_counts_and_gradients(tiny_model):
 
 LLAMA_32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64)
+
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, head_dim=64)
+
+
+def _trainable_on_meta(shape, config):
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    augment_model(model, config)
+    return parameter_counts(model)
+
+
+def test_lora_experts_budgets_match_lora_r4_on_smollm2_and_fit_llama_3_2_1b():
+    """The settings docs/design.md section 3 gives: 4 experts of rank 5 in every layer match PEFT LoRA r=4 on the
+    MLP projections of SmolLM2-135M (3 * 4 * (576 + 1536) * 30 = 760,320) within 0.01%; 4 experts of rank 8 stay
+    under 0.2% of Llama 3.2 1B. Per layer: routers d*E, experts 2*d*r_e*E, alpha_l 1."""
+    matched = _trainable_on_meta(SMOLLM2_135M, ExpertConfig(expert_type="lora_experts", num_experts=4, expert_rank=5,
+                                                             expert_allocation="uniform"))
+    assert matched["trainable"] == 30 * (576 * 4 + 2 * 576 * 5 * 4 + 1) == 760_350
+    assert abs(matched["trainable"] / 760_320 - 1) < 0.0001
+    llama = _trainable_on_meta(LLAMA_32_1B, ExpertConfig(expert_type="lora_experts", num_experts=4, expert_rank=8,
+                                                         expert_allocation="uniform"))
+    assert llama["trainable"] == 16 * (2048 * 4 + 2 * 2048 * 8 * 4 + 1) == 2_228_240
+    assert llama["trainable"] / llama["total"] <= 0.002
 
 
 def test_budget_on_llama_3_2_1b_architecture():

@@ -11,7 +11,7 @@ from llama_expert.cli import main
 from llama_expert.errors import ConfigError
 from llama_expert.integration.base_models import load_base_model
 from llama_expert.integration.surgery import adapters
-from llama_expert.lifecycle.prune import expert_scores, parse_keep
+from llama_expert.lifecycle.prune import expert_scores, parse_keep, prune_model
 
 
 def _randomised(model, seed=0):
@@ -111,3 +111,32 @@ def test_bad_prune_input_gets_one_line(moe_folder, tmp_path, cli_error):
     assert "--overwrite" in cli_error(["prune", "--adapter", str(folder), "--keep", "0.5", "--output-dir",
                                             str(out), *common])
     assert (out / "mine.txt").read_text() == "keep me"
+
+
+@torch.no_grad()
+def test_an_adapter_with_a_null_expert_scores_and_prunes_its_experts_only(trained_base, tmp_path):
+    """The null's slots go to no expert's score; the pruned adapter keeps its null expert, last, and loads."""
+    base_folder, _ = trained_base
+    config = ExpertConfig(num_experts=5, top_k=2, expert_allocation="uniform", null_expert=True,
+                          expert_type="lora_experts", router_type="noisy_top_k")
+    model = _randomised(augment_model(load_base_model(str(base_folder)), config))
+    windows = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    scores = expert_scores(model, windows, progress=False)
+    for _, adapter in adapters(model):
+        adapter.router.record_statistics = True  # the same windows, counted by the routers (E + 1 choices)
+    for window in windows:
+        model(input_ids=window.unsqueeze(0))
+    nulls = 0
+    for (_, adapter), layer in zip(adapters(model), scores):
+        counts = adapter.router.expert_counts
+        nulls += int(counts[5])
+        assert len(layer["score"]) == 5 and layer["tokens"] == counts[:5].tolist()  # the null's slots: nobody's
+        adapter.router.record_statistics = False
+    assert nulls > 0
+    prune_model(model, [3] * len(scores), scores)
+    for _, adapter in adapters(model):
+        assert adapter.num_experts == 3 and adapter.router.num_experts == 4
+    save_adapter(model, tmp_path / "pruned", base_model_name_or_path=str(base_folder))
+    loaded, _ = load_augmented_model(adapter_path=tmp_path / "pruned")
+    ids = windows[:1]
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

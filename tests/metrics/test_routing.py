@@ -26,3 +26,31 @@ def test_a_partial_case_by_hand():
 def test_one_domain_or_one_expert_gives_zero():
     assert normalized_mutual_information(torch.tensor([[4.0, 6.0]])) == 0.0
     assert normalized_mutual_information(torch.tensor([[4.0], [6.0]])) == 0.0
+
+
+def test_expert_usage_reports_the_null_expert_as_a_last_column_named_null(tiny_model, tmp_path):
+    """E + 1 counts per layer, the last the null's; the warnings and min/max load concern the experts only; the
+    heatmaps draw the null in a column of its own."""
+    from llama_expert import ExpertConfig, augment_model
+    from llama_expert.integration.surgery import adapters
+    from llama_expert.metrics.plots import save_domain_heatmap, save_usage_heatmap
+    from llama_expert.metrics.routing import expert_usage_by_domain, routing_health
+
+    augment_model(tiny_model, ExpertConfig(num_experts=4, top_k=1, null_expert=True, router_type="noisy_top_k",
+                                           expert_allocation="uniform"))
+    first = adapters(tiny_model)[0][1]
+    with torch.no_grad():
+        first.router.weight[4].mul_(1e4)  # layer 0: the null's logit dominates for about half the tokens
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    usage = expert_usage_by_domain(tiny_model, windows, torch.tensor([0, 0, 1, 1]), ["a", "b"], progress=False)
+    for row in usage:
+        assert row["experts"] == [str(e) for e in range(row["num_experts"])] + ["null"]
+        assert len(row["counts"]) == len(row["fractions"]) == row["num_experts"] + 1
+        assert sum(row["counts"]) == 64 and abs(sum(row["fractions"]) - 1) < 1e-9
+        assert len(row["domain_fractions"][0]) == row["num_experts"] + 1
+    assert 0 < usage[0]["counts"][-1] < 64
+    health = routing_health(tiny_model, windows, progress=False)
+    layer = health["layers"][0]
+    assert layer["max_load"] == max(layer["load"][:4]) and layer["experts"][-1] == "null"
+    assert save_usage_heatmap(usage, tmp_path / "usage.png").stat().st_size > 0
+    assert save_domain_heatmap(usage, tmp_path / "domains.png").stat().st_size > 0

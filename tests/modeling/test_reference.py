@@ -28,10 +28,11 @@ SEQUENCES, LENGTH, PADDING = 3, TOKENS // 3, 3  # the router tests' batch; the l
 
 def _config(num_experts, top_k, **kw):
     # lora_alpha / lora_r = 3: a scaling applied twice, or not at all, shows. Dropout is on but eval mode
-    # must ignore it. Three oracle domains (fewer with fewer experts): groups of unequal size, e.g. 1, 1, 2 of 4.
+    # must ignore it. lora_experts: routed experts of rank 3 (not lora_r) and a shared expert of rank 2, so both
+    # are checked. Three oracle domains (fewer with fewer experts): groups of unequal size, e.g. 1, 1, 2 of 4.
     return ExpertConfig(num_experts=num_experts, top_k=top_k, lora_r=RANK, lora_alpha=3.0 * RANK,
                         expert_hidden_size=CORE, lora_dropout=0.3, expert_allocation="uniform",
-                        oracle_domains=min(3, num_experts), **kw)
+                        expert_rank=3, shared_expert_rank=2, oracle_domains=min(3, num_experts), **kw)
 
 
 def _context(labels, mask=None):
@@ -121,7 +122,18 @@ def _mixlora_token(bank, h, chosen, gates):
     return out
 
 
-BANK_REFERENCES = {"shared_core": _shared_core_token, "shared_down": _shared_down_token, "mixlora": _mixlora_token}
+def _lora_experts_token(bank, h, chosen, gates):
+    """s * (B_s A_s h + sum_i g_i B_i A_i h), for one token (B stored [r, d], so B h-space = z @ up)."""
+    out = torch.zeros(h.shape[0], dtype=torch.float64)
+    if bank.shared_down is not None:
+        out = out + (bank.shared_down.double() @ h) @ bank.shared_up.double()
+    for i, g in zip(chosen, gates):
+        out = out + g * ((bank.down[i].double() @ h) @ bank.up[i].double())
+    return bank.lora_scaling * out
+
+
+BANK_REFERENCES = {"shared_core": _shared_core_token, "shared_down": _shared_down_token, "mixlora": _mixlora_token,
+                   "lora_experts": _lora_experts_token}
 
 
 def bank_reference(name, bank, hidden, indices, gates):
@@ -312,14 +324,20 @@ def test_router_decision_is_per_sequence(name):
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
+@pytest.mark.parametrize("null_expert", [False, True])
 @pytest.mark.parametrize("router_type", ROUTERS.names())
 @pytest.mark.parametrize("expert_type", EXPERT_BANKS.names())
-def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, router_type):
-    """MoEAdapter(h) = MLP(h) + a_l * bank(h; the router's top-k and gates), per token."""
-    config = _config(6, 2, expert_type=expert_type, router_type=router_type)
+def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, router_type, null_expert):
+    """MoEAdapter(h) = MLP(h) + a_l * bank(h; the router's top-k and gates), per token. With a null expert the
+    router has one more logit (the last); a token may choose it, and its gate adds nothing: the bank sums the
+    chosen real experts only, with their gates as the router gave them (not renormalised)."""
+    if router_type == "oracle" and null_expert:
+        pytest.skip("oracle refuses a null expert (tests/modeling/routing/test_oracle.py)")
+    config = _config(6, 2, expert_type=expert_type, router_type=router_type, null_expert=null_expert)
     torch.manual_seed(12)
     mlp = LlamaStyleMLP(seed=12)
     adapter = MoEAdapter(mlp, HIDDEN, 6, config)
+    assert adapter.router.num_experts == 6 + null_expert
     _randomise(adapter.router, seed=13)
     _randomise(adapter.experts, seed=14)
     with torch.no_grad():
@@ -330,14 +348,21 @@ def test_adapter_is_mlp_plus_scaled_bank_of_the_routed_experts(expert_type, rout
     with torch.no_grad():
         got = adapter(hidden).reshape(TOKENS, HIDDEN)
         flat = hidden.reshape(TOKENS, HIDDEN)
-        want = []
+        want, nulls = [], 0
         for n in range(TOKENS):
             b, t = divmod(n, TOKENS // 2)
             _, chosen, gates = router_reference(router_type, adapter.router, hidden[b, :t + 1].double(),
                                                 [1, 0][b])
+            nulls += chosen.count(6)
+            kept = [(i, g) for i, g in zip(chosen, gates) if i != 6]  # the null expert's slot adds nothing
+            # (a bank's always-on part, shared_core's identity path or lora_experts' shared expert, stays)
             moe = bank_reference(expert_type, adapter.experts, flat[n:n + 1],
-                                 torch.tensor([chosen]), torch.tensor([gates], dtype=torch.float64))[0]
+                                 torch.tensor([[i for i, _ in kept]], dtype=torch.long),
+                                 torch.tensor([[g for _, g in kept]], dtype=torch.float64))[0]
             want.append(mlp(flat[n]).double() + 0.7 * moe)
     # float32 adapter vs float64 reference: mixlora sums every routed expert's (E_i - MLP), each of a few
     # units with the randomised deltas, so float32 rounding reaches 1e-5; a routing or scaling mistake is O(1)
     torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-4, atol=1e-4)
+    if null_expert and router_type != "expert_choice":  # (expert choice's thresholds are random here)
+        assert nulls > 0, "no token chose the null expert: the case is not tested"
+

@@ -45,6 +45,21 @@ def test_idle_experts_retire_and_busy_ones_split_to_the_budget(trained_base):
     model(input_ids=torch.randint(0, 100, (1, 8)))
 
 
+def test_with_a_null_expert_the_allocation_reads_the_experts_counts_only(trained_base):
+    """The null's count (the last) is neither an expert's load nor a candidate to split; it stays last."""
+    folder, _ = trained_base
+    model = augment_model(load_base_model(str(folder)), ExpertConfig(**CONFIG, null_expert=True))
+    layers = [a for _, a in adapters(model)]
+    policy = DynamicAllocation(model.expert_config, seed=0)
+    policy.start(model, 0, None)
+    layers[0].router.expert_counts.copy_(torch.tensor([90.0, 10.0, 500.0]))  # most tokens chose the null
+    layers[1].router.expert_counts.copy_(torch.tensor([50.0, 50.0, 0.0]))
+    event = policy.after_step(model, 2)
+    assert event["grown"] == [(0, 0), (0, 0), (1, 0)]  # as without the null: 0.9 of layer 0 splits first
+    assert [a.router.num_experts for a in layers] == [5, 4]  # the experts and the null
+    model(input_ids=torch.randint(0, 100, (1, 8)))
+
+
 def _fine_tune(base, out, config=None, **kw):
     folder, text = base
     settings = dict(output_dir=str(out), max_steps=6, batch_size=2, seq_len=32, eval_every=0, eval_max_tokens=128,

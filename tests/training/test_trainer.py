@@ -35,7 +35,7 @@ def _args(out, **kw):
     return TrainingArguments(**base)
 
 
-def _noisy_setup():
+def _noisy_setup(**config):
     """Tiny model with dropout and router noise on: resume must restore the RNG to match."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,7 +44,7 @@ def _noisy_setup():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
-    augment_model(model, ExpertConfig(lora_dropout=0.1))
+    augment_model(model, ExpertConfig(lora_dropout=0.1, **config))
     blocks = torch.randint(0, 128, (40, 16), generator=torch.Generator().manual_seed(1))
     return model, blocks
 
@@ -54,17 +54,25 @@ def _train(model, blocks, args, eval_windows=None, method=None):
     return train_model(model, method or MoEMethod(model.expert_config), blocks, eval_windows, args)
 
 
-def test_resume_gives_the_same_weights_as_one_run(tmp_path):
-    model, blocks = _noisy_setup()
+# the balancing window (a buffer outside the adapter file) travels in the checkpoint's hook state: with aux_free
+# it steers the bias, with noisy top-k the loss's f_i (beside a null expert and the mutual-information loss)
+RESUME_CASES = {"default": {}, "aux_free-window": {"balance_window": 6},
+                "noisy-window-null-mi": {"router_type": "noisy_top_k", "balance_window": 6, "null_expert": True,
+                                         "router_mi_loss_coef": 0.1, "expert_type": "lora_experts"}}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, case):
+    model, blocks = _noisy_setup(**RESUME_CASES[case])
     whole = _train(model, blocks, _args(tmp_path / "whole", max_steps=8, eval_every=4),
                    eval_windows=blocks[:4])
     one_go = {k: v.clone() for k, v in adapter_state_dict(model).items()}
 
-    model, blocks = _noisy_setup()
+    model, blocks = _noisy_setup(**RESUME_CASES[case])
     first = _train(model, blocks, _args(tmp_path / "split", max_steps=8, eval_every=4, stop_after_steps=4),
                    eval_windows=blocks[:4])
     assert first.steps == 4 and first.stopped_early
-    model, blocks = _noisy_setup()  # a fresh process would start from a fresh model
+    model, blocks = _noisy_setup(**RESUME_CASES[case])  # a fresh process would start from a fresh model
     second = _train(model, blocks, _args(tmp_path / "split", max_steps=8, eval_every=4, resume=True),
                     eval_windows=blocks[:4])
     assert second.steps == 8 and not second.stopped_early
@@ -188,7 +196,8 @@ def train_two_ranks_and_one(tmp_path, flags, fsdp=False):
     return {case: tensors(case) for case in flags[flags.index("--cases") + 1].split(",")}
 
 
-ROUTING_CASES = ["lm-loss", "router-losses", "router-losses-and-noise", "aux-free"]  # train_worker.CASES
+ROUTING_CASES = ["lm-loss", "router-losses", "router-losses-and-noise", "aux-free", "router-losses-window",
+                 "aux-free-window"]  # train_worker.CASES
 
 
 def assert_same_training(rank0, rank1, one):
@@ -216,7 +225,8 @@ def routing_runs(tmp_path_factory):
 def test_two_cpu_ranks_match_single_process_math(routing_runs, case):
     """Two ranks of batch B train exactly as one process of batch 2B: with the router losses on too (their
     expert fractions are summed over the ranks: modeling/routing/losses.global_sums), with noisy top-k's noise
-    on (drawn for the global batch: data_parallel_draw), and with aux_free (its bias follows the global load)."""
+    on (drawn for the global batch: data_parallel_draw), with aux_free (its bias follows the global load), and
+    with either balancing over a window of sequences (its counts and sequences are summed over the ranks)."""
     assert_same_training(*routing_runs[case])
 
 

@@ -1,7 +1,8 @@
 """Trains a tiny augmented Llama in a separate process: for the kill -9 test and the two-rank DDP test.
 
 Usage: python train_worker.py OUTPUT_DIR STEPS BATCH_SIZE [--slow] [--resume] [--stop-after N] [--router-losses]
-       [--router-noise] [--router-type NAME] [--local-statistics] [--no-gradient-average] [--cases A,B,...]
+       [--router-noise] [--router-type NAME] [--balance-window] [--local-statistics] [--no-gradient-average]
+       [--cases A,B,...]
 Under torchrun each rank writes its final adapter tensors to OUTPUT_DIR/rank<R>.safetensors; with ``--cases`` it
 trains each named set-up of CASES in turn, into OUTPUT_DIR/<case>/.
 """
@@ -23,10 +24,11 @@ from llama_expert.training.trainer import train_model
 
 
 def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise: bool = False,
-                        router_type: str = "noisy_top_k"):
+                        router_type: str = "noisy_top_k", balance_window: int = 0):
     """The same tiny model, data and config in every process. ``router_losses``: with the load-balancing and
-    z losses on; ``router_noise``: noisy top-k's noise on. Their statistics are global and the noise is drawn
-    for the global batch under data parallelism, so two ranks still do the math of one process."""
+    z losses on; ``router_noise``: noisy top-k's noise on; ``balance_window``: balancing over that many sequences.
+    Their statistics are global and the noise is drawn for the global batch under data parallelism, so two ranks
+    still do the math of one process."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -34,7 +36,8 @@ def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise
     # No dropout: each rank draws the dropout masks of its own shard.
     augment_model(model, ExpertConfig(lora_dropout=0.0, router_noise=router_noise, router_type=router_type,
                                       aux_free_bias_rate=0.05, router_aux_loss_coef=0.5 if router_losses else 0.0,
-                                      router_z_loss_coef=0.01 if router_losses else 0.0))
+                                      router_z_loss_coef=0.01 if router_losses else 0.0,
+                                      balance_window=balance_window))
     blocks = torch.randint(0, 128, (64, 16), generator=torch.Generator().manual_seed(1))
     return model, blocks
 
@@ -42,22 +45,26 @@ def tiny_training_setup(seed: int = 0, router_losses: bool = False, router_noise
 @contextlib.contextmanager
 def local_statistics():
     """Break the mechanism on purpose (the tests show that it matters): every rank balances with its own
-    expert counts, updates the aux_free bias from its own load and draws router noise for its own tokens."""
-    from llama_expert.modeling.routing import aux_free, losses, noisy_topk
+    expert counts, updates the aux_free bias from its own load and draws router noise for its own tokens (both
+    balancing statistics reach the ranks through ``losses.global_sums``)."""
+    from llama_expert.modeling.routing import losses, noisy_topk
 
-    saved = losses.global_sums, aux_free.global_sums, noisy_topk.data_parallel_draw
-    losses.global_sums = aux_free.global_sums = lambda *tensors: tensors
+    saved = losses.global_sums, noisy_topk.data_parallel_draw
+    losses.global_sums = lambda *tensors: tensors
     noisy_topk.data_parallel_draw = lambda like, draw=torch.randn: draw(like.shape, dtype=like.dtype, device=like.device)
     try:
         yield
     finally:
-        losses.global_sums, aux_free.global_sums, noisy_topk.data_parallel_draw = saved
+        losses.global_sums, noisy_topk.data_parallel_draw = saved
 
 
 # Routing set-ups the data-parallel tests run, by name: each is a list of this worker's flags.
 CASES = {"lm-loss": [], "router-losses": ["--router-losses"],
          "router-losses-and-noise": ["--router-losses", "--router-noise"],
          "aux-free": ["--router-type", "aux_free"],
+         # balancing over a window of 6 sequences: the window's load and its sequence count are global too
+         "router-losses-window": ["--router-losses", "--balance-window"],
+         "aux-free-window": ["--router-type", "aux_free", "--balance-window"],
          # the two whose statistics are global, with each rank's own instead (they must break the equality)
          "router-losses-and-noise-local": ["--router-losses", "--router-noise", "--local-statistics"],
          "aux-free-local": ["--router-type", "aux_free", "--local-statistics"]}
@@ -72,7 +79,8 @@ def train_one(out: str, steps: int, batch: int, flags, slow: bool) -> None:
     model, blocks = tiny_training_setup(router_losses=flag("--router-losses", flags),
                                         router_noise=flag("--router-noise", flags),
                                         router_type=flags[flags.index("--router-type") + 1]
-                                        if "--router-type" in flags else "noisy_top_k")
+                                        if "--router-type" in flags else "noisy_top_k",
+                                        balance_window=6 if flag("--balance-window", flags) else 0)
 
     class WorkerMethod(MoEMethod):
         def save(self, model, folder):

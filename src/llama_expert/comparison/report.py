@@ -79,7 +79,7 @@ def routing_table(usage: List[Dict[str, object]]) -> str:
              + ")", "", "| layer | experts | entropy | min load | max load |" + (" NMI |" if with_domains else ""),
              "|---:|---:|---:|---:|---:|" + ("---:|" if with_domains else "")]
     for row in usage:
-        fractions = row["fractions"]
+        fractions = row["fractions"][:row["num_experts"]]  # the experts (a null expert's share comes after them)
         lines.append(f"| {row['layer']} | {row['num_experts']} | {row['normalized_entropy']:.3f} | "
                      f"{min(fractions):.3f} | {max(fractions):.3f} |"
                      + (f" {row['domain_expert_nmi']:.3f} |" if with_domains else ""))

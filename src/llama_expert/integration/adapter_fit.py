@@ -48,9 +48,11 @@ def _fields_behind(model: nn.Module, config: ExpertConfig, implied: tuple, held:
     differ = {a for a, b in zip_longest(implied, held) if a != b}
     count_field = "expert_allocation" if isinstance(config.expert_allocation, list) else "num_experts"
     sources = {count_field: set(experts_per_layer(config, len(decoder_layers(model)))),
-               "lora_r": {config.lora_r}, "expert_hidden_size": {config.expert_hidden_size}}
+               "lora_r": {config.lora_r}, "expert_hidden_size": {config.expert_hidden_size},
+               "expert_rank": {config.expert_rank}, "shared_expert_rank": {config.shared_expert_rank}}
     named = [f"{field}={reprlib.repr(getattr(config, field))}" for field, values in sources.items() if values & differ]
-    return "expert_config's " + (" and ".join(named) or "num_experts, expert_allocation, lora_r or expert_hidden_size")
+    return "expert_config's " + (" and ".join(named) or "num_experts, expert_allocation, lora_r, expert_hidden_size, "
+                                                        "expert_rank or shared_expert_rank")
 
 
 def check_model_fits(expected: dict, found: dict, weights: Path) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..modeling import MoEAdapter, TokenMask, check_config, experts_per_layer
+from ..modeling.routing.losses import ROUTER_LOSSES
 from .prefix_cache import PrefixCarrier
 
 _STATE = "_llama_expert_state"  # attribute on the model: hook handle, mask, requires_grad flags
@@ -169,14 +170,20 @@ def router_losses(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def weighted_router_loss(model: nn.Module) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """``aux_coef * mean_l L_aux + z_coef * mean_l L_z`` (docs/design.md section 2), and the raw losses.
+    """``aux_coef * mean_l L_aux + z_coef * mean_l L_z`` plus, for each registered router loss whose coefficient is
+    above 0 (``losses.register_router_loss``: ``mi_loss``), ``coef * mean_l L`` (docs/design.md section 2), and the
+    raw losses.
 
-    The first value is what training adds to the LM loss; the second holds ``aux_loss`` and ``z_loss`` for
-    logging (``aux_loss`` is 1 for perfectly balanced routing).
+    The first value is what training adds to the LM loss; the second holds ``aux_loss``, ``z_loss`` and the
+    registered losses in use, for logging (``aux_loss`` is 1 for perfectly balanced routing).
     """
     config: ExpertConfig = model.expert_config
     losses = router_losses(model)
     weighted = config.router_aux_loss_coef * losses["aux_loss"] + config.router_z_loss_coef * losses["z_loss"]
+    for name, (coefficient, _) in ROUTER_LOSSES.items():
+        if getattr(config, coefficient) > 0:
+            losses[name] = torch.stack([a.router.extra_losses[name] for _, a in adapters(model)]).mean()
+            weighted = weighted + getattr(config, coefficient) * losses[name]
     return weighted, losses
 
 

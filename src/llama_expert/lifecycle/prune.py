@@ -91,7 +91,8 @@ def expert_scores(model, windows: torch.Tensor, progress: bool = True) -> List[D
         def hook(adapter, args):
             flat = args[0].reshape(-1, args[0].shape[-1]).to(adapter.experts.compute_dtype)
             routing = adapter.router.route_sequences(args[0], adapter.token_mask)  # as the pass routes it
-            gates = gate_matrix(routing.indices, routing.gates.float(), adapter.num_experts).double()  # [N, E]
+            gates = gate_matrix(routing.indices, routing.gates.float(), adapter.router.num_experts)
+            gates = gates[:, :adapter.num_experts].double()  # [N, E]: a null expert's column goes
             n = flat.shape[0]
             one = torch.ones(n, 1, dtype=flat.dtype)
             shared = adapter.experts(flat, torch.zeros(n, 1, dtype=torch.long), torch.zeros_like(one))
@@ -127,8 +128,8 @@ def prune_model(model, counts: List[int], scores: List[Dict[str, List[float]]]) 
         keep = best.sort().values
         adapter.keep_experts(keep)
         kept.append(keep.tolist())
+    # num_experts stays: the allocation's cap, it also sets lora_experts' default expert rank (lora_r // num_experts)
     model.expert_config.expert_allocation = [len(k) for k in kept]
-    model.expert_config.num_experts = max(len(k) for k in kept)
     return kept
 
 

@@ -39,21 +39,32 @@ def bar_chart(path, labels: Sequence[str], values: Sequence[float], title: str, 
     return save_figure(plt, fig, path)
 
 
+def choice_names(row: Dict[str, object]) -> List[str]:
+    """The names of a usage row's columns: its ``experts`` (``"null"`` last for a null expert), else 0..E-1."""
+    return list(row.get("experts") or [str(e) for e in range(len(row["fractions"]))])
+
+
 def save_usage_heatmap(usage: List[Dict[str, object]], path, title: str = "Expert usage") -> Path:
-    """A layers x experts heatmap of load fractions (blank where a layer has fewer experts)."""
+    """A layers x experts heatmap of load fractions (blank where a layer has fewer experts); a null expert's share
+    in a last column of its own, "null"."""
     import numpy as np
 
     plt = pyplot()
 
-    width = max(row["num_experts"] for row in usage)
-    grid = np.full((len(usage), width), np.nan)
+    experts = max(row["num_experts"] for row in usage)
+    nulls = max(len(row["fractions"]) - row["num_experts"] for row in usage)
+    grid = np.full((len(usage), experts + nulls), np.nan)
     for row in usage:
-        grid[row["layer"], : row["num_experts"]] = row["fractions"]
+        grid[row["layer"], : row["num_experts"]] = row["fractions"][: row["num_experts"]]
+        grid[row["layer"], experts:experts + len(row["fractions"]) - row["num_experts"]] = \
+            row["fractions"][row["num_experts"]:]
+    width = experts + nulls
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * width, 1.0 + 0.25 * len(usage)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(width))
+    ax.set_xticklabels([str(e) for e in range(experts)] + ["null"] * nulls)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of (token, slot) assignments")
     return save_figure(plt, fig, path)
@@ -75,7 +86,8 @@ def save_domain_heatmap(usage: List[Dict[str, object]], path, title: str = "Doma
     for ax, row in zip(axes.flat, usage):
         ax.imshow(row["domain_fractions"], aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_title(f"layer {row['layer']}  NMI {row['domain_expert_nmi']:.2f}", fontsize=8)
-        ax.set_xticks(range(row["num_experts"]))
+        ax.set_xticks(range(len(row["fractions"])))
+        ax.set_xticklabels(choice_names(row))
         ax.tick_params(labelsize=6)
         ax.set_yticks(range(len(domains)))
         ax.set_yticklabels(domains if ax in axes[:, 0] else [], fontsize=7)

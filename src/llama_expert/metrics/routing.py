@@ -2,7 +2,8 @@
 
 The routers count their choices (``NoisyTopKGating.expert_counts``) while ``recording_routing`` is on;
 these helpers run that pass, turn the counts into fractions and flag experts that take almost nothing
-or almost everything (``reports.save_usage_heatmap`` draws the fractions).
+or almost everything (``reports.save_usage_heatmap`` draws the fractions). A null expert is one more choice: its
+count and fraction come last, in the column named ``"null"``; the warnings concern the real experts only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..progress import progress_bar
 
 
 def expert_usage(model) -> List[Dict[str, object]]:
-    """Per layer: counts, load fractions (sum to 1), normalised router entropy (1 = uniform)."""
+    """Per layer: counts and load fractions (sum to 1) per choice, named in ``experts`` (``"0"``, ``"1"``, ...,
+    and ``"null"`` last for a null expert), normalised router entropy over all choices (1 = uniform)."""
     rows = []
     for layer, (name, adapter) in enumerate(adapters(model)):
         router = adapter.router
@@ -27,11 +29,13 @@ def expert_usage(model) -> List[Dict[str, object]]:
         total = float(counts.sum())
         tokens = float(router.tokens_seen)
         entropy = float(router.entropy_sum) / tokens if tokens else 0.0
-        rows.append({"layer": layer, "module": name, "num_experts": adapter.num_experts,
+        choices = len(counts)
+        names = [str(e) for e in range(adapter.num_experts)] + ["null"] * (choices - adapter.num_experts)
+        rows.append({"layer": layer, "module": name, "num_experts": adapter.num_experts, "experts": names,
                      "counts": [int(c) for c in counts.tolist()],
                      "fractions": [float(c) / total if total else 0.0 for c in counts.tolist()],
                      "tokens": int(tokens), "entropy": entropy,
-                     "normalized_entropy": entropy / math.log(adapter.num_experts) if adapter.num_experts > 1 else 1.0})
+                     "normalized_entropy": entropy / math.log(choices) if choices > 1 else 1.0})
     return rows
 
 
@@ -105,8 +109,9 @@ def routing_health(model, windows: torch.Tensor, batch_size: int = 1, progress: 
                                       f"tokens (> {100 * COLLAPSE_SHARE:.0f}%): collapse")
         warnings += layer_warnings
         layers.append({"layer": index, "module": row["module"], "num_experts": num_experts, "top_k": top_k,
-                       "tokens": tokens, "load": load, "token_share": share,
-                       "min_load": min(load), "max_load": max(load), "entropy": row["entropy"],
+                       "tokens": tokens, "experts": row["experts"], "load": load, "token_share": share,
+                       "min_load": min(load[:num_experts]), "max_load": max(load[:num_experts]),
+                       "entropy": row["entropy"],
                        "normalized_entropy": row["normalized_entropy"], "warnings": layer_warnings})
     return {"windows": int(windows.shape[0]), "tokens": int(windows.numel()),
             "thresholds": {"nearly_unused_load_below": "0.1/E", "collapse_token_share_above": COLLAPSE_SHARE},

@@ -7,6 +7,7 @@ model is loaded, whether an ``ExpertConfig`` names strategies that exist.
 from .adapter import MoEAdapter, TokenMask
 from .allocation import ALLOCATIONS, experts_per_layer
 from .experts import EXPERT_BANKS, ExpertBank, MixLoRAExperts, SharedCoreExperts, SharedDownExperts, gate_matrix
+from .lora_experts import LoRAExperts  # registers lora_experts
 from .routing import ROUTERS, NoisyTopKGating, Routing, load_balancing_loss, router_z_loss
 
 
@@ -20,5 +21,5 @@ def check_config(config) -> None:
 
 
 __all__ = ["MoEAdapter", "TokenMask", "ALLOCATIONS", "experts_per_layer", "EXPERT_BANKS", "ExpertBank",
-           "MixLoRAExperts", "SharedCoreExperts", "SharedDownExperts", "gate_matrix", "ROUTERS", "NoisyTopKGating",
-           "Routing", "load_balancing_loss", "router_z_loss", "check_config"]
+           "MixLoRAExperts", "SharedCoreExperts", "SharedDownExperts", "LoRAExperts", "gate_matrix", "ROUTERS",
+           "NoisyTopKGating", "Routing", "load_balancing_loss", "router_z_loss", "check_config"]

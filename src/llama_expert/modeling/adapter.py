@@ -72,7 +72,7 @@ class MoEAdapter(nn.Module):
         self.base_mlp = base_mlp
         self.num_experts = num_experts
         self.token_mask = token_mask or TokenMask()
-        self.router = ROUTERS.get(config.router_type).from_config(hidden_size, num_experts, config)
+        self.router = ROUTERS.get(config.router_type).build(hidden_size, num_experts, config)  # (+ a null expert)
         if config.router_init_scale != self.router.DEFAULT_INIT_SCALE:  # else keep the router's own draw, so that
             self.router.init_gate(config.router_init_scale)               # a seed gives the adapters it always gave
         bank = EXPERT_BANKS.get(config.expert_type)
@@ -118,7 +118,7 @@ class MoEAdapter(nn.Module):
         noise of ``noise`` times each row's standard deviation, so that the two can drift apart."""
         transfers = self.select_experts(list(range(self.num_experts)) + [expert])
         for _, new, _ in transfers:
-            row = new[-1]
+            row = new[self.num_experts - 1]  # the copy (a router's null expert, if any, stays after it)
             spread = float(row.float().std()) if row.numel() > 1 else 0.0
             if spread > 0 and new.requires_grad:
                 row.add_(torch.randn(row.shape, generator=generator, dtype=torch.float32).to(row) * noise * spread)
@@ -170,5 +170,5 @@ class MoEAdapter(nn.Module):
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router.route_sequences(hidden, self.token_mask)
         compute_dtype = self.experts.compute_dtype
-        moe = self.experts(flat.to(compute_dtype), routing.indices, routing.gates)
+        moe = self.experts(flat.to(compute_dtype), *self.router.bank_routing(routing))
         return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)

@@ -8,9 +8,11 @@
  *
  * Routing: top-k of (logits + bias) over the experts, gates = softmax of the chosen logits (or, with
  * normalise_all, each chosen expert's probability under the softmax of all logits: the switch router).
- * Banks (registered names of modeling/experts.py):
- *   shared_core: t = z + sum_i g_i W2_i silu(W1_i z), delta = U t  (z = A h, U = alpha_l * s * B);
- *   shared_down: delta = sum_i g_i U_i z                             (U_i = alpha_l * s * B_i).
+ * A choice numbered `real` or above is the null expert: its gate counts, its output is zero.
+ * Banks (registered names of modeling/experts.py and modeling/lora_experts.py):
+ *   shared_core:  t = z + sum_i g_i W2_i silu(W1_i z), delta = U t  (z = A h, U = alpha_l * s * B);
+ *   shared_down:  delta = sum_i g_i U_i z                             (U_i = alpha_l * s * B_i);
+ *   lora_experts: delta = U_s z_s + sum_i g_i U_i z_i                 (z_i = A_i h, U_i = alpha_l * s * B_i).
  * Hidden states and the base output are float32 or bfloat16 (rounded to nearest even); weights float32.
  */
 #include <math.h>
@@ -18,12 +20,13 @@
 #include <string.h>
 
 typedef struct {
-    int32_t hidden, experts, top_k, normalise_all, rank, width;
+    int32_t hidden, experts, real, top_k, normalise_all, rank, width;  /* experts: choices; real: computed ones */
     const float *rows;     /* [experts + rank, hidden]: the router's W_g on top of the bank's A */
     const float *bias;     /* [experts] or NULL: steers the choice only */
     const float *core_in;  /* shared_core: [experts, rank, width] */
     const float *core_out; /* shared_core: [experts, width, rank] */
-    const float *up;       /* shared_core: [hidden, rank]; shared_down: [experts, rank, hidden] */
+    const float *up;       /* shared_core: [hidden, rank]; shared_down: [real, rank, hidden];
+                              lora_experts: [rank, hidden], the shared B_s rows then each expert's width rows */
 } Plan;
 
 static float load(const void *data, int bf16, long i) {
@@ -86,6 +89,7 @@ void shared_core_add(const Plan *p, long tokens, const void *h, const void *base
         const float *z = projected + p->experts;
         for (int j = 0; j < r; j++) t[j] = z[j];
         for (int s = 0; s < p->top_k; s++) {
+            if (chosen[s] >= p->real) continue;  /* the null expert */
             const float *w1 = p->core_in + (long)chosen[s] * r * w, *w2 = p->core_out + (long)chosen[s] * w * r;
             for (int q = 0; q < w; q++) a[q] = 0.f;
             for (int j = 0; j < r; j++)
@@ -115,9 +119,33 @@ void shared_down_add(const Plan *p, long tokens, const void *h, const void *base
         const float *z = projected + p->experts;
         for (int c = 0; c < d; c++) delta[c] = 0.f;
         for (int s = 0; s < p->top_k; s++)
-            for (int j = 0; j < r; j++) {
+            for (int j = 0; j < r && chosen[s] < p->real; j++) {
                 const float *u = p->up + ((long)chosen[s] * r + j) * d;
                 float scale = gates[s] * z[j];
+                for (int c = 0; c < d; c++) delta[c] += scale * u[c];
+            }
+        finish(p, delta, base, out, bf16, n * d);
+    }
+}
+
+void lora_experts_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16) {
+    const int d = p->hidden, r = p->rank, w = p->width, shared = p->rank - p->real * p->width;
+    float x[d], projected[p->experts + r], gates[p->top_k], delta[d];
+    int chosen[p->top_k];
+    for (long n = 0; n < tokens; n++) {
+        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
+        route(p, x, projected, chosen, gates);
+        const float *z = projected + p->experts;
+        for (int c = 0; c < d; c++) delta[c] = 0.f;
+        for (int j = 0; j < shared; j++) {
+            const float *u = p->up + (long)j * d;
+            for (int c = 0; c < d; c++) delta[c] += z[j] * u[c];
+        }
+        for (int s = 0; s < p->top_k; s++)
+            for (int j = 0; j < w && chosen[s] < p->real; j++) {
+                const long row = shared + (long)chosen[s] * w + j;
+                const float *u = p->up + row * d;
+                float scale = gates[s] * z[row];
                 for (int c = 0; c < d; c++) delta[c] += scale * u[c];
             }
         finish(p, delta, base, out, bf16, n * d);

@@ -45,7 +45,8 @@ NATIVE = ("-march=native",)
 class PlanStruct(ctypes.Structure):
     """decode_kernel.c's ``Plan``."""
 
-    _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "experts", "top_k", "normalise_all", "rank", "width")] \
+    _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "experts", "real", "top_k", "normalise_all", "rank",
+                                                    "width")] \
         + [(name, ctypes.c_void_p) for name in ("rows", "bias", "core_in", "core_out", "up")]
 
 
@@ -72,7 +73,7 @@ def _load() -> Optional[ctypes.CDLL]:
                        "about 5%% slower at batch 1 (install a C compiler, or set %s=0 to silence this)",
                        str(error).splitlines()[0] if str(error) else type(error).__name__, KERNEL_SWITCH)
         return None
-    for name in ("shared_core_add", "shared_down_add"):
+    for name in ("shared_core_add", "shared_down_add", "lora_experts_add"):
         function = getattr(library, name)
         function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_int]
@@ -118,10 +119,11 @@ class DecodeKernel:
     """One adapter's kernel call: ``base + alpha_l * MoE(hidden)`` for CPU float32 or bfloat16 hidden states.
 
     ``routing`` is the router's ``kernel_routing()`` and ``form`` the bank's ``kernel_form(alpha_l)``; the tensors
-    are kept here because the C struct only points at them.
+    are kept here because the C struct only points at them. ``real``: the bank's experts; a router with a null
+    expert has one more row, and a token that picks it gets nothing from it.
     """
 
-    def __init__(self, library: ctypes.CDLL, router_rows: torch.Tensor, routing, form):
+    def __init__(self, library: ctypes.CDLL, router_rows: torch.Tensor, routing, form, real: int):
         top_k, bias, normalise_all = routing
         kernel_name, rank, width, tensors = form
         self.tensors = {name: t.detach().float().contiguous() for name, t in tensors.items()}
@@ -130,7 +132,7 @@ class DecodeKernel:
             self.tensors["bias"] = bias.detach().float().contiguous()
         self.hidden = self.tensors["rows"].shape[1]
         pointers = {name: t.data_ptr() for name, t in self.tensors.items()}
-        self.plan = PlanStruct(self.hidden, router_rows.shape[0], top_k, int(normalise_all), rank, width,
+        self.plan = PlanStruct(self.hidden, router_rows.shape[0], real, top_k, int(normalise_all), rank, width,
                                pointers["rows"], pointers.get("bias"),
                                pointers.get("core_in"), pointers.get("core_out"), pointers["up"])
         self.plan_pointer = ctypes.byref(self.plan)

@@ -8,7 +8,8 @@ inference needs and no more:
 
 1. one matmul of ``h`` with the router's gate rows stacked on the bank's input rows (``[W_g; A; ...]`` h,
    float32, as the general path routes; ``ExpertBank.inference_state``);
-2. the router's gates as a dense ``[N, E]`` matrix (``RouterBase.inference_gates``);
+2. the router's gates as a dense ``[N, E]`` matrix (``RouterBase.inference_gates``; with a null expert the router
+   has one more column, which the bank never sees: its gate adds nothing);
 3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
@@ -57,6 +58,7 @@ class FusedInference:
         self.weight: Optional[torch.Tensor] = None
         self.state = None
         self.num_gates = 0
+        self.num_real = 0  # the bank's experts: the gates beyond them (a null expert's) are dropped
         self.router = self.bank = None
         self.kernel: Optional[DecodeKernel] = None
 
@@ -78,7 +80,7 @@ class FusedInference:
                 form = bank.inference_state(alpha)
                 input_rows, self.state = form if form is not None else (None, None)
                 gates = router.weight.detach().float()
-                self.num_gates = gates.shape[0]
+                self.num_gates, self.num_real = gates.shape[0], bank.num_experts
                 self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
                 self.router, self.bank = router, bank
                 self.kernel = self.compiled_kernel(router, bank, alpha) if self.state is not None else None
@@ -90,7 +92,7 @@ class FusedInference:
             return None
         routing, form = router.kernel_routing(), bank.kernel_form(alpha)
         library = kernel_library() if routing is not None and form is not None else None
-        return DecodeKernel(library, router.weight, routing, form) if library is not None else None
+        return DecodeKernel(library, router.weight, routing, form, bank.num_experts) if library is not None else None
 
     def add_to(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """``base + alpha_l * MoE(hidden)``: the compiled kernel where it takes these tensors, else PyTorch."""
@@ -105,5 +107,7 @@ class FusedInference:
         flat = flat if flat.dtype == torch.float32 else flat.float()
         projected = F.linear(flat, self.weight)
         gates = self.router.inference_gates(projected[:, :self.num_gates])
+        if self.num_real != self.num_gates:
+            gates = gates[:, :self.num_real]  # the null expert's column: its output is zero
         rows = projected[:, self.num_gates:] if projected.shape[1] > self.num_gates else flat
         return self.bank.inference_output(rows, gates, self.state)

@@ -80,7 +80,7 @@ class DynamicAllocation(TrainingHook):
         layers = [adapter for _, adapter in adapters(model)]
         loads = []
         for adapter in layers:
-            counts = adapter.router.expert_counts.double()
+            counts = adapter.router.expert_counts.double()[:adapter.num_experts]  # a null expert's count goes
             loads.append((counts / counts.sum()).tolist() if float(counts.sum()) > 0 else
                          [1.0 / adapter.num_experts] * adapter.num_experts)
         transfers, retired, grown = [], [], []

@@ -26,6 +26,7 @@ from ..integration.surgery import adapters, augment_model, parameter_report, wei
 from ..modeling import check_config
 from ..modeling.allocation import grows_in_training
 from ..modeling.registry import Registry
+from .balance_window import BalanceWindowState
 from .dynamic import DynamicAllocation
 from .hooks import TrainingHook
 
@@ -134,8 +135,14 @@ class MoEMethod(TrainingMethod):
         load_adapter_weights(model, folder)
 
     def hooks(self, seed: int) -> List[TrainingHook]:
-        """The growth policy of a dynamic allocation (``training/dynamic.py``), if that is the allocation."""
-        return [DynamicAllocation(self.config, seed)] if grows_in_training(self.config.expert_allocation) else []
+        """The growth policy of a dynamic allocation (``training/dynamic.py``), if that is the allocation, and the
+        routers' balancing windows (``training/balance_window.py``), if there are any."""
+        hooks: List[TrainingHook] = []
+        if grows_in_training(self.config.expert_allocation):
+            hooks.append(DynamicAllocation(self.config, seed))
+        if self.config.balance_window > 0:
+            hooks.append(BalanceWindowState())
+        return hooks
 
     def extra_loss(self, model):
         return weighted_router_loss(model)

@@ -74,3 +74,18 @@ def test_aux_free_bias_is_saved_and_loaded_with_the_adapter(tiny_folder, tmp_pat
     for want, have in zip(biases, got):
         assert torch.equal(want, have)
         assert not have.requires_grad
+
+
+def test_with_a_null_expert_the_bias_balances_the_experts_among_themselves():
+    """The null's bias stays 0 and the real experts' mean bias stays 0: the updates move the experts against each
+    other, never toward or away from the null (else a persistent imbalance would drift every real bias up)."""
+    config = ExpertConfig(router_type="aux_free", num_experts=3, top_k=1, null_expert=True, aux_free_bias_rate=0.1)
+    router = AuxFreeRouter.build(HIDDEN, 3, config).train()
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4, HIDDEN))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        router(_skewed_batch(generator))  # expert 0 overloaded: signs (-1, +1, +1) uncentred
+    assert router.bias[3] == 0.0
+    assert router.bias[:3].mean().abs() < 1e-6
+    assert router.bias[0] < 0

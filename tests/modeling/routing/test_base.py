@@ -12,6 +12,8 @@ from llama_expert.modeling.routing import ROUTERS
 
 from .helpers import EXPERTS, TOP_K
 
+LEARNED = [name for name in ROUTERS.names() if name != "oracle"]  # routers that choose
+
 HIDDEN = 8  # the width of the checks that build every registered router
 
 
@@ -126,3 +128,56 @@ def test_router_init_scale_sets_the_spread_of_the_router_matrix(router_type):
         spreads[scale] = float(adapter.router.weight.std())
     assert spreads[0.0] == 0.0
     assert spreads[0.1] == pytest.approx(0.1 / 8, rel=0.1) and spreads[1.0] == pytest.approx(1 / 8, rel=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- the null expert
+def _null_router(name, experts=4, **kw):
+    config = ExpertConfig(router_type=name, num_experts=experts, top_k=2, null_expert=True, **kw)
+    return ROUTERS.get(name).build(HIDDEN, experts, config)
+
+
+@pytest.mark.parametrize("name", LEARNED)  # oracle refuses a null expert (test_oracle.py)
+def test_a_null_expert_is_one_more_choice_counted_in_the_statistics(name):
+    router = _null_router(name).eval()
+    assert router.num_experts == 5 and router.real_experts == 4 and router.weight.shape[0] == 5
+    with torch.no_grad():
+        router.weight[4].copy_(torch.ones(HIDDEN))  # the null's logit is large for these tokens
+    router.record_statistics = True
+    with torch.no_grad():
+        routing = router(torch.ones(6, HIDDEN))
+    assert router.expert_counts.shape == (5,)
+    assert router.expert_counts[4] == 6  # every token chose the null
+    indices, gates = router.bank_routing(routing)  # what the bank gets: real experts only, the null's gate 0
+    assert int(indices.max()) < 4
+    assert torch.equal(gates[routing.indices == 4], torch.zeros_like(gates[routing.indices == 4]))
+
+
+@pytest.mark.parametrize("name", ["noisy_top_k", "switch", "soft"])
+def test_the_load_balancing_loss_leaves_the_null_expert_free(name):
+    """The loss balances the real experts: it gives the null's logit no gradient, and uniform real routing
+    scores 1 however much goes to the null."""
+    router = _null_router(name, router_noise=False, router_jitter=0.0).train()
+    hidden = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(0))
+    router(hidden)
+    router.aux_loss.backward()
+    assert router.weight.grad[4].abs().max() < 1e-6  # zero up to float32 rounding
+    assert router.weight.grad[:4].abs().max() > 1e-3 or name == "soft"  # (soft's loss is the constant 1)
+
+
+def test_selecting_experts_keeps_the_null_expert_last():
+    router = _null_router("noisy_top_k", experts=5)
+    null_row = router.weight[5].detach().clone()
+    transfers = router.select_experts(torch.tensor([4, 0, 2]))
+    assert router.num_experts == 4 and router.real_experts == 3
+    assert torch.equal(router.weight[3], null_row)
+    assert all(index.tolist() == [4, 0, 2, 5] for _, _, index in transfers)
+
+
+def test_switch_capacity_counts_the_real_experts():
+    """ceil(capacity_factor * T / E) with E the real experts: a null expert is no one's capacity."""
+    router = _null_router("switch", experts=2, capacity_factor=1.0, router_jitter=0.0).train()
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0, 0] = 1.0  # every token picks expert 0
+    routing = router(torch.ones(8, HIDDEN))
+    assert int((routing.gates > 0).sum()) == 4  # ceil(8 / 2), not ceil(8 / 3)

@@ -1,6 +1,8 @@
 """The router losses: load balancing (1 for uniform routing, E / k when collapsed, by hand) and the z-loss (by
 hand), both blind to padding."""
 
+import math
+
 import pytest
 import torch
 
@@ -71,3 +73,37 @@ def test_all_padding_gives_zero_losses():
     mask = torch.zeros(5, dtype=torch.bool)
     assert router_z_loss(logits, mask).item() == 0.0
     assert load_balancing_loss(torch.softmax(logits, -1), logits.topk(2, -1).indices, EXPERTS, mask).item() == 0.0
+
+
+def test_load_balancing_loss_balances_the_first_columns_only():
+    """A null expert's column (the last) takes no part: P is renormalised over the others, its assignments are
+    not counted, so uniform use of the real experts scores 1 however much goes to the null."""
+    probs = torch.tensor([[0.2, 0.2, 0.6], [0.1, 0.1, 0.8]])
+    indices = torch.tensor([[0, 2], [1, 2]])
+    assert load_balancing_loss(probs, indices, 2).item() == pytest.approx(1.0)
+    collapsed = load_balancing_loss(probs, torch.tensor([[0, 2], [0, 2]]), 2)
+    assert collapsed.item() == pytest.approx(2 * 0.5)  # f = (1, 0), P = (0.5, 0.5)
+
+
+def test_mutual_information_loss_by_hand():
+    """-(H(mean p) - mean H(p)): each token certain of a different expert gives -log E (the minimum); every token
+    with the same distribution gives 0."""
+    from llama_expert.modeling.routing.losses import ROUTER_LOSSES, mutual_information_loss
+
+    assert ROUTER_LOSSES["mi_loss"] == ("router_mi_loss_coef", mutual_information_loss)
+    decided = torch.eye(4) * 60.0
+    assert mutual_information_loss(decided, None, 4).item() == pytest.approx(-math.log(4), abs=1e-5)
+    same = torch.randn(1, 4).expand(6, 4)
+    assert mutual_information_loss(same, None, 4).item() == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(5)
+    logits = torch.randn(7, 5)
+    p = torch.softmax(logits[:, :4], -1)  # the fifth column (a null expert) is left out
+
+    def entropy(q):
+        return -(q * q.log()).sum(-1)
+    want = entropy(p).mean() - entropy(p.mean(0))
+    assert mutual_information_loss(logits, None, 4).item() == pytest.approx(want.item(), rel=1e-5)
+    mask = torch.tensor([True] * 3 + [False] * 4)
+    assert mutual_information_loss(logits, mask, 4).item() == pytest.approx(
+        mutual_information_loss(logits[:3], None, 4).item(), rel=1e-6)
+    assert mutual_information_loss(logits, torch.zeros(7, dtype=torch.bool), 4).item() == 0.0

@@ -70,3 +70,10 @@ def test_a_pass_without_good_labels_is_refused(labels, message):
 def test_more_domains_than_experts_is_refused():
     with pytest.raises(ConfigError, match="--oracle-domains 3 domains its own experts, but a layer has only 2"):
         OracleRouter(2, 3)
+
+
+def test_a_null_expert_is_refused_in_one_line():
+    """The label decides the group, so the oracle never has a choice to give a null expert."""
+    config = ExpertConfig(router_type="oracle", oracle_domains=2, num_experts=4, null_expert=True)
+    with pytest.raises(ConfigError, match="never chooses a null expert: drop --null-expert"):
+        MoEAdapter(torch.nn.Identity(), HIDDEN, 4, config)

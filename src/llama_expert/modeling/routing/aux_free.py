@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RouterBase, in_backward_pass
-from .losses import Routing, gate_matrix, global_sums
+from .losses import Routing, gate_matrix
 from .registry import register_router
 
 
@@ -22,9 +22,12 @@ class AuxFreeRouter(RouterBase):
     (``requires_grad=False``) so that it is saved and loaded with the adapter like every other tensor. After
     each training-mode pass it moves toward balance, under no_grad:
     ``b_i += gamma * sign(mean_j load_j - load_i)``, ``load_i`` = assignments to expert i among the non-padding
-    tokens of the pass (of every data-parallel rank: ``global_sums``), ``gamma = aux_free_bias_rate``. In eval it
-    stays fixed. A token's routing depends on its own hidden state and on ``b`` (set by earlier batches), so it
-    is causal.
+    tokens of the pass (of every data-parallel rank: ``global_sums``; with ``balance_window``, over about that many
+    sequences: ``RouterBase.balance_load``), ``gamma = aux_free_bias_rate``. In eval it stays fixed. A token's
+    routing depends on its own hidden state and on ``b`` (set by earlier batches), so it is causal.
+
+    With a null expert the null's bias stays 0 and the real experts' steps are centred (their mean bias stays
+    where it was): the bias balances the experts among themselves and never pushes tokens to or from the null.
 
     No auxiliary loss: ``aux_loss`` is a zero (the bias does the balancing); ``z_loss`` as usual. With gradient
     checkpointing the recomputed forward skips the update but sees the bias already updated by this pass.
@@ -64,9 +67,9 @@ class AuxFreeRouter(RouterBase):
 
     @torch.no_grad()
     def update_bias(self, indices: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        if mask is not None:
-            indices = indices[mask]
-        load = torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(self.bias.dtype)
-        (load,) = global_sums(load)  # the whole data-parallel batch's load: every rank keeps the same bias
+        load = self.balance_load(indices, mask, self.bias.dtype)  # the whole data-parallel batch's: ranks agree
         if load.sum() > 0:
-            self.bias.add_(self.bias_rate * torch.sign(load.mean() - load))
+            step = torch.sign(load.mean() - load)
+            if self.null_choices:
+                step = step - step.mean()  # the real experts move against each other, never against the null
+            self.bias[:self.real_experts].add_(self.bias_rate * step)

@@ -4,10 +4,14 @@
 - the losses of the last pass (``aux_loss``, ``z_loss``; None after an eval-mode pass under ``no_grad``);
 - the routing statistics ``metrics.routing`` reads: ``record_statistics``, ``expert_counts``,
   ``entropy_sum``, ``tokens_seen``, ``reset_statistics``;
-- ``top_k``: the number of experts each token gets (columns of ``Routing.indices``).
+- ``top_k``: the number of experts each token gets (columns of ``Routing.indices``);
+- what ``build`` adds to any router from ``ExpertConfig``: a null expert (``null_expert``: one more choice, the
+  last, whose output is zero and which takes no part in balancing), the window the balancing statistics are
+  kept over (``balance_window``, ``window.py``) and the registered extra losses whose coefficient is set.
 
-A subclass implements ``_route(hidden [N, d] float32, mask [N] bool or None) -> Routing``, sets the two
-losses (``set_losses``) and calls ``record`` when ``record_statistics`` is on.
+A subclass implements ``_route(hidden [N, d] float32, mask [N] bool or None) -> Routing`` over
+``num_experts`` choices (the null's included), sets the losses (``set_losses``; the load to balance from
+``balance_load``) and calls ``record`` when ``record_statistics`` is on.
 
 ``MoEAdapter`` calls ``route_sequences(hidden [B, T, d], context)``, which flattens the tokens for ``forward``. A
 router whose choice depends on the token's sequence rather than on the token alone overrides it and sets
@@ -18,14 +22,15 @@ sequences left, the domain labels).
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..per_expert import Transfer, select_rows
-from .losses import Routing, router_z_loss
+from .losses import ROUTER_LOSSES, Routing, global_load, load_balancing_loss, router_z_loss
+from .window import LoadWindow
 
 
 def in_backward_pass() -> bool:
@@ -40,19 +45,41 @@ class RouterBase(nn.Module):
     per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)
     has_inference_gates = False  # True where ``inference_gates`` gives eval routing per token (the decode fast path)
     sequence_level = False  # True: ``route_sequences`` routes by the sequence (the model then keeps a prefix state)
+    null_choices = 0  # 1 with a null expert (``build``): the last of the ``num_experts`` choices
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} > num_experts={num_experts}")
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # choices: with a null expert, the experts and the null
         self.top_k = top_k
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
+        self.extra_losses: Dict[str, torch.Tensor] = {}  # the registered losses of ``loss_terms``, last pass
+        self.loss_terms: Dict[str, Callable] = {}
         self.record_statistics = False  # switched on by metrics.routing while it measures expert usage
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.load_window = LoadWindow(num_experts)  # window 0: each pass alone
+        self.pass_sequences = 1  # sequences in the current pass (``forward``): the window decays by them
+
+    @classmethod
+    def build(cls, hidden_size: int, num_experts: int, config) -> "RouterBase":
+        """The router of a layer of ``num_experts`` experts, as ``MoEAdapter`` builds it: ``from_config`` with one
+        more choice for a null expert (``config.null_expert``), balancing over ``config.balance_window`` sequences,
+        and the registered losses whose coefficient is above 0."""
+        null = int(config.null_expert)
+        router = cls.from_config(hidden_size, num_experts + null, config)
+        router.null_choices = null
+        router.load_window = LoadWindow(num_experts, config.balance_window)
+        router.loss_terms = {name: loss for name, (field, loss) in ROUTER_LOSSES.items() if getattr(config, field) > 0}
+        return router
+
+    @property
+    def real_experts(self) -> int:
+        """The choices that are experts (all but a null expert): what the bank computes and balancing balances."""
+        return self.num_experts - self.null_choices
 
     @staticmethod
     def gate_weight(hidden_size: int, num_experts: int) -> nn.Parameter:
@@ -72,10 +99,13 @@ class RouterBase(nn.Module):
         return self.top_k
 
     def select_experts(self, index: torch.Tensor) -> List[Transfer]:
-        """New expert j is old expert ``index[j]``: its rows of every per-expert tensor. Dropping experts lets
-        the gates renormalise over the rest by themselves (a softmax over fewer logits). Resets the statistics."""
+        """New expert j is old expert ``index[j]``: its rows of every per-expert tensor (a null expert stays, last).
+        Dropping experts lets the gates renormalise over the rest by themselves (a softmax over fewer logits).
+        Resets the statistics; each expert keeps its balancing window."""
         if index.numel() < self.min_experts:
             raise ValueError(f"keeping {index.numel()} experts leaves fewer than top_k={self.min_experts}")
+        self.load_window.select(index)
+        index = torch.cat([index, torch.arange(self.real_experts, self.num_experts, dtype=index.dtype)])
         transfers = select_rows(self, self.per_expert_parameters, index)
         self.num_experts = int(index.numel())
         self.expert_counts = self.expert_counts.new_zeros(self.num_experts)
@@ -87,7 +117,9 @@ class RouterBase(nn.Module):
         self.entropy_sum.zero_()
         self.tokens_seen.zero_()
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, sequences: int = 1) -> Routing:
+        """Route ``hidden`` [N, d] (``mask`` [N]: False for padding), the tokens of ``sequences`` sequences."""
+        self.pass_sequences = sequences
         if torch.is_autocast_enabled(hidden.device.type):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 return self._route(hidden.float(), mask)
@@ -105,7 +137,8 @@ class RouterBase(nn.Module):
         ``TokenMask``) gives the padding mask of these tokens (``for_hidden``), the state earlier passes of these
         sequences left (``prefix``, a ``PrefixState`` or None) and the sequences' domain labels
         (``domain_labels``). A router must stay causal: token t may depend on tokens 0..t of its own sequence."""
-        return self(hidden.reshape(-1, hidden.shape[-1]), context.for_hidden(hidden) if context is not None else None)
+        mask = context.for_hidden(hidden) if context is not None else None
+        return self(hidden.reshape(-1, hidden.shape[-1]), mask, hidden.shape[0] if hidden.dim() == 3 else 1)
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
         """Eval routing as a dense [N, E] gate matrix from the clean logits ``h W_g`` [N, E] (float32): what
@@ -132,11 +165,35 @@ class RouterBase(nn.Module):
 
     def set_losses(self, aux_loss: Callable[[], torch.Tensor], logits: torch.Tensor,
                    mask: Optional[torch.Tensor]) -> None:
-        """Keep ``aux_loss()`` and the z-loss of the clean ``logits``; both None when no loss is needed."""
+        """Keep ``aux_loss()``, the z-loss of the clean ``logits`` and the registered ``loss_terms`` of them; None
+        (and no extra losses) when no loss is needed."""
         if self.need_losses():
             self.aux_loss, self.z_loss = aux_loss(), router_z_loss(logits, mask)
+            self.extra_losses = {name: loss(logits, mask, self.real_experts) for name, loss in self.loss_terms.items()}
         else:
             self.aux_loss = self.z_loss = None
+            self.extra_losses = {}
+
+    def bank_routing(self, routing: Routing) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, gates)`` for the expert bank, which computes the real experts only: a slot that chose the
+        null expert becomes expert 0 with gate 0 (adding nothing; ``gate_matrix`` sums repeated experts). The null's
+        gate mass is simply missing from the real experts' sum."""
+        if not self.null_choices:
+            return routing.indices, routing.gates
+        null = routing.indices >= self.real_experts
+        return routing.indices.masked_fill(null, 0), routing.gates.masked_fill(null, 0.0)
+
+    def balancing_loss(self, probs: torch.Tensor, indices: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The load-balancing loss of this pass over the real experts, its ``f_i`` from ``balance_load``."""
+        counts = self.balance_load(indices, mask, probs.dtype)
+        return load_balancing_loss(probs, indices, self.real_experts, mask, counts)
+
+    def balance_load(self, indices: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """[real_experts] the assignments the balancing acts on: this pass's non-padding ones to the real experts,
+        summed over the data-parallel ranks (``losses.global_sums``), over the window (``LoadWindow``)."""
+        counts, sequences = global_load(indices, mask, self.num_experts, self.real_experts, dtype,
+                                        self.pass_sequences)
+        return self.load_window(counts, sequences, recomputing=in_backward_pass())
 
     @torch.no_grad()
     def record_chosen(self, chosen: torch.Tensor, probs: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

@@ -1,16 +1,16 @@
 """The router losses of docs/design.md section 2, and the routing decision every router returns.
 
-Both losses take a padding mask so that padding tokens count in neither; both run in float32 (the
-routers hand them float32 logits).
+Every loss takes a padding mask so that padding tokens count in none; all run in float32 (the routers hand
+them float32 logits). Losses beyond load balancing and the z-loss are registered (``register_router_loss``) with
+the ``ExpertConfig`` field of their coefficient: a router computes one only when its coefficient is above 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -24,20 +24,39 @@ class Routing:
 
 
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss ``E * sum_i f_i * P_i``; exactly 1 for uniform routing.
 
-    ``f_i``: fraction of the T*k (token, slot) assignments sent to expert i; ``P_i``: mean router
-    probability of expert i. Padding tokens (mask == False) count in neither.
+    ``f_i``: fraction of the (token, slot) assignments to the ``E = num_experts`` balanced experts sent to expert
+    i; ``P_i``: mean router probability of expert i. Padding tokens (mask == False) count in neither. Columns of
+    ``probs`` beyond ``num_experts`` (a null expert's) take no part: ``P`` is renormalised over the balanced
+    experts, so the loss neither pushes tokens to the null nor away from it. ``counts`` [E]: the assignments to
+    balance (``RouterBase.balance_load``: summed over the ranks, over a window); default this pass's, summed over
+    the data-parallel ranks.
     """
     if mask is not None:
         probs, indices = probs[mask], indices[mask]
-    counts = F.one_hot(indices, num_experts).to(probs.dtype).sum(dim=(0, 1))  # assignments per expert
-    slots = torch.tensor([float(indices.numel())], dtype=probs.dtype, device=probs.device)
-    counts, slots = global_sums(counts.detach(), slots)  # every rank takes part, even with no tokens here
+    if counts is None:
+        (counts,) = global_load(indices, None, probs.shape[-1], num_experts, probs.dtype)
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    return num_experts * torch.sum(counts / slots.clamp_min(1) * probs.mean(dim=0))
+    if probs.shape[-1] > num_experts:
+        probs = probs[:, :num_experts] / probs[:, :num_experts].sum(dim=-1, keepdim=True)
+    return num_experts * torch.sum(counts / counts.sum().clamp_min(1) * probs.mean(dim=0))
+
+
+def global_load(indices: torch.Tensor, mask: Optional[torch.Tensor], num_choices: int, num_experts: int,
+                dtype: torch.dtype, *extra: float) -> Tuple[torch.Tensor, ...]:
+    """(assignments per balanced expert [num_experts], *extra) over every data-parallel rank, in one all-reduce.
+
+    ``indices`` [N, k] choose among ``num_choices``; the first ``num_experts`` are balanced (a null expert after them
+    is not counted); padding (mask == False) is not counted. Every rank takes part, even with no tokens.
+    """
+    if mask is not None:
+        indices = indices[mask]
+    counts = torch.bincount(indices.reshape(-1), minlength=num_choices)[:num_experts].to(dtype)
+    (total,) = global_sums(torch.cat([counts, counts.new_tensor(extra)]))
+    return (total[:num_experts], *total[num_experts:])
 
 
 def global_sums(*tensors: torch.Tensor):
@@ -61,9 +80,11 @@ def global_sums(*tensors: torch.Tensor):
 
 def gate_matrix(indices: torch.Tensor, gates: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[N, E] matrix holding each token's k gates at its chosen experts and zero elsewhere (a ``Routing``'s
-    ``indices`` and ``gates`` made dense: what the expert banks mix with, and routers' inference gates)."""
+    ``indices`` and ``gates`` made dense: what the expert banks mix with, and routers' inference gates). An expert
+    listed twice in a row gets the sum of its gates (``RouterBase.bank_routing`` lists a null expert's slot as
+    expert 0 with gate 0)."""
     dense = gates.new_zeros(indices.shape[0], num_experts)
-    return dense.scatter(1, indices, gates)
+    return dense.scatter_add(1, indices, gates)
 
 
 def data_parallel_draw(like: torch.Tensor, draw=torch.randn) -> torch.Tensor:
@@ -80,6 +101,40 @@ def data_parallel_draw(like: torch.Tensor, draw=torch.randn) -> torch.Tensor:
         return draw(like.shape, dtype=like.dtype, device=like.device)
     world, rank, n = dist.get_world_size(), dist.get_rank(), like.shape[0]
     return draw((world * n, *like.shape[1:]), dtype=like.dtype, device=like.device)[rank * n:(rank + 1) * n]
+
+
+# name -> (the ExpertConfig field of its coefficient, loss(logits [N, C], mask, num_experts) -> scalar)
+ROUTER_LOSSES: Dict[str, Tuple[str, Callable]] = {}
+
+
+def register_router_loss(name: str, coefficient: str):
+    """Register a router loss beyond L_aux and L_z, weighted by ``ExpertConfig.<coefficient>`` (routers compute it
+    only when that is above 0; ``integration.surgery.weighted_router_loss`` adds it, logged as ``name``)."""
+    def add(loss: Callable) -> Callable:
+        if name in ROUTER_LOSSES:
+            raise ValueError(f"a router loss named {name!r} is registered already")
+        ROUTER_LOSSES[name] = (coefficient, loss)
+        return loss
+    return add
+
+
+@register_router_loss("mi_loss", "router_mi_loss_coef")
+def mutual_information_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                            num_experts: Optional[int] = None) -> torch.Tensor:
+    """``-(H(mean_t p_t) - mean_t H(p_t))``: minimising it maximises the mutual information between token and
+    expert over the pass's tokens, i.e. confident routing per token (low ``H(p_t)``) that still uses every expert
+    (high ``H`` of the mean). ``p_t`` is the softmax of the first ``num_experts`` logits (a null expert's is left
+    out, as in load balancing). Over this rank's tokens only: the batch mean inside ``H`` is not reduced over ranks.
+    """
+    if mask is not None:
+        logits = logits[mask]
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    log_p = torch.log_softmax(logits[:, :num_experts], dim=-1)
+    p = log_p.exp()
+    token_entropy = -(p * log_p).sum(dim=-1).mean()
+    mean = p.mean(dim=0)
+    return token_entropy + (mean * mean.clamp_min(1e-12).log()).sum()
 
 
 def router_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

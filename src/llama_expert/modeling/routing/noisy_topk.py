@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RouterBase
-from .losses import Routing, data_parallel_draw, gate_matrix, load_balancing_loss
+from .losses import Routing, data_parallel_draw, gate_matrix
 from .registry import register_router
 
 
@@ -57,7 +57,7 @@ class NoisyTopKGating(RouterBase):
         top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
         gates = torch.softmax(top_logits, dim=-1)
         probs = self.all_probs(routing_logits)
-        self.set_losses(lambda: load_balancing_loss(probs, indices, self.num_experts, mask), logits, mask)
+        self.set_losses(lambda: self.balancing_loss(probs, indices, mask), logits, mask)
         if self.record_statistics:
             self.record(indices, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)

@@ -44,6 +44,9 @@ class OracleRouter(RouterBase):
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "OracleRouter":
+        if config.null_expert:  # the label decides the group: there is no choice for a null expert to be
+            raise ConfigError("--router-type oracle routes by the domain label and never chooses a null expert: "
+                              "drop --null-expert.")
         return cls(num_experts, config.oracle_domains)
 
     @property

@@ -51,7 +51,7 @@ class SequenceAuxFreeRouter(AuxFreeRouter):
         prefix = context.prefix if context is not None else None
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             means = self.prefix_means(batch.float(), mask, prefix)
-        return self(means.reshape(-1, means.shape[-1]), flat_mask)
+        return self(means.reshape(-1, means.shape[-1]), flat_mask, batch.shape[0])
 
     def prefix_means(self, hidden: torch.Tensor, mask: Optional[torch.Tensor],
                      prefix: Optional[PrefixState]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RouterBase
-from .losses import Routing, load_balancing_loss
+from .losses import Routing
 from .registry import register_router
 
 
@@ -35,8 +35,9 @@ class SoftRouter(RouterBase):
         return cls(hidden_size, num_experts)
 
     def select_experts(self, index: torch.Tensor):
-        self.top_k = int(index.numel())  # every expert, as before
-        return super().select_experts(index)
+        transfers = super().select_experts(index)
+        self.top_k = self.num_experts  # every choice, as before
+        return transfers
 
     has_inference_gates = True
 
@@ -51,7 +52,7 @@ class SoftRouter(RouterBase):
         gates = torch.softmax(logits, dim=-1)
         indices = torch.arange(self.num_experts, device=logits.device).expand(logits.shape[0], -1)
         probs = gates if self.need_probs() else None
-        self.set_losses(lambda: load_balancing_loss(probs, indices, self.num_experts, mask), logits, mask)
+        self.set_losses(lambda: self.balancing_loss(probs, indices, mask), logits, mask)
         if self.record_statistics:
             self.record(indices, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)

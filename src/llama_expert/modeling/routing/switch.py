@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import RouterBase
-from .losses import Routing, data_parallel_draw, gate_matrix, load_balancing_loss
+from .losses import Routing, data_parallel_draw, gate_matrix
 from .registry import register_router
 
 
@@ -66,7 +66,7 @@ class SwitchRouter(RouterBase):
         if self.training and self.capacity_factor is not None:
             gates = gates * self.within_capacity(indices[:, 0], mask).unsqueeze(-1).to(gates.dtype)
         probs = self.all_probs(routing_logits)
-        self.set_losses(lambda: load_balancing_loss(probs, indices, self.num_experts, mask), logits, mask)
+        self.set_losses(lambda: self.balancing_loss(probs, indices, mask), logits, mask)
         if self.record_statistics:
             self.record(indices, probs, mask)
         return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
@@ -78,6 +78,6 @@ class SwitchRouter(RouterBase):
         if mask is not None:
             assigned = assigned * mask.unsqueeze(-1).to(assigned.dtype)
         tokens = int(assigned.sum())
-        capacity = math.ceil(self.capacity_factor * tokens / self.num_experts)
+        capacity = math.ceil(self.capacity_factor * tokens / self.real_experts)  # a null expert has none to keep
         position = (assigned.cumsum(dim=0) * assigned).sum(dim=-1)  # 1-based place in its expert's queue; 0: padding
         return position <= capacity
