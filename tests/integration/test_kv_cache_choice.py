@@ -6,6 +6,7 @@ import logging
 import queue
 import warnings
 
+import pytest
 import torch
 
 from llama_expert import ExpertConfig, augment_model
@@ -25,12 +26,13 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_no_decoding_path_uses_the_deprecated_cache_name(chat_folder, embedded_tokenizer):
+@pytest.mark.parametrize("router_type", ["aux_free", "sequence_aux_free"])  # the latter reads each pass's cache
+def test_no_decoding_path_uses_the_deprecated_cache_name(chat_folder, embedded_tokenizer, router_type):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     model = AutoModelForCausalLM.from_pretrained(chat_folder).eval()
-    augment_model(model, ExpertConfig(num_experts=4, top_k=2, lora_r=4))
+    augment_model(model, ExpertConfig(num_experts=4, top_k=2, lora_r=4, router_type=router_type))
     tokenizer = embedded_tokenizer
     records = Records()
     logging.Logger.warning_once.cache_clear()  # Transformers' warning_once: a message seen earlier would hide
@@ -40,6 +42,7 @@ def test_no_decoding_path_uses_the_deprecated_cache_name(chat_folder, embedded_t
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ids = torch.tensor([tokenizer("hello there")["input_ids"]])
+            model(input_ids=ids, labels=ids, use_cache=False)  # a training pass: no cache in, none out
             for kv_cache in ("none", "int4"):
                 generate_ids(model, tokenizer, ids, max_new_tokens=3, temperature=0, top_p=1, kv_cache=kv_cache)
                 measure_throughput(model, num_samples=1, prompt_len=4, new_tokens=2, kv_cache=kv_cache)

@@ -19,6 +19,7 @@ running sum: that is refused with a one-line error.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # the CLI imports this module; Transformers loads only when a model does (serve tries its port first)
@@ -41,10 +42,11 @@ def given_cache(kwargs) -> Optional[Cache]:
 
 
 def returned_cache(output) -> Optional[Cache]:
-    for name in ("cache", "past_key_values"):
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
+    """The KV cache a forward call returned. Only the field the output has is read: reading ``past_key_values``
+    from an output that names it ``cache`` prints Transformers' deprecation message (once per training run)."""
+    if dataclasses.is_dataclass(output):
+        names = {field.name for field in dataclasses.fields(output)}
+        return getattr(output, "cache" if "cache" in names else "past_key_values", None)
     if isinstance(output, tuple):  # return_dict=False
         from transformers.cache_utils import Cache
 
