@@ -71,6 +71,17 @@ CONFIGS = {
     "lora-experts-null": [*LORA_EXPERTS, "--null-expert"],
     "lora-experts-window": [*LORA_EXPERTS, "--balance-window", "256"],
 }
+# issue 21: three experts a layer, each owning A_i, B_i of rank 7 (1.02x LoRA r=4), one per domain of the mix
+THREE = ["--method", "moe", "--expert-type", "lora_experts", "--num-experts", "3", "--expert-rank", "7",
+         "--expert-allocation", "uniform", "--router-aux-loss-coef", "0"]
+CONFIGS.update({
+    "oracle-3x7": [*THREE, "--router-type", "oracle", "--oracle-domains", "3"],  # each domain its own expert
+    "token-3x7": [*THREE, "--router-type", "aux_free", "--top-k", "1"],  # routed per token
+    "sequence-3x7": [*THREE, "--router-type", "sequence_aux_free", "--top-k", "1"],  # routed by the prefix mean
+    "sequence-3x7-null-window": [*THREE, "--router-type", "sequence_aux_free", "--top-k", "1", "--null-expert",
+                                 "--balance-window", "256"],
+    "sequence-shared-core": ["--method", "moe", "--router-type", "sequence_aux_free", "--router-aux-loss-coef", "0"],
+})
 BASELINE = "lora"
 
 
