@@ -172,13 +172,12 @@ def test_a_malformed_request_is_refused_while_a_stream_completes(server):
     assert len(first.choices[0].text + "".join(c.choices[0].text for c in rest)) > 0
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
-    url, base = server
-    prompts = [f"The {word}" for word in ("quick", "lazy", "brown", "fox", "dog", "jumps")]
+def _ask_together(url, prompts, max_tokens):
+    """{prompt: greedy completion} of ``prompts`` sent at once, one thread each (so the server may batch them)."""
     answers = {}
 
     def ask(prompt):
-        answers[prompt] = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=6,
+        answers[prompt] = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
                                                           temperature=0).choices[0].text
 
     threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
@@ -186,6 +185,13 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
         t.start()
     for t in threads:
         t.join()
+    return answers
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    url, base = server
+    prompts = [f"The {word}" for word in ("quick", "lazy", "brown", "fox", "dog", "jumps")]
+    answers = _ask_together(url, prompts, max_tokens=6)
     assert set(answers) == set(prompts)
     health = httpx.get(f"{url}/health").json()
     assert health["largest_batch"] > 1  # some of them were generated together
@@ -394,16 +400,5 @@ def test_a_sequence_routed_adapter_answers_concurrent_requests_as_it_answers_eac
                                                    temperature=0), skip_special_tokens=True) for prompt in prompts}
     for url in _serve(folder, "--served-model-name", "tiny", "--batch-wait-ms", "300", key=KEY):
         for _ in range(2):
-            answers = {}
-
-            def ask(prompt):
-                answers[prompt] = _client(url).completions.create(model="tiny", prompt=prompt, max_tokens=8,
-                                                                  temperature=0).choices[0].text
-
-            threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert answers == alone
+            assert _ask_together(url, prompts, max_tokens=8) == alone
         assert httpx.get(f"{url}/health").json()["largest_batch"] > 1  # they were generated together
