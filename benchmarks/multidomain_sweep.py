@@ -72,14 +72,19 @@ CONFIGS = {
     "lora-experts-window": [*LORA_EXPERTS, "--balance-window", "256"],
 }
 # issue 21: three experts a layer, each owning A_i, B_i of rank 7 (1.02x LoRA r=4), one per domain of the mix
-THREE = ["--method", "moe", "--expert-type", "lora_experts", "--num-experts", "3", "--expert-rank", "7",
-         "--expert-allocation", "uniform", "--router-aux-loss-coef", "0"]
+THREE = ["--method", "moe", "--expert-type", "lora_experts", "--num-experts", "3", "--expert-allocation", "uniform",
+         "--router-aux-loss-coef", "0"]
+THREE_BY_7, SHARED_4_THREE_BY_6 = [*THREE, "--expert-rank", "7"], [*THREE, "--expert-rank", "6", "--shared-expert-rank", "4"]
 CONFIGS.update({
-    "oracle-3x7": [*THREE, "--router-type", "oracle", "--oracle-domains", "3"],  # each domain its own expert
-    "token-3x7": [*THREE, "--router-type", "aux_free", "--top-k", "1"],  # routed per token
-    "sequence-3x7": [*THREE, "--router-type", "sequence_aux_free", "--top-k", "1"],  # routed by the prefix mean
-    "sequence-3x7-null-window": [*THREE, "--router-type", "sequence_aux_free", "--top-k", "1", "--null-expert",
+    "oracle-3x7": [*THREE_BY_7, "--router-type", "oracle", "--oracle-domains", "3"],  # each domain its own expert
+    "token-3x7": [*THREE_BY_7, "--router-type", "aux_free", "--top-k", "1"],  # routed per token
+    "sequence-3x7": [*THREE_BY_7, "--router-type", "sequence_aux_free", "--top-k", "1"],  # routed by the prefix mean
+    "sequence-3x7-null-window": [*THREE_BY_7, "--router-type", "sequence_aux_free", "--top-k", "1", "--null-expert",
                                  "--balance-window", "256"],
+    # the same with an always-on shared expert of rank 4 beside three of rank 6 (DeepSeekMoE): what every domain
+    # shares learns from all the data; the oracle's is LoRA r=4's size exactly
+    "oracle-s4-3x6": [*SHARED_4_THREE_BY_6, "--router-type", "oracle", "--oracle-domains", "3"],
+    "sequence-s4-3x6": [*SHARED_4_THREE_BY_6, "--router-type", "sequence_aux_free", "--top-k", "1"],
     "sequence-shared-core": ["--method", "moe", "--router-type", "sequence_aux_free", "--router-aux-loss-coef", "0"],
 })
 BASELINE = "lora"
