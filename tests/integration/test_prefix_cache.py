@@ -1,5 +1,5 @@
 """The sequence router's prefix state rides on the KV cache of each generation: decoding step by step computes what
-one forward pass computes (left-padded batches of different lengths, ``generate`` and a manual loop, beam search),
+one forward pass computes (left-padded batches of different lengths, ``generate`` and a manual loop, beam search, the compressed KV cache),
 two generations never share state, and what cannot be done (a cache filled elsewhere, cropping) is refused.
 
 The adapters are made non-trivial first (random output weights and routers), as in test_causality.py: with the
@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 from llama_expert import ExpertConfig, augment_model
 from llama_expert.errors import ConfigError
+from llama_expert.integration.kv_cache_choice import cache_kwargs, make_cache
 from llama_expert.integration.prefix_cache import STATE
 from llama_expert.integration.surgery import adapters
 
@@ -98,12 +99,17 @@ def test_a_manual_decoding_loop_computes_the_full_forward_pass(tiny_model):
     assert _max_difference(_full(per_token, ids, mask), full, mask) > 1e-2  # routing by the sequence matters
 
 
-def test_greedy_generate_scores_are_the_full_forward_pass(tiny_model):
+@pytest.mark.parametrize("kv_cache", ["none", "int8"])
+def test_greedy_generate_scores_are_the_full_forward_pass(tiny_model, kv_cache):
+    """Also with the compressed KV cache (``--kv-cache int8``), which carries the state as Transformers' own does:
+    these 18 tokens stay in its full-precision window (64), so any difference would be the routing's."""
     model = _augmented(tiny_model)
     ids, mask = _prompts()
+    cache = make_cache(model, kv_cache)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
                          min_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None, output_logits=True,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, **cache_kwargs(model, cache))
+    assert cache is None or getattr(cache, STATE, None) is not None
     sequences = out.sequences
     assert sequences.shape == (len(PROMPT_LENGTHS), ids.shape[1] + NEW)
     full_mask = torch.cat([mask, torch.ones(len(PROMPT_LENGTHS), NEW, dtype=torch.long)], dim=1)
