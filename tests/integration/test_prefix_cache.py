@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 from llama_expert import ExpertConfig, augment_model
 from llama_expert.errors import ConfigError
 from llama_expert.integration.kv_cache_choice import cache_kwargs, make_cache
-from llama_expert.integration.prefix_cache import STATE
+from llama_expert.integration.prefix_cache import STATE, returned_cache
 from llama_expert.integration.surgery import adapters
 
 VOCAB, PAD = 128, 0
@@ -199,3 +199,25 @@ def test_tokens_cannot_be_cropped_out_of_the_state(tiny_model):
     cache.crop(0)  # removes nothing: allowed
     with pytest.raises(ConfigError, match="does not support assisted or speculative decoding"):
         cache.crop(-2)
+
+
+def test_a_pass_leaves_no_reference_cycle_behind(tiny_model):
+    """A pass's cache (its keys and values for every layer) is freed as soon as its output goes, without the cyclic
+    garbage collector: wrappers that held the cache kept every evaluation pass's cache alive until a collection
+    (a 3-domain training run peaked at 7.2 GB of RSS against 2.7 GB with a per-token router)."""
+    import gc
+    import weakref
+
+    model = _augmented(tiny_model)
+    ids, mask = _prompts()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = weakref.ref(returned_cache(out))
+        assert getattr(cache(), STATE, None) is not None
+        del out
+        assert cache() is None, "the pass's cache outlived its output: a reference cycle holds it"
+    finally:
+        gc.enable()

@@ -20,6 +20,7 @@ running sum: that is refused with a one-line error.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # the CLI imports this module; Transformers loads only when a model does (serve tries its port first)
@@ -71,19 +72,25 @@ def state_for_pass(cache) -> PrefixState:
 
 
 def attach(cache, state: PrefixState) -> None:
-    """Let ``cache`` carry ``state``; the first time, make its row-moving methods move the state too."""
+    """Let ``cache`` carry ``state``; the first time, make its row-moving methods move the state too.
+
+    The wrappers reach the cache through a weak reference and its methods by name on its class: a wrapper that
+    held the cache (or its bound method) would make a reference cycle, and every pass's cache, key/value tensors
+    and all, would wait for the cyclic garbage collector (an evaluation held gigabytes)."""
     if not hasattr(cache, STATE):
+        owner = weakref.ref(cache)
         for name, move in FOLLOWS:
             if hasattr(cache, name):
-                setattr(cache, name, _following(cache, getattr(cache, name), move))
+                setattr(cache, name, _following(owner, name, move))
         if hasattr(cache, "crop"):
-            setattr(cache, "crop", _refusing_crop(cache, cache.crop))
+            setattr(cache, "crop", _refusing_crop(owner))
     setattr(cache, STATE, state)
 
 
-def _following(cache, method, move):
+def _following(owner, name, move):
     def moved(argument, *args, **kwargs):
-        result = method(argument, *args, **kwargs)
+        cache = owner()
+        result = getattr(type(cache), name)(cache, argument, *args, **kwargs)
         state = getattr(cache, STATE, None)
         if state is not None:
             move(state, argument)
@@ -91,10 +98,11 @@ def _following(cache, method, move):
     return moved
 
 
-def _refusing_crop(cache, crop):
+def _refusing_crop(owner):
     def cropped(*args, **kwargs):
+        cache = owner()
         before = cached_tokens(cache)
-        result = crop(*args, **kwargs)
+        result = type(cache).crop(cache, *args, **kwargs)
         if getattr(cache, STATE, None) is not None and cached_tokens(cache) not in (0, before):
             raise ConfigError("a sequence router cannot take tokens back out of its running sums, so it does not "
                               "support assisted or speculative decoding (they crop the KV cache); generate without "
