@@ -75,6 +75,13 @@ static void route(const Plan *p, const float *x, float *projected, int *chosen, 
     for (int s = 0; s < p->top_k; s++) gates[s] = expf(projected[chosen[s]] - top) / total;
 }
 
+/* Token n's router input x (from h) and its routing: the first step of every bank's kernel. */
+static void route_token(const Plan *p, const void *h, int bf16, long n, float *x, float *projected, int *chosen,
+                        float *gates) {
+    for (int c = 0; c < p->hidden; c++) x[c] = load(h, bf16, n * p->hidden + c);
+    route(p, x, projected, chosen, gates);
+}
+
 static void finish(const Plan *p, const float *delta, const void *base, void *out, int bf16, long offset) {
     for (int c = 0; c < p->hidden; c++) store(out, bf16, offset + c, load(base, bf16, offset + c) + delta[c]);
 }
@@ -84,8 +91,7 @@ void shared_core_add(const Plan *p, long tokens, const void *h, const void *base
     float x[d], projected[p->experts + r], gates[p->top_k], t[r], a[w], delta[d];
     int chosen[p->top_k];
     for (long n = 0; n < tokens; n++) {
-        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
-        route(p, x, projected, chosen, gates);
+        route_token(p, h, bf16, n, x, projected, chosen, gates);
         const float *z = projected + p->experts;
         for (int j = 0; j < r; j++) t[j] = z[j];
         for (int s = 0; s < p->top_k; s++) {
@@ -114,8 +120,7 @@ void shared_down_add(const Plan *p, long tokens, const void *h, const void *base
     float x[d], projected[p->experts + r], gates[p->top_k], delta[d];
     int chosen[p->top_k];
     for (long n = 0; n < tokens; n++) {
-        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
-        route(p, x, projected, chosen, gates);
+        route_token(p, h, bf16, n, x, projected, chosen, gates);
         const float *z = projected + p->experts;
         for (int c = 0; c < d; c++) delta[c] = 0.f;
         for (int s = 0; s < p->top_k; s++)
@@ -133,8 +138,7 @@ void lora_experts_add(const Plan *p, long tokens, const void *h, const void *bas
     float x[d], projected[p->experts + r], gates[p->top_k], delta[d];
     int chosen[p->top_k];
     for (long n = 0; n < tokens; n++) {
-        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
-        route(p, x, projected, chosen, gates);
+        route_token(p, h, bf16, n, x, projected, chosen, gates);
         const float *z = projected + p->experts;
         for (int c = 0; c < d; c++) delta[c] = 0.f;
         for (int j = 0; j < shared; j++) {
