@@ -8,7 +8,6 @@ no signal. Here expert ``i`` is a LoRA of its own, ``B_i A_i``, so two experts c
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -46,16 +45,16 @@ class LoRAExperts(ExpertBank):
         self.num_experts, self.rank = num_experts, rank
         self.lora_scaling = lora_scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size))  # A_i
+        # every A (A_i and A_s) starts as LoRA's does, kaiming_uniform_(a=sqrt(5)) of a [r, d] matrix: U(+-1/sqrt(d));
+        # drawn with uniform_ because kaiming would take the fan-in of the stacked [E, r_e, d] tensor as r_e * d
+        bound = hidden_size ** -0.5
+        self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size).uniform_(-bound, bound))  # A_i
         self.up = nn.Parameter(torch.zeros(num_experts, rank, hidden_size))  # B_i, stored [r_e, d]; zero: a no-op
-        bound = hidden_size ** -0.5  # LoRA's A init, kaiming_uniform_(a=sqrt(5)) of each [r_e, d] A_i: U(+-1/sqrt(d))
-        nn.init.uniform_(self.down, -bound, bound)
         self.shared_down: Optional[nn.Parameter] = None
         self.shared_up: Optional[nn.Parameter] = None
         if shared_rank > 0:
-            self.shared_down = nn.Parameter(torch.empty(shared_rank, hidden_size))  # A_s
+            self.shared_down = nn.Parameter(torch.empty(shared_rank, hidden_size).uniform_(-bound, bound))  # A_s
             self.shared_up = nn.Parameter(torch.zeros(shared_rank, hidden_size))  # B_s, stored [r_s, d]
-            nn.init.kaiming_uniform_(self.shared_down, a=math.sqrt(5))
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config, base_mlp=None) -> "LoRAExperts":
