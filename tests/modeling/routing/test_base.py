@@ -181,3 +181,20 @@ def test_switch_capacity_counts_the_real_experts():
         router.weight[0, 0] = 1.0  # every token picks expert 0
     routing = router(torch.ones(8, HIDDEN))
     assert int((routing.gates > 0).sum()) == 4  # ceil(8 / 2), not ceil(8 / 3)
+
+
+# ------------------------------------------------------------------------------------------------ top-1 gates
+@pytest.mark.parametrize("name", ["aux_free", "sequence_aux_free", "noisy_top_k", "switch"])
+def test_a_top_1_router_learns_from_what_its_gate_multiplies(name):
+    """With one expert chosen, a softmax over the chosen logits is the constant 1: without a straight-through gate
+    (``base.chosen_gates``) the language-model loss gave the router matrix exactly zero gradient. The gate's value
+    stays exactly 1 (saved adapters compute what they computed); its gradient is the chosen expert's probability's."""
+    config = ExpertConfig(router_type=name, num_experts=4, top_k=1, router_noise=False, router_jitter=0.0)
+    router = ROUTERS.get(name).build(HIDDEN, 4, config).train()
+    hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    routing = router.route_sequences(hidden, TokenMask())
+    if name != "switch":  # switch gates by p_i itself
+        assert torch.equal(routing.gates.detach(), torch.ones_like(routing.gates))
+    expert_effect = torch.randn(routing.gates.shape, generator=torch.Generator().manual_seed(1))
+    (routing.gates * expert_effect).sum().backward()  # the loss's dependence on the gate, nothing else
+    assert router.weight.grad is not None and router.weight.grad.abs().max() > 1e-4

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase, in_backward_pass
+from .base import RouterBase, chosen_gates, in_backward_pass
 from .losses import Routing, gate_matrix
 from .registry import register_router
 
@@ -16,7 +16,7 @@ from .registry import register_router
 @register_router("aux_free")
 class AuxFreeRouter(RouterBase):
     """Top-k on ``z + b``, gates from the unbiased ``z``: ``z = h W_g``, ``chosen = top-k(z + b)``,
-    ``g = softmax(z[chosen])``.
+    ``g = softmax(z[chosen])`` (top-1: a straight-through gate of value 1, ``base.chosen_gates``).
 
     ``b`` [E] is a per-expert bias that only steers the choice. It is a non-trainable ``nn.Parameter``
     (``requires_grad=False``) so that it is saved and loaded with the adapter like every other tensor. After
@@ -56,7 +56,7 @@ class AuxFreeRouter(RouterBase):
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
         indices = (logits + self.bias.detach().float()).topk(self.top_k, dim=-1).indices
-        gates = torch.softmax(logits.gather(1, indices), dim=-1)
+        gates = chosen_gates(logits, indices)
         probs = self.all_probs(logits)
         self.set_losses(lambda: logits.new_zeros(()), logits, mask)
         if self.record_statistics:

@@ -40,6 +40,22 @@ def in_backward_pass() -> bool:
     return current is not None and current() != -1
 
 
+def chosen_gates(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """[N, k] gates of the chosen experts ``indices``: the softmax over their ``logits`` (they sum to 1).
+
+    With one expert chosen that softmax is the constant 1, whose gradient is zero: the router would never learn
+    from the language-model loss (only from its own losses, which say nothing about which expert helps). So a
+    single gate is a straight-through gate: its value stays exactly 1 (the forward pass, and every adapter saved
+    before, are unchanged), and the backward pass carries the gradient of the chosen expert's probability under
+    the softmax over all choices, as Switch Transformer's gate ``p_i`` does: the router raises the probability of
+    an expert whose output lowers the loss, and lowers it otherwise."""
+    gates = torch.softmax(logits.gather(1, indices), dim=-1)
+    if indices.shape[1] == 1 and logits.requires_grad:
+        chosen = torch.softmax(logits, dim=-1).gather(1, indices)
+        gates = gates + (chosen - chosen.detach())  # + exactly 0 in value
+    return gates
+
+
 class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
     per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)

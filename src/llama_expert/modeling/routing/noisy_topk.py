@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RouterBase
+from .base import RouterBase, chosen_gates
 from .losses import Routing, data_parallel_draw, gate_matrix
 from .registry import register_router
 
@@ -54,8 +54,8 @@ class NoisyTopKGating(RouterBase):
         if self.training and self.noise:
             noise_std = F.softplus(F.linear(hidden, self.noise_weight))
             routing_logits = logits + data_parallel_draw(logits) * noise_std
-        top_logits, indices = routing_logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_logits, dim=-1)
+        indices = routing_logits.topk(self.top_k, dim=-1).indices
+        gates = chosen_gates(routing_logits, indices)
         probs = self.all_probs(routing_logits)
         self.set_losses(lambda: self.balancing_loss(probs, indices, mask), logits, mask)
         if self.record_statistics:
