@@ -94,6 +94,8 @@ class ExpertConfig:
                                              "b_i += gamma * sign(mean load - load_i)")
     oracle_domains: int = option(2, "oracle router: the number of domain labels D (one per --dataset source); domain "
                                     "d's tokens use experts d*E//D .. (d+1)*E//D - 1 of each layer's E")
+    prototype_temperature: float = option(1.0, "prototype router (a mix's): logit -d_i / T, d_i the mean squared "
+                                               "difference of the sequence's prefix mean and expert i's prototype")
     residual_scale_init: float = option(1.0, "initial value of the learnable per-layer scale alpha_l")
     expert_init: str = option("zero", "how the experts start: zero (output projections zero) or distinct (shared_down: "
                                        "random B_i, alpha_l starts at 0); both give exactly the base model at step 0")
@@ -163,6 +165,8 @@ class ExpertConfig:
              f"{flag('aux_free_bias_rate')} must be a finite number >= 0, got {shown(self.aux_free_bias_rate)}.")
         need(integer(self.oracle_domains) and self.oracle_domains >= 1,
              f"{flag('oracle_domains')} must be a positive integer, got {shown(self.oracle_domains)}.")
+        need(finite(self.prototype_temperature) and self.prototype_temperature > 0,
+             f"{flag('prototype_temperature')} must be a finite number > 0, got {shown(self.prototype_temperature)}.")
         need(finite(self.residual_scale_init), f"{flag('residual_scale_init')} must be a finite number, got "
                                                f"{shown(self.residual_scale_init)}.")
         need(isinstance(self.expert_init, str) and self.expert_init != "",  # the bank checks the value

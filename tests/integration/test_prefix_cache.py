@@ -37,6 +37,19 @@ def _augmented(model, seed=0, router_type="sequence_aux_free"):
     return model.eval()
 
 
+def _prototype_routed(model, seed=0):
+    """Routed by the nearest prototype (a mix's router), with random prototypes at the scale of the router inputs."""
+    torch.manual_seed(seed)
+    augment_model(model, ExpertConfig(router_type="prototype", num_experts=4, top_k=1, expert_allocation="uniform",
+                                      lora_dropout=0.0, prototype_temperature=0.1))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * 0.05)
+            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * 0.3)
+    return model.eval()
+
+
 def _prompts(lengths=PROMPT_LENGTHS, seed=1):
     """Left-padded prompts [B, P] and their attention mask."""
     generator = torch.Generator().manual_seed(seed)
@@ -87,6 +100,19 @@ def _continued(ids, mask, seed=2):
 
 def _max_difference(got, want, mask):
     return float((got - want).abs().amax(-1)[mask.bool()].max())
+
+
+def test_prototype_routing_decodes_step_by_step_as_the_full_forward_pass(tiny_model):
+    model = _prototype_routed(copy.deepcopy(tiny_model))
+    ids, mask = _continued(*_prompts())
+    full = _full(model, ids, mask)
+    for prompt in (1, max(PROMPT_LENGTHS)):
+        assert _max_difference(_stepwise(model, ids, mask, prompt), full, mask) < 1e-4
+    other = _prototype_routed(copy.deepcopy(tiny_model))
+    with torch.no_grad():
+        for _, adapter in adapters(other):
+            adapter.router.weight.copy_(adapter.router.weight.roll(1, dims=0))  # each expert, another's prototype
+    assert _max_difference(_full(other, ids, mask), full, mask) > 1e-3  # the prototypes decide the route
 
 
 def test_a_manual_decoding_loop_computes_the_full_forward_pass(tiny_model):

@@ -248,6 +248,17 @@ def _oracle_token(router, tokens, label):
     return [0.0] * experts, list(range(experts)), [1 / len(group) if e in group else 0.0 for e in range(experts)]
 
 
+def _prototype_token(router, tokens, label):
+    """The prefix mean m's mean squared difference d_i to each prototype (row i of the router matrix); logit -d_i / T,
+    with a null expert one more logit, -null_distance / T; keep the k largest; gates = softmax over the kept."""
+    mean, temperature = tokens.mean(dim=0), router.temperature
+    logits = [-float((mean - p.detach().double()).pow(2).mean()) / temperature for p in router.weight]
+    if router.null_distance is not None:
+        logits.append(-float(router.null_distance) / temperature)
+    chosen = sorted(range(len(logits)), key=lambda j: -logits[j])[: router.top_k]
+    return logits, chosen, _softmax([logits[j] for j in chosen])
+
+
 def _per_token(reference):
     """A router that routes each token by itself: the reference of the sequence's last token."""
     return lambda router, tokens, label: reference(router, tokens[-1])
@@ -256,7 +267,8 @@ def _per_token(reference):
 ROUTER_REFERENCES = {"noisy_top_k": _per_token(_noisy_top_k_token), "switch": _per_token(_switch_token),
                      "aux_free": _per_token(_aux_free_token), "soft": _per_token(_soft_token),
                      "expert_choice": _per_token(_expert_choice_token),
-                     "sequence_aux_free": _sequence_aux_free_token, "oracle": _oracle_token}
+                     "sequence_aux_free": _sequence_aux_free_token, "oracle": _oracle_token,
+                     "prototype": _prototype_token}
 
 
 def router_reference(name, router, tokens, label):

@@ -20,7 +20,7 @@ def test_recipe_end_to_end(tmp_path, trained_base):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
     for name in ("adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "expert_usage.json",
-                 "expert_usage.png", "training_summary.json"):
+                 "expert_usage.png", "training_summary.json", "prototypes.safetensors"):
         assert (out / name).is_file(), name
     assert any((out / "tensorboard").iterdir())
     assert result.steps == 3 and result.tokens == 3 * 2 * 64

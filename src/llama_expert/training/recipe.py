@@ -3,7 +3,8 @@
 ``fine_tune`` drives any registered ``TrainingMethod``; ``fine_tune_augmented_model`` (MoE adapters, the
 ``train`` command) and ``fine_tune_lora_model`` (the PEFT LoRA baseline) are that recipe with one method
 each. It writes to ``output_dir``: the adapter, ``checkpoints/last`` and ``checkpoints/best``,
-``train_log.jsonl``, the method's own measurements (MoE: ``expert_usage.json`` + ``.png``) and
+``train_log.jsonl``, the method's own measurements (MoE: ``expert_usage.json`` + ``.png``), the prototypes
+(``prototypes.safetensors``: what a later mix routes by, ``integration/prototypes.py``) and
 ``training_summary.json``. Run it under ``accelerate launch`` for several GPUs.
 """
 
@@ -26,6 +27,7 @@ from ..metrics.perplexity import evaluate_perplexity
 from ..files import atomic_write_text
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
+from ..integration.prototypes import measure_prototypes, save_prototypes
 from .arguments import DataArguments, TrainingArguments
 from .accelerator import autocast_dtype, make_accelerator
 from .trainer import TrainResult, train_model
@@ -34,6 +36,12 @@ from .checkpoints import require_checkpoint
 from .run_folder import RunLock, check_output_folder, clear_run_outputs
 
 USAGE_TOKENS = 8192  # held-out tokens routed to measure expert usage after training
+PROTOTYPE_TOKENS = 8192  # training tokens the prototypes are measured on (integration/prototypes.py)
+
+
+def evenly_spaced(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` (at least 1, at most all) evenly spaced rows of ``rows``: a mixture's domains are all represented."""
+    return rows[torch.linspace(0, len(rows) - 1, min(len(rows), max(1, count))).round().long().unique()]
 
 
 class RecipeData:
@@ -166,10 +174,12 @@ def _fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: DataA
     if not main:
         return result
     output_dir = Path(args.output_dir)
-    usage = torch.linspace(0, len(data.eval) - 1, min(len(data.eval), max(1, USAGE_TOKENS // args.seq_len)))
-    usage = usage.round().long().unique()  # evenly spaced: every domain of a mixture is represented
+    usage = evenly_spaced(torch.arange(len(data.eval)), USAGE_TOKENS // args.seq_len)  # every domain is represented
     method.after_training(model, data.eval[usage], output_dir, result.steps, progress=progress,
                           domains=data.eval_domains[usage], domain_names=data.names)
+    sample = evenly_spaced(torch.arange(len(data.train)), PROTOTYPE_TOKENS // args.seq_len)
+    save_prototypes(measure_prototypes(model, data.train[sample], args.batch_size, domains=data.domains[sample]),
+                    output_dir)
     summary = {"method": method.name, "settings": settings, "training_arguments": asdict(args), "steps": result.steps,
                "tokens": result.tokens, "seconds": result.seconds, "peak_memory": result.peak_memory,
                "initial_validation": result.initial_eval, "final_validation": result.final_eval,

@@ -139,9 +139,14 @@ def _null_router(name, experts=4, **kw):
 @pytest.mark.parametrize("name", LEARNED)  # oracle refuses a null expert (test_oracle.py)
 def test_a_null_expert_is_one_more_choice_counted_in_the_statistics(name):
     router = _null_router(name).eval()
-    assert router.num_experts == 5 and router.real_experts == 4 and router.weight.shape[0] == 5
-    with torch.no_grad():
-        router.weight[4].copy_(torch.ones(HIDDEN))  # the null's logit is large for these tokens
+    assert router.num_experts == 5 and router.real_experts == 4
+    with torch.no_grad():  # the null's logit is large for these tokens
+        if name == "prototype":  # a prototype per real expert; the null's logit is -null_distance / T
+            assert router.weight.shape[0] == 4
+            router.null_distance.fill_(-100.0)
+        else:
+            assert router.weight.shape[0] == 5
+            router.weight[4].copy_(torch.ones(HIDDEN))
     router.record_statistics = True
     with torch.no_grad():
         routing = router(torch.ones(6, HIDDEN))

@@ -15,11 +15,12 @@ from .losses import Routing, load_balancing_loss, router_z_loss
 from .noisy_topk import NoisyTopKGating
 from .oracle import OracleRouter
 from .prefix_state import PrefixState
+from .prototype import PrototypeRouter
 from .registry import ROUTERS, register_router
 from .sequence_aux_free import SequenceAuxFreeRouter
 from .soft import SoftRouter
 from .switch import SwitchRouter
 
 __all__ = ["ROUTERS", "register_router", "Routing", "RouterBase", "NoisyTopKGating", "SwitchRouter",
-           "AuxFreeRouter", "SoftRouter", "ExpertChoiceRouter", "SequenceAuxFreeRouter", "OracleRouter", "PrefixState",
-           "load_balancing_loss", "router_z_loss"]
+           "AuxFreeRouter", "SoftRouter", "ExpertChoiceRouter", "SequenceAuxFreeRouter", "OracleRouter",
+           "PrototypeRouter", "PrefixState", "load_balancing_loss", "router_z_loss"]

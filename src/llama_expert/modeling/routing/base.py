@@ -58,7 +58,8 @@ def chosen_gates(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
-    per_expert_parameters: tuple = ("weight",)  # one row per expert (what select_experts slices)
+    per_expert_parameters: tuple = ("weight",)  # one row per choice, a null expert's last (what select_experts slices)
+    real_expert_parameters: tuple = ()  # one row per real expert, none for a null expert (sliced alike)
     has_inference_gates = False  # True where ``inference_gates`` gives eval routing per token (the decode fast path)
     sequence_level = False  # True: ``route_sequences`` routes by the sequence (the model then keeps a prefix state)
     null_choices = 0  # 1 with a null expert (``build``): the last of the ``num_experts`` choices
@@ -123,6 +124,7 @@ class RouterBase(nn.Module):
         self.load_window.select(index)
         index = torch.cat([index, torch.arange(self.real_experts, self.num_experts, dtype=index.dtype)])
         transfers = select_rows(self, self.per_expert_parameters, index)
+        transfers += select_rows(self, self.real_expert_parameters, index[:index.numel() - self.null_choices])
         self.num_experts = int(index.numel())
         self.expert_counts = self.expert_counts.new_zeros(self.num_experts)
         self.reset_statistics()

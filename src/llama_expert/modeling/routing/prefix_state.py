@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .base import in_backward_pass
+
 Sums = Tuple[torch.Tensor, torch.Tensor]  # ([B, d] float32 sum of the non-padding router inputs, [B] their count)
 
 
@@ -49,3 +51,38 @@ class PrefixState:
         for sums in (self.before, self.after):
             for key, (total, count) in sums.items():
                 sums[key] = (total.repeat_interleave(repeats, dim=0), count.repeat_interleave(repeats, dim=0))
+
+
+def sequence_prefix_means(key, hidden: torch.Tensor, context) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """What a prefix-mean router routes: ``(m [B*T, d] float32, flat padding mask [B*T] or None, B)`` for a pass's
+    ``hidden`` [B, T, d] (or [N, d]: one sequence) and its context (``modeling.adapter.TokenMask``: padding mask and
+    ``PrefixState``); ``key`` (the router) names its running sums in the state.
+
+    ``m_t = sum_{s<=t, s not padding} h_s / max(1, #{s <= t, s not padding})``: the masked cumulative sum over the
+    sequence axis gives every prefix mean of a full pass at once; with a KV cache the sum and count of the earlier
+    tokens come from the state (none: the sequences start here), and the new totals go back into it for the next
+    pass. Padding is left out with ``where``, not a product: a padding row's hidden state may be NaN (it attends to
+    nothing)."""
+    batch = hidden if hidden.dim() == 3 else hidden.reshape(1, -1, hidden.shape[-1])
+    flat_mask = context.for_hidden(hidden) if context is not None else None
+    mask = flat_mask.view(batch.shape[:2]) if flat_mask is not None else None
+    prefix = context.prefix if context is not None else None
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        means = _prefix_means(key, batch.float(), mask, prefix)
+    return means.reshape(-1, means.shape[-1]), flat_mask, batch.shape[0]
+
+
+def _prefix_means(key, hidden: torch.Tensor, mask: Optional[torch.Tensor], prefix: Optional[PrefixState]):
+    if mask is None:
+        total = hidden.cumsum(dim=1)
+        count = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device).expand(hidden.shape[:2])
+    else:
+        total = torch.where(mask.unsqueeze(-1), hidden, hidden.new_zeros(())).cumsum(dim=1)
+        count = mask.to(hidden.dtype).cumsum(dim=1)
+    before = prefix.read(key) if prefix is not None else None
+    if before is not None:
+        total = total + before[0].to(total.device).unsqueeze(1)
+        count = count + before[1].to(count.device).unsqueeze(1)
+    if prefix is not None and not in_backward_pass():
+        prefix.write(key, total[:, -1], count[:, -1])
+    return total / count.clamp_min(1.0).unsqueeze(-1)

@@ -1,0 +1,116 @@
+"""Prototypes: what an adapter's training text looks like to each layer, so that a mix can route to it later.
+
+An adapter trained on one domain (a branch) records, per decoder layer ``l``, the mean ``p_l`` of the router input
+(the MLP's input ``h``) over a sample of its training text, and the spread ``s_l`` of the sequences' causal prefix
+means ``m_t`` around it (``mean ||m_t - p_l||^2 / d`` over the tokens from ``SPREAD_FROM`` on). A mixed adapter
+(``lifecycle.mix``) routes a sequence to the expert whose prototype is nearest to its prefix mean, with no data
+at all; the spread says how near "near" is. They are measured on the trained model, adapter on: that is the model
+the branch's expert is part of when the mix routes to it.
+
+They live in their own file beside the adapter (``prototypes.safetensors``), not in ``adapter_model.safetensors``,
+whose tensors must match what the adapter's config builds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import AdapterError
+from ..files import atomic_write
+from .surgery import decoder_layers, domain_labels
+from .weights_file import load_finite
+
+PROTOTYPES_NAME = "prototypes.safetensors"
+SPREAD_FROM = 32  # the spread is measured on prefixes of at least this many tokens (a shorter one says little)
+
+
+@dataclass
+class Prototypes:
+    prototype: torch.Tensor  # [L, d] float32: mean router input per layer
+    spread: torch.Tensor  # [L] float32: mean squared distance per dimension of the prefix means to it
+    tokens: int  # how many tokens the means are over
+
+
+class _LayerSums:
+    """Running sums over one layer's router inputs: of ``h`` (the prototype), of the prefix means ``m_t`` and of
+    ``||m_t||^2`` (the spread: ``E||m - p||^2 = E||m||^2 - 2 p.E[m] + ||p||^2``), in float64."""
+
+    def __init__(self):
+        self.hidden = self.means = self.squares = 0.0
+        self.tokens = self.prefixes = 0
+
+    def __call__(self, module, args) -> None:
+        hidden = args[0].detach().double()  # [B, T, d]
+        counts = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)
+        means = (hidden.cumsum(dim=1) / counts.view(1, -1, 1))[:, min(SPREAD_FROM, hidden.shape[1]) - 1:]
+        self.hidden = self.hidden + hidden.sum(dim=(0, 1)).cpu()
+        self.tokens += hidden.shape[0] * hidden.shape[1]
+        self.means = self.means + means.sum(dim=(0, 1)).cpu()
+        self.squares = self.squares + float(means.pow(2).sum())
+        self.prefixes += means.shape[0] * means.shape[1]
+
+    def result(self):
+        prototype = self.hidden / self.tokens
+        spread = (self.squares - 2 * float(prototype @ self.means) + self.prefixes * float(prototype @ prototype))
+        return prototype.float(), spread / (self.prefixes * prototype.numel())
+
+
+@torch.no_grad()
+def measure_prototypes(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4,
+                       domains: Optional[torch.Tensor] = None) -> Prototypes:
+    """The prototypes of ``model`` on ``blocks`` [n, T] (packed token ids, no padding; blocks shorter than
+    ``SPREAD_FROM`` measure the spread on their last prefix); ``domains`` [n] labels each block for the routers that
+    route by label (``oracle``)."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0:
+        raise ValueError(f"prototypes need a [n, T] batch of token blocks, got shape {tuple(blocks.shape)}")
+    layers = decoder_layers(model)
+    sums = [_LayerSums() for _ in layers]
+    handles = [layer.mlp.register_forward_pre_hook(s) for layer, s in zip(layers, sums)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(blocks), batch_size):
+            labels = domains[start:start + batch_size] if domains is not None else None
+            with domain_labels(model, labels):
+                model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    results = [s.result() for s in sums]
+    return Prototypes(torch.stack([p for p, _ in results]), torch.tensor([s for _, s in results], dtype=torch.float32),
+                      int(blocks.numel()))
+
+
+def save_prototypes(prototypes: Prototypes, folder: Union[str, Path]) -> Path:
+    path = Path(folder) / PROTOTYPES_NAME
+    state = {"prototype": prototypes.prototype.contiguous(), "spread": prototypes.spread.contiguous()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"tokens": str(prototypes.tokens)}))
+    return path
+
+
+def load_prototypes(folder: Union[str, Path], layers: int, hidden_size: int) -> Prototypes:
+    """The prototypes an adapter folder records, checked against the model's ``layers`` x ``hidden_size``."""
+    path = Path(folder) / PROTOTYPES_NAME
+    if not path.is_file():
+        raise AdapterError(f"{folder} records no prototypes ({PROTOTYPES_NAME}): `train` writes them at the end of "
+                           f"training, and adapters trained before it did have none; re-train this branch to mix it.")
+    state = load_finite(path)
+    prototype, spread = state.get("prototype"), state.get("spread")
+    if prototype is None or spread is None or tuple(prototype.shape) != (layers, hidden_size) \
+            or tuple(spread.shape) != (layers,):
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        raise AdapterError(f"{path} holds {found}, not prototype [{layers}, {hidden_size}] and spread [{layers}] for "
+                           f"this base model; it belongs to another base. Mix adapters of one base.")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        tokens = int((f.metadata() or {}).get("tokens", 0))
+    return Prototypes(prototype.float(), spread.float(), tokens)

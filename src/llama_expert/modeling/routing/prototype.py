@@ -1,0 +1,80 @@
+"""Routing by the nearest prototype: how a mixed adapter picks the skill for a text, docs/design.md section 2.
+
+A mix (``lifecycle.mix``) puts adapters trained apart side by side as the experts of one layer. Each recorded what
+its training text looks like to that layer, the mean router input (its prototype, ``integration.prototypes``). A
+sequence goes to the expert whose prototype is nearest to its causal prefix mean: mixing needs no data at all, and
+the prototypes can be calibrated later (they are the router's trainable rows).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import RouterBase, chosen_gates
+from .losses import Routing
+from .prefix_state import sequence_prefix_means
+from .registry import register_router
+
+
+@register_router("prototype")
+class PrototypeRouter(RouterBase):
+    """Token t is routed by its sequence's prefix mean ``m_t`` (as ``sequence_aux_free``: causal, carried through
+    decoding by the ``PrefixState``) to the experts whose prototypes ``p_i`` (rows of ``weight`` [E, d]) are nearest:
+
+    ``d_i = ||m_t - p_i||^2 / d``, ``z_i = -d_i / T``, ``chosen = top-k(z)``, ``g = softmax(z[chosen])`` (top-1: a
+    straight-through gate of value 1, ``base.chosen_gates``), ``T = prototype_temperature``.
+
+    With a null expert, ``z_null = -null_distance / T``: the null wins where every prototype is farther than
+    ``null_distance`` (a trainable scalar per layer, in the units of ``d_i``), so text unlike every expert's training
+    text keeps the base model's behaviour. No balancing (the prototypes, not the load, decide): ``aux_loss`` and
+    ``z_loss`` are 0. The prototypes start at zero; a mix sets them.
+    """
+
+    sequence_level = True
+    per_expert_parameters = ()
+    real_expert_parameters = ("weight",)  # a prototype per real expert; the null's logit is ``null_distance``
+
+    def __init__(self, hidden_size: int, experts: int, top_k: int, temperature: float = 1.0, null: bool = False):
+        super().__init__(experts + int(null), top_k)
+        self.temperature = float(temperature)
+        self.weight = nn.Parameter(torch.zeros(experts, hidden_size, dtype=torch.float32))
+        self.null_distance = nn.Parameter(torch.ones(1, dtype=torch.float32)) if null else None
+
+    @classmethod
+    def from_config(cls, hidden_size: int, num_experts: int, config) -> "PrototypeRouter":
+        null = bool(config.null_expert)  # ``num_experts`` counts the null's choice (``RouterBase.build``)
+        return cls(hidden_size, num_experts - int(null), config.top_k, config.prototype_temperature, null)
+
+    def init_gate(self, scale: float) -> None:
+        """No draw: the prototypes come from the mixed adapters."""
+
+    def route_sequences(self, hidden: torch.Tensor, context) -> Routing:
+        return self(*sequence_prefix_means(self, hidden, context))
+
+    def logits(self, means: torch.Tensor) -> torch.Tensor:
+        """[N, E] ``-d_i / T`` (and the null's last), by ``||m||^2 - 2 m.p + ||p||^2``: no [N, E, d] tensor."""
+        prototypes = self.weight.float()
+        squared = (means.pow(2).sum(-1, keepdim=True) - 2 * means @ prototypes.T + prototypes.pow(2).sum(-1))
+        logits = -squared.clamp_min(0.0) / (means.shape[-1] * self.temperature)
+        if self.null_distance is not None:
+            null = (-self.null_distance.float() / self.temperature).expand(means.shape[0], 1)
+            logits = torch.cat([logits, null], dim=1)
+        return logits
+
+    def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
+        logits = self.logits(hidden)
+        indices = logits.topk(self.top_k, dim=-1).indices
+        gates = chosen_gates(logits, indices)
+        probs = self.all_probs(logits)
+        if self.need_losses():
+            self.aux_loss = self.z_loss = logits.new_zeros(())
+            self.extra_losses = {name: loss(logits, mask, self.real_experts) for name, loss in self.loss_terms.items()}
+        else:
+            self.aux_loss = self.z_loss = None
+            self.extra_losses = {}
+        if self.record_statistics:
+            self.record(indices, probs, mask)
+        return Routing(indices=indices, gates=gates, probs=probs, logits=logits)
