@@ -17,7 +17,7 @@ from typing import List, Optional
 from ..errors import LlamaExpertError
 from .arguments import HelpFormatter
 
-COMMANDS = ("train", "benchmark", "compare", "inference", "serve", "prune", "distill", "export")
+COMMANDS = ("train", "benchmark", "compare", "inference", "serve", "prune", "distill", "export", "mix")
 HELPS = {
     "train": "fine-tune MoE adapters on a frozen base model",
     "benchmark": "measure perplexity, throughput, memory and expert usage",
@@ -27,6 +27,7 @@ HELPS = {
     "prune": "keep each layer's most useful experts (scored on calibration text) in a smaller adapter",
     "distill": "train a dense LoRA to reproduce an MoE-augmented model (so that it can be merged)",
     "export": "fold a dense LoRA into the base and write a Transformers folder or a GGUF file",
+    "mix": "make branch adapters trained apart (one skill each) the experts of one adapter, routed by prototype",
 }
 
 

@@ -1,0 +1,153 @@
+"""``mix``: adapters trained apart, one skill each, become the experts of one adapter that routes each text to its
+skill by the nearest prototype (docs/design.md section 2, ``prototype``; Branch-Train-MiX, Sukhbaatar et al. 2024,
+grows domain experts apart and then mixes them). Mixing needs no data: each branch recorded its prototypes.
+
+A branch is an MoE adapter of the ``lora_experts`` bank with one expert per layer (``train --expert-type
+lora_experts --num-experts 1``, a shared expert allowed): its layer adds ``alpha_l * s * (B_s A_s + B_1 A_1) x``, one
+LoRA of rank ``r_s + r_e`` beside the MLP. The mix is a ``lora_experts`` adapter with one expert per branch, of the
+largest branch rank (a smaller one padded with zero rows, which add nothing), each branch's ``alpha_l * s`` folded
+into its ``B``; the mix's own ``alpha_l`` and ``s = lora_alpha / lora_r`` are 1. So a sequence routed to expert i
+(top-1, gate 1) computes branch i's layer exactly, up to float rounding. The result is an ordinary adapter: it
+loads in ``inference``, ``benchmark``, ``compare`` and ``serve``, and ``prune`` can drop a skill.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..config import ExpertConfig
+from ..errors import ConfigError
+from ..integration.adapter_files import (load_adapter_weights, read_adapter_config, recorded_base, save_adapter,
+                                         saved_expert_config)
+from ..integration.base_models import load_base_model
+from ..integration.prototypes import load_prototypes
+from ..integration.surgery import adapters, augment_model, decoder_layers, remove_adapters
+from ..modeling import experts_per_layer
+from ..options import option
+from .arguments import AdapterCommandArguments
+from .output import check_output, locked_output, write_outputs
+
+BRANCH_HINT = "train each branch with --expert-type lora_experts --num-experts 1 (a --shared-expert-rank is fine)"
+
+
+@dataclass
+class MixArguments(AdapterCommandArguments):
+    adapters: List[str] = option(None, "the branch adapters to mix, one skill each (folders written by `train`)",
+                                 default_factory=list)
+    output_dir: Optional[str] = option(None, "folder for the mixed adapter")
+    top_k: int = option(1, "branches each token uses (1: each sequence's nearest branch alone, as it computes)")
+    temperature: float = option(1.0, "prototype router temperature T: the logit of branch i is -d_i / T")
+    null_expert: bool = option(False, "add a null expert (the base model's own behaviour) for text unlike every "
+                                      "branch's training text")
+    null_distance: float = option(4.0, "with --null-expert: the null wins where every prototype is farther than "
+                                       "this many times the largest branch spread of the layer")
+
+    def validate(self) -> None:
+        if len(self.adapters) < 2:
+            raise ConfigError(f"mix needs at least two branch adapters, got {len(self.adapters)}: "
+                              f"llama-expert mix A B [C ...] --output-dir M.")
+        if not self.output_dir:
+            raise ConfigError("mix needs --output-dir DIR: where to write the mixed adapter.")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ConfigError("mix got the same adapter twice; give each branch once.")
+        choices = len(self.adapters) + int(self.null_expert)
+        checks = [(1 <= self.top_k <= choices, f"--top-k must be in 1..{choices}, got {self.top_k}."),
+                  (math.isfinite(self.temperature) and self.temperature > 0,
+                   f"--temperature must be a finite number > 0, got {self.temperature}."),
+                  (math.isfinite(self.null_distance) and self.null_distance > 0,
+                   f"--null-distance must be a finite number > 0, got {self.null_distance}.")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def inputs(self, base: Optional[str]):
+        return {"a branch adapter": list(self.adapters), "the base model": [base] if base else []}
+
+
+@dataclass
+class Branch:
+    down: List[torch.Tensor]  # per layer [r, d]: the rows of every A (shared first)
+    up: List[torch.Tensor]  # per layer [r, d]: the rows of every B, times alpha_l * s
+    prototype: torch.Tensor  # [L, d]
+    spread: torch.Tensor  # [L]
+
+
+def check_branch(config: ExpertConfig, layers: int, folder) -> None:
+    """A branch is one LoRA per layer: lora_experts, one expert everywhere, no null expert."""
+    counts = set(experts_per_layer(config, layers))
+    if config.expert_type != "lora_experts" or counts != {1} or config.null_expert:
+        shape = (f"--expert-type {config.expert_type} with {sorted(counts)} experts per layer"
+                 + (" and a null expert" if config.null_expert else ""))
+        raise ConfigError(f"{folder} is not a branch ({shape}): a mix takes adapters of one LoRA expert per layer; "
+                          f"{BRANCH_HINT}.")
+
+
+@torch.no_grad()
+def read_branch(model, folder) -> Branch:
+    """The branch in ``folder`` as per-layer LoRA rows, loaded onto ``model`` (its base) and taken off again: the
+    adapter loads with every check an adapter gets (base architecture, shapes, finite values)."""
+    layers, hidden = len(decoder_layers(model)), model.config.hidden_size
+    check_branch(saved_expert_config(read_adapter_config(folder), folder), layers, folder)
+    prototypes = load_prototypes(folder, layers, hidden)
+    load_adapter_weights(model, folder)
+    down, up = [], []
+    for _, adapter in adapters(model):
+        bank, factor = adapter.experts, adapter.experts.lora_scaling * adapter.residual_scale.float()
+        down.append(bank.stacked_down().detach().float().clone())
+        up.append((bank.stacked_up().detach().float() * factor).clone())
+    remove_adapters(model)
+    return Branch(down, up, prototypes.prototype, prototypes.spread)
+
+
+def mix_config(branches: List[Branch], args: MixArguments) -> ExpertConfig:
+    rank = max(d.shape[0] for b in branches for d in b.down)
+    return ExpertConfig(expert_type="lora_experts", router_type="prototype", num_experts=len(branches),
+                        top_k=args.top_k, expert_allocation="uniform", expert_rank=rank, shared_expert_rank=0,
+                        lora_r=rank, lora_alpha=float(rank), lora_dropout=0.0, null_expert=args.null_expert,
+                        prototype_temperature=args.temperature, residual_scale_init=1.0)
+
+
+@torch.no_grad()
+def mix_branches(model, branches: List[Branch], args: MixArguments):
+    """Put mixed adapters on ``model`` (a bare base): expert i of each layer is branch i, routed by its prototype."""
+    augment_model(model, mix_config(branches, args))
+    for layer, (_, adapter) in enumerate(adapters(model)):
+        bank, router = adapter.experts, adapter.router
+        bank.down.zero_()
+        bank.up.zero_()
+        for i, branch in enumerate(branches):
+            rows = branch.down[layer].shape[0]
+            bank.down[i, :rows] = branch.down[layer]
+            bank.up[i, :rows] = branch.up[layer]
+            router.weight[i] = branch.prototype[layer]
+        if router.null_distance is not None:
+            router.null_distance.fill_(args.null_distance * max(float(b.spread[layer]) for b in branches))
+        adapter.residual_scale.fill_(1.0)
+    return model
+
+
+def run_mix(args: MixArguments) -> Path:
+    """The ``mix`` command: read every branch, mix them, write the mixed adapter and ``mix_report.json``."""
+    args.validate()
+    output = Path(args.output_dir)
+    base = args.model or recorded_base(args.adapters[0])
+    if not base:
+        raise ConfigError(f"{args.adapters[0]} records no base model; pass it with --model.")
+    check_output(output, "mix", args.overwrite, args.inputs(base))
+    with locked_output(output, "mix"):
+        model = load_base_model(base, auth_token=args.auth_token)
+        branches = [read_branch(model, folder) for folder in args.adapters]
+        mix_branches(model, branches, args)
+        report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
+                  "temperature": args.temperature, "null_expert": args.null_expert,
+                  "null_distance": args.null_distance if args.null_expert else None,
+                  "ranks": [max(d.shape[0] for d in b.down) for b in branches]}
+        write_outputs(output, "mix_report.json", report, lambda staging: save_adapter(model, staging, base))
+    print(f"mixed {len(branches)} branches into {output} (expert i of every layer is branch i: "
+          + ", ".join(f"{i} {a}" for i, a in enumerate(args.adapters)) + ")")
+    return output

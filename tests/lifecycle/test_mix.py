@@ -1,0 +1,161 @@
+"""``mix``: branches trained apart become one adapter. A sequence routed to branch i computes exactly what branch i
+computes (its rank padded, its scales folded in); measured prototypes send each domain's text to its own branch;
+the null expert gives back the base; the command writes an ordinary adapter; bad inputs get a one-line reason."""
+
+import copy
+
+import pytest
+import torch
+
+from llama_expert import ExpertConfig, augment_model, load_augmented_model, save_adapter
+from llama_expert.cli import main
+from llama_expert.errors import ConfigError
+from llama_expert.integration.adapter_files import load_adapter_weights
+from llama_expert.integration.prototypes import Prototypes, measure_prototypes, save_prototypes
+from llama_expert.integration.surgery import adapters
+from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_branch, run_mix
+
+# two domains of the tiny model's 128-token vocabulary: low ids and high ids
+DOMAINS = ((1, 60), (64, 127))
+
+
+def _text(domain, rows=4, length=48, seed=0):
+    low, high = DOMAINS[domain]
+    return torch.randint(low, high, (rows, length), generator=torch.Generator().manual_seed(seed + 10 * domain))
+
+
+def _branch(tiny_model, folder, domain, rank=3, shared=0, seed=0, prototypes=True, size=0.1):
+    """A branch as `train` leaves it: one random LoRA expert per layer (+ a shared one), a residual scale and lora
+    scaling away from 1, and the prototypes of its domain's text."""
+    torch.manual_seed(seed)
+    model = augment_model(copy.deepcopy(tiny_model), ExpertConfig(
+        expert_type="lora_experts", num_experts=1, top_k=1, expert_allocation="uniform", expert_rank=rank,
+        shared_expert_rank=shared, lora_r=4, lora_alpha=6.0, router_type="aux_free"))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            for p in adapter.experts.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * size)
+            adapter.residual_scale.fill_(0.8 + 0.1 * seed)
+    model.eval()
+    save_adapter(model, folder, "tiny")
+    if prototypes:
+        save_prototypes(measure_prototypes(model, _text(domain, rows=16, length=64, seed=seed)), folder)
+    return model
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def _mixed(tiny_model, folders, **kw):
+    base = copy.deepcopy(tiny_model)
+    args = MixArguments(adapters=[str(f) for f in folders], output_dir="unused", **kw)
+    return mix_branches(base, [read_branch(base, f) for f in folders], args).eval()
+
+
+def test_a_sequence_routed_to_a_branch_computes_that_branch_exactly(tiny_model, tmp_path):
+    branches = [_branch(tiny_model, tmp_path / "a", 0, rank=3, shared=2, seed=0),
+                _branch(tiny_model, tmp_path / "b", 1, rank=2, seed=1)]
+    mixed = _mixed(tiny_model, [tmp_path / "a", tmp_path / "b"])
+    for i, branch in enumerate(branches):
+        far = copy.deepcopy(mixed)
+        with torch.no_grad():  # every other prototype far away: every token goes to branch i
+            for _, adapter in adapters(far):
+                adapter.router.weight[1 - i] += 1e3
+        ids = _text(i, rows=2, seed=5)
+        torch.testing.assert_close(_logits(far, ids), _logits(branch, ids), rtol=1e-4, atol=1e-4)
+    assert mixed.expert_config.expert_rank == 5 and mixed.expert_config.router_type == "prototype"
+
+
+def _routes(model, ids):
+    """[L, B, T] the expert each token of ``ids`` is routed to in each layer (as the full pass routes it)."""
+    routes = []
+
+    def hook(adapter, args):
+        routes.append(adapter.router.route_sequences(args[0], adapter.token_mask).indices[:, 0].view(ids.shape))
+
+    handles = [adapter.register_forward_pre_hook(hook) for _, adapter in adapters(model)]
+    _logits(model, ids)
+    for handle in handles:
+        handle.remove()
+    return torch.stack(routes)
+
+
+def test_measured_prototypes_send_each_domain_to_its_branch(tiny_model, tmp_path):
+    """Zero-shot: after the first 16 tokens of a sequence, (almost) every token of domain d goes to branch d. (The
+    branches are small, as trained ones are; the random base's two token ranges are given embeddings of different
+    means, as two domains' texts differ: random ones alone differ less, in the deeper layers, than one sequence does
+    from another.)"""
+    base = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        embeddings = base.get_input_embeddings().weight
+        embeddings[DOMAINS[1][0]:] += 0.02 * torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(3))
+    for domain in (0, 1):
+        _branch(base, tmp_path / str(domain), domain, seed=domain, size=0.02)
+    mixed = _mixed(base, [tmp_path / "0", tmp_path / "1"])
+    for domain in (0, 1):
+        routes = _routes(mixed, _text(domain, length=64, seed=7))[:, :, 16:]
+        assert (routes == domain).double().mean() > 0.9, (domain, (routes == domain).double().mean(dim=(1, 2)))
+
+
+def test_the_null_expert_keeps_the_base_for_text_unlike_every_branch(tiny_model, tmp_path):
+    for domain in (0, 1):
+        _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
+    mixed = _mixed(tiny_model, [tmp_path / "0", tmp_path / "1"], null_expert=True)
+    with torch.no_grad():
+        for _, adapter in adapters(mixed):
+            adapter.router.weight += 1e3  # every prototype far from any text: the null wins
+    ids = _text(0, seed=3)
+    torch.testing.assert_close(_logits(mixed, ids), _logits(tiny_model, ids), rtol=0, atol=0)
+
+
+def test_the_mix_command_writes_an_adapter_that_loads(tiny_model, tiny_folder, tmp_path, capsys):
+    for domain in (0, 1):
+        _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
+    out = tmp_path / "mixed"
+    assert main(["mix", str(tmp_path / "0"), str(tmp_path / "1"), "--output-dir", str(out),
+                 "--model", str(tiny_folder)]) == 0
+    assert "mixed 2 branches" in capsys.readouterr().out
+    model, config = load_augmented_model(str(tiny_folder), adapter_path=out)
+    assert config.router_type == "prototype" and [a.num_experts for _, a in adapters(model)] == [2] * 4
+    assert (out / "mix_report.json").is_file()
+    with pytest.raises(ConfigError, match="--overwrite"):
+        run_mix(MixArguments(adapters=[str(tmp_path / "0"), str(tmp_path / "1")], output_dir=str(out),
+                             model=str(tiny_folder)))
+
+
+def test_what_is_not_a_branch_is_refused_with_the_reason(tiny_model, tiny_folder, tmp_path):
+    _branch(tiny_model, tmp_path / "a", 0)
+    _branch(tiny_model, tmp_path / "bare", 1, prototypes=False)
+    moe = augment_model(copy.deepcopy(tiny_model), ExpertConfig(num_experts=4, top_k=2, expert_allocation="uniform"))
+    save_adapter(moe, tmp_path / "moe", "tiny")
+    save_prototypes(Prototypes(torch.zeros(4, 64), torch.ones(4), 1), tmp_path / "moe")
+
+    def mix(*names, **kw):
+        run_mix(MixArguments(adapters=[str(tmp_path / n) for n in names], output_dir=str(tmp_path / "out"),
+                             model=str(tiny_folder), **kw))
+
+    with pytest.raises(ConfigError, match="at least two"):
+        mix("a")
+    with pytest.raises(ConfigError, match="same adapter twice"):
+        mix("a", "a")
+    with pytest.raises(ConfigError, match=r"not a branch.*shared_core.*--num-experts 1"):
+        mix("a", "moe")
+    with pytest.raises(Exception, match="records no prototypes"):
+        mix("a", "bare")
+    with pytest.raises(ConfigError, match="--top-k must be in 1..2"):
+        mix("a", "bare", top_k=3)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_branch_loads_as_it_was_saved(tiny_model, tmp_path):
+    """read_branch loads through load_adapter_weights: the model is the bare base again afterwards."""
+    _branch(tiny_model, tmp_path / "a", 0)
+    base = copy.deepcopy(tiny_model)
+    read_branch(base, tmp_path / "a")
+    assert not adapters(base)
+    ids = _text(0, seed=1)
+    torch.testing.assert_close(_logits(base, ids), _logits(tiny_model, ids), rtol=0, atol=0)
+    load_adapter_weights(base, tmp_path / "a")  # and can carry an adapter again
