@@ -13,7 +13,7 @@ from llama_expert.errors import ConfigError
 from llama_expert.integration.adapter_files import load_adapter_weights
 from llama_expert.integration.prototypes import Prototypes, measure_prototypes, save_prototypes
 from llama_expert.integration.surgery import adapters
-from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_branch, run_mix
+from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_experts, run_mix
 
 # two domains of the tiny model's 128-token vocabulary: low ids and high ids
 DOMAINS = ((1, 60), (64, 127))
@@ -52,7 +52,7 @@ def _logits(model, ids):
 def _mixed(tiny_model, folders, **kw):
     base = copy.deepcopy(tiny_model)
     args = MixArguments(adapters=[str(f) for f in folders], output_dir="unused", **kw)
-    return mix_branches(base, [read_branch(base, f) for f in folders], args).eval()
+    return mix_branches(base, [e for f in folders for e in read_experts(base, f)], args).eval()
 
 
 def test_a_sequence_routed_to_a_branch_computes_that_branch_exactly(tiny_model, tmp_path):
@@ -91,7 +91,8 @@ def test_measured_prototypes_send_each_domain_to_its_branch(tiny_model, tmp_path
     base = copy.deepcopy(tiny_model)
     with torch.no_grad():
         embeddings = base.get_input_embeddings().weight
-        embeddings[DOMAINS[1][0]:] += 0.02 * torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(3))
+        shift = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(3))
+        embeddings[DOMAINS[1][0]:] += 0.02 * shift
     for domain in (0, 1):
         _branch(base, tmp_path / str(domain), domain, seed=domain, size=0.02)
     mixed = _mixed(base, [tmp_path / "0", tmp_path / "1"])
@@ -117,7 +118,7 @@ def test_the_mix_command_writes_an_adapter_that_loads(tiny_model, tiny_folder, t
     out = tmp_path / "mixed"
     assert main(["mix", str(tmp_path / "0"), str(tmp_path / "1"), "--output-dir", str(out),
                  "--model", str(tiny_folder)]) == 0
-    assert "mixed 2 branches" in capsys.readouterr().out
+    assert "mixed 2 adapters" in capsys.readouterr().out
     model, config = load_augmented_model(str(tiny_folder), adapter_path=out)
     assert config.router_type == "prototype" and [a.num_experts for _, a in adapters(model)] == [2] * 4
     assert (out / "mix_report.json").is_file()
@@ -151,11 +152,34 @@ def test_what_is_not_a_branch_is_refused_with_the_reason(tiny_model, tiny_folder
 
 
 def test_a_branch_loads_as_it_was_saved(tiny_model, tmp_path):
-    """read_branch loads through load_adapter_weights: the model is the bare base again afterwards."""
+    """read_experts loads through load_adapter_weights: the model is the bare base again afterwards."""
     _branch(tiny_model, tmp_path / "a", 0)
     base = copy.deepcopy(tiny_model)
-    read_branch(base, tmp_path / "a")
+    assert len(read_experts(base, tmp_path / "a")) == 1
     assert not adapters(base)
     ids = _text(0, seed=1)
     torch.testing.assert_close(_logits(base, ids), _logits(tiny_model, ids), rtol=0, atol=0)
     load_adapter_weights(base, tmp_path / "a")  # and can carry an adapter again
+
+
+def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny_model, tiny_folder, tmp_path):
+    for name, domain, seed in (("a", 0, 0), ("b", 1, 1), ("c", 0, 2)):
+        _branch(tiny_model, tmp_path / name, domain, rank=2 + seed, seed=seed)
+    def mix(names, output):
+        run_mix(MixArguments(adapters=[str(tmp_path / n) for n in names], output_dir=str(tmp_path / output),
+                             model=str(tiny_folder), null_expert=True))
+        return load_augmented_model(str(tiny_folder), adapter_path=tmp_path / output)[0]
+
+    ab = mix(["a", "b"], "ab")
+    added, abc = mix(["ab", "c"], "ab+c"), mix(["a", "b", "c"], "abc")
+    for (_, old), (_, new), (_, direct) in zip(adapters(ab), adapters(added), adapters(abc)):
+        rank = old.experts.down.shape[1]
+        assert torch.equal(new.experts.down[:2, :rank], old.experts.down)  # the first two skills, as they were
+        assert torch.equal(new.experts.up[:2, :rank], old.experts.up)
+        assert torch.equal(new.router.weight[:2], old.router.weight)
+        assert torch.equal(new.router.spread[:2], old.router.spread)
+        torch.testing.assert_close(new.experts.up, direct.experts.up)  # and the same mix as all three at once
+        assert torch.equal(new.router.weight, direct.router.weight)
+        assert torch.equal(new.router.null_distance, direct.router.null_distance)
+    ids = _text(1, seed=4)
+    torch.testing.assert_close(_logits(added.eval(), ids), _logits(abc.eval(), ids), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,9 @@ largest branch rank (a smaller one padded with zero rows, which add nothing), ea
 into its ``B``; the mix's own ``alpha_l`` and ``s = lora_alpha / lora_r`` are 1. So a sequence routed to expert i
 (top-1, gate 1) computes branch i's layer exactly, up to float rounding. The result is an ordinary adapter: it
 loads in ``inference``, ``benchmark``, ``compare`` and ``serve``, and ``prune`` can drop a skill.
+
+A mixed adapter given to ``mix`` brings each of its experts as it is (rows, prototype, spread): mixing it with a new
+branch adds a skill and leaves the experts already there untouched.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from ..options import option
 from .arguments import AdapterCommandArguments
 from .output import check_output, locked_output, write_outputs
 
-BRANCH_HINT = "train each branch with --expert-type lora_experts --num-experts 1 (a --shared-expert-rank is fine)"
+BRANCH_HINT = ("train each branch with --expert-type lora_experts --num-experts 1 --top-k 1 (a --shared-expert-rank "
+               "is fine)")
 
 
 @dataclass
@@ -71,10 +75,17 @@ class MixArguments(AdapterCommandArguments):
 
 @dataclass
 class Branch:
+    """One expert of a mix, as ``read_experts`` reads it from a branch or from a mixed adapter."""
+
     down: List[torch.Tensor]  # per layer [r, d]: the rows of every A (shared first)
     up: List[torch.Tensor]  # per layer [r, d]: the rows of every B, times alpha_l * s
     prototype: torch.Tensor  # [L, d]
     spread: torch.Tensor  # [L]
+
+
+def is_mixed(config: ExpertConfig) -> bool:
+    """An adapter that ``mix`` wrote: its experts join a new mix as they are (adding a skill)."""
+    return config.router_type == "prototype" and config.expert_type == "lora_experts" and not config.shared_expert_rank
 
 
 def check_branch(config: ExpertConfig, layers: int, folder) -> None:
@@ -83,25 +94,47 @@ def check_branch(config: ExpertConfig, layers: int, folder) -> None:
     if config.expert_type != "lora_experts" or counts != {1} or config.null_expert:
         shape = (f"--expert-type {config.expert_type} with {sorted(counts)} experts per layer"
                  + (" and a null expert" if config.null_expert else ""))
-        raise ConfigError(f"{folder} is not a branch ({shape}): a mix takes adapters of one LoRA expert per layer; "
-                          f"{BRANCH_HINT}.")
+        raise ConfigError(f"{folder} is not a branch ({shape}): a mix takes adapters of one LoRA expert per layer, "
+                          f"and mixed adapters; {BRANCH_HINT}.")
 
 
 @torch.no_grad()
-def read_branch(model, folder) -> Branch:
-    """The branch in ``folder`` as per-layer LoRA rows, loaded onto ``model`` (its base) and taken off again: the
-    adapter loads with every check an adapter gets (base architecture, shapes, finite values)."""
+def read_experts(model, folder) -> List[Branch]:
+    """The experts in ``folder`` as per-layer LoRA rows: a branch's one, or each expert of a mixed adapter. The
+    adapter is loaded onto ``model`` (its base) and taken off again, so it gets every check an adapter gets (base
+    architecture, shapes, finite values)."""
     layers, hidden = len(decoder_layers(model)), model.config.hidden_size
-    check_branch(saved_expert_config(read_adapter_config(folder), folder), layers, folder)
-    prototypes = load_prototypes(folder, layers, hidden)
+    config = saved_expert_config(read_adapter_config(folder), folder)
+    mixed = is_mixed(config)
+    if not mixed:
+        check_branch(config, layers, folder)
+        prototypes = load_prototypes(folder, layers, hidden)
+    elif len(set(experts_per_layer(config, layers))) != 1:
+        raise ConfigError(f"{folder} is a mixed adapter whose layers hold different numbers of experts (pruned layer "
+                          f"by layer): its skills are no longer whole; mix its branches again instead.")
     load_adapter_weights(model, folder)
-    down, up = [], []
-    for _, adapter in adapters(model):
-        bank, factor = adapter.experts, adapter.experts.lora_scaling * adapter.residual_scale.float()
-        down.append(bank.stacked_down().detach().float().clone())
-        up.append((bank.stacked_up().detach().float() * factor).clone())
+    layer_adapters = [adapter for _, adapter in adapters(model)]
+    experts = []
+    for e in range(layer_adapters[0].num_experts):
+        down, up = zip(*[expert_rows(adapter, e) for adapter in layer_adapters])
+        if mixed:
+            prototype = torch.stack([a.router.weight[e].detach().float().clone() for a in layer_adapters])
+            spread = torch.stack([a.router.spread[e].detach().float().clone() for a in layer_adapters])
+        else:
+            prototype, spread = prototypes.prototype, prototypes.spread
+        experts.append(Branch(list(down), list(up), prototype, spread))
     remove_adapters(model)
-    return Branch(down, up, prototypes.prototype, prototypes.spread)
+    return experts
+
+
+def expert_rows(adapter, expert: int):
+    """``(A rows, B rows times alpha_l * s)`` of ``expert`` in a lora_experts layer, its shared expert's first."""
+    bank, factor = adapter.experts, adapter.experts.lora_scaling * adapter.residual_scale.detach().float()
+    down, up = bank.down[expert].detach().float(), bank.up[expert].detach().float()
+    if bank.shared_down is not None:
+        down = torch.cat([bank.shared_down.detach().float(), down])
+        up = torch.cat([bank.shared_up.detach().float(), up])
+    return down.clone(), (up * factor).clone()
 
 
 def mix_config(branches: List[Branch], args: MixArguments) -> ExpertConfig:
@@ -125,8 +158,9 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
             bank.down[i, :rows] = branch.down[layer]
             bank.up[i, :rows] = branch.up[layer]
             router.weight[i] = branch.prototype[layer]
+            router.spread[i] = branch.spread[layer]
         if router.null_distance is not None:
-            router.null_distance.fill_(args.null_distance * max(float(b.spread[layer]) for b in branches))
+            router.null_distance.fill_(args.null_distance * float(router.spread.max()))
         adapter.residual_scale.fill_(1.0)
     return model
 
@@ -141,13 +175,12 @@ def run_mix(args: MixArguments) -> Path:
     check_output(output, "mix", args.overwrite, args.inputs(base))
     with locked_output(output, "mix"):
         model = load_base_model(base, auth_token=args.auth_token)
-        branches = [read_branch(model, folder) for folder in args.adapters]
+        branches = [expert for folder in args.adapters for expert in read_experts(model, folder)]
         mix_branches(model, branches, args)
         report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
                   "temperature": args.temperature, "null_expert": args.null_expert,
                   "null_distance": args.null_distance if args.null_expert else None,
                   "ranks": [max(d.shape[0] for d in b.down) for b in branches]}
         write_outputs(output, "mix_report.json", report, lambda staging: save_adapter(model, staging, base))
-    print(f"mixed {len(branches)} branches into {output} (expert i of every layer is branch i: "
-          + ", ".join(f"{i} {a}" for i, a in enumerate(args.adapters)) + ")")
+    print(f"mixed {len(args.adapters)} adapters into {output}: {len(branches)} experts a layer, in the order given")
     return output

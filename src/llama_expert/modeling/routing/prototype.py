@@ -30,17 +30,21 @@ class PrototypeRouter(RouterBase):
     With a null expert, ``z_null = -null_distance / T``: the null wins where every prototype is farther than
     ``null_distance`` (a trainable scalar per layer, in the units of ``d_i``), so text unlike every expert's training
     text keeps the base model's behaviour. No balancing (the prototypes, not the load, decide): ``aux_loss`` and
-    ``z_loss`` are 0. The prototypes start at zero; a mix sets them.
+    ``z_loss`` are 0. The prototypes start at zero and the spreads at one; a mix sets them. ``spread`` is a
+    non-trainable ``nn.Parameter`` (as aux_free's bias) so that the adapter file keeps it.
     """
 
     sequence_level = True
     per_expert_parameters = ()
-    real_expert_parameters = ("weight",)  # a prototype per real expert; the null's logit is ``null_distance``
+    # per real expert: its prototype, and the spread of its training sequences' prefix means around it (kept, not
+    # trained: a later mix sets the null's distance from every expert's spread); the null's logit is ``null_distance``
+    real_expert_parameters = ("weight", "spread")
 
     def __init__(self, hidden_size: int, experts: int, top_k: int, temperature: float = 1.0, null: bool = False):
         super().__init__(experts + int(null), top_k)
         self.temperature = float(temperature)
         self.weight = nn.Parameter(torch.zeros(experts, hidden_size, dtype=torch.float32))
+        self.spread = nn.Parameter(torch.ones(experts, dtype=torch.float32), requires_grad=False)
         self.null_distance = nn.Parameter(torch.ones(1, dtype=torch.float32)) if null else None
 
     @classmethod

@@ -25,11 +25,11 @@ class SequenceAuxFreeRouter(AuxFreeRouter):
     ``chosen = top-k(z + b)``, ``g = softmax(z[chosen])``, with aux_free's balancing bias ``b``, losses and
     statistics (the inherited ``forward`` routes whatever [N, d] vectors it is given: here the means).
 
-    ``route_sequences`` takes the hidden states as [B, T, d] and the pass context (``prefix_state.sequence_prefix_means``): the masked cumulative sum over
-    the sequence axis gives every prefix mean of a full pass at once; with a KV cache, the sum and count of the
-    earlier tokens come from the context's ``PrefixState`` (none: the sequences start here), and the new totals go
-    back into it for the next pass. No per-token inference form: the decode fast path and the compiled kernel
-    route by each token's own ``h``, so this router's adapters take the general path.
+    ``route_sequences`` takes the hidden states as [B, T, d] and the pass context (``sequence_prefix_means``): the
+    masked cumulative sum over the sequence axis gives every prefix mean of a full pass at once; with a KV cache, the
+    sum and count of the earlier tokens come from the context's ``PrefixState`` (none: the sequences start here),
+    and the new totals go back into it for the next pass. No per-token inference form: the decode fast path and the
+    compiled kernel route by each token's own ``h``, so this router's adapters take the general path.
     """
 
     sequence_level = True
