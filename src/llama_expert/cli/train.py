@@ -8,7 +8,7 @@ from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
-from ..training.methods import METHODS
+from ..training.methods import METHODS, AdapterStart, MoEMethod
 from ..training.trainer import TrainingInterrupted
 from ..training.recipe import fine_tune
 from ..options import flag_for
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", default="moe", choices=METHODS.names(),
                        help="moe: MoE adapters; lora: the plain PEFT LoRA baseline (rank --lora-r on the MLP)")
     add_dataclass_arguments(group, ExpertConfig, choices=strategy_choices())
+    add_dataclass_arguments(group, AdapterStart)
     add_dataclass_arguments(parser, TrainingArguments, title="training")
 
 
@@ -36,10 +37,31 @@ def refuse_ignored_flags(method_class, config: ExpertConfig) -> None:
                           f"{'it' if len(ignored) == 1 else 'them'}, or train with --method moe.")
 
 
+def changed_expert_flags(config: ExpertConfig) -> list:
+    default = ExpertConfig()
+    return [flag_for(ExpertConfig, f) for f in ExpertConfig.__dataclass_fields__
+            if getattr(config, f) != getattr(default, f)]
+
+
+def method_of(args: argparse.Namespace):
+    """The training method the flags ask for: fresh adapters of --method, or the --init-adapter's (whose settings
+    the expert flags may not contradict)."""
+    config, start = dataclass_from_args(ExpertConfig, args), dataclass_from_args(AdapterStart, args)
+    if start.init_adapter is None:
+        start.check()
+        refuse_ignored_flags(METHODS.get(args.method), config)
+        return METHODS.get(args.method).from_expert_config(config)
+    if args.method != "moe":
+        raise ConfigError(f"--init-adapter continues an MoE adapter; drop --method {args.method}.")
+    changed = changed_expert_flags(config)
+    if changed:
+        raise ConfigError(f"--init-adapter {start.init_adapter} brings its own expert settings; drop "
+                          f"{', '.join(changed)}.")
+    return MoEMethod.from_adapter(start)
+
+
 def run(args: argparse.Namespace) -> int:
-    config = dataclass_from_args(ExpertConfig, args)
-    refuse_ignored_flags(METHODS.get(args.method), config)
-    method = METHODS.get(args.method).from_expert_config(config)
+    method = method_of(args)
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
     try:
         fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),

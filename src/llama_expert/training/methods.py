@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ExpertConfig
+from ..errors import ConfigError
 from ..metrics.plots import save_allocation_plot, save_domain_heatmap, save_usage_heatmap
 from ..metrics.routing import expert_usage_by_domain
 from ..files import atomic_write_text
 from ..integration import peft_lora
-from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter
+from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter, saved_expert_config
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
 from ..modeling.allocation import grows_in_training
 from ..modeling.registry import Registry
+from ..options import option
 from .balance_window import BalanceWindowState
 from .dynamic import DynamicAllocation
 from .hooks import TrainingHook
@@ -48,6 +51,10 @@ class TrainingMethod:
 
     def check(self) -> None:
         """Fail before any model is loaded when the settings cannot work."""
+
+    def reads(self) -> List[str]:
+        """Folders the method reads (an adapter it starts from): the run's output folder must stay out of them."""
+        return []
 
     def add_to(self, model):
         """Add the trainable parameters to ``model`` (base frozen); return the model to train."""
@@ -85,24 +92,59 @@ class TrainingMethod:
         """Write method-specific measurements beside the adapter (``domains`` labels each window)."""
 
 
+@dataclass
+class AdapterStart:
+    """Where an MoE run starts: fresh adapters (the default), or an adapter already trained, whole or in part."""
+    init_adapter: Optional[str] = option(None, "start from this MoE adapter folder (e.g. a mix): its settings "
+                                               "replace the expert flags")
+    train_only: Optional[str] = option(None, "with --init-adapter: train only this part, the rest frozen as it is "
+                                             "(router: calibrate a mix's routing)", choices=["router"])
+
+    def check(self) -> None:
+        if self.train_only is not None and self.init_adapter is None:
+            raise ConfigError(f"--train-only {self.train_only} trains part of an adapter already trained: give it "
+                              f"with --init-adapter DIR (fresh experts output zero, so training their router alone "
+                              f"does nothing).")
+
+
 @METHODS.register("moe")
 class MoEMethod(TrainingMethod):
     name = "moe"
     config_fields = tuple(f.name for f in dataclasses.fields(ExpertConfig))  # every one
 
-    def __init__(self, config: Optional[ExpertConfig] = None):
+    def __init__(self, config: Optional[ExpertConfig] = None, start: Optional[AdapterStart] = None):
         self.config = config or ExpertConfig()
+        self.start = start or AdapterStart()
         self.quantization_4bit = self.config.quantization_4bit
 
     @classmethod
     def from_expert_config(cls, config: ExpertConfig) -> "MoEMethod":
         return cls(config)
 
+    @classmethod
+    def from_adapter(cls, start: AdapterStart) -> "MoEMethod":
+        """The method that continues the adapter in ``start.init_adapter``, with the settings it records."""
+        start.check()
+        return cls(saved_expert_config(read_adapter_config(start.init_adapter), start.init_adapter), start)
+
     def check(self) -> None:
         check_config(self.config)  # strategy names, before the base loads; types and ranges: ExpertConfig
 
+    def reads(self) -> List[str]:
+        return [self.start.init_adapter] if self.start.init_adapter is not None else []
+
     def add_to(self, model):
-        return augment_model(model, self.config)
+        """Fresh adapters, or (``--init-adapter``) the given adapter's, of which ``--train-only`` keeps only that
+        part trainable."""
+        augment_model(model, self.config)
+        if self.start.init_adapter is not None:
+            load_adapter_weights(model, self.start.init_adapter)
+        if self.start.train_only == "router":
+            for _, adapter in adapters(model):
+                for name, p in adapter.named_parameters():
+                    if not name.startswith(("router.", "base_mlp.")):
+                        p.requires_grad_(False)
+        return model
 
     def describe(self, model) -> str:
         return parameter_report(model)
@@ -148,7 +190,7 @@ class MoEMethod(TrainingMethod):
         return weighted_router_loss(model)
 
     def settings(self) -> dict:
-        return {"expert_config": self.config.to_dict()}
+        return {"expert_config": self.config.to_dict(), **dataclasses.asdict(self.start)}
 
     def after_training(self, model, eval_windows: torch.Tensor, output_dir: Path, steps: int,
                        progress: bool = True, domains: Optional[torch.Tensor] = None,

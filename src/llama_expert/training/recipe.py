@@ -22,9 +22,9 @@ import torch
 from ..config import ExpertConfig
 from ..data import (EMBEDDED_DATASET, domain_name, load_split, load_text_dataset, mix_blocks, pack_blocks,
                     parse_weights, select_split, split_sources, tokenize_documents)
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..metrics.perplexity import evaluate_perplexity
-from ..files import atomic_write_text
+from ..files import atomic_write_text, relation
 from ..integration.base_models import (DEFAULT_MODEL, check_within_context, load_base_config, load_base_model,
                                        load_tokenizer)
 from ..integration.prototypes import measure_prototypes, save_prototypes
@@ -124,6 +124,11 @@ def fine_tune(method: TrainingMethod, args: TrainingArguments, data_args: Option
     data_args.validate()
     method.check()
     output_dir = Path(args.output_dir)
+    for path in method.reads():
+        stands = relation(output_dir, path)
+        if stands:  # --overwrite would delete what the run is about to read
+            raise ConfigError(f"--output-dir {output_dir} {stands} the adapter the run starts from ({path}); pass "
+                              f"another --output-dir.")
     check_output_folder(output_dir, args.resume, args.overwrite)
     accelerator = make_accelerator(args)
     with RunLock(output_dir) if accelerator.is_main_process else nullcontext():
