@@ -4,7 +4,8 @@ model shapes and its data the same way. A script imports it with a plain ``from 
 
 - ``machine()``, ``today()``, ``command()``: the header line of a result (where, when, how it was made);
 - ``ARCHITECTURES``: the Llama shapes the scripts build with random weights or on the meta device (no download);
-- ``DATA`` and the three-domain mix (math, code, prose): ``TRAIN``, ``TEST``, ``PROSE``, ``PROSE_TEST``;
+- ``DATA`` and the three-domain mix (math, code, prose): ``DOMAIN_TRAIN``, ``TRAIN``, ``TEST``, ``PROSE``,
+  ``PROSE_TEST``;
 - ``llama_expert(...)``: a CLI step run in its own process, as a user would run it.
 """
 
@@ -33,8 +34,11 @@ ARCHITECTURES = {
 DATA = os.environ.get("DATA", "../shared/data")
 PROSE = f"{DATA}/wikitext-2-raw/wiki.valid.raw"  # WikiText-2's train split is not available offline: valid trains
 PROSE_TEST = f"{DATA}/wikitext-2-raw/wiki.test.raw"
-# The equal-token three-domain mix, comma-separated as `llama-expert train --dataset` takes several domains.
-TRAIN = ",".join([f"{DATA}/multidomain/math/train.jsonl", f"{DATA}/multidomain/code/train.txt", PROSE])
+# Each domain's training text, and the equal-token three-domain mix, comma-separated as `llama-expert train
+# --dataset` takes several domains.
+DOMAIN_TRAIN = {"math": f"{DATA}/multidomain/math/train.jsonl", "code": f"{DATA}/multidomain/code/train.txt",
+                "prose": PROSE}
+TRAIN = ",".join(DOMAIN_TRAIN.values())
 TEST = ",".join([f"{DATA}/multidomain/math/test.jsonl", f"{DATA}/multidomain/code/test.txt", PROSE_TEST])
 
 

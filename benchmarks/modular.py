@@ -1,17 +1,19 @@
 """Skills trained apart and mixed by prototype, against one LoRA trained on the mix (docs/design.md section 8, mix).
 
 Three branches (math, code, prose), each a rank-RANK LoRA expert beside every MLP trained STEPS steps on its own
-domain alone, are mixed with no data (`llama-expert mix`, with and without the null expert). LoRA r=4 (the same
-parameters active per token as one branch at RANK 22) and LoRA r=12 (the same total as the three) train 3 x STEPS
-steps on the equal-token mix: the same tokens of each domain as the branches. Every row is measured by one command,
-`llama-expert benchmark` on the first TEST_TOKENS test tokens of each domain in 512-token windows, bfloat16 base:
+domain alone, are mixed with no data (`llama-expert mix`, with and without the null expert), and each mix's routers
+are then calibrated alone for CALIBRATION_STEPS steps on the mix (`train --init-adapter --train-only router`).
+LoRA r=4 (the same parameters active per token as one branch at RANK 22) and LoRA r=12 (the same total as the
+three) train 3 x STEPS steps on the equal-token mix: the same tokens of each domain as the branches. Every row is
+measured by one command, `llama-expert benchmark` on the first TEST_TOKENS test tokens of each domain in 512-token
+windows, bfloat16 base:
 
     python benchmarks/modular.py run [--jobs 2]   # train what is missing, mix, measure (JOBS trainings at a time)
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
-Environment: DATA (../shared/data), OUT (runs/modular), STEPS (100), LR (3e-3), SEED (1), RANK (22), SEQ_LEN (256),
-TEST_TOKENS (4096). `benchmarks/modular.sh` runs both commands.
+Environment: DATA (../shared/data), OUT (runs/modular), STEPS (100), CALIBRATION_STEPS (STEPS / 2), LR (3e-3),
+SEED (1), RANK (22), SEQ_LEN (256), TEST_TOKENS (4096). `benchmarks/modular.sh` runs both commands.
 """
 
 import json
@@ -22,12 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import DATA, PROSE, TEST, TRAIN, machine, today
+from common import DOMAIN_TRAIN, TEST, TRAIN, machine, today
 
 OUT = Path(os.environ.get("OUT", "runs/modular"))
 STEPS = int(os.environ.get("STEPS", "100"))
-DOMAINS = {"math": f"{DATA}/multidomain/math/train.jsonl", "code": f"{DATA}/multidomain/code/train.txt",
-           "prose": PROSE}
+CALIBRATION_STEPS = int(os.environ.get("CALIBRATION_STEPS", str(max(1, STEPS // 2))))  # the routers alone, on the mix
+MIXES = ["mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated"]
+DOMAINS = DOMAIN_TRAIN
 TEST_NAMES = ["math", "code", "wikitext-2-raw"]  # the benchmark's domain names of TEST, in DOMAINS' order
 BRANCH = ["--method", "moe", "--expert-type", "lora_experts", "--num-experts", "1", "--top-k", "1",
           "--expert-allocation", "uniform", "--expert-rank", os.environ.get("RANK", "22"), "--router-type", "aux_free",
@@ -85,8 +88,12 @@ def run(jobs: int) -> None:
     for name, extra in (("mixed", []), ("mixed-null", ["--null-expert"])):
         subprocess.run(["llama-expert", "mix", *branches, "--output-dir", str(OUT / name), "--overwrite", *extra],
                        check=True)
+    calibration = {f"{name}-calibrated": train_command(f"{name}-calibrated", [
+        "--init-adapter", str(OUT / name), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)
+        for name in ("mixed", "mixed-null")}
+    run_parallel(calibration, jobs)
     measure("base", ["--model", "smollm2-135m", "--no-augmented"])
-    for name in [*trainings(), "mixed", "mixed-null"]:
+    for name in [*trainings(), *MIXES]:
         measure(name, ["--adapter", str(OUT / name)])
 
 
@@ -101,7 +108,7 @@ def mean_of(values: dict) -> float:
 
 
 def table() -> None:
-    rows = {name: perplexities(name) for name in ["base", *trainings(), "mixed", "mixed-null"]}
+    rows = {name: perplexities(name) for name in ["base", *trainings(), *MIXES]}
     bound = {test: rows[f"branch-{domain}"][test] for domain, test in zip(DOMAINS, TEST_NAMES)}
     rows["specialists, perfect routing"] = bound | {"mean": mean_of(bound)}
     seconds = {name: json.loads((OUT / name / "training_summary.json").read_text())["seconds"] for name in trainings()}
