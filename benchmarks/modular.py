@@ -8,7 +8,7 @@ three) train 3 x STEPS steps on the equal-token mix: the same tokens of each dom
 measured by one command, `llama-expert benchmark` on the first TEST_TOKENS test tokens of each domain in 512-token
 windows, bfloat16 base:
 
-    python benchmarks/modular.py run [--jobs 2]   # train what is missing, mix, measure (JOBS trainings at a time)
+    python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure (redone each run)
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
@@ -111,7 +111,9 @@ def table() -> None:
     rows = {name: perplexities(name) for name in ["base", *trainings(), *MIXES]}
     bound = {test: rows[f"branch-{domain}"][test] for domain, test in zip(DOMAINS, TEST_NAMES)}
     rows["specialists, perfect routing"] = bound | {"mean": mean_of(bound)}
-    seconds = {name: json.loads((OUT / name / "training_summary.json").read_text())["seconds"] for name in trainings()}
+    seconds = {name: json.loads((OUT / name / "training_summary.json").read_text())["seconds"]
+               for name in [*trainings(), *(m for m in MIXES if m.endswith("-calibrated"))]}
+    branches = sum(seconds[f"branch-{d}"] for d in DOMAINS)
     parameters = {name: json.loads((OUT / name / "training_summary.json").read_text())["trainable_parameters"]
                   for name in trainings()}
     lora = rows["lora-mix-r4"]["mean"]
@@ -119,8 +121,9 @@ def table() -> None:
     print("|---|---:|---:|" + "---:|" * (len(TEST_NAMES) + 2))
     for name, values in rows.items():
         trained = parameters.get(name, 3 * parameters["branch-math"] if name.startswith(("mixed", "special")) else 0)
-        time_cell = f"{seconds[name]:.0f}" if name in seconds else (
-            f"{sum(seconds[f'branch-{d}'] for d in DOMAINS):.0f} (branches)" if name.startswith("mixed") else "-")
+        time_cell = (f"{branches:.0f} + {seconds[name]:.0f} (branches + calibration)" if name.endswith("-calibrated")
+                     else f"{seconds[name]:.0f}" if name in seconds
+                     else f"{branches:.0f} (branches)" if name.startswith("mixed") else "-")
         cells = " | ".join(f"{values[d]:.3f}" for d in TEST_NAMES)
         print(f"| {name} | {trained:,} | {time_cell} | {cells} | {values['mean']:.3f} | {values['mean'] / lora:.3f} |")
     print(f"\nmachine: {(OUT / 'machine.txt').read_text().strip()}; {STEPS} steps per branch, {3 * STEPS} for LoRA")

@@ -24,16 +24,18 @@ def _mlp_inputs(model, blocks):
 
 
 def test_prototypes_are_the_mean_router_input_and_the_spread_of_the_prefix_means(tiny_model):
-    model = augment_model(tiny_model, ExpertConfig(num_experts=2, top_k=1, expert_allocation="uniform"))
+    model = augment_model(tiny_model, ExpertConfig(num_experts=2, top_k=1, expert_allocation="uniform")).train()
     blocks = torch.randint(0, 128, (3, SPREAD_FROM + 8), generator=torch.Generator().manual_seed(0))
     measured = measure_prototypes(model, blocks, batch_size=2)
+    assert model.training  # measured in eval mode (no dropout), the model's mode given back
+    model.eval()
     for layer, hidden in enumerate(_mlp_inputs(model, blocks)):
         prototype = hidden.mean(dim=(0, 1))
         torch.testing.assert_close(measured.prototype[layer], prototype.float(), rtol=1e-5, atol=1e-6)
         distances = [float((hidden[b, :t + 1].mean(dim=0) - prototype).pow(2).mean())
                      for b in range(3) for t in range(SPREAD_FROM - 1, SPREAD_FROM + 8)]
         assert measured.spread[layer].item() == pytest.approx(sum(distances) / len(distances), rel=1e-5)
-    assert measured.tokens == blocks.numel() and model.training is False
+    assert measured.tokens == blocks.numel()
 
 
 def test_prototypes_round_trip_exactly(tmp_path):

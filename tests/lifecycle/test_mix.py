@@ -30,7 +30,7 @@ def _branch(tiny_model, folder, domain, rank=3, shared=0, seed=0, prototypes=Tru
     torch.manual_seed(seed)
     model = augment_model(copy.deepcopy(tiny_model), ExpertConfig(
         expert_type="lora_experts", num_experts=1, top_k=1, expert_allocation="uniform", expert_rank=rank,
-        shared_expert_rank=shared, lora_r=4, lora_alpha=6.0, router_type="aux_free"))
+        shared_expert_rank=shared, lora_r=4, lora_alpha=6.0 + 4 * seed, router_type="aux_free"))  # scales differ
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for _, adapter in adapters(model):
@@ -130,6 +130,7 @@ def test_the_mix_command_writes_an_adapter_that_loads(tiny_model, tiny_folder, t
 def test_what_is_not_a_branch_is_refused_with_the_reason(tiny_model, tiny_folder, tmp_path):
     _branch(tiny_model, tmp_path / "a", 0)
     _branch(tiny_model, tmp_path / "bare", 1, prototypes=False)
+    _branch(tiny_model, tmp_path / "c", 1, seed=1)
     moe = augment_model(copy.deepcopy(tiny_model), ExpertConfig(num_experts=4, top_k=2, expert_allocation="uniform"))
     save_adapter(moe, tmp_path / "moe", "tiny")
     save_prototypes(Prototypes(torch.zeros(4, 64), torch.ones(4), 1), tmp_path / "moe")
@@ -146,8 +147,8 @@ def test_what_is_not_a_branch_is_refused_with_the_reason(tiny_model, tiny_folder
         mix("a", "moe")
     with pytest.raises(Exception, match="records no prototypes"):
         mix("a", "bare")
-    with pytest.raises(ConfigError, match="--top-k must be in 1..2"):
-        mix("a", "bare", top_k=3)
+    with pytest.raises(ConfigError, match="--top-k 3 is more than the 2 experts"):
+        mix("a", "c", top_k=3)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -183,3 +184,19 @@ def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny
         assert torch.equal(new.router.null_distance, direct.router.null_distance)
     ids = _text(1, seed=4)
     torch.testing.assert_close(_logits(added.eval(), ids), _logits(abc.eval(), ids), rtol=1e-5, atol=1e-5)
+    run_mix(MixArguments(adapters=[str(tmp_path / "ab"), str(tmp_path / "c")], output_dir=str(tmp_path / "top3"),
+                         model=str(tiny_folder), top_k=3))  # --top-k counts the experts, not the adapters
+
+
+def test_adapters_of_different_bases_are_not_mixed(tiny_model, tiny_folder, tmp_path):
+    import json
+
+    for name, domain in (("a", 0), ("b", 1)):
+        _branch(tiny_model, tmp_path / name, domain, seed=domain)
+    config = tmp_path / "b" / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    meta["base_model_weights_checksum"] = "0123456789abcdef"  # trained on a sibling of the same shapes
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="different base models"):
+        run_mix(MixArguments(adapters=[str(tmp_path / "a"), str(tmp_path / "b")], output_dir=str(tmp_path / "out"),
+                             model=str(tiny_folder)))

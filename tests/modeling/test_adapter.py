@@ -68,7 +68,7 @@ def test_kept_experts_compute_what_they_computed(expert_type, router_type):
     hidden = torch.randn(10, HIDDEN)
     # the router: the kept experts' logits, in the kept order, and their per-expert buffers
     torch.testing.assert_close(_logits(pruned, hidden), _logits(adapter, hidden)[:, keep])
-    for name in adapter.router.per_expert_parameters:
+    for name in adapter.router.per_expert_parameters + adapter.router.real_expert_parameters:
         if getattr(adapter.router, name, None) is not None:
             assert torch.equal(getattr(pruned.router, name), getattr(adapter.router, name)[keep])
     # the bank: expert j of the pruned layer is expert keep[j] of the original

@@ -16,7 +16,8 @@ BRANCH = ["--expert-type", "lora_experts", "--num-experts", "1", "--top-k", "1",
 
 
 def _train(base, dataset, out, *extra):
-    argv = ["train", "--model", str(base), "--dataset", str(dataset), "--output-dir", str(out), "--max-steps", "3",
+    model = ["--model", str(base)] if base is not None else []
+    argv = ["train", *model, "--dataset", str(dataset), "--output-dir", str(out), "--max-steps", "3",
             "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--eval-max-tokens", "64",
             "--learning-rate", "1e-2", "--no-progress", *extra]
     assert main(argv) == 0
@@ -37,7 +38,8 @@ def mixed(trained_base, tmp_path):
 def test_calibrating_a_mix_trains_its_router_alone(mixed):
     base, root = mixed
     data = f"{root / 'digits.txt'},{root / 'letters.txt'}"
-    _train(base, data, root / "calibrated", "--init-adapter", str(root / "mix"), "--train-only", "router")
+    _train(None, data, root / "calibrated", "--init-adapter", str(root / "mix"), "--train-only", "router",
+           "--router-lr-multiplier", "2")  # no --model: the base the mix records; a training flag may be set
     before = load_file(str(root / "mix" / "adapter_model.safetensors"))
     after = load_file(str(root / "calibrated" / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -47,6 +49,7 @@ def test_calibrating_a_mix_trains_its_router_alone(mixed):
     routers = sum(t.numel() for key, t in before.items() if key.endswith(".router.weight"))
     assert summary["trainable_parameters"] == routers
     assert summary["settings"]["init_adapter"] == str(root / "mix") and summary["settings"]["train_only"] == "router"
+    assert summary["settings"]["model"] == str(base) and summary["settings"]["expert_config"]["router_lr_multiplier"] == 2
 
 
 def test_a_run_from_an_adapter_refuses_what_contradicts_or_endangers_it(mixed, cli_error):
@@ -58,5 +61,6 @@ def test_a_run_from_an_adapter_refuses_what_contradicts_or_endangers_it(mixed, c
     line = cli_error(common + ["--init-adapter", str(root / "mix"), "--output-dir", str(root / "mix"), "--overwrite"])
     assert "the adapter the run starts from" in line
     assert (root / "mix" / "adapter_model.safetensors").is_file()
+    assert "`llama-expert mix`" in cli_error(common + ["--router-type", "prototype", "--output-dir", str(root / "x")])
     assert "drop --method lora" in cli_error(common + ["--init-adapter", str(root / "mix"), "--method", "lora",
                                                        "--output-dir", str(root / "x")])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
+from ..integration.adapter_files import recorded_base
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
 from ..training.methods import METHODS, AdapterStart, MoEMethod
@@ -37,27 +39,39 @@ def refuse_ignored_flags(method_class, config: ExpertConfig) -> None:
                           f"{'it' if len(ignored) == 1 else 'them'}, or train with --method moe.")
 
 
-def changed_expert_flags(config: ExpertConfig) -> list:
-    default = ExpertConfig()
-    return [flag_for(ExpertConfig, f) for f in ExpertConfig.__dataclass_fields__
-            if getattr(config, f) != getattr(default, f)]
+# what a run from an adapter may set differently: how it trains, not what the adapter computes
+TRAINING_FIELDS = ("use_gradient_checkpointing", "quantization_4bit", "router_lr_multiplier", "router_aux_loss_coef",
+                   "router_z_loss_coef", "router_mi_loss_coef", "aux_free_bias_rate", "lora_dropout")
 
 
 def method_of(args: argparse.Namespace):
-    """The training method the flags ask for: fresh adapters of --method, or the --init-adapter's (whose settings
-    the expert flags may not contradict)."""
+    """The training method the flags ask for: fresh adapters of --method, or the --init-adapter's, whose settings
+    the expert flags may change only where they say how to train (``TRAINING_FIELDS``)."""
     config, start = dataclass_from_args(ExpertConfig, args), dataclass_from_args(AdapterStart, args)
     if start.init_adapter is None:
         start.check()
         refuse_ignored_flags(METHODS.get(args.method), config)
+        if config.router_type == "prototype":
+            raise ConfigError("--router-type prototype routes by the prototypes of adapters trained apart: make such "
+                              "an adapter with `llama-expert mix`, and calibrate it with --init-adapter.")
         return METHODS.get(args.method).from_expert_config(config)
     if args.method != "moe":
         raise ConfigError(f"--init-adapter continues an MoE adapter; drop --method {args.method}.")
-    changed = changed_expert_flags(config)
-    if changed:
+    default = ExpertConfig()
+    changed = {f: getattr(config, f) for f in ExpertConfig.__dataclass_fields__
+               if getattr(config, f) != getattr(default, f)}
+    fixed = [flag_for(ExpertConfig, f) for f in changed if f not in TRAINING_FIELDS]
+    if fixed:
         raise ConfigError(f"--init-adapter {start.init_adapter} brings its own expert settings; drop "
-                          f"{', '.join(changed)}.")
-    return MoEMethod.from_adapter(start)
+                          f"{', '.join(fixed)}.")
+    return MoEMethod.from_adapter(start, changed)
+
+
+def base_model_of(args: argparse.Namespace, method) -> Optional[str]:
+    """--model, else the base the --init-adapter records (else None: the default base)."""
+    model = dataclass_from_args(ModelArguments, args, adapter=None, device=None).model
+    start = getattr(method, "start", None)
+    return model or (recorded_base(start.init_adapter) if start and start.init_adapter else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     model = dataclass_from_args(ModelArguments, args, adapter=None, device=None)
     try:
         fine_tune(method, dataclass_from_args(TrainingArguments, args), dataclass_from_args(DataArguments, args),
-                  model_id=model.model, auth_token=model.auth_token, dtype=model.dtype)
+                  model_id=base_model_of(args, method), auth_token=model.auth_token, dtype=model.dtype)
     except TrainingInterrupted as exc:
         argv = [a for a in args.argv if a != "--overwrite"]
         exc.args = (f"{exc}\nto continue: {redacted_command(argv + ([] if '--resume' in argv else ['--resume']))}",)

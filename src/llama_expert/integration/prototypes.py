@@ -8,7 +8,9 @@ at all; the spread says how near "near" is. They are measured on the trained mod
 the branch's expert is part of when the mix routes to it.
 
 They live in their own file beside the adapter (``prototypes.safetensors``), not in ``adapter_model.safetensors``,
-whose tensors must match what the adapter's config builds.
+whose tensors must match what the adapter's config builds. They are measured on packed training blocks, which start
+anywhere in a text; a prompt starting with a BOS token (whose router input is often an outlier) has, for its first
+few tokens, a prefix mean unlike any block's: short prompts route least surely.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -109,8 +112,6 @@ def load_prototypes(folder: Union[str, Path], layers: int, hidden_size: int) -> 
         found = {k: tuple(v.shape) for k, v in state.items()}
         raise AdapterError(f"{path} holds {found}, not prototype [{layers}, {hidden_size}] and spread [{layers}] for "
                            f"this base model; it belongs to another base. Mix adapters of one base.")
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         tokens = int((f.metadata() or {}).get("tokens", 0))
     return Prototypes(prototype.float(), spread.float(), tokens)

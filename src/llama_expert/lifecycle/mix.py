@@ -59,8 +59,7 @@ class MixArguments(AdapterCommandArguments):
             raise ConfigError("mix needs --output-dir DIR: where to write the mixed adapter.")
         if len(set(self.adapters)) != len(self.adapters):
             raise ConfigError("mix got the same adapter twice; give each branch once.")
-        choices = len(self.adapters) + int(self.null_expert)
-        checks = [(1 <= self.top_k <= choices, f"--top-k must be in 1..{choices}, got {self.top_k}."),
+        checks = [(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}."),
                   (math.isfinite(self.temperature) and self.temperature > 0,
                    f"--temperature must be a finite number > 0, got {self.temperature}."),
                   (math.isfinite(self.null_distance) and self.null_distance > 0,
@@ -165,6 +164,18 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
     return model
 
 
+def check_one_base(folders: List[str]) -> None:
+    """Every adapter was trained on one base (the same weights, not only the same shapes): a prototype describes
+    what one base's layers see."""
+    checksums = {folder: read_adapter_config(folder).get("base_model_weights_checksum") for folder in folders}
+    known = {folder: value for folder, value in checksums.items() if value}
+    if len(set(known.values())) > 1:
+        first, *others = known
+        other = next(f for f in others if known[f] != known[first])
+        raise ConfigError(f"{first} and {other} were trained on different base models (their weights differ): a mix "
+                          f"takes adapters of one base; retrain the branch on the others' base.")
+
+
 def run_mix(args: MixArguments) -> Path:
     """The ``mix`` command: read every branch, mix them, write the mixed adapter and ``mix_report.json``."""
     args.validate()
@@ -172,10 +183,14 @@ def run_mix(args: MixArguments) -> Path:
     base = args.model or recorded_base(args.adapters[0])
     if not base:
         raise ConfigError(f"{args.adapters[0]} records no base model; pass it with --model.")
+    check_one_base(args.adapters)
     check_output(output, "mix", args.overwrite, args.inputs(base))
     with locked_output(output, "mix"):
         model = load_base_model(base, auth_token=args.auth_token)
         branches = [expert for folder in args.adapters for expert in read_experts(model, folder)]
+        if args.top_k > len(branches):
+            raise ConfigError(f"--top-k {args.top_k} is more than the {len(branches)} experts these adapters bring; "
+                              f"give at most {len(branches)}.")
         mix_branches(model, branches, args)
         report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
                   "temperature": args.temperature, "null_expert": args.null_expert,

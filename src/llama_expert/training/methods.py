@@ -92,13 +92,16 @@ class TrainingMethod:
         """Write method-specific measurements beside the adapter (``domains`` labels each window)."""
 
 
+TRAIN_ONLY = {"router": ("router.",)}  # --train-only PART: the adapter parameters (by name prefix) that still train
+
+
 @dataclass
 class AdapterStart:
     """Where an MoE run starts: fresh adapters (the default), or an adapter already trained, whole or in part."""
     init_adapter: Optional[str] = option(None, "start from this MoE adapter folder (e.g. a mix): its settings "
                                                "replace the expert flags")
     train_only: Optional[str] = option(None, "with --init-adapter: train only this part, the rest frozen as it is "
-                                             "(router: calibrate a mix's routing)", choices=["router"])
+                                             "(router: calibrate a mix's routing)", choices=list(TRAIN_ONLY))
 
     def check(self) -> None:
         if self.train_only is not None and self.init_adapter is None:
@@ -122,10 +125,16 @@ class MoEMethod(TrainingMethod):
         return cls(config)
 
     @classmethod
-    def from_adapter(cls, start: AdapterStart) -> "MoEMethod":
-        """The method that continues the adapter in ``start.init_adapter``, with the settings it records."""
+    def from_adapter(cls, start: AdapterStart, training: Optional[dict] = None) -> "MoEMethod":
+        """The method that continues the adapter in ``start.init_adapter``, with the settings it records and
+        ``training``, the ExpertConfig fields that say how to train it (gradient checkpointing, loss weights, ...)."""
         start.check()
-        return cls(saved_expert_config(read_adapter_config(start.init_adapter), start.init_adapter), start)
+        config = saved_expert_config(read_adapter_config(start.init_adapter), start.init_adapter)
+        if start.train_only is not None and grows_in_training(config.expert_allocation):
+            raise ConfigError(f"--train-only {start.train_only} keeps the experts as they are, but "
+                              f"{start.init_adapter} grows its experts in training (--expert-allocation "
+                              f"{config.expert_allocation}); train it whole, without --train-only.")
+        return cls(dataclasses.replace(config, **(training or {})), start)
 
     def check(self) -> None:
         check_config(self.config)  # strategy names, before the base loads; types and ranges: ExpertConfig
@@ -139,10 +148,11 @@ class MoEMethod(TrainingMethod):
         augment_model(model, self.config)
         if self.start.init_adapter is not None:
             load_adapter_weights(model, self.start.init_adapter)
-        if self.start.train_only == "router":
+        if self.start.train_only is not None:
+            trained = TRAIN_ONLY[self.start.train_only]
             for _, adapter in adapters(model):
                 for name, p in adapter.named_parameters():
-                    if not name.startswith(("router.", "base_mlp.")):
+                    if not name.startswith(trained):
                         p.requires_grad_(False)
         return model
 

@@ -169,6 +169,21 @@ def test_the_load_balancing_loss_leaves_the_null_expert_free(name):
     assert router.weight.grad[:4].abs().max() > 1e-3 or name == "soft"  # (soft's loss is the constant 1)
 
 
+def test_selecting_experts_slices_the_rows_of_the_real_experts_alone():
+    """The prototype router keeps one row per real expert (prototype, spread) and the null's logit apart: selecting
+    experts slices those rows by the real experts' index and keeps the null's distance."""
+    router = _null_router("prototype", experts=5)
+    with torch.no_grad():
+        router.weight.normal_(generator=torch.Generator().manual_seed(0))
+        router.spread.copy_(torch.arange(5.0))
+        router.null_distance.fill_(3.0)
+    weight = router.weight.detach().clone()
+    router.select_experts(torch.tensor([4, 0, 2]))
+    assert router.num_experts == 4 and router.real_experts == 3
+    assert torch.equal(router.weight, weight[[4, 0, 2]]) and router.spread.tolist() == [4.0, 0.0, 2.0]
+    assert router.null_distance.item() == 3.0 and not router.spread.requires_grad
+
+
 def test_selecting_experts_keeps_the_null_expert_last():
     router = _null_router("noisy_top_k", experts=5)
     null_row = router.weight[5].detach().clone()
@@ -189,13 +204,16 @@ def test_switch_capacity_counts_the_real_experts():
 
 
 # ------------------------------------------------------------------------------------------------ top-1 gates
-@pytest.mark.parametrize("name", ["aux_free", "sequence_aux_free", "noisy_top_k", "switch"])
+@pytest.mark.parametrize("name", ["aux_free", "sequence_aux_free", "noisy_top_k", "switch", "prototype"])
 def test_a_top_1_router_learns_from_what_its_gate_multiplies(name):
     """With one expert chosen, a softmax over the chosen logits is the constant 1: without a straight-through gate
     (``base.chosen_gates``) the language-model loss gave the router matrix exactly zero gradient. The gate's value
     stays exactly 1 (saved adapters compute what they computed); its gradient is the chosen expert's probability's."""
     config = ExpertConfig(router_type=name, num_experts=4, top_k=1, router_noise=False, router_jitter=0.0)
     router = ROUTERS.get(name).build(HIDDEN, 4, config).train()
+    if name == "prototype":  # prototypes start at zero, all tied: spread them
+        with torch.no_grad():
+            router.weight.normal_(generator=torch.Generator().manual_seed(2))
     hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(0))
     routing = router.route_sequences(hidden, TokenMask())
     if name != "switch":  # switch gates by p_i itself

@@ -1,8 +1,8 @@
 """PrefixState: what a sequence router carries from one forward pass of its sequences to the next (decoding).
 
-A sequence router (``sequence_aux_free``) routes token t by the mean of its sequence's router inputs over tokens
-0..t. A full forward pass has them all; a decoding step with a KV cache sees only its new token, so the earlier
-tokens' sum and count must come from the passes before. They are kept here, per router (one per layer), and
+A sequence router (``sequence_aux_free``, ``prototype``) routes token t by the mean of its sequence's router inputs
+over tokens 0..t. A full forward pass has them all; a decoding step with a KV cache sees only its new token, so the
+earlier tokens' sum and count must come from the passes before. They are kept here, per router (one per layer), and
 travel with the KV cache of the generation (``integration.prefix_cache``), never on the model: a model serves
 generation after generation, and each must start from nothing.
 

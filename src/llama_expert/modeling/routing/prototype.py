@@ -59,8 +59,12 @@ class PrototypeRouter(RouterBase):
         return self(*sequence_prefix_means(self, hidden, context))
 
     def logits(self, means: torch.Tensor) -> torch.Tensor:
-        """[N, E] ``-d_i / T`` (and the null's last), by ``||m||^2 - 2 m.p + ||p||^2``: no [N, E, d] tensor."""
+        """[N, E] ``-d_i / T`` (and the null's last), by ``||m||^2 - 2 m.p + ||p||^2`` (no [N, E, d] tensor) after
+        moving the origin to the prototypes' mean: a Llama's router inputs share a few very large dimensions, whose
+        squares would otherwise swamp the differences in float32 (the distances do not depend on the origin)."""
         prototypes = self.weight.float()
+        centre = prototypes.mean(dim=0).detach()
+        means, prototypes = means - centre, prototypes - centre
         squared = (means.pow(2).sum(-1, keepdim=True) - 2 * means @ prototypes.T + prototypes.pow(2).sum(-1))
         logits = -squared.clamp_min(0.0) / (means.shape[-1] * self.temperature)
         if self.null_distance is not None:
