@@ -200,3 +200,24 @@ def test_adapters_of_different_bases_are_not_mixed(tiny_model, tiny_folder, tmp_
     with pytest.raises(ConfigError, match="different base models"):
         run_mix(MixArguments(adapters=[str(tmp_path / "a"), str(tmp_path / "b")], output_dir=str(tmp_path / "out"),
                              model=str(tiny_folder)))
+
+
+def test_dropping_a_skill_from_a_mix_leaves_the_mix_of_the_others(tiny_model, tiny_folder, tmp_path, cli_error):
+    """`prune --keep-experts` keeps the same experts in every layer, with no calibration: a mix of a, b, c without b
+    computes what the mix of a and c computes."""
+    for name, domain, seed in (("a", 0, 0), ("b", 1, 1), ("c", 1, 2)):
+        _branch(tiny_model, tmp_path / name, domain, rank=2 + seed, seed=seed)
+    for names in ("abc", "ac"):
+        run_mix(MixArguments(adapters=[str(tmp_path / n) for n in names], output_dir=str(tmp_path / names),
+                             model=str(tiny_folder)))
+    assert main(["prune", "--adapter", str(tmp_path / "abc"), "--keep-experts", "0,2", "--output-dir",
+                 str(tmp_path / "abc-b"), "--model", str(tiny_folder)]) == 0
+    dropped = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "abc-b")[0].eval()
+    direct = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "ac")[0].eval()
+    for ids in (_text(0, seed=8), _text(1, seed=9)):
+        torch.testing.assert_close(_logits(dropped, ids), _logits(direct, ids), rtol=1e-5, atol=1e-5)
+    line = cli_error(["prune", "--adapter", str(tmp_path / "abc"), "--keep-experts", "0,3", "--output-dir",
+                      str(tmp_path / "bad"), "--model", str(tiny_folder)])
+    assert "expert 3 does not exist" in line
+    assert "one of --keep" in cli_error(["prune", "--adapter", str(tmp_path / "abc"), "--keep", "0.5",
+                                         "--keep-experts", "0", "--output-dir", str(tmp_path / "bad")])

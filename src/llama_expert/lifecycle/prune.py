@@ -36,6 +36,9 @@ class PruneArguments(AdapterCommandArguments):
     adapter: Optional[str] = option(None, "the MoE adapter folder to prune (written by `train`)")
     keep: Optional[str] = option(None, "experts to keep per layer: a fraction in (0, 1] (e.g. 0.5), or one count "
                                        "per layer (e.g. 4,4,6,...)")
+    keep_experts: Optional[str] = option(None, "instead of --keep: keep these experts of every layer, by index "
+                                               "(e.g. 0,2; a mix's expert i is its i-th branch: drop a skill), "
+                                               "with no calibration")
     calibration: str = option("embedded", "calibration text: dataset(s) as `train --dataset` takes them")
     output_dir: Optional[str] = option(None, "folder for the pruned adapter")
     seq_len: int = option(512, "calibration window length")
@@ -44,8 +47,9 @@ class PruneArguments(AdapterCommandArguments):
 
     def validate(self) -> None:
         self.require_paths("prune", "the MoE adapter folder to prune", "where to write the pruned adapter")
-        if not self.keep:
-            raise ConfigError("prune needs --keep: a fraction in (0, 1] such as 0.5, or one count per layer.")
+        if bool(self.keep) == bool(self.keep_experts):
+            raise ConfigError("prune needs one of --keep (a fraction in (0, 1] such as 0.5, or one count per layer) "
+                              "and --keep-experts (the experts of every layer to keep, e.g. 0,2).")
         if self.seq_len < 2 or self.max_tokens < self.seq_len:
             raise ConfigError(f"--seq-len must be >= 2 and --max-tokens >= --seq-len, got {self.seq_len} and "
                               f"{self.max_tokens}.")
@@ -148,9 +152,39 @@ def run_prune(args: PruneArguments) -> Path:
     return output
 
 
+def parse_keep_experts(text: str, experts: List[int], minimums: List[int]) -> List[int]:
+    """The experts ``--keep-experts`` names: distinct indices that every layer has, at least each router's minimum."""
+    try:
+        keep = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        keep = []
+    if not keep or len(set(keep)) != len(keep) or min(keep) < 0:
+        raise ConfigError(f"--keep-experts {text!r}: give distinct expert indices, comma-separated (e.g. 0,2).")
+    if max(keep) >= min(experts):
+        raise ConfigError(f"--keep-experts {text}: expert {max(keep)} does not exist in every layer (the smallest "
+                          f"layer has {min(experts)}: 0..{min(experts) - 1}).")
+    if len(keep) < max(minimums):
+        raise ConfigError(f"--keep-experts {text}: the routers need at least {max(minimums)} experts (top_k).")
+    return keep
+
+
+def kept_by_index(args: PruneArguments, model) -> dict:
+    """``--keep-experts``: the same experts kept in every layer; the report says which."""
+    layers = [adapter for _, adapter in adapters(model)]
+    experts = [a.num_experts for a in layers]
+    keep = parse_keep_experts(args.keep_experts, experts, [a.router.min_experts for a in layers])
+    for adapter in layers:
+        adapter.keep_experts(keep)
+    model.expert_config.expert_allocation = [len(keep)] * len(layers)
+    return {"adapter": str(args.adapter), "keep_experts": keep, "experts_before": experts,
+            "experts_after": [len(keep)] * len(layers)}
+
+
 def pruned_model(args: PruneArguments, base: Optional[str]):
     """(the adapter of ``args.adapter`` with each layer's best experts kept, the report of what was kept)."""
     model, _ = load_augmented_model(base, adapter_path=args.adapter, use_auth_token=args.auth_token)
+    if args.keep_experts:
+        return model, kept_by_index(args, model)
     experts = [a.num_experts for _, a in adapters(model)]
     counts = parse_keep(args.keep, experts, [a.router.min_experts for _, a in adapters(model)])
     check_within_context(model.config, args.seq_len, "--seq-len")
