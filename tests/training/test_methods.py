@@ -63,5 +63,31 @@ def test_a_run_from_an_adapter_refuses_what_contradicts_or_endangers_it(mixed, c
     assert "the adapter the run starts from" in line
     assert (root / "mix" / "adapter_model.safetensors").is_file()
     assert "`llama-expert mix`" in cli_error(common + ["--router-type", "prototype", "--output-dir", str(root / "x")])
-    assert "drop --method lora" in cli_error(common + ["--init-adapter", str(root / "mix"), "--method", "lora",
-                                                       "--output-dir", str(root / "x")])
+    assert "--method moe" in cli_error(common + ["--init-adapter", str(root / "mix"), "--method", "lora",
+                                                 "--output-dir", str(root / "x")])
+
+
+def test_a_lora_trains_on_from_where_it_stopped(mixed, cli_error):
+    """--method lora --init-adapter: the forgetting baseline (a LoRA trained domain after domain) starts from the
+    saved LoRA, not from a fresh one (whose B is zero): one step at a tiny learning rate leaves it where it was."""
+    base, root = mixed
+    _train(base, root / "digits.txt", root / "lora-digits", "--method", "lora", "--lora-r", "2")
+    _train(None, root / "letters.txt", root / "lora-then", "--method", "lora", "--init-adapter",
+           str(root / "lora-digits"), "--learning-rate", "1e-7", "--lora-dropout", "0")
+    before = load_file(str(root / "lora-digits" / "adapter_model.safetensors"))
+    after = load_file(str(root / "lora-then" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[k], after[k], atol=1e-5) for k in before)
+    assert max(before[k].abs().max() for k in before if "lora_B" in k) > 1e-3  # trained: not the fresh zeros
+    summary = json.loads((root / "lora-then" / "training_summary.json").read_text())
+    assert summary["settings"]["init_adapter"] == str(root / "lora-digits") and summary["settings"]["lora"]["r"] == 2
+    common = ["train", "--model", str(base), "--dataset", str(root / "digits.txt"), "--max-steps", "1",
+              "--output-dir", str(root / "x")]
+    assert "continue it with --method lora" in cli_error(common + ["--init-adapter", str(root / "lora-digits")])
+    assert "--method moe" in cli_error(common + ["--method", "lora", "--init-adapter", str(root / "mix")])
+    assert "drop --lora-r" in cli_error(common + ["--method", "lora", "--init-adapter", str(root / "lora-digits"),
+                                                  "--lora-r", "8"])
+    assert "drop --train-only" in cli_error(common + ["--method", "lora", "--init-adapter", str(root / "lora-digits"),
+                                                      "--train-only", "router"])
+    assert "--router-lr-multiplier" in cli_error(common + ["--method", "lora", "--init-adapter",
+                                                           str(root / "lora-digits"), "--router-lr-multiplier", "2"])

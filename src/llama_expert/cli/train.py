@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..integration.adapter_files import recorded_base
 from ..integration.loading import ModelArguments
 from ..training.arguments import DataArguments, TrainingArguments
-from ..training.methods import METHODS, AdapterStart, MoEMethod
+from ..training.methods import METHODS, AdapterStart
 from ..training.trainer import TrainingInterrupted
 from ..training.recipe import fine_tune
 from ..options import flag_for
@@ -45,8 +45,9 @@ TRAINING_FIELDS = ("use_gradient_checkpointing", "quantization_4bit", "router_lr
 
 
 def method_of(args: argparse.Namespace):
-    """The training method the flags ask for: fresh adapters of --method, or the --init-adapter's, whose settings
-    the expert flags may change only where they say how to train (``TRAINING_FIELDS``)."""
+    """The training method the flags ask for: fresh adapters of --method, or the --init-adapter's (an MoE adapter, or
+    with --method lora a LoRA), whose settings the expert flags may change only where they say how to train
+    (``TRAINING_FIELDS``)."""
     config, start = dataclass_from_args(ExpertConfig, args), dataclass_from_args(AdapterStart, args)
     if start.init_adapter is None:
         start.check()
@@ -55,8 +56,6 @@ def method_of(args: argparse.Namespace):
             raise ConfigError("--router-type prototype routes by the prototypes of adapters trained apart: make such "
                               "an adapter with `llama-expert mix`, and calibrate it with --init-adapter.")
         return METHODS.get(args.method).from_expert_config(config)
-    if args.method != "moe":
-        raise ConfigError(f"--init-adapter continues an MoE adapter; drop --method {args.method}.")
     default = ExpertConfig()
     changed = {f: getattr(config, f) for f in ExpertConfig.__dataclass_fields__
                if getattr(config, f) != getattr(default, f)}
@@ -64,7 +63,9 @@ def method_of(args: argparse.Namespace):
     if fixed:
         raise ConfigError(f"--init-adapter {start.init_adapter} brings its own expert settings; drop "
                           f"{', '.join(fixed)}.")
-    return MoEMethod.from_adapter(start, changed)
+    method = METHODS.get(args.method)
+    refuse_ignored_flags(method, config)
+    return method.from_adapter(start, changed)
 
 
 def base_model_of(args: argparse.Namespace, method) -> Optional[str]:

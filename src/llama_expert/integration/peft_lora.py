@@ -11,6 +11,7 @@ It lives on the integration floor, not in training, because loading a LoRA folde
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,13 +63,44 @@ def load_lora_weights(model, folder) -> None:
     _peft().set_peft_model_state_dict(model, load_finite(Path(folder) / WEIGHTS_NAME))
 
 
-def load_lora_model(base_model, folder):
-    """A base model with the LoRA adapter in ``folder`` (as saved by PEFT), in eval mode."""
-    peft = _peft()
+def holds_lora(folder) -> bool:
+    """Whether ``folder``'s adapter_config.json is PEFT's, for a LoRA (an MoE adapter's records an expert_config)."""
+    try:
+        return json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type") == "LORA"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_lora_config(folder):
+    """The PEFT ``LoraConfig`` saved in ``folder``; a folder that holds no PEFT LoRA is refused in one line."""
     if not (Path(folder) / "adapter_config.json").is_file():
         raise ConfigError(f"{folder} holds no PEFT adapter_config.json; pass a folder written by "
                           f"`llama-expert train --method lora` or PEFT's save_pretrained.")
+    if not holds_lora(folder):
+        raise ConfigError(f"{folder} holds no PEFT LoRA (an MoE adapter is continued with --method moe, and "
+                          f"loaded with --adapter).")
+    return _peft().PeftConfig.from_pretrained(str(folder))
+
+
+def continue_lora(base_model, folder, dropout: Optional[float] = None):
+    """A base model with the LoRA in ``folder`` loaded trainable, to train further (a LoRA trained domain after
+    domain); ``dropout`` replaces the saved one when given."""
+    config = read_lora_config(folder)
+    config.inference_mode = False
+    if dropout is not None:
+        config.lora_dropout = dropout
+    load_finite(Path(folder) / WEIGHTS_NAME)
+    return _from_pretrained(base_model, folder, config=config, is_trainable=True)
+
+
+def load_lora_model(base_model, folder):
+    """A base model with the LoRA adapter in ``folder`` (as saved by PEFT), in eval mode."""
+    read_lora_config(folder)
     load_finite(Path(folder) / WEIGHTS_NAME)  # PEFT would load NaN or inf silently
+    return _from_pretrained(base_model, folder).eval()
+
+
+def _from_pretrained(base_model, folder, **kwargs):
     with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not for users
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.PeftModel.from_pretrained(base_model, str(folder)).eval()
+        return _peft().PeftModel.from_pretrained(base_model, str(folder), **kwargs)

@@ -49,6 +49,12 @@ class TrainingMethod:
         """The method as the ``train`` command builds it: every flag lives in ExpertConfig."""
         raise NotImplementedError
 
+    @classmethod
+    def from_adapter(cls, start: "AdapterStart", training: Optional[dict] = None) -> "TrainingMethod":
+        """The method that continues the adapter in ``start.init_adapter``, whose settings it keeps except where
+        ``training`` (ExpertConfig fields) says how to train it."""
+        raise ConfigError(f"--method {cls.name} cannot start from an adapter; drop --init-adapter.")
+
     def check(self) -> None:
         """Fail before any model is loaded when the settings cannot work."""
 
@@ -98,8 +104,8 @@ TRAIN_ONLY = {"router": ("router.",)}  # --train-only PART: the adapter paramete
 @dataclass
 class AdapterStart:
     """Where an MoE run starts: fresh adapters (the default), or an adapter already trained, whole or in part."""
-    init_adapter: Optional[str] = option(None, "start from this MoE adapter folder (e.g. a mix): its settings "
-                                               "replace the expert flags")
+    init_adapter: Optional[str] = option(None, "start from this adapter folder (an MoE adapter, e.g. a mix; with "
+                                               "--method lora, a LoRA): its settings replace the expert flags")
     train_only: Optional[str] = option(None, "with --init-adapter: train only this part, the rest frozen as it is "
                                              "(router: calibrate a mix's routing)", choices=list(TRAIN_ONLY))
 
@@ -129,6 +135,8 @@ class MoEMethod(TrainingMethod):
         """The method that continues the adapter in ``start.init_adapter``, with the settings it records and
         ``training``, the ExpertConfig fields that say how to train it (gradient checkpointing, loss weights, ...)."""
         start.check()
+        if peft_lora.holds_lora(start.init_adapter):
+            raise ConfigError(f"{start.init_adapter} holds a PEFT LoRA; continue it with --method lora.")
         config = saved_expert_config(read_adapter_config(start.init_adapter), start.init_adapter)
         if start.train_only is not None and grows_in_training(config.expert_allocation):
             raise ConfigError(f"--train-only {start.train_only} keeps the experts as they are, but "
@@ -237,22 +245,42 @@ def allocation_events(log: Path) -> List[dict]:
 
 @METHODS.register("lora")
 class LoRAMethod(TrainingMethod):
+    """PEFT LoRA on the MLP projections: fresh, or (``--init-adapter``) a LoRA already trained, trained further (a
+    LoRA trained domain after domain, the forgetting baseline of docs/design.md section 8)."""
+
     name = "lora"
     config_fields = ("lora_r", "lora_alpha", "lora_dropout", "quantization_4bit", "use_gradient_checkpointing")
 
     def __init__(self, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.05,
-                 quantization_4bit: bool = False, gradient_checkpointing: bool = False):
+                 quantization_4bit: bool = False, gradient_checkpointing: bool = False,
+                 start: Optional[AdapterStart] = None):
         self.rank, self.alpha, self.dropout = rank, alpha or 2 * rank, dropout
         self.quantization_4bit, self.gradient_checkpointing = quantization_4bit, gradient_checkpointing
+        self.start = start or AdapterStart()
 
     @classmethod
     def from_expert_config(cls, config: ExpertConfig) -> "LoRAMethod":
         return cls(config.lora_r, config.lora_alpha, config.lora_dropout, config.quantization_4bit,
                    config.use_gradient_checkpointing)
 
+    @classmethod
+    def from_adapter(cls, start: AdapterStart, training: Optional[dict] = None) -> "LoRAMethod":
+        start.check()
+        if start.train_only is not None:
+            raise ConfigError(f"--train-only {start.train_only} names a part of an MoE adapter; a LoRA trains whole: "
+                              f"drop --train-only.")
+        saved, training = peft_lora.read_lora_config(start.init_adapter), training or {}
+        return cls(saved.r, saved.lora_alpha, training.get("lora_dropout", saved.lora_dropout),
+                   training.get("quantization_4bit", False), training.get("use_gradient_checkpointing", False), start)
+
+    def reads(self) -> List[str]:
+        return [self.start.init_adapter] if self.start.init_adapter is not None else []
+
     def add_to(self, model):
         if self.gradient_checkpointing:  # as the MoE adapters do (integration.surgery.augment_model)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.start.init_adapter is not None:
+            return peft_lora.continue_lora(model, self.start.init_adapter, self.dropout)
         return peft_lora.add_lora(model, self.rank, self.alpha, self.dropout)
 
     def describe(self, model) -> str:
@@ -269,4 +297,4 @@ class LoRAMethod(TrainingMethod):
 
     def settings(self) -> dict:
         return {"lora": {"r": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                         "targets": list(peft_lora.LORA_TARGETS)}}
+                         "targets": list(peft_lora.LORA_TARGETS)}, **dataclasses.asdict(self.start)}
