@@ -3,10 +3,17 @@
 Three branches (math, code, prose), each a rank-RANK LoRA expert beside every MLP trained STEPS steps on its own
 domain alone, are mixed with no data (`llama-expert mix`, with and without the null expert), and each mix's routers
 are then calibrated alone for CALIBRATION_STEPS steps on the mix (`train --init-adapter --train-only router`).
-LoRA r=4 (the same parameters active per token as one branch at RANK 22) and LoRA r=12 (the same total as the
-three) train 3 x STEPS steps on the equal-token mix: the same tokens of each domain as the branches. Every row is
-measured by one command, `llama-expert benchmark` on the first TEST_TOKENS test tokens of each domain in 512-token
-windows, bfloat16 base:
+Against them, what a user would do instead, with the same tokens of each domain:
+- LoRA r=4 (the same parameters active per token as one branch at RANK 22) and LoRA r=12 (the same total as the
+  three) trained 3 x STEPS steps on the equal-token mix;
+- LoRA r=4 trained domain after domain (prose, then code, then math; `train --method lora --init-adapter`);
+- PEFT's routing over per-domain PEFT LoRAs (r=4, STEPS steps each): Arrow (top-1 and PEFT's default top-3, no
+  training) and X-LoRA (its classifier trained CALIBRATION_STEPS steps on the mix); see benchmarks/peft_routing.py.
+Every row is measured on the first TEST_TOKENS test tokens of each domain in 512-token windows, bfloat16 base, by
+`llama-expert benchmark` (PEFT's routers by the same class, `ExpertModelBenchmark`); the base and the mixes also on
+the embedded corpus (Python's documentation prose), text none of the experts was trained on. Then a fourth skill
+is added: a branch trained on that corpus, mixed into the mix (`mix mixed branch-docs`); the first three domains
+must not move:
 
     python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure (redone each run)
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
@@ -19,6 +26,7 @@ SEED (1), RANK (22), SEQ_LEN (256), TEST_TOKENS (4096). `benchmarks/modular.sh` 
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -32,12 +40,14 @@ CALIBRATION_STEPS = int(os.environ.get("CALIBRATION_STEPS", str(max(1, STEPS // 
 MIXES = ["mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated"]
 DOMAINS = DOMAIN_TRAIN
 TEST_NAMES = ["math", "code", "wikitext-2-raw"]  # the benchmark's domain names of TEST, in DOMAINS' order
+UNSEEN = "embedded"  # Python's documentation prose: no branch, no LoRA trained on it
 BRANCH = ["--method", "moe", "--expert-type", "lora_experts", "--num-experts", "1", "--top-k", "1",
           "--expert-allocation", "uniform", "--expert-rank", os.environ.get("RANK", "22"), "--router-type", "aux_free",
           "--router-aux-loss-coef", "0"]
 
 
 def train_command(name: str, method: list, dataset: str, steps: int) -> list:
+    """A `train` run of ``method`` (its flags) writing OUT/name; TrainingJob wants a list of such commands."""
     return ["llama-expert", "train", *method, "--dataset", dataset, "--output-dir", str(OUT / name),
             "--learning-rate", os.environ.get("LR", "3e-3"), "--seed", os.environ.get("SEED", "1"),
             "--seq-len", os.environ.get("SEQ_LEN", "256"), "--batch-size", "4", "--max-steps", str(steps),
@@ -45,17 +55,37 @@ def train_command(name: str, method: list, dataset: str, steps: int) -> list:
             "--overwrite"]
 
 
+LORA4 = ["--method", "lora", "--lora-r", "4"]
+SEQUENCE = ["prose", "code", "math"]  # the LoRA trained domain after domain, in this order
+
+
+def sequential_lora() -> list:
+    """LoRA r=4 on prose, then on code from there, then on math: each stage one command, run one after the other."""
+    stages, method = [], LORA4
+    for domain in SEQUENCE:
+        name = f"lora-then-{domain}"
+        stages.append(train_command(name, method, DOMAINS[domain], STEPS))
+        method = ["--method", "lora", "--init-adapter", str(OUT / name)]  # the rank is the saved LoRA's
+    return stages
+
+
 def trainings() -> dict:
-    runs = {f"branch-{domain}": train_command(f"branch-{domain}", BRANCH, path, STEPS)
+    """Each trained row's name and its commands (several: run in turn); a row is trained when its last run is."""
+    runs = {f"branch-{domain}": [train_command(f"branch-{domain}", BRANCH, path, STEPS)]
             for domain, path in DOMAINS.items()}
-    runs["lora-mix-r4"] = train_command("lora-mix-r4", ["--method", "lora", "--lora-r", "4"], TRAIN, 3 * STEPS)
-    runs["lora-mix-r12"] = train_command("lora-mix-r12", ["--method", "lora", "--lora-r", "12"], TRAIN, 3 * STEPS)
+    runs.update({f"lora-{domain}": [train_command(f"lora-{domain}", LORA4, path, STEPS)]
+                 for domain, path in DOMAINS.items()})
+    runs["lora-mix-r4"] = [train_command("lora-mix-r4", LORA4, TRAIN, 3 * STEPS)]
+    runs["lora-mix-r12"] = [train_command("lora-mix-r12", ["--method", "lora", "--lora-r", "12"], TRAIN, 3 * STEPS)]
+    runs[f"lora-then-{SEQUENCE[-1]}"] = sequential_lora()
+    runs["branch-docs"] = [train_command("branch-docs", BRANCH, UNSEEN, STEPS)]  # the skill added later
     return runs
 
 
 def run_parallel(commands: dict, jobs: int) -> None:
-    """Each command in its own process, ``jobs`` at a time, its output in OUT/<name>.log; stop on a failure."""
-    queue, running = list(commands.items()), []
+    """Each row's commands (in turn) in their own process, ``jobs`` rows at a time, the output in OUT/<name>.log;
+    stop on a failure."""
+    queue, running = [(name, " && ".join(shlex.join(c) for c in cs)) for name, cs in commands.items()], []
     while queue or running:
         for name, process, log in [r for r in running if r[1].poll() is not None]:
             running.remove((name, process, log))
@@ -65,18 +95,26 @@ def run_parallel(commands: dict, jobs: int) -> None:
             print(f"done: {name}", flush=True)
         while queue and len(running) < jobs:
             name, command = queue.pop(0)
-            print("+", " ".join(command), flush=True)
+            print("+", command, flush=True)
             log = open(OUT / f"{name}.log", "w")
-            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+            running.append((name, subprocess.Popen(command, shell=True, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(1)
 
 
-def measure(name: str, adapter: list) -> None:
-    subprocess.run(["llama-expert", "benchmark", *adapter, "--dataset", TEST, "--seq-len", "512", "--max-tokens",
+def measure(name: str, adapter: list, dataset: str = TEST) -> None:
+    subprocess.run(["llama-expert", "benchmark", *adapter, "--dataset", dataset, "--seq-len", "512", "--max-tokens",
                     os.environ.get("TEST_TOKENS", "4096"), "--skip-throughput", "--dtype", "bfloat16",
                     "--routing-windows", "24", "--no-progress", "--output-json", str(OUT / f"{name}.json"),
                     "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     print(f"measured: {name}", flush=True)
+
+
+def peft_routing(name: str, router: str, *extra: str) -> None:
+    """A PEFT router over the per-domain PEFT LoRAs, trained (X-LoRA) and measured by benchmarks/peft_routing.py."""
+    loras = [str(OUT / f"lora-{domain}") for domain in DOMAINS]
+    subprocess.run([sys.executable, str(Path(__file__).with_name("peft_routing.py")), router, "--adapters", *loras,
+                    "--test", TEST, "--test-tokens", os.environ.get("TEST_TOKENS", "4096"), "--seed",
+                    os.environ.get("SEED", "1"), "--output-json", str(OUT / f"{name}.json"), *extra], check=True)
 
 
 def run(jobs: int) -> None:
@@ -95,6 +133,17 @@ def run(jobs: int) -> None:
     measure("base", ["--model", "smollm2-135m", "--no-augmented"])
     for name in [*trainings(), *MIXES]:
         measure(name, ["--adapter", str(OUT / name)])
+    peft_routing("arrow-top1", "arrow", "--top-k", "1")
+    peft_routing("arrow-top3", "arrow", "--top-k", "3")
+    peft_routing("xlora", "xlora", "--dataset", TRAIN, "--steps", str(CALIBRATION_STEPS), "--learning-rate",
+                 os.environ.get("LR", "3e-3"))
+    subprocess.run(["llama-expert", "mix", str(OUT / "mixed"), str(OUT / "branch-docs"), "--output-dir",
+                    str(OUT / "mixed-plus-docs"), "--overwrite"], check=True)
+    measure("mixed-plus-docs", ["--adapter", str(OUT / "mixed-plus-docs")])
+    measure("unseen-base", ["--model", "smollm2-135m", "--no-augmented"], UNSEEN)
+    for name in ("mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated", "lora-mix-r4", "branch-docs",
+                 "mixed-plus-docs"):
+        measure(f"unseen-{name}", ["--adapter", str(OUT / name)], UNSEEN)
 
 
 def perplexities(name: str) -> dict:
@@ -107,26 +156,77 @@ def mean_of(values: dict) -> float:
     return math.exp(sum(math.log(values[d]) for d in TEST_NAMES) / len(TEST_NAMES))
 
 
+PEFT_ROWS = ["arrow-top1", "arrow-top3", "xlora"]  # written by benchmarks/peft_routing.py
+
+
+def summary_of(name: str) -> dict:
+    return json.loads((OUT / name / "training_summary.json").read_text())
+
+
+def costs() -> dict:
+    """Each row's (trainable parameters, training seconds as a table cell): a mix counts its branches, a chain
+    its stages, a PEFT router its LoRAs (and X-LoRA its classifier)."""
+    cost = {name: (summary_of(name)["trainable_parameters"], f"{summary_of(name)['seconds']:.0f}")
+            for name in trainings()}
+    branches = sum(summary_of(f"branch-{d}")["seconds"] for d in DOMAINS)
+    loras = sum(summary_of(f"lora-{d}")["seconds"] for d in DOMAINS)
+    chain = sum(summary_of(f"lora-then-{d}")["seconds"] for d in SEQUENCE)
+    cost[f"lora-then-{SEQUENCE[-1]}"] = (cost[f"lora-then-{SEQUENCE[-1]}"][0], f"{chain:.0f} (3 stages)")
+    library = 3 * summary_of("branch-math")["trainable_parameters"]
+    for name in MIXES:
+        cost[name] = (library, f"{branches:.0f} (branches)" if not name.endswith("-calibrated") else
+                      f"{branches:.0f} + {summary_of(name)['seconds']:.0f} (branches + calibration)")
+    for name in PEFT_ROWS:
+        extra = json.loads((OUT / f"{name}.json").read_text())
+        cost[name] = (3 * summary_of("lora-math")["trainable_parameters"] + extra["trainable_parameters"],
+                      f"{loras:.0f} + {extra['seconds']:.0f} (LoRAs + classifier)" if extra["seconds"] else
+                      f"{loras:.0f} (LoRAs)")
+    return cost
+
+
+def route_match(name: str) -> str:
+    """Share of each domain's test tokens routed to that domain's branch, over the layers and the domains (all
+    tokens, the first of each window too: a lower bound of the share after the first 32)."""
+    layers = json.loads((OUT / f"{name}.json").read_text())["routing_health"]["layers"]
+    shares = [layer["domain_fractions"][d][d] for layer in layers for d in range(len(DOMAINS))]
+    return f"{100 * sum(shares) / len(shares):.1f}%"
+
+
+def unseen(name: str) -> str:
+    path = OUT / f"unseen-{name}.json"
+    return f"{json.loads(path.read_text())['perplexity']['perplexity']:.3f}" if path.is_file() else "-"
+
+
+def fourth_skill() -> None:
+    """The three domains and the added one, before and after the fourth branch joins the mix."""
+    before, after = perplexities("mixed"), perplexities("mixed-plus-docs")
+    print(f"\n| adding a fourth skill | {' | '.join(TEST_NAMES)} | {UNSEEN} |")
+    print("|---|" + "---:|" * (len(TEST_NAMES) + 1))
+    for name, values in (("mixed (3 skills)", before), ("mixed + docs branch (4 skills)", after)):
+        cells = " | ".join(f"{values[d]:.3f}" for d in TEST_NAMES)
+        print(f"| {name} | {cells} | {unseen('mixed' if values is before else 'mixed-plus-docs')} |")
+    change = " | ".join(f"{100 * (after[d] / before[d] - 1):+.2f}%" for d in TEST_NAMES)
+    print(f"| change | {change} | docs branch alone: {unseen('branch-docs')} |")
+
+
 def table() -> None:
-    rows = {name: perplexities(name) for name in ["base", *trainings(), *MIXES]}
+    names = ["base", *trainings(), *MIXES, *PEFT_ROWS]
+    rows = {name: perplexities(name) for name in names}
     bound = {test: rows[f"branch-{domain}"][test] for domain, test in zip(DOMAINS, TEST_NAMES)}
     rows["specialists, perfect routing"] = bound | {"mean": mean_of(bound)}
-    seconds = {name: json.loads((OUT / name / "training_summary.json").read_text())["seconds"]
-               for name in [*trainings(), *(m for m in MIXES if m.endswith("-calibrated"))]}
-    branches = sum(seconds[f"branch-{d}"] for d in DOMAINS)
-    parameters = {name: json.loads((OUT / name / "training_summary.json").read_text())["trainable_parameters"]
-                  for name in trainings()}
-    lora = rows["lora-mix-r4"]["mean"]
-    print(f"| row | trainable | training s | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix |")
-    print("|---|---:|---:|" + "---:|" * (len(TEST_NAMES) + 2))
+    cost, lora = costs(), rows["lora-mix-r4"]["mean"]
+    print(f"| row | trainable | training s | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = "
+          f"domain | unseen text ({UNSEEN}) |")
+    print("|---|---:|---:|" + "---:|" * (len(TEST_NAMES) + 4))
     for name, values in rows.items():
-        trained = parameters.get(name, 3 * parameters["branch-math"] if name.startswith(("mixed", "special")) else 0)
-        time_cell = (f"{branches:.0f} + {seconds[name]:.0f} (branches + calibration)" if name.endswith("-calibrated")
-                     else f"{seconds[name]:.0f}" if name in seconds
-                     else f"{branches:.0f} (branches)" if name.startswith("mixed") else "-")
+        trained, time_cell = cost.get(name, (0, "-"))
         cells = " | ".join(f"{values[d]:.3f}" for d in TEST_NAMES)
-        print(f"| {name} | {trained:,} | {time_cell} | {cells} | {values['mean']:.3f} | {values['mean'] / lora:.3f} |")
-    print(f"\nmachine: {(OUT / 'machine.txt').read_text().strip()}; {STEPS} steps per branch, {3 * STEPS} for LoRA")
+        match = route_match(name) if name in MIXES else "-"
+        print(f"| {name} | {trained:,} | {time_cell} | {cells} | {values['mean']:.3f} | {values['mean'] / lora:.3f} "
+              f"| {match} | {unseen(name)} |")
+    print(f"\nmachine: {(OUT / 'machine.txt').read_text().strip()}; {STEPS} steps per branch and per-domain LoRA, "
+          f"{3 * STEPS} for LoRA on the mix, {CALIBRATION_STEPS} for each calibration and X-LoRA's classifier")
+    fourth_skill()
 
 
 def main(argv) -> None:
