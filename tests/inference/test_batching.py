@@ -1,9 +1,11 @@
-"""The batching engine on its own: a cancelled request's row ends at once while the rest of its batch goes on."""
+"""The batching engine on its own: a cancelled request's row ends at once while the rest of its batch goes on; a Job
+runs on the worker thread, alone, in its turn."""
 
 import queue
+import threading
 import time
 
-from llama_expert.inference.batching import BatchEngine, Request
+from llama_expert.inference.batching import BatchEngine, Job, Request
 from llama_expert.integration.base_models import load_base_model, load_tokenizer
 
 
@@ -43,3 +45,34 @@ def test_a_cancelled_row_ends_at_the_next_step_and_its_batch_goes_on(trained_bas
     waiting = Request(ids=tokenizer("The")["input_ids"], max_tokens=100, temperature=0)
     waiting.cancel()  # gone before its batch started: never generated
     assert _drain(_submit(engine, waiting)) == [("done", "cancelled", 0)] and engine.aborted == 2
+
+
+def test_a_job_runs_on_the_worker_thread_after_the_batch_being_formed(trained_base):
+    """A Job queued while a batch gathers runs right after that batch (requests that join the batch meanwhile go
+    with it, as a request of other sampling settings waits), on the thread that generates, the one that uses the
+    model; a Job's failure is reported to its listener and the worker goes on."""
+    folder, _ = trained_base
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.padding_side = "left"
+    engine = BatchEngine(load_base_model(str(folder)).eval(), tokenizer, max_batch_size=4, batch_wait=0.5)
+    events: queue.Queue = queue.Queue()
+
+    def listener(name):
+        return lambda event: events.put((name, event))
+
+    def request(prompt):
+        return Request(ids=tokenizer(prompt)["input_ids"], max_tokens=3, temperature=0)
+
+    engine.submit(request("The quick"), listener("first"))
+    engine.submit(Job(lambda: (threading.current_thread().name, engine.batches)), listener("job"))
+    engine.submit(request("The lazy"), listener("joins"))
+    engine.submit(Job(lambda: 1 / 0), listener("failing"))
+    ends = []
+    while len(ends) < 4:
+        name, event = events.get(timeout=30)
+        if event[0] in ("done", "error"):
+            ends.append((name, event))
+    assert {name for name, _ in ends[:2]} == {"first", "joins"} and engine.largest_batch == 2
+    assert ends[2] == ("job", ("done", ("llama-expert-batching", 1)))  # on the worker, after the batch
+    assert ends[3][0] == "failing" and ends[3][1][0] == "error" and "ZeroDivisionError" in ends[3][1][1]
+    assert engine.thread.is_alive()

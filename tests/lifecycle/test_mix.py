@@ -10,7 +10,7 @@ import torch
 from llama_expert import ExpertConfig, augment_model, load_augmented_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.errors import ConfigError
-from llama_expert.integration.adapter_files import load_adapter_weights
+from llama_expert.integration.adapter_files import expert_names, load_adapter_weights
 from llama_expert.integration.prototypes import Prototypes, measure_prototypes, save_prototypes
 from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_experts, run_mix
@@ -184,6 +184,9 @@ def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny
         assert torch.equal(new.router.null_distance, direct.router.null_distance)
     ids = _text(1, seed=4)
     torch.testing.assert_close(_logits(added.eval(), ids), _logits(abc.eval(), ids), rtol=1e-5, atol=1e-5)
+    for output in ("ab", "ab+c", "abc"):  # each expert named after its branch (what `serve`'s page shows)
+        assert expert_names(tmp_path / output, len(output.replace("+", ""))) == list(output.replace("+", ""))
+    assert expert_names(tmp_path / "ab", 3) is None  # names for other experts than these are not taken
     run_mix(MixArguments(adapters=[str(tmp_path / "ab"), str(tmp_path / "c")], output_dir=str(tmp_path / "top3"),
                          model=str(tiny_folder), top_k=3))  # --top-k counts the experts, not the adapters
 

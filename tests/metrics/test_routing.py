@@ -1,4 +1,5 @@
-"""Normalised mutual information between domain and chosen expert, against hand-computed values."""
+"""Normalised mutual information between domain and chosen expert, against hand-computed values; the expert usage
+table; the per-token routing decisions against the routers' own counts."""
 
 import math
 
@@ -54,3 +55,28 @@ def test_expert_usage_reports_the_null_expert_as_a_last_column_named_null(tiny_m
     assert layer["max_load"] == max(layer["load"][:4]) and layer["experts"][-1] == "null"
     assert save_usage_heatmap(usage, tmp_path / "usage.png").stat().st_size > 0
     assert save_domain_heatmap(usage, tmp_path / "domains.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("router", ["noisy_top_k", "prototype", "sequence_aux_free", "expert_choice"])
+def test_token_routing_gives_the_decisions_the_statistics_count(tiny_model, router):
+    """Per token and layer, the gates of a sequence's one eval pass: their chosen experts counted are the routers'
+    own counts of the same pass (``expert_usage``), each row sums to at most 1, and the recording stops after."""
+    from llama_expert import ExpertConfig, augment_model
+    from llama_expert.integration.surgery import adapters
+    from llama_expert.metrics.routing import expert_usage, recording_routing, token_routing
+
+    augment_model(tiny_model, ExpertConfig(num_experts=4, top_k=2, null_expert=router == "prototype",
+                                           router_type=router, expert_allocation="uniform"))
+    with torch.no_grad():
+        for i, (_, adapter) in enumerate(adapters(tiny_model)):
+            adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape,
+                                                    generator=torch.Generator().manual_seed(i)))
+    ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(1))
+    rows = token_routing(tiny_model.eval(), ids)
+    with torch.no_grad(), recording_routing(tiny_model):
+        tiny_model(input_ids=ids[None], use_cache=False)
+    for row, usage, (_, adapter) in zip(rows, expert_usage(tiny_model), adapters(tiny_model)):
+        assert row["gates"].shape == (40, adapter.router.num_experts) and row["null"] == int(router == "prototype")
+        assert (row["gates"] > 0).sum(0).tolist() == usage["counts"]
+        assert bool((row["gates"].sum(1) <= 1 + 1e-5).all())
+        assert adapter.router.decisions is None and not adapter.router.record_statistics  # switched off after

@@ -10,7 +10,8 @@ A request whose client has gone is ``cancel()``-ed: its row ends at the next dec
 before its batch starts), so a client that leaves does not keep the worker busy; the rest of its batch goes
 on. Why not continuous batching: a request that arrives mid-batch waits for the next one; Transformers'
 continuous-batching manager needs paged attention of its own and does not host a model whose MLPs were
-replaced, so this is the batching it allows.
+replaced, so this is the batching it allows. Work on the model that is not generation (``Job``: the routing of a
+text for the server's ``/v1/routing``) waits in the same queue and runs alone, between batches, on the same thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -51,6 +52,29 @@ class Request:
     @property
     def sampling(self) -> Tuple[float, float]:
         return (self.temperature, self.top_p if self.temperature > 0 else 1.0)
+
+
+@dataclass
+class Job:
+    """Work on the model that is not generation (``work()``, run on the worker thread, alone, between batches: the
+    model is never used by two threads at once). Its listener receives ("done", result) or ("error", message)."""
+    work: Callable[[], object]
+    listener: Optional[Callable[[tuple], None]] = None
+    cancelled: bool = False
+
+    def send(self, event: tuple) -> None:
+        self.listener(event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def run(self) -> None:
+        try:
+            result = self.work()
+        except Exception as exc:  # reported to the waiting client; the worker keeps serving
+            self.send(("error", f"{type(exc).__name__}: {exc}"))
+        else:
+            self.send(("done", result))
 
 
 class _Row:
@@ -105,43 +129,55 @@ class _Row:
         return len(text) - held
 
 
+def _joins(request: Union[Request, Job], first: Request) -> bool:
+    """Whether ``request`` may be generated in ``first``'s batch: a request with the same sampling settings."""
+    return isinstance(request, Request) and request.sampling == first.sampling
+
+
 class BatchEngine:
     """Serve ``Request`` objects from a background thread, batching the ones that arrive together."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005, kv_cache: str = "none"):
         self.model, self.tokenizer, self.kv_cache = model, tokenizer, kv_cache
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
-        self.waiting: "queue.Queue[Request]" = queue.Queue()
-        self.held: List[Request] = []  # taken from the queue, different sampling: next batch
+        self.waiting: "queue.Queue[Union[Request, Job]]" = queue.Queue()
+        self.held: List[Union[Request, Job]] = []  # taken from the queue, not of this batch: the next ones
         self.requests_served, self.largest_batch, self.batches = 0, 0, 0
         self.aborted, self.tokens_generated = 0, 0  # requests cancelled before their end; every ended row's tokens
         self.thread = threading.Thread(target=self._run, name="llama-expert-batching", daemon=True)
         self.thread.start()
 
-    def submit(self, request: Request, listener: Callable[[tuple], None]) -> Request:
-        """Queue ``request``; ``listener`` receives its events on the worker thread."""
+    def submit(self, request: Union[Request, Job], listener: Callable[[tuple], None]) -> Union[Request, Job]:
+        """Queue ``request`` (or a ``Job``); ``listener`` receives its events on the worker thread."""
         request.listener = listener
         self.waiting.put(request)
         return request
 
-    def _next_batch(self) -> List[Request]:
+    def _next_batch(self) -> List[Union[Request, Job]]:
+        """The oldest waiting request and those that may join it; a Job is a batch of its own."""
         first = self.held.pop(0) if self.held else self.waiting.get()
+        if isinstance(first, Job):
+            return [first]
         batch, deadline = [first], time.monotonic() + self.batch_wait
         keep = []
         for request in self.held:  # held requests first, oldest first
-            (batch if request.sampling == first.sampling and len(batch) < self.max_batch_size else keep).append(request)
+            (batch if _joins(request, first) and len(batch) < self.max_batch_size else keep).append(request)
         self.held = keep
         while len(batch) < self.max_batch_size:
             try:
                 request = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            (batch if request.sampling == first.sampling else self.held).append(request)
+            (batch if _joins(request, first) else self.held).append(request)
         return batch
 
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
+            if isinstance(batch[0], Job):
+                if not batch[0].cancelled:
+                    batch[0].run()
+                continue
             for request in [r for r in batch if r.cancelled]:  # its client left while it waited
                 request.send(("done", "cancelled", 0))
                 self.aborted += 1

@@ -11,6 +11,10 @@ Hostile or careless clients must not stall the others: the event loop only moves
 tokenizing and generating run on other threads), a body is refused as soon as it passes the size cap, and a
 client that leaves (a stream closed early, a timeout) has its batch row ended at the next decoding step.
 ``/health`` counts requests served, batches, requests ``aborted`` that way, and ``tokens_generated``.
+
+Beside the OpenAI routes: ``POST /v1/routing`` (``{"text": ...}``: the expert each layer chose for each token, run as
+a ``Job`` on the batching worker; under the API key like every ``/v1`` route) and ``GET /``, the page that shows it
+(``inference.routing_view``).
 """
 
 import asyncio  # no "from __future__ import annotations": FastAPI reads the route handlers' annotations at runtime
@@ -21,11 +25,16 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, List, Optional, Union
 
+import torch
+
 from ..errors import ConfigError
 from ..integration.base_models import context_length
-from .batching import BatchEngine, Request
+from ..integration.surgery import is_augmented
+from ..metrics.routing import token_routing
+from .batching import BatchEngine, Job, Request
 from .generation import check_text, has_chat_template
 from .openai_fields import RequestError, flag, number, refuse_unsupported, stops
+from .routing_view import expert_labels, page_html, routing_answer, token_pieces
 
 
 @dataclass
@@ -40,9 +49,11 @@ class Call:
 class Service:
     """The model, its tokenizer and the batching engine; turns request bodies into answers."""
 
-    def __init__(self, model, tokenizer, name: str, args, api_key: Optional[str]):
-        """``args``: the ServeArguments; ``api_key``: the key every /v1 request must send, or None."""
+    def __init__(self, model, tokenizer, name: str, args, api_key: Optional[str], adapter: Optional[str] = None):
+        """``args``: the ServeArguments; ``api_key``: the key every /v1 request must send, or None; ``adapter``: the
+        adapter folder (where a mix names its experts)."""
         self.model, self.tokenizer, self.name, self.args, self.api_key = model, tokenizer, name, args, api_key
+        self.labels = expert_labels(model, adapter) if is_augmented(model) else []
         self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache)
         self.context = context_length(model.config)
         self.created = int(time.time())
@@ -62,12 +73,7 @@ class Service:
 
     def parse(self, raw: bytes, chat: bool) -> Call:
         """The request body's bytes -> a Call (or RequestError). Parses and tokenizes: run it off the event loop."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the request body is not valid JSON ({exc}).") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object.")
+        body = _json_object(raw)
         stream, options = flag(body, "stream"), body.get("stream_options")
         if options is not None and (not isinstance(options, dict) or not stream):
             raise RequestError(400, "'stream_options' must be an object, and only with \"stream\": true.",
@@ -75,12 +81,14 @@ class Service:
         include_usage = flag(options or {}, "include_usage", "stream_options.include_usage")
         return Call(self.request(body, chat), chat, stream, include_usage)
 
-    def request(self, body: dict, chat: bool) -> Request:
-        """Validate an OpenAI request body (a dict) and build the engine's Request (or raise RequestError)."""
-        model = body.get("model")
+    def check_model(self, model) -> None:
         if model != self.name:
             raise RequestError(404, f"the model '{model}' does not exist; this server serves '{self.name}'.",
                                "model", "model_not_found")
+
+    def request(self, body: dict, chat: bool) -> Request:
+        """Validate an OpenAI request body (a dict) and build the engine's Request (or raise RequestError)."""
+        self.check_model(body.get("model"))
         if number(body, "n", 1, 1, 1, integer=True) != 1:
             raise RequestError(400, "'n' must be 1.", "n")
         refuse_unsupported(body)
@@ -121,6 +129,54 @@ class Service:
         text = self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                                   tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def parse_routing(self, raw: bytes) -> Job:
+        """A ``/v1/routing`` body ``{"text": ..., "model": optional}`` -> the Job that routes the text on the worker
+        (or RequestError). Parses and tokenizes: run it off the event loop."""
+        body = _json_object(raw)
+        if not self.labels:
+            raise RequestError(400, "this server's model has no MoE adapter, so no token is routed: serve one with "
+                                    "--adapter FOLDER (a llama-expert MoE adapter).", None, "no_adapter")
+        if "model" in body:
+            self.check_model(body["model"])
+        text = body.get("text")
+        if not isinstance(text, str) or not text:
+            raise RequestError(400, "'text' must be a non-empty string.", "text")
+        try:
+            check_text(text, "'text'")
+        except ConfigError as exc:
+            raise RequestError(400, str(exc), "text") from None
+        ids = self.tokenizer(text)["input_ids"]
+        limit = min(self.args.max_routing_tokens, self.context or self.args.max_routing_tokens)
+        if len(ids) > limit:
+            raise RequestError(400, f"the text has {len(ids)} tokens, more than the {limit} this server routes at once "
+                                    f"(the model's context, or --max-routing-tokens); shorten the text.", "text",
+                               "context_length_exceeded")
+        pieces = token_pieces(self.tokenizer, text, ids)
+        return Job(lambda: {"model": self.name, "tokens": pieces, "token_ids": ids,
+                            **routing_answer(token_routing(self.model, torch.tensor(ids)), self.labels)})
+
+    async def run(self, job: Job):
+        """``job``'s result, run on the batching worker (the thread that owns the model) and awaited without holding
+        the event loop; a failure is an HTTP 500."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def listener(event: tuple) -> None:  # on the worker thread
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(event))
+            except RuntimeError:  # the event loop has closed: the server is stopping
+                pass
+
+        self.engine.submit(job, listener)
+        try:
+            kind, value = await done
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if kind == "error":
+            raise RequestError(500, f"routing failed: {value}", kind="server_error")
+        return value
 
     # ------------------------------------------------------------------ answers
     async def events(self, request: Request) -> AsyncIterator[tuple]:
@@ -206,6 +262,16 @@ class Service:
         yield "data: [DONE]\n\n"
 
 
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object.")
+    return body
+
+
 def _id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
@@ -237,7 +303,7 @@ def build_app(service: Service):
     """The FastAPI application over ``service``."""
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
@@ -283,6 +349,19 @@ def build_app(service: Service):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         return await answer(request, chat=True)
+
+    @app.post("/v1/routing")
+    async def routing(http: HTTPRequest):
+        service.check_key(http.headers.get("authorization"))
+        raw = await read_body(http, service.args.max_body_bytes)
+        job = await run_in_threadpool(service.parse_routing, raw)  # JSON and tokenizing: off the event loop
+        return JSONResponse(await service.run(job))
+
+    page = page_html(service.name, service.api_key is not None)  # holds no data: the page asks /v1 with the key
+
+    @app.get("/")
+    async def routing_page():
+        return HTMLResponse(page)
 
     return app
 

@@ -1,7 +1,9 @@
 """``serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over a base or MoE-augmented model.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
-tokenizer's chat template; ``"stream": true`` sends server-sent events ending in ``data: [DONE]``). Requests
+tokenizer's chat template; ``"stream": true`` sends server-sent events ending in ``data: [DONE]``), and beside them
+``POST /v1/routing`` (the expert each layer chose for each token of a text) and ``GET /``, a page that colours a text
+by expert beside a chat box (``inference.routing_view``). Requests
 that arrive together are generated together (``inference.batching``); the application is
 ``inference.openai_app``. With an API key (``--api-key`` or the ``LLAMA_EXPERT_API_KEY`` environment variable,
 which keeps it out of the process list) every ``/v1`` request must send ``Authorization: Bearer KEY``.
@@ -41,6 +43,8 @@ class ServeArguments:
                            choices=KV_CACHE_CHOICES)
     max_body_bytes: int = option(4 * 1024 * 1024, "largest request body in bytes, larger ones get HTTP 413 (4 MiB: "
                                                    "room for a 128k-token prompt)")
+    max_routing_tokens: int = option(4096, "most tokens of text /v1/routing routes at once (and at most the model's "
+                                           "context)")
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -51,6 +55,8 @@ class ServeArguments:
             raise ConfigError(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}.")
         if self.max_tokens_limit < 1:
             raise ConfigError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}.")
+        if self.max_routing_tokens < 1:
+            raise ConfigError(f"--max-routing-tokens must be >= 1, got {self.max_routing_tokens}.")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}.")
 
@@ -85,7 +91,7 @@ def run_server(model_args, args: ServeArguments) -> None:
         model.eval()
         tokenizer.padding_side = "left"
         name = args.served_model_name or served_name(model_args, info)
-        service = Service(model, tokenizer, name, args, key)
-        print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible)"
-              f"{'; API key required' if key else ''}", flush=True)
+        service = Service(model, tokenizer, name, args, key, info.get("adapter"))
+        print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (OpenAI-compatible), and a routing page at "
+              f"http://{args.host}:{args.port}/{'; API key required' if key else ''}", flush=True)
         uvicorn.Server(uvicorn.Config(build_app(service), log_level="warning")).run(sockets=[sock])

@@ -15,7 +15,7 @@ import json
 import reprlib
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +38,7 @@ from .weights_file import header_tensors, load_finite
 FORMAT_VERSION = 3
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MIX_REPORT = "mix_report.json"  # what ``mix`` writes beside a mixed adapter; its ``experts`` names the experts
 _JSON_NAMES = {int: "integer", dict: "object", str: "string"}
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
@@ -138,6 +139,18 @@ def adapter_kind(folder: Union[str, Path]) -> str:
                            f"(LLAMA_EXPERT_MOE) and PEFT LoRA adapters (LORA). Pass a folder that `train` or "
                            f"`distill` wrote.")
     return ADAPTER_KINDS[peft_type]
+
+
+def expert_names(folder: Union[str, Path], count: int) -> Optional[List[str]]:
+    """The names ``mix`` recorded for the ``count`` experts of the adapter in ``folder`` (its branches' folder names),
+    or None: no names recorded, or not ``count`` of them (the file does not describe these experts)."""
+    try:
+        names = json.loads((Path(folder) / MIX_REPORT).read_text()).get("experts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) and n for n in names):
+        return None
+    return names
 
 
 def recorded_base(folder: Union[str, Path]) -> Optional[str]:

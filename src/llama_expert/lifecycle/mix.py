@@ -25,8 +25,8 @@ import torch
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
-from ..integration.adapter_files import (load_adapter_weights, read_adapter_config, recorded_base, save_adapter,
-                                         saved_expert_config)
+from ..integration.adapter_files import (MIX_REPORT, expert_names, load_adapter_weights, read_adapter_config,
+                                         recorded_base, save_adapter, saved_expert_config)
 from ..integration.base_models import load_base_model
 from ..integration.prototypes import load_prototypes
 from ..integration.surgery import adapters, augment_model, decoder_layers, remove_adapters
@@ -80,6 +80,7 @@ class Branch:
     up: List[torch.Tensor]  # per layer [r, d]: the rows of every B, times alpha_l * s
     prototype: torch.Tensor  # [L, d]
     spread: torch.Tensor  # [L]
+    name: str = ""  # the branch's folder name (a mixed adapter's experts keep the names its mix recorded)
 
 
 def is_mixed(config: ExpertConfig) -> bool:
@@ -113,15 +114,17 @@ def read_experts(model, folder) -> List[Branch]:
                           f"by layer): its skills are no longer whole; mix its branches again instead.")
     load_adapter_weights(model, folder)
     layer_adapters = [adapter for _, adapter in adapters(model)]
+    count, label = layer_adapters[0].num_experts, Path(folder).resolve().name
+    names = (expert_names(folder, count) or [f"{label} expert {e}" for e in range(count)]) if mixed else [label]
     experts = []
-    for e in range(layer_adapters[0].num_experts):
+    for e in range(count):
         down, up = zip(*[expert_rows(adapter, e) for adapter in layer_adapters])
         if mixed:
             prototype = torch.stack([a.router.weight[e].detach().float().clone() for a in layer_adapters])
             spread = torch.stack([a.router.spread[e].detach().float().clone() for a in layer_adapters])
         else:
             prototype, spread = prototypes.prototype, prototypes.spread
-        experts.append(Branch(list(down), list(up), prototype, spread))
+        experts.append(Branch(list(down), list(up), prototype, spread, names[e]))
     remove_adapters(model)
     return experts
 
@@ -177,7 +180,8 @@ def check_one_base(folders: List[str]) -> None:
 
 
 def run_mix(args: MixArguments) -> Path:
-    """The ``mix`` command: read every branch, mix them, write the mixed adapter and ``mix_report.json``."""
+    """The ``mix`` command: read every branch, mix them, write the mixed adapter and ``mix_report.json`` (which names
+    each expert after its branch's folder)."""
     args.validate()
     output = Path(args.output_dir)
     base = args.model or recorded_base(args.adapters[0])
@@ -195,7 +199,8 @@ def run_mix(args: MixArguments) -> Path:
         report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
                   "temperature": args.temperature, "null_expert": args.null_expert,
                   "null_distance": args.null_distance if args.null_expert else None,
-                  "ranks": [max(d.shape[0] for d in b.down) for b in branches]}
-        write_outputs(output, "mix_report.json", report, lambda staging: save_adapter(model, staging, base))
+                  "ranks": [max(d.shape[0] for d in b.down) for b in branches],
+                  "experts": [b.name for b in branches]}  # what `serve`'s routing page calls each expert
+        write_outputs(output, MIX_REPORT, report, lambda staging: save_adapter(model, staging, base))
     print(f"mixed {len(args.adapters)} adapters into {output}: {len(branches)} experts a layer, in the order given")
     return output

@@ -60,17 +60,49 @@ def measure_expert_usage(model, windows: torch.Tensor, batch_size: int = 1, prog
 
 
 @contextmanager
-def recording_routing(model):
-    """Reset the routers' statistics and count every routing decision made inside the block."""
+def recording_routing(model, decisions: bool = False):
+    """Reset the routers' statistics and count every routing decision made inside the block; with ``decisions``,
+    each router also keeps every pass's ``Routing`` in ``router.decisions`` (read them inside the block). Counting
+    turns the adapters' fast paths off, so the decisions are the general path's, which the fast paths equal."""
     routers = [adapter.router for _, adapter in adapters(model)]
     reset_routing_statistics(model)
     for router in routers:
         router.record_statistics = True
+        router.decisions = [] if decisions else None
     try:
         yield
     finally:
         for router in routers:
             router.record_statistics = False
+            router.decisions = None
+
+
+@torch.no_grad()
+def token_routing(model, input_ids: torch.Tensor) -> List[Dict[str, object]]:
+    """Where each token of one sequence goes: per layer, ``gates`` [T, C] (float32, on the CPU), the gate of every
+    choice for every token (0 where not chosen; a row sums to 1, or to less for switch's gate ``p_i`` and for a token
+    that expert_choice gave no expert), with ``C`` the layer's choices, ``null`` (1 when its last is the null expert,
+    else 0), ``top_k``, ``slots`` (the experts a token may get: ``top_k``, or every expert for expert_choice) and
+    the adapter's ``module`` name. ``input_ids``: [T] token ids, routed in one eval pass as
+    ``routing_health`` routes a window (no noise)."""
+    if not is_augmented(model):
+        raise ConfigError("token_routing needs an augmented model (one with MoE adapters); this one has none.")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with recording_routing(model, decisions=True):
+            model(input_ids=input_ids.reshape(1, -1).to(device), use_cache=False)
+            layers = [(name, adapter.router, adapter.router.decisions[-1]) for name, adapter in adapters(model)]
+    finally:
+        model.train(was_training)
+    rows = []
+    for name, router, routing in layers:
+        gates = torch.zeros(routing.indices.shape[0], router.num_experts, dtype=torch.float32)
+        gates.scatter_add_(1, routing.indices.cpu(), routing.gates.detach().float().cpu())
+        rows.append({"module": name, "gates": gates, "null": int(router.null_choices), "top_k": int(router.top_k),
+                     "slots": int(routing.indices.shape[1])})
+    return rows
 
 
 LOW_LOAD_FACTOR = 0.1  # warn when an expert gets less than LOW_LOAD_FACTOR / E of the assignments

@@ -169,6 +169,8 @@ class MoEAdapter(nn.Module):
             return self.inference_plan.add_to(base, hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router.route_sequences(hidden, self.token_mask)
+        if self.router.decisions is not None:  # metrics.routing.token_routing: which expert each token got
+            self.router.decisions.append(routing)
         compute_dtype = self.experts.compute_dtype
         moe = self.experts(flat.to(compute_dtype), *self.router.bank_routing(routing))
         return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)

@@ -3,7 +3,8 @@
 - float32 routing with autocast switched off around it (``forward`` casts and calls ``_route``);
 - the losses of the last pass (``aux_loss``, ``z_loss``; None after an eval-mode pass under ``no_grad``);
 - the routing statistics ``metrics.routing`` reads: ``record_statistics``, ``expert_counts``,
-  ``entropy_sum``, ``tokens_seen``, ``reset_statistics``;
+  ``entropy_sum``, ``tokens_seen``, ``reset_statistics``, and ``decisions`` (each pass's ``Routing``, kept by
+  ``MoEAdapter`` while it is a list);
 - ``top_k``: the number of experts each token gets (columns of ``Routing.indices``);
 - what ``build`` adds to any router from ``ExpertConfig``: a null expert (``null_expert``: one more choice, the
   last, whose output is zero and which takes no part in balancing), the window the balancing statistics are
@@ -75,6 +76,7 @@ class RouterBase(nn.Module):
         self.extra_losses: Dict[str, torch.Tensor] = {}  # the registered losses of ``loss_terms``, last pass
         self.loss_terms: Dict[str, Callable] = {}
         self.record_statistics = False  # switched on by metrics.routing while it measures expert usage
+        self.decisions: Optional[List[Routing]] = None  # a list (metrics.routing): MoEAdapter appends each Routing
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
