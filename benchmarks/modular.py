@@ -15,7 +15,7 @@ the embedded corpus (Python's documentation prose), text none of the experts was
 is added: a branch trained on that corpus, mixed into the mix (`mix mixed branch-docs`); the first three domains
 must not move:
 
-    python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure (redone each run)
+    python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure what is stale
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
@@ -117,33 +117,53 @@ def peft_routing(name: str, router: str, *extra: str) -> None:
                     os.environ.get("SEED", "1"), "--output-json", str(OUT / f"{name}.json"), *extra], check=True)
 
 
+def weights(name: str) -> Path:
+    return OUT / name / "adapter_model.safetensors"
+
+
+def stale(output: Path, inputs: list) -> bool:
+    """Whether ``output`` is missing or older than one of ``inputs``: as make does, a step is redone only then, so
+    an interrupted or extended run redoes only what changed."""
+    return not output.exists() or any(output.stat().st_mtime < Path(i).stat().st_mtime for i in inputs)
+
+
+def mix(name: str, inputs: list, *extra: str) -> None:
+    if stale(weights(name), [weights(i) for i in inputs]):
+        subprocess.run(["llama-expert", "mix", *(str(OUT / i) for i in inputs), "--output-dir", str(OUT / name),
+                        "--overwrite", *extra], check=True)
+
+
+def measure_adapter(name: str, dataset: str = TEST, prefix: str = "") -> None:
+    if stale(OUT / f"{prefix}{name}.json", [weights(name)]):
+        measure(f"{prefix}{name}", ["--adapter", str(OUT / name)], dataset)
+
+
 def run(jobs: int) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "machine.txt").write_text(f"{machine()}, {jobs} trainings at a time, {today()}\n")
     missing = {name: c for name, c in trainings().items() if not (OUT / name / "training_summary.json").is_file()}
     run_parallel(missing, jobs)
-    branches = [str(OUT / f"branch-{domain}") for domain in DOMAINS]
-    for name, extra in (("mixed", []), ("mixed-null", ["--null-expert"])):
-        subprocess.run(["llama-expert", "mix", *branches, "--output-dir", str(OUT / name), "--overwrite", *extra],
-                       check=True)
-    calibration = {f"{name}-calibrated": train_command(f"{name}-calibrated", [
-        "--init-adapter", str(OUT / name), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)
-        for name in ("mixed", "mixed-null")}
+    branches = [f"branch-{domain}" for domain in DOMAINS]
+    mix("mixed", branches)
+    mix("mixed-null", branches, "--null-expert")
+    calibration = {f"{name}-calibrated": [train_command(f"{name}-calibrated", [
+        "--init-adapter", str(OUT / name), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)]
+        for name in ("mixed", "mixed-null") if stale(weights(f"{name}-calibrated"), [weights(name)])}
     run_parallel(calibration, jobs)
-    measure("base", ["--model", "smollm2-135m", "--no-augmented"])
-    for name in [*trainings(), *MIXES]:
-        measure(name, ["--adapter", str(OUT / name)])
-    peft_routing("arrow-top1", "arrow", "--top-k", "1")
-    peft_routing("arrow-top3", "arrow", "--top-k", "3")
-    peft_routing("xlora", "xlora", "--dataset", TRAIN, "--steps", str(CALIBRATION_STEPS), "--learning-rate",
-                 os.environ.get("LR", "3e-3"))
-    subprocess.run(["llama-expert", "mix", str(OUT / "mixed"), str(OUT / "branch-docs"), "--output-dir",
-                    str(OUT / "mixed-plus-docs"), "--overwrite"], check=True)
-    measure("mixed-plus-docs", ["--adapter", str(OUT / "mixed-plus-docs")])
-    measure("unseen-base", ["--model", "smollm2-135m", "--no-augmented"], UNSEEN)
-    for name in ("mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated", "lora-mix-r4", "branch-docs",
-                 "mixed-plus-docs"):
-        measure(f"unseen-{name}", ["--adapter", str(OUT / name)], UNSEEN)
+    mix("mixed-plus-docs", ["mixed", "branch-docs"])
+    for name, dataset in (("base", TEST), ("unseen-base", UNSEEN)):
+        if not (OUT / f"{name}.json").is_file():
+            measure(name, ["--model", "smollm2-135m", "--no-augmented"], dataset)
+    for name in [*trainings(), *MIXES, "mixed-plus-docs"]:
+        measure_adapter(name)
+    for name in [*MIXES, "lora-mix-r4", "branch-docs", "mixed-plus-docs"]:
+        measure_adapter(name, UNSEEN, prefix="unseen-")
+    loras = [weights(f"lora-{domain}") for domain in DOMAINS]
+    for name, router, extra in (("arrow-top1", "arrow", ["--top-k", "1"]), ("arrow-top3", "arrow", ["--top-k", "3"]),
+                                ("xlora", "xlora", ["--dataset", TRAIN, "--steps", str(CALIBRATION_STEPS),
+                                                    "--learning-rate", os.environ.get("LR", "3e-3")])):
+        if stale(OUT / f"{name}.json", loras):
+            peft_routing(name, router, *extra)
 
 
 def perplexities(name: str) -> dict:
