@@ -4,7 +4,9 @@ Why: at batch 1 an adapter's decode work is a few thousand multiply-adds, less t
 PyTorch operations that express it (about 7 us each on a 2-core VM, 0.90x of the base's tokens/s with the
 PyTorch fused path). The kernel routes, runs the chosen experts only and adds the base output in one call,
 and it reads ``[W_g; A]`` instead of the PyTorch path's ``[W_g; A; W1^T A]`` (5.7x fewer adapter bytes per
-token with SmolLM2's default shapes, which matters when decoding is bound by memory).
+token with SmolLM2's default shapes, which matters when decoding is bound by memory). Routers that route by the
+sequence's prefix mean (``sequence_aux_free``, a mix's ``prototype``) run here too: the call reads the running sums
+earlier passes left in the pass's ``PrefixState`` and writes the new ones (``KernelRouting.prefix_mean``).
 
 Why ctypes and the system C compiler rather than ``torch.utils.cpp_extension``: the kernel needs no PyTorch
 headers, so it builds in a fraction of a second instead of a minute, and a ctypes call costs about what one
@@ -212,9 +214,8 @@ class DecodeKernel:
         before = state.read(key) if state is not None else None
         mask = context.for_hidden(hidden) if context is not None else None
         mask = mask.contiguous() if mask is not None else None
-        if before is not None:  # broadcast as the general path's sum broadcasts (and never read past the end)
-            before = (torch.broadcast_to(before[0].float(), (batch, self.hidden)).contiguous(),
-                      torch.broadcast_to(before[1].float(), (batch,)).contiguous())
+        if before is not None:
+            before = (as_rows(before[0], (batch, self.hidden)), as_rows(before[1], (batch,)))
         after = (torch.empty(batch, self.hidden, dtype=torch.float32), torch.empty(batch, dtype=torch.float32)) \
             if state is not None else None
         prefix = self.prefix
@@ -223,6 +224,14 @@ class DecodeKernel:
         prefix.before_total, prefix.before_count = (None, None) if before is None else [t.data_ptr() for t in before]
         prefix.after_total, prefix.after_count = (None, None) if after is None else [t.data_ptr() for t in after]
         return PrefixSums(state, mask, before, after)
+
+
+def as_rows(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` as a contiguous float32 tensor of ``shape`` for the kernel to read, broadcast as the general path's
+    sum broadcasts (and never read past its end); as it is when it is one already (each decode step's case)."""
+    if tensor.shape == shape and tensor.dtype is torch.float32 and tensor.is_contiguous():
+        return tensor
+    return torch.broadcast_to(tensor.float(), shape).contiguous()
 
 
 class PrefixSums(NamedTuple):
