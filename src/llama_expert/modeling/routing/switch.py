@@ -54,8 +54,8 @@ class SwitchRouter(RouterBase):
         return gate_matrix(indices, gates, self.num_experts)
 
     def kernel_routing(self):
-        return KernelRouting(1, self.num_experts, self.weight, normalise_all=True)  # the top expert, gated by its
-        # probability among all
+        # the top expert, gated by its probability among all
+        return KernelRouting(1, self.num_experts, self.weight, normalise_all=True)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
