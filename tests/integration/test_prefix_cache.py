@@ -8,6 +8,8 @@ zero-initialised output projections any routing would give the same logits.
 
 import copy
 import inspect
+import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from llama_expert.errors import ConfigError
 from llama_expert.integration.kv_cache_choice import cache_kwargs, make_cache
 from llama_expert.integration.prefix_cache import STATE, returned_cache
 from llama_expert.integration.surgery import adapters
+from llama_expert.modeling.fused_inference import FusedInference
+from llama_expert.modeling.routing import PrototypeRouter
 
 VOCAB, PAD = 128, 0
 PROMPT_LENGTHS = (7, 3, 10)  # left-padded to 10
@@ -37,17 +41,78 @@ def _augmented(model, seed=0, router_type="sequence_aux_free"):
     return model.eval()
 
 
-def _prototype_routed(model, seed=0):
+def _prototype_routed(model, seed=0, **extra):
     """Routed by the nearest prototype (a mix's router), with random prototypes at the scale of the router inputs."""
     torch.manual_seed(seed)
     augment_model(model, ExpertConfig(router_type="prototype", num_experts=4, top_k=1, expert_allocation="uniform",
-                                      lora_dropout=0.0, prototype_temperature=0.1))
+                                      lora_dropout=0.0, prototype_temperature=0.1, **extra))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, adapter in adapters(model):
             adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * 0.05)
             adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * 0.3)
     return model.eval()
+
+
+def _mix_like(model, ids, mask):
+    """What ``mix --null-expert`` writes (prototype router, top-1, ``lora_experts`` with a shared expert, a null
+    expert), each layer's null distance at the median of its real tokens' nearest-prototype distances in a full pass
+    over ``ids``: the null wins for some tokens and loses for others. The general path for now."""
+    model = _prototype_routed(model, expert_type="lora_experts", shared_expert_rank=2, null_expert=True)
+
+    def set_null(adapter, args):
+        logits = adapter.router.route_sequences(args[0], adapter.token_mask).logits[mask.view(-1).bool(), :-1]
+        nearest = (-logits.amax(-1) * adapter.router.temperature).sort().values
+        middle = nearest.shape[0] // 2  # halfway between two tokens' distances: no token ties with the null
+        adapter.router.null_distance.fill_(float(nearest[middle - 1:middle + 1].mean()))
+
+    handles = []
+    for _, adapter in adapters(model):
+        adapter.fused_inference = False
+        handles.append(adapter.register_forward_pre_hook(set_null))
+    _full(model, ids, mask)
+    for handle in handles:
+        handle.remove()
+    return model
+
+
+def _routes(model, ids, mask):
+    """[L, real tokens] each layer's choice in a full pass."""
+    routes = []
+
+    def hook(adapter, args):
+        routes.append(adapter.router.route_sequences(args[0], adapter.token_mask).indices[mask.view(-1).bool(), 0])
+
+    handles = [adapter.register_forward_pre_hook(hook) for _, adapter in adapters(model)]
+    _full(model, ids, mask)
+    for handle in handles:
+        handle.remove()
+    return torch.stack(routes)
+
+
+def test_a_mixed_adapter_decodes_on_the_fast_paths_as_the_general_full_pass(tiny_model, monkeypatch):
+    """Left-padded prompts, then one token per pass: the compiled kernel (and, without it, the PyTorch fused path)
+    compute what one general-path forward pass computes, and they are the paths taken (the general path's router
+    entry is made to fail, and for the kernel the PyTorch plan's too)."""
+    ids, mask = _continued(*_prompts())
+    model = _mix_like(tiny_model, ids, mask)
+    full = _full(model, ids, mask)
+    routes = _routes(model, ids, mask)
+    assert bool((routes == 4).any()) and bool((routes < 4).any()) and len(set(routes.view(-1).tolist())) > 2
+
+    def general_path(*args, **kwargs):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(PrototypeRouter, "route_sequences", general_path)
+    paths = [False] + ([True] if shutil.which("cc") or os.environ.get("CC") else [])
+    for kernel in paths:
+        if kernel:
+            monkeypatch.setattr(FusedInference, "__call__", general_path)
+        for _, adapter in adapters(model):
+            adapter.fused_inference, adapter.decode_kernel, adapter.inference_plan = True, kernel, None
+        for prompt in (1, max(PROMPT_LENGTHS)):
+            assert _max_difference(_stepwise(model, ids, mask, prompt), full, mask) < 1e-4
+        assert all((adapter.inference_plan.kernel is not None) == kernel for _, adapter in adapters(model))
 
 
 def _prompts(lengths=PROMPT_LENGTHS, seed=1):

@@ -2,7 +2,9 @@
 bank that has an inference form, falls back for those that do not, and never serves a stale plan; on a CPU its
 compiled kernel (modeling/decode_kernel.py) gives the same, and without a compiler the PyTorch form runs."""
 
+import copy
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import torch
 from llama_expert import ExpertConfig
 from llama_expert.modeling.decode_kernel import build_kernel
 from llama_expert.modeling.adapter import MoEAdapter
-from llama_expert.modeling.routing import ROUTERS
+from llama_expert.modeling.fused_inference import FusedInference
+from llama_expert.modeling.routing import ROUTERS, PrefixState
 
 HIDDEN = 16
 
@@ -257,6 +260,22 @@ def test_the_kernel_leaves_other_layouts_to_pytorch():
 
 
 @needs_compiler
+def test_an_adapter_that_ran_the_kernel_can_be_copied_and_pickled():
+    """The copy derives its own plan (the kernel's ctypes structures point at the original's tensors)."""
+    adapter = trained_adapter()
+    hidden = torch.randn(2, 3, HIDDEN)
+    general, kernel, _ = kernel_and_pytorch(adapter, hidden)
+    with torch.no_grad():
+        adapter(hidden)
+    assert adapter.inference_plan.kernel is not None
+    for copied in (copy.deepcopy(adapter), pickle.loads(pickle.dumps(adapter))):
+        assert copied.inference_plan is None
+        with torch.no_grad():
+            torch.testing.assert_close(copied(hidden), kernel, rtol=0, atol=0)
+        assert copied.inference_plan.kernel is not None and copied.inference_plan is not adapter.inference_plan
+
+
+@needs_compiler
 def test_the_kernel_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_EXPERT_CACHE", str(tmp_path))
     built = build_kernel()
@@ -285,3 +304,84 @@ def test_without_the_kernel_adapters_take_the_pytorch_fused_path(tmp_path, envir
     else:
         assert "decode kernel" not in done.stderr
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+
+
+# --- routers that route by the sequence's prefix mean (sequence_aux_free, prototype: a mix's router) ---
+
+PREFIX_CASES = [("prototype", "lora_experts", 1), ("prototype", "lora_experts+shared", 2),
+                ("prototype", "shared_core", 2), ("sequence_aux_free", "shared_core", 2),
+                ("sequence_aux_free", "lora_experts", 1)]
+
+
+def prefix_adapter(router_type, bank, top_k, null):
+    """A trained adapter routed by the prefix mean; a prototype router gets prototypes at the scale of the hidden
+    states, and a null distance at which the null wins for some tokens and loses for others."""
+    adapter = fast_adapter(router_type, bank, null, num_experts=4, prototype_temperature=0.1)
+    adapter.router.top_k = top_k
+    with torch.no_grad():
+        adapter.router.weight.mul_(4.0 if router_type == "sequence_aux_free" else 1.0)
+        if adapter.router.null_choices and router_type == "prototype":  # the median of the nearest distances
+            means = torch.randn(64, HIDDEN) / torch.arange(1, 65).sqrt().unsqueeze(1)  # prefix means' scales
+            nearest = (-adapter.router.logits(means)[:, :-1].amax(-1) * adapter.router.temperature).sort().values
+            adapter.router.null_distance.fill_(float(nearest[31:33].mean()))
+    return adapter
+
+
+def padded_pass(batch=3, length=9, seed=0):
+    """Left-padded hidden states [B, T, d] (padding rows NaN: they attend to nothing) and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, HIDDEN, generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):
+        mask[row, :2 * row] = 0
+    return hidden.masked_fill(~mask.bool().unsqueeze(-1), float("nan")), mask
+
+
+def decode_passes(adapter, passes, path):
+    """Run ``passes`` ((hidden, attention mask so far), ...) through the adapter as one generation's passes, each
+    from the prefix state the last one left, on ``path`` (general, kernel, pytorch); the outputs and the sums."""
+    adapter.fused_inference, adapter.decode_kernel, adapter.inference_plan = path != "general", path == "kernel", None
+    context, outputs = adapter.token_mask, []
+    context.prefix = PrefixState()
+    with torch.no_grad():
+        for hidden, mask in passes:
+            context.set(mask)
+            outputs.append(adapter(hidden))
+            context.prefix = context.prefix.following()
+    kernel = adapter.inference_plan.kernel if adapter.inference_plan is not None else None
+    assert (kernel is not None and kernel.sequences is not None) == (path == "kernel"), "not the path under test"
+    return outputs, context.prefix.read(adapter.router)
+
+
+def assert_padded_close(got, want, mask, tolerance):
+    keep = mask[:, -got.shape[1]:].bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("null", NULL)
+@pytest.mark.parametrize("router_type,bank,top_k", PREFIX_CASES)
+def test_prefix_mean_routers_take_the_fast_paths_which_equal_the_general_path(router_type, bank, top_k, null,
+                                                                               monkeypatch):
+    """A left-padded prefill then decode steps, the prefix state carried from pass to pass: the compiled kernel and
+    the PyTorch fused path give the general path's outputs and leave it the same running sums."""
+    adapter = prefix_adapter(router_type, bank, top_k, null)
+    hidden, mask = padded_pass()
+    steps = [(hidden[:, :5].contiguous(), mask[:, :5])] + [(hidden[:, t:t + 1].contiguous(), mask[:, :t + 1])
+                                                           for t in range(5, 9)]
+    general, sums = decode_passes(adapter, steps, "general")
+    paths = ["pytorch"] + (["kernel"] if shutil.which("cc") or os.environ.get("CC") else [])
+    for path in paths:
+        if path == "kernel":  # nothing but the kernel can answer
+            monkeypatch.setattr(FusedInference, "__call__", None)
+        fast, fast_sums = decode_passes(adapter, steps, path)
+        for (_, step_mask), got, want in zip(steps, fast, general):
+            assert_padded_close(got, want, step_mask, 1e-5)
+        torch.testing.assert_close(fast_sums, sums, rtol=1e-6, atol=1e-6)
+    adapter.token_mask.set(mask)
+    adapter.token_mask.prefix = None
+    with torch.no_grad():  # the case tests something: routing each token by itself would differ, some tokens
+        routes = adapter.router.route_sequences(hidden, adapter.token_mask).indices[mask.view(-1).bool()]
+        alone = adapter.router(torch.nan_to_num(hidden).reshape(-1, HIDDEN)).indices[mask.view(-1).bool()]
+    assert not torch.equal(routes, alone)
+    if adapter.router.null_choices:  # choose the null expert and some do not
+        assert bool((routes == adapter.num_experts).any()) and bool((routes < adapter.num_experts).any())

@@ -6,11 +6,21 @@
  * (docs/design.md section 3, modeling/decode_kernel.py). Built on first use by decode_kernel.py with the
  * system C compiler; no PyTorch headers, so the build takes a fraction of a second.
  *
+ * One entry point, adapter_add; the plan names the router's and the bank's parts by function pointer (looked up
+ * by name in this library by decode_kernel.py: "<form>_logits", "<bank>_delta"), so a new form is a new function
+ * here and its name in Python, not a branch.
+ *
+ * Router input: the token's h, or (prefix_mean: sequence_aux_free, prototype) the mean of its sequence's
+ * non-padding tokens so far, earlier passes' sum and count included (a Prefix; its totals after the last token of
+ * each sequence are written back for the next pass).
+ * Logits:  linear:    z = W_g x;
+ *          prototype: z_i = -max(0, ||x - c||^2 - 2 (x - c).q_i + ||q_i||^2) / (d T), q_i = p_i - c, c the
+ *                     prototypes' mean; with a null expert z_null = -null_distance / T.
  * Routing: top-k of (logits + bias) over the experts, gates = softmax of the chosen logits (or, with
  * normalise_all, each chosen expert's probability under the softmax of all logits: the switch router).
  * A choice numbered `real` or above is the null expert: its gate counts, its output is zero.
- * Banks (registered names of modeling/experts.py and modeling/lora_experts.py):
- *   shared_core:  t = z + sum_i g_i W2_i silu(W1_i z), delta = U t  (z = A h, U = alpha_l * s * B);
+ * Banks (registered names of modeling/experts.py and modeling/lora_experts.py), with z = A h:
+ *   shared_core:  t = z + sum_i g_i W2_i silu(W1_i z), delta = U t  (U = alpha_l * s * B);
  *   shared_down:  delta = sum_i g_i U_i z                             (U_i = alpha_l * s * B_i);
  *   lora_experts: delta = U_s z_s + sum_i g_i U_i z_i                 (z_i = A_i h, U_i = alpha_l * s * B_i).
  * Hidden states and the base output are float32 or bfloat16 (rounded to nearest even); weights float32.
@@ -19,15 +29,36 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
+typedef struct Plan Plan;
+typedef void (*logits_fn)(const Plan *p, const float *x, float *logits);
+typedef void (*delta_fn)(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta);
+
+struct Plan {
     int32_t hidden, experts, real, top_k, normalise_all, rank, width;  /* experts: choices; real: computed ones */
-    const float *rows;     /* [experts + rank, hidden]: the router's W_g on top of the bank's A */
-    const float *bias;     /* [experts] or NULL: steers the choice only */
-    const float *core_in;  /* shared_core: [experts, rank, width] */
-    const float *core_out; /* shared_core: [experts, width, rank] */
-    const float *up;       /* shared_core: [hidden, rank]; shared_down: [real, rank, hidden];
-                              lora_experts: [rank, hidden], the shared B_s rows then each expert's width rows */
-} Plan;
+    int32_t prefix_mean;    /* 1: route by the sequence's prefix mean (a Prefix is passed), 0: by the token */
+    float divisor;          /* prototype: d * T */
+    float null_logit;       /* prototype with a null expert: -null_distance / T */
+    logits_fn logits;       /* linear_logits or prototype_logits */
+    delta_fn delta;         /* <bank>_delta */
+    const float *router_rows; /* linear: W_g [experts, hidden]; prototype: the centred prototypes [real, hidden] */
+    const float *bias;      /* [experts] or NULL: steers the choice only */
+    const float *centre;    /* prototype: [hidden], the prototypes' mean */
+    const float *row_norms; /* prototype: [real], ||p_i - centre||^2 */
+    const float *rows;      /* the bank's A: [rank, hidden] */
+    const float *core_in;   /* shared_core: [experts, rank, width] */
+    const float *core_out;  /* shared_core: [experts, width, rank] */
+    const float *up;        /* shared_core: [hidden, rank]; shared_down: [real, rank, hidden];
+                               lora_experts: [rank, hidden], the shared B_s rows then each expert's width rows */
+};
+
+typedef struct {
+    int64_t length;            /* tokens per sequence in this call: token n is of sequence n / length */
+    const uint8_t *mask;       /* [tokens]: 0 for padding, or NULL (no padding) */
+    const float *before_total; /* [sequences, hidden] and [sequences]: what earlier passes left, or NULL (none) */
+    const float *before_count;
+    float *after_total;        /* [sequences, hidden] and [sequences]: the totals for the next pass, or NULL */
+    float *after_count;
+} Prefix;
 
 static float load(const void *data, int bf16, long i) {
     if (!bf16) return ((const float *)data)[i];
@@ -46,22 +77,42 @@ static void store(void *data, int bf16, long i, float value) {
     ((uint16_t *)data)[i] = (uint16_t)(bits >> 16);
 }
 
-/* logits and z of one token, the chosen experts and their gates */
-static void route(const Plan *p, const float *x, float *projected, int *chosen, float *gates) {
-    const int d = p->hidden, e = p->experts, m = p->experts + p->rank;
-    for (int row = 0; row < m; row++) {
-        const float *w = p->rows + (long)row * d;
+static void project(const float *rows, int count, int d, const float *x, float *out) {
+    for (int row = 0; row < count; row++) {
+        const float *w = rows + (long)row * d;
         float acc = 0.f;
         for (int c = 0; c < d; c++) acc += w[c] * x[c];
-        projected[row] = acc;
+        out[row] = acc;
     }
+}
+
+void linear_logits(const Plan *p, const float *x, float *logits) {
+    project(p->router_rows, p->experts, p->hidden, x, logits);
+}
+
+/* As PrototypeRouter.logits: the origin moved to the prototypes' mean, (||x||^2 - 2 x.q) + ||q||^2, clamped at 0 */
+void prototype_logits(const Plan *p, const float *x, float *logits) {
+    const int d = p->hidden;
+    float centred[d], norm = 0.f;
+    for (int c = 0; c < d; c++) { centred[c] = x[c] - p->centre[c]; norm += centred[c] * centred[c]; }
+    project(p->router_rows, p->real, d, centred, logits);
+    for (int i = 0; i < p->real; i++) {
+        float squared = (norm - 2.f * logits[i]) + p->row_norms[i];
+        logits[i] = -(squared > 0.f ? squared : 0.f) / p->divisor;
+    }
+    if (p->experts > p->real) logits[p->real] = p->null_logit;
+}
+
+/* The chosen experts and their gates from the logits */
+static void choose(const Plan *p, const float *logits, int *chosen, float *gates) {
+    const int e = p->experts;
     unsigned char taken[e];
     memset(taken, 0, (size_t)e);
     for (int s = 0; s < p->top_k; s++) {
         int best = -1;
         float best_value = 0.f;
         for (int i = 0; i < e; i++) {
-            float v = projected[i] + (p->bias ? p->bias[i] : 0.f);
+            float v = logits[i] + (p->bias ? p->bias[i] : 0.f);
             if (!taken[i] && (best < 0 || v > best_value)) { best = i; best_value = v; }
         }
         taken[best] = 1;
@@ -69,89 +120,88 @@ static void route(const Plan *p, const float *x, float *projected, int *chosen, 
     }
     float top = -INFINITY, total = 0.f;
     for (int i = 0; i < e; i++)
-        if (p->normalise_all || taken[i]) top = projected[i] > top ? projected[i] : top;
+        if (p->normalise_all || taken[i]) top = logits[i] > top ? logits[i] : top;
     for (int i = 0; i < e; i++)
-        if (p->normalise_all || taken[i]) total += expf(projected[i] - top);
-    for (int s = 0; s < p->top_k; s++) gates[s] = expf(projected[chosen[s]] - top) / total;
+        if (p->normalise_all || taken[i]) total += expf(logits[i] - top);
+    for (int s = 0; s < p->top_k; s++) gates[s] = expf(logits[chosen[s]] - top) / total;
 }
 
-/* Token n's router input x (from h) and its routing: the first step of every bank's kernel. */
-static void route_token(const Plan *p, const void *h, int bf16, long n, float *x, float *projected, int *chosen,
-                        float *gates) {
-    for (int c = 0; c < p->hidden; c++) x[c] = load(h, bf16, n * p->hidden + c);
-    route(p, x, projected, chosen, gates);
+/* Token n's prefix mean, as routing/prefix_state.py computes it: this call's masked running sum (accumulated in
+ * double, as PyTorch's CPU cumsum does, then rounded), plus the earlier passes' total, over max(1, count). */
+static const float *prefix_mean(const Plan *p, const Prefix *s, const float *x, long n, double *sum, double *count,
+                                float *mean) {
+    const int d = p->hidden;
+    const long b = n / s->length, t = n % s->length;
+    const int last = t == s->length - 1;
+    if (t == 0) { for (int c = 0; c < d; c++) sum[c] = 0.0; *count = 0.0; }
+    if (!s->mask || s->mask[n]) { for (int c = 0; c < d; c++) sum[c] += x[c]; *count += 1.0; }
+    const float total_count = (float)*count + (s->before_count ? s->before_count[b] : 0.f);
+    const float divisor = total_count > 1.f ? total_count : 1.f;
+    for (int c = 0; c < d; c++) {
+        const float total = (float)sum[c] + (s->before_total ? s->before_total[b * d + c] : 0.f);
+        mean[c] = total / divisor;
+        if (last && s->after_total) s->after_total[b * d + c] = total;
+    }
+    if (last && s->after_count) s->after_count[b] = total_count;
+    return mean;
 }
 
-static void finish(const Plan *p, const float *delta, const void *base, void *out, int bf16, long offset) {
-    for (int c = 0; c < p->hidden; c++) store(out, bf16, offset + c, load(base, bf16, offset + c) + delta[c]);
+void adapter_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16, const Prefix *s) {
+    const int d = p->hidden;
+    float x[d], mean[d], logits[p->experts], z[p->rank > 0 ? p->rank : 1], gates[p->top_k], delta[d];
+    double sum[d], count = 0.0;
+    int chosen[p->top_k];
+    for (long n = 0; n < tokens; n++) {
+        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
+        p->logits(p, p->prefix_mean && s ? prefix_mean(p, s, x, n, sum, &count, mean) : x, logits);
+        choose(p, logits, chosen, gates);
+        project(p->rows, p->rank, d, x, z);
+        p->delta(p, z, chosen, gates, delta);
+        for (int c = 0; c < d; c++) store(out, bf16, n * d + c, load(base, bf16, n * d + c) + delta[c]);
+    }
 }
 
-void shared_core_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16) {
+void shared_core_delta(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta) {
     const int d = p->hidden, r = p->rank, w = p->width;
-    float x[d], projected[p->experts + r], gates[p->top_k], t[r], a[w], delta[d];
-    int chosen[p->top_k];
-    for (long n = 0; n < tokens; n++) {
-        route_token(p, h, bf16, n, x, projected, chosen, gates);
-        const float *z = projected + p->experts;
-        for (int j = 0; j < r; j++) t[j] = z[j];
-        for (int s = 0; s < p->top_k; s++) {
-            if (chosen[s] >= p->real) continue;  /* the null expert */
-            const float *w1 = p->core_in + (long)chosen[s] * r * w, *w2 = p->core_out + (long)chosen[s] * w * r;
-            for (int q = 0; q < w; q++) a[q] = 0.f;
-            for (int j = 0; j < r; j++)
-                for (int q = 0; q < w; q++) a[q] += z[j] * w1[j * w + q];
-            for (int q = 0; q < w; q++) {
-                float v = gates[s] * a[q] / (1.f + expf(-a[q]));
-                for (int j = 0; j < r; j++) t[j] += v * w2[q * r + j];
-            }
+    float t[r], a[w];
+    for (int j = 0; j < r; j++) t[j] = z[j];
+    for (int s = 0; s < p->top_k; s++) {
+        if (chosen[s] >= p->real) continue;  /* the null expert */
+        const float *w1 = p->core_in + (long)chosen[s] * r * w, *w2 = p->core_out + (long)chosen[s] * w * r;
+        for (int q = 0; q < w; q++) a[q] = 0.f;
+        for (int j = 0; j < r; j++)
+            for (int q = 0; q < w; q++) a[q] += z[j] * w1[j * w + q];
+        for (int q = 0; q < w; q++) {
+            float v = gates[s] * a[q] / (1.f + expf(-a[q]));
+            for (int j = 0; j < r; j++) t[j] += v * w2[q * r + j];
         }
-        for (int c = 0; c < d; c++) {
-            const float *u = p->up + (long)c * r;
-            float acc = 0.f;
-            for (int j = 0; j < r; j++) acc += u[j] * t[j];
-            delta[c] = acc;
-        }
-        finish(p, delta, base, out, bf16, n * d);
     }
+    project(p->up, d, r, t, delta);
 }
 
-void shared_down_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16) {
+void shared_down_delta(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta) {
     const int d = p->hidden, r = p->rank;
-    float x[d], projected[p->experts + r], gates[p->top_k], delta[d];
-    int chosen[p->top_k];
-    for (long n = 0; n < tokens; n++) {
-        route_token(p, h, bf16, n, x, projected, chosen, gates);
-        const float *z = projected + p->experts;
-        for (int c = 0; c < d; c++) delta[c] = 0.f;
-        for (int s = 0; s < p->top_k; s++)
-            for (int j = 0; j < r && chosen[s] < p->real; j++) {
-                const float *u = p->up + ((long)chosen[s] * r + j) * d;
-                float scale = gates[s] * z[j];
-                for (int c = 0; c < d; c++) delta[c] += scale * u[c];
-            }
-        finish(p, delta, base, out, bf16, n * d);
-    }
+    for (int c = 0; c < d; c++) delta[c] = 0.f;
+    for (int s = 0; s < p->top_k; s++)
+        for (int j = 0; j < r && chosen[s] < p->real; j++) {
+            const float *u = p->up + ((long)chosen[s] * r + j) * d;
+            float scale = gates[s] * z[j];
+            for (int c = 0; c < d; c++) delta[c] += scale * u[c];
+        }
 }
 
-void lora_experts_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16) {
-    const int d = p->hidden, r = p->rank, w = p->width, shared = p->rank - p->real * p->width;
-    float x[d], projected[p->experts + r], gates[p->top_k], delta[d];
-    int chosen[p->top_k];
-    for (long n = 0; n < tokens; n++) {
-        route_token(p, h, bf16, n, x, projected, chosen, gates);
-        const float *z = projected + p->experts;
-        for (int c = 0; c < d; c++) delta[c] = 0.f;
-        for (int j = 0; j < shared; j++) {
-            const float *u = p->up + (long)j * d;
-            for (int c = 0; c < d; c++) delta[c] += z[j] * u[c];
-        }
-        for (int s = 0; s < p->top_k; s++)
-            for (int j = 0; j < w && chosen[s] < p->real; j++) {
-                const long row = shared + (long)chosen[s] * w + j;
-                const float *u = p->up + row * d;
-                float scale = gates[s] * z[row];
-                for (int c = 0; c < d; c++) delta[c] += scale * u[c];
-            }
-        finish(p, delta, base, out, bf16, n * d);
+void lora_experts_delta(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta) {
+    const int d = p->hidden, w = p->width, shared = p->rank - p->real * p->width;
+    for (int c = 0; c < d; c++) delta[c] = 0.f;
+    for (int j = 0; j < shared; j++) {
+        const float *u = p->up + (long)j * d;
+        for (int c = 0; c < d; c++) delta[c] += z[j] * u[c];
     }
+    for (int s = 0; s < p->top_k; s++)
+        for (int j = 0; j < w && chosen[s] < p->real; j++) {
+            const long row = shared + (long)chosen[s] * w + j;
+            const float *u = p->up + row * d;
+            float scale = gates[s] * z[row];
+            for (int c = 0; c < d; c++) delta[c] += scale * u[c];
+        }
 }

@@ -4,7 +4,9 @@ Why: at batch 1 an adapter's decode work is a few thousand multiply-adds, less t
 PyTorch operations that express it (about 7 us each on a 2-core VM, 0.90x of the base's tokens/s with the
 PyTorch fused path). The kernel routes, runs the chosen experts only and adds the base output in one call,
 and it reads ``[W_g; A]`` instead of the PyTorch path's ``[W_g; A; W1^T A]`` (5.7x fewer adapter bytes per
-token with SmolLM2's default shapes, which matters when decoding is bound by memory).
+token with SmolLM2's default shapes, which matters when decoding is bound by memory). Routers that route by the
+sequence's prefix mean (``sequence_aux_free``, a mix's ``prototype``) run here too: the call reads the running sums
+earlier passes left in the pass's ``PrefixState`` and writes the new ones (``KernelRouting.prefix_mean``).
 
 Why ctypes and the system C compiler rather than ``torch.utils.cpp_extension``: the kernel needs no PyTorch
 headers, so it builds in a fraction of a second instead of a minute, and a ctypes call costs about what one
@@ -23,8 +25,9 @@ import platform
 import shutil
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -46,8 +49,41 @@ class PlanStruct(ctypes.Structure):
     """decode_kernel.c's ``Plan``."""
 
     _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "experts", "real", "top_k", "normalise_all", "rank",
-                                                    "width")] \
-        + [(name, ctypes.c_void_p) for name in ("rows", "bias", "core_in", "core_out", "up")]
+                                                    "width", "prefix_mean")] \
+        + [("divisor", ctypes.c_float), ("null_logit", ctypes.c_float)] \
+        + [(name, ctypes.c_void_p) for name in ("logits", "delta", "router_rows", "bias", "centre", "row_norms",
+                                                "rows", "core_in", "core_out", "up")]
+
+
+class PrefixStruct(ctypes.Structure):
+    """decode_kernel.c's ``Prefix``: a prefix-mean router's running sums for one call."""
+
+    _fields_ = [("length", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
+        "mask", "before_total", "before_count", "after_total", "after_count")]
+
+
+@dataclass
+class KernelRouting:
+    """A router's eval routing as the kernel runs it (``RouterBase.kernel_routing``): the C function
+    ``<logits>_logits`` makes the logits from the router input (the token's ``h``, or with ``prefix_mean`` its
+    sequence's prefix mean, kept across passes in the pass context's ``PrefixState`` under the router as key), then
+    the top-k of ``logits + bias``, gated by the softmax of the chosen logits (``normalise_all``: of all of them).
+
+    ``linear``: ``rows`` is ``W_g`` [choices, d]. ``prototype``: ``rows`` are the prototypes minus their mean ``centre``
+    [E_real, d], ``row_norms`` their squared norms, ``divisor`` ``d * T``; with a null expert (one more choice than
+    rows) its logit is ``null_logit``."""
+
+    top_k: int
+    choices: int  # the router's ``num_experts``: the real experts and a null expert's choice
+    rows: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    normalise_all: bool = False
+    logits: str = "linear"
+    prefix_mean: bool = False
+    centre: Optional[torch.Tensor] = None
+    row_norms: Optional[torch.Tensor] = None
+    divisor: float = 1.0
+    null_logit: float = 0.0
 
 
 _state: Dict[str, object] = {}
@@ -73,12 +109,20 @@ def _load() -> Optional[ctypes.CDLL]:
                        "about 5%% slower at batch 1 (install a C compiler, or set %s=0 to silence this)",
                        str(error).splitlines()[0] if str(error) else type(error).__name__, KERNEL_SWITCH)
         return None
-    for name in ("shared_core_add", "shared_down_add", "lora_experts_add"):
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_int]
-        function.restype = None
+    library.adapter_add.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    library.adapter_add.restype = None
     return library
+
+
+def kernel_function(library: ctypes.CDLL, name: str) -> int:
+    """The address of the library's C function ``name`` (a router's ``<form>_logits``, a bank's ``<bank>_delta``),
+    for the plan: the kernel calls the router's and the bank's parts through these pointers."""
+    try:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    except AttributeError:
+        raise ValueError(f"decode_kernel.c has no function {name}; add it there, or give this router or bank no "
+                         f"kernel form") from None
 
 
 def _cpu_signature() -> str:
@@ -120,31 +164,81 @@ class DecodeKernel:
 
     ``routing`` is the router's ``kernel_routing()`` and ``form`` the bank's ``kernel_form(alpha_l)``; the tensors
     are kept here because the C struct only points at them. ``real``: the bank's experts; a router with a null
-    expert has one more row, and a token that picks it gets nothing from it.
+    expert has one more choice, and a token that picks it gets nothing from it. A prefix-mean router also needs
+    ``context`` (the model's ``TokenMask``: padding mask and ``PrefixState``) and ``key`` (its key in the state).
     """
 
-    def __init__(self, library: ctypes.CDLL, router_rows: torch.Tensor, routing, form, real: int):
-        top_k, bias, normalise_all = routing
+    def __init__(self, library: ctypes.CDLL, routing: KernelRouting, form, real: int, context=None, key=None):
         kernel_name, rank, width, tensors = form
         self.tensors = {name: t.detach().float().contiguous() for name, t in tensors.items()}
-        self.tensors["rows"] = torch.cat([router_rows.detach().float(), self.tensors.pop("input_rows")]).contiguous()
-        if bias is not None:
-            self.tensors["bias"] = bias.detach().float().contiguous()
+        self.tensors["rows"] = self.tensors.pop("input_rows")
+        for name in ("rows", "bias", "centre", "row_norms"):
+            value = getattr(routing, name)
+            if value is not None:
+                self.tensors["router_" + name if name == "rows" else name] = value.detach().float().contiguous()
         self.hidden = self.tensors["rows"].shape[1]
         pointers = {name: t.data_ptr() for name, t in self.tensors.items()}
-        self.plan = PlanStruct(self.hidden, router_rows.shape[0], real, top_k, int(normalise_all), rank, width,
-                               pointers["rows"], pointers.get("bias"),
-                               pointers.get("core_in"), pointers.get("core_out"), pointers["up"])
+        self.plan = PlanStruct(
+            self.hidden, routing.choices, real, routing.top_k, int(routing.normalise_all), rank, width,
+            int(routing.prefix_mean), routing.divisor, routing.null_logit,
+            kernel_function(library, f"{routing.logits}_logits"), kernel_function(library, f"{kernel_name}_delta"),
+            *[pointers.get(name) for name in ("router_rows", "bias", "centre", "row_norms", "rows", "core_in",
+                                              "core_out", "up")])
         self.plan_pointer = ctypes.byref(self.plan)
-        self.function = getattr(library, f"{kernel_name}_add")
+        self.function = library.adapter_add
+        self.sequences = (context, key) if routing.prefix_mean else None
+        self.prefix = PrefixStruct()
+        self.prefix_pointer = ctypes.byref(self.prefix)
 
     def accepts(self, hidden: torch.Tensor, base: torch.Tensor) -> bool:
         return (hidden.is_cpu and hidden.dtype is base.dtype and hidden.dtype in KERNEL_DTYPES
                 and hidden.shape == base.shape and hidden.is_contiguous() and base.is_contiguous()
-                and hidden.shape[-1] == self.hidden)
+                and hidden.shape[-1] == self.hidden and hidden.numel() > 0)
 
     def __call__(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(base)
+        sums = self.prefix_sums(hidden) if self.sequences is not None else None
         self.function(self.plan_pointer, hidden.numel() // self.hidden, hidden.data_ptr(), base.data_ptr(),
-                      out.data_ptr(), hidden.dtype is torch.bfloat16)
+                      out.data_ptr(), hidden.dtype is torch.bfloat16, None if sums is None else self.prefix_pointer)
+        if sums is not None and sums.state is not None:
+            sums.state.write(self.sequences[1], *sums.after)  # as the general path leaves them for the next pass
         return out
+
+    def prefix_sums(self, hidden: torch.Tensor) -> "PrefixSums":
+        """Point the ``Prefix`` struct at this call's padding mask and the sums earlier passes left, and at new
+        tensors for the totals after it, as ``prefix_state.sequence_prefix_means`` reads and writes them ([B, T, d]
+        is B sequences, [N, d] one; no ``PrefixState``: the sequences start here and nothing is kept)."""
+        context, key = self.sequences
+        batch, length = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
+        state = context.prefix if context is not None else None
+        before = state.read(key) if state is not None else None
+        mask = context.for_hidden(hidden) if context is not None else None
+        mask = mask.contiguous() if mask is not None else None
+        if before is not None:
+            before = (as_rows(before[0], (batch, self.hidden)), as_rows(before[1], (batch,)))
+        after = (torch.empty(batch, self.hidden, dtype=torch.float32), torch.empty(batch, dtype=torch.float32)) \
+            if state is not None else None
+        prefix = self.prefix
+        prefix.length = length
+        prefix.mask = mask.data_ptr() if mask is not None else None
+        prefix.before_total, prefix.before_count = (None, None) if before is None else [t.data_ptr() for t in before]
+        prefix.after_total, prefix.after_count = (None, None) if after is None else [t.data_ptr() for t in after]
+        return PrefixSums(state, mask, before, after)
+
+
+def as_rows(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """``tensor`` as a contiguous float32 tensor of ``shape`` for the kernel to read, broadcast as the general path's
+    sum broadcasts (and never read past its end); as it is when it is one already (each decode step's case)."""
+    if tensor.shape == shape and tensor.dtype is torch.float32 and tensor.is_contiguous():
+        return tensor
+    return torch.broadcast_to(tensor.float(), shape).contiguous()
+
+
+class PrefixSums(NamedTuple):
+    """One kernel call's prefix state (``state``, None outside a model pass) and the tensors its ``Prefix`` struct
+    points at, kept alive until the call returns."""
+
+    state: object
+    mask: Optional[torch.Tensor]
+    before: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    after: Optional[Tuple[torch.Tensor, torch.Tensor]]

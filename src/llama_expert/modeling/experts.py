@@ -90,9 +90,9 @@ class ExpertBank(nn.Module):
 
     def kernel_form(self, residual_scale: torch.Tensor):
         """The bank as the compiled decode kernel reads it (modeling/decode_kernel.c): ``(name, rank, width,
-        tensors)``, run by the C function ``<name>_add``; ``tensors`` holds ``input_rows`` (``A`` [r, d], under the
-        router's ``W_g``), ``up`` and, for cores, ``core_in`` / ``core_out``, with ``alpha_l * s`` folded into
-        ``up``. None: the kernel has no form of this bank (the PyTorch fused path runs it)."""
+        tensors)``, run by the C function ``<name>_delta``; ``tensors`` holds ``input_rows`` (``A`` [r, d]), ``up``
+        and, for cores, ``core_in`` / ``core_out``, with ``alpha_l * s`` folded into ``up``. None: the kernel has no
+        form of this bank (the PyTorch fused path runs it)."""
         return None
 
 

@@ -7,9 +7,12 @@ adapters cost 0.1x of the base's decode speed at batch 1 (docs/results/decode-sp
 inference needs and no more:
 
 1. one matmul of ``h`` with the router's gate rows stacked on the bank's input rows (``[W_g; A; ...]`` h,
-   float32, as the general path routes; ``ExpertBank.inference_state``);
-2. the router's gates as a dense ``[N, E]`` matrix (``RouterBase.inference_gates``; with a null expert the router
-   has one more column, which the bank never sees: its gate adds nothing);
+   float32, as the general path routes; ``RouterBase.inference_rows``, ``ExpertBank.inference_state``);
+2. the router's logits (``RouterBase.inference_logits``: those rows of the product, or for a router that routes
+   by its sequence's prefix mean, ``sequence_aux_free`` and ``prototype``, the logits of the means, with the pass's
+   prefix state read and updated as the general path does) and its gates as a dense ``[N, E]`` matrix
+   (``RouterBase.inference_gates``; with a null expert the router has one more column, which the bank never sees:
+   its gate adds nothing);
 3. the bank's output from its rows of that product and the gates (``ExpertBank.inference_output``), with
    ``alpha_l * lora_alpha / r`` folded into its last weight.
 
@@ -21,9 +24,10 @@ The derived tensors are rebuilt whenever a source parameter changes: in place (i
 moved (its storage), replaced (its identity, or the router's or bank's), and after any optimiser step (a fused
 AdamW step leaves versions as they were) or a switch to training mode. A write through ``.data`` bypasses all of
 these: after one, set ``adapter.inference_plan = None`` (or call ``model.train()`` / ``model.eval()``).
-A router whose eval routing is not a function of each token alone (expert choice), or a bank that reads the
-frozen MLP (mixlora), has no inference form, and its adapter keeps the general path. The adapter uses the plan
-only in eval mode, without gradients, autocast or routing statistics; tests pin it to the general path.
+A router whose eval routing depends on other sequences of the batch (expert choice) or needs labels (oracle), or
+a bank that reads the frozen MLP (mixlora), has no inference form, and its adapter keeps the general path. The
+adapter uses the plan only in eval mode, without gradients, autocast or routing statistics; tests pin it to the
+general path.
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ class FusedInference:
         self.router = self.bank = None
         self.kernel: Optional[DecodeKernel] = None
 
+    def __deepcopy__(self, memo) -> None:
+        """A copied (or pickled) adapter derives its own plan on first use: this one's kernel points at tensors
+        derived from the original's parameters, and ctypes structures cannot be copied."""
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
     def ready(self) -> bool:
         """Whether this router and bank have an inference form; (re)derives the fused tensors when stale."""
         adapter = self.adapter  # its module and parameter dicts directly: this runs once per layer per decode step
@@ -79,9 +91,10 @@ class FusedInference:
                 alpha = scale.detach().float()
                 form = bank.inference_state(alpha)
                 input_rows, self.state = form if form is not None else (None, None)
-                gates = router.weight.detach().float()
-                self.num_gates, self.num_real = gates.shape[0], bank.num_experts
-                self.weight = gates if input_rows is None else torch.cat([gates, input_rows.float()])
+                gates = router.inference_rows()  # None: a prefix-mean router's logits are not of each token's h
+                parts = [rows.detach().float() for rows in (gates, input_rows) if rows is not None]
+                self.num_gates, self.num_real = (0 if gates is None else gates.shape[0]), bank.num_experts
+                self.weight = torch.cat(parts) if parts else None
                 self.router, self.bank = router, bank
                 self.kernel = self.compiled_kernel(router, bank, alpha) if self.state is not None else None
             self.key = key
@@ -92,21 +105,26 @@ class FusedInference:
             return None
         routing, form = router.kernel_routing(), bank.kernel_form(alpha)
         library = kernel_library() if routing is not None and form is not None else None
-        return DecodeKernel(library, router.weight, routing, form, bank.num_experts) if library is not None else None
+        if library is None:
+            return None
+        return DecodeKernel(library, routing, form, bank.num_experts, self.adapter.token_mask, router)
 
     def add_to(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """``base + alpha_l * MoE(hidden)``: the compiled kernel where it takes these tensors, else PyTorch."""
         kernel = self.kernel
         if kernel is not None and kernel.accepts(hidden, base):
             return kernel(hidden, base)
-        moe = self(hidden.reshape(-1, hidden.shape[-1]))
+        moe = self(hidden)
         return base + (moe if moe.dtype == base.dtype else moe.to(base.dtype)).view(base.shape)
 
-    def __call__(self, flat: torch.Tensor) -> torch.Tensor:
-        """The adapter's ``alpha_l * MoE(h)`` for ``flat`` [N, d] hidden states (computed in float32)."""
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The adapter's ``alpha_l * MoE(h)`` [N, d] for a pass's ``hidden`` [B, T, d] (or [N, d]) states (computed
+        in float32; a prefix-mean router reads and updates the pass's prefix state, as the general path does)."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
         flat = flat if flat.dtype == torch.float32 else flat.float()
-        projected = F.linear(flat, self.weight)
-        gates = self.router.inference_gates(projected[:, :self.num_gates])
+        projected = F.linear(flat, self.weight) if self.weight is not None else flat[:, :0]
+        logits = self.router.inference_logits(projected[:, :self.num_gates], hidden, self.adapter.token_mask)
+        gates = self.router.inference_gates(logits)
         if self.num_real != self.num_gates:
             gates = gates[:, :self.num_real]  # the null expert's column: its output is zero
         rows = projected[:, self.num_gates:] if projected.shape[1] > self.num_gates else flat

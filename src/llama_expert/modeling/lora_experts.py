@@ -95,7 +95,7 @@ class LoRAExperts(ExpertBank):
         return self.mix(rows, gates) @ state
 
     def kernel_form(self, residual_scale: torch.Tensor):
-        """``lora_experts_add`` (modeling/decode_kernel.c): rows ``[A_s; A_1..A_E]``, ``up`` the stacked ``B``, width
+        """``lora_experts_delta`` (modeling/decode_kernel.c): rows ``[A_s; A_1..A_E]``, ``up`` the stacked ``B``, width
         ``r_e``; the kernel multiplies only the chosen experts' ``B_i``."""
         if self.down.dtype != torch.float32:
             return None

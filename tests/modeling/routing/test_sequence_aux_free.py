@@ -1,7 +1,7 @@
 """SequenceAuxFreeRouter: a token is routed by the mean of its sequence so far (padding left out), a pass that
 continues a sequence from a PrefixState routes as one pass over the whole sequence would, top-1 works, training
-balances with aux_free's bias and sends gradients through the prefix means, and it never takes the decode fast
-path or the compiled kernel (routing by each token's own logits would be wrong for it)."""
+balances with aux_free's bias and sends gradients through the prefix means, and its adapter's decode fast path
+routes by the prefix means too (tests/modeling/test_fused_inference.py pins it to the general path)."""
 
 import torch
 
@@ -81,9 +81,10 @@ def test_training_moves_the_bias_and_sends_gradients_through_the_prefix_means():
     assert router.bias.abs().sum() > 0 and router.aux_loss.item() == 0.0 and router.z_loss is not None
 
 
-def test_the_adapter_takes_the_general_path():
+def test_the_adapter_takes_the_fast_path_by_the_prefix_means():
     adapter = MoEAdapter(torch.nn.Linear(HIDDEN, HIDDEN), HIDDEN, EXPERTS,
                          ExpertConfig(router_type="sequence_aux_free", num_experts=EXPERTS, lora_r=2)).eval()
-    assert adapter.router.kernel_routing() is None and not adapter.router.has_inference_gates
+    routing = adapter.router.kernel_routing()
+    assert routing.prefix_mean and routing.logits == "linear" and adapter.router.inference_rows() is None
     with torch.no_grad():
-        assert not adapter.use_fused_inference(torch.zeros(1, 1, HIDDEN)) and adapter.kernel_for_pass() is None
+        assert adapter.use_fused_inference(torch.zeros(1, 1, HIDDEN))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decode_kernel import KernelRouting
 from .base import RouterBase, chosen_gates, in_backward_pass
 from .losses import Routing, gate_matrix
 from .registry import register_router
@@ -51,7 +52,7 @@ class AuxFreeRouter(RouterBase):
         return gate_matrix(indices, torch.softmax(logits.gather(1, indices), dim=-1), self.num_experts)
 
     def kernel_routing(self):
-        return self.top_k, self.bias, False
+        return KernelRouting(self.top_k, self.num_experts, self.weight, self.bias)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

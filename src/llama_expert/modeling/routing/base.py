@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decode_kernel import KernelRouting
 from ..per_expert import Transfer, select_rows
 from .losses import ROUTER_LOSSES, Routing, global_load, load_balancing_loss, router_z_loss
 from .window import LoadWindow
@@ -61,7 +62,7 @@ class RouterBase(nn.Module):
     DEFAULT_INIT_SCALE = 0.1  # W_g std = 0.1 / sqrt(d): early routing is near uniform (ExpertConfig's default)
     per_expert_parameters: tuple = ("weight",)  # one row per choice, a null expert's last (what select_experts slices)
     real_expert_parameters: tuple = ()  # one row per real expert, none for a null expert (sliced alike)
-    has_inference_gates = False  # True where ``inference_gates`` gives eval routing per token (the decode fast path)
+    has_inference_gates = False  # True where ``inference_gates`` gives eval routing (the decode fast path)
     sequence_level = False  # True: ``route_sequences`` routes by the sequence (the model then keeps a prefix state)
     null_choices = 0  # 1 with a null expert (``build``): the last of the ``num_experts`` choices
 
@@ -160,16 +161,27 @@ class RouterBase(nn.Module):
         mask = context.for_hidden(hidden) if context is not None else None
         return self(hidden.reshape(-1, hidden.shape[-1]), mask, hidden.shape[0] if hidden.dim() == 3 else 1)
 
-    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        """Eval routing as a dense [N, E] gate matrix from the clean logits ``h W_g`` [N, E] (float32): what
-        ``forward`` gives in eval mode, per token, without losses or statistics (``modeling.fused_inference``)."""
-        raise NotImplementedError(f"{type(self).__name__} routes by more than each token's logits")
+    def inference_rows(self) -> Optional[torch.Tensor]:
+        """The rows whose product with each token's ``h`` gives this router's logits (``W_g`` [E, d]): the fused
+        plan stacks them on the bank's input rows, one matmul for both. None: the logits are of more than the token
+        (``inference_logits`` makes them)."""
+        return self.weight
 
-    def kernel_routing(self) -> Optional[Tuple[int, Optional[torch.Tensor], bool]]:
-        """Eval routing as the compiled decode kernel runs it (modeling/decode_kernel.c): ``(top_k, bias,
-        normalise_all)`` = the top-k experts of ``logits + bias`` (bias None: none), gated by the softmax of their
-        logits (``normalise_all``: each one's probability under the softmax of all E). None: this router's
-        routing is not of that form, and its adapters use the PyTorch fused path."""
+    def inference_logits(self, projected: torch.Tensor, hidden: torch.Tensor, context) -> torch.Tensor:
+        """[N, E] eval logits for the fused plan: ``projected`` is ``h`` times ``inference_rows`` ([N, 0] where
+        that is None), ``hidden`` the pass's [B, T, d] (or [N, d]) hidden states and ``context`` its ``TokenMask``."""
+        return projected
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """Eval routing as a dense [N, E] gate matrix from the clean logits (``inference_logits``, float32): what
+        ``forward`` gives in eval mode, without losses or statistics (``modeling.fused_inference``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-pass inference form of its routing")
+
+    def kernel_routing(self) -> Optional[KernelRouting]:
+        """Eval routing as the compiled decode kernel runs it (modeling/decode_kernel.c, ``KernelRouting``): the
+        top-k experts of ``logits + bias``, gated by the softmax of their logits, the logits made by a registered C
+        form (``linear``: ``W_g x``; ``prototype``) of the token's ``h`` or of its sequence's prefix mean. None:
+        this router's routing is not of that form, and its adapters use the PyTorch fused path."""
         return None
 
     def need_losses(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decode_kernel import KernelRouting
 from .base import RouterBase, chosen_gates
 from .losses import Routing, data_parallel_draw, gate_matrix
 from .registry import register_router
@@ -46,7 +47,7 @@ class NoisyTopKGating(RouterBase):
         return gate_matrix(indices, torch.softmax(top_logits, dim=-1), self.num_experts)
 
     def kernel_routing(self):
-        return self.top_k, None, False
+        return KernelRouting(self.top_k, self.num_experts, self.weight)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

@@ -86,3 +86,23 @@ def _prefix_means(key, hidden: torch.Tensor, mask: Optional[torch.Tensor], prefi
     if prefix is not None and not in_backward_pass():
         prefix.write(key, total[:, -1], count[:, -1])
     return total / count.clamp_min(1.0).unsqueeze(-1)
+
+
+class PrefixMeanRouting:
+    """What the routers that route token t by its sequence's prefix mean ``m_t`` share (``sequence_aux_free``,
+    ``prototype``; mixed in before ``RouterBase``): the general path routes the means of ``sequence_prefix_means``,
+    and so does the decode fast path (``modeling.fused_inference``): its ``inference_logits`` are the subclass's
+    ``logits`` of the means, which read and update the pass's ``PrefixState`` as the general path does, and its
+    ``kernel_routing`` (the compiled kernel) sets ``prefix_mean``, which makes the kernel keep the same sums."""
+
+    sequence_level = True
+    has_inference_gates = True
+
+    def route_sequences(self, hidden: torch.Tensor, context):
+        return self(*sequence_prefix_means(self, hidden, context))
+
+    def inference_rows(self) -> None:
+        return None  # the logits are of the means, not of each token's own h
+
+    def inference_logits(self, projected: torch.Tensor, hidden: torch.Tensor, context) -> torch.Tensor:
+        return self.logits(sequence_prefix_means(self, hidden, context)[0])

@@ -13,14 +13,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..decode_kernel import KernelRouting
 from .base import RouterBase, chosen_gates
-from .losses import Routing
-from .prefix_state import sequence_prefix_means
+from .losses import Routing, gate_matrix
+from .prefix_state import PrefixMeanRouting
 from .registry import register_router
 
 
 @register_router("prototype")
-class PrototypeRouter(RouterBase):
+class PrototypeRouter(PrefixMeanRouting, RouterBase):
     """Token t is routed by its sequence's prefix mean ``m_t`` (as ``sequence_aux_free``: causal, carried through
     decoding by the ``PrefixState``) to the experts whose prototypes ``p_i`` (rows of ``weight`` [E, d]) are nearest:
 
@@ -34,7 +35,6 @@ class PrototypeRouter(RouterBase):
     non-trainable ``nn.Parameter`` (as aux_free's bias) so that the adapter file keeps it.
     """
 
-    sequence_level = True
     per_expert_parameters = ()
     # per real expert: its prototype, and the spread of its training sequences' prefix means around it (kept, not
     # trained: a later mix sets the null's distance from every expert's spread); the null's logit is ``null_distance``
@@ -55,9 +55,6 @@ class PrototypeRouter(RouterBase):
     def init_gate(self, scale: float) -> None:
         """No draw: the prototypes come from the mixed adapters."""
 
-    def route_sequences(self, hidden: torch.Tensor, context) -> Routing:
-        return self(*sequence_prefix_means(self, hidden, context))
-
     def logits(self, means: torch.Tensor) -> torch.Tensor:
         """[N, E] ``-d_i / T`` (and the null's last), by ``||m||^2 - 2 m.p + ||p||^2`` (no [N, E, d] tensor) after
         moving the origin to the prototypes' mean: a Llama's router inputs share a few very large dimensions, whose
@@ -71,6 +68,20 @@ class PrototypeRouter(RouterBase):
             null = (-self.null_distance.float() / self.temperature).expand(means.shape[0], 1)
             logits = torch.cat([logits, null], dim=1)
         return logits
+
+    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        indices = logits.topk(self.top_k, dim=-1).indices
+        return gate_matrix(indices, torch.softmax(logits.gather(1, indices), dim=-1), self.num_experts)
+
+    def kernel_routing(self) -> KernelRouting:
+        """``logits`` as the kernel's ``prototype_logits`` computes them, from the same centred prototypes."""
+        prototypes = self.weight.detach().float()
+        centre = prototypes.mean(dim=0)
+        centred = prototypes - centre
+        null = 0.0 if self.null_distance is None else float(-self.null_distance.detach().float() / self.temperature)
+        return KernelRouting(self.top_k, self.num_experts, centred, logits="prototype", prefix_mean=True,
+                             centre=centre, row_norms=centred.pow(2).sum(-1),
+                             divisor=self.weight.shape[1] * self.temperature, null_logit=null)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = self.logits(hidden)

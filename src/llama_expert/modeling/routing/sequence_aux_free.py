@@ -8,16 +8,19 @@ forward pass and step-by-step decoding route alike.
 
 from __future__ import annotations
 
-import torch
+import dataclasses
 
+import torch
+import torch.nn.functional as F
+
+from ..decode_kernel import KernelRouting
 from .aux_free import AuxFreeRouter
-from .losses import Routing
-from .prefix_state import sequence_prefix_means
+from .prefix_state import PrefixMeanRouting
 from .registry import register_router
 
 
 @register_router("sequence_aux_free")
-class SequenceAuxFreeRouter(AuxFreeRouter):
+class SequenceAuxFreeRouter(PrefixMeanRouting, AuxFreeRouter):
     """Token t of a sequence is routed by the mean ``m_t`` of the router inputs ``h_s`` of its sequence's
     non-padding tokens ``s <= t``, then exactly as ``aux_free`` routes a token:
 
@@ -28,18 +31,12 @@ class SequenceAuxFreeRouter(AuxFreeRouter):
     ``route_sequences`` takes the hidden states as [B, T, d] and the pass context (``sequence_prefix_means``): the
     masked cumulative sum over the sequence axis gives every prefix mean of a full pass at once; with a KV cache, the
     sum and count of the earlier tokens come from the context's ``PrefixState`` (none: the sequences start here),
-    and the new totals go back into it for the next pass. No per-token inference form: the decode fast path and the
-    compiled kernel route by each token's own ``h``, so this router's adapters take the general path.
+    and the new totals go back into it for the next pass. The decode fast path and the compiled kernel route by the
+    same means and keep the same sums (``PrefixMeanRouting``).
     """
 
-    sequence_level = True
-    has_inference_gates = False
+    def logits(self, means: torch.Tensor) -> torch.Tensor:
+        return F.linear(means, self.weight)
 
-    def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("sequence_aux_free routes by the prefix mean, not by each token's own logits")
-
-    def kernel_routing(self):
-        return None
-
-    def route_sequences(self, hidden: torch.Tensor, context) -> Routing:
-        return self(*sequence_prefix_means(self, hidden, context))
+    def kernel_routing(self) -> KernelRouting:
+        return dataclasses.replace(super().kernel_routing(), prefix_mean=True)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..decode_kernel import KernelRouting
 from .base import RouterBase
 from .losses import Routing
 from .registry import register_router
@@ -45,7 +46,7 @@ class SoftRouter(RouterBase):
         return torch.softmax(logits, dim=-1)
 
     def kernel_routing(self):
-        return self.num_experts, None, False  # every expert, softmax over all
+        return KernelRouting(self.num_experts, self.num_experts, self.weight)  # every expert, softmax over all
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..decode_kernel import KernelRouting
 from .base import RouterBase
 from .losses import Routing, data_parallel_draw, gate_matrix
 from .registry import register_router
@@ -53,7 +54,8 @@ class SwitchRouter(RouterBase):
         return gate_matrix(indices, gates, self.num_experts)
 
     def kernel_routing(self):
-        return 1, None, True  # the top expert, gated by its probability among all
+        # the top expert, gated by its probability among all
+        return KernelRouting(1, self.num_experts, self.weight, normalise_all=True)
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
         logits = F.linear(hidden, self.weight)
