@@ -43,7 +43,8 @@ class Service:
     def __init__(self, model, tokenizer, name: str, args, api_key: Optional[str]):
         """``args``: the ServeArguments; ``api_key``: the key every /v1 request must send, or None."""
         self.model, self.tokenizer, self.name, self.args, self.api_key = model, tokenizer, name, args, api_key
-        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache)
+        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache,
+                                  args.compiled_decode)
         self.context = context_length(model.config)
         self.created = int(time.time())
 

@@ -86,7 +86,7 @@ def attach(cache, state: PrefixState) -> None:
     held the cache (or its bound method) would make a reference cycle, and every pass's cache, key/value tensors
     and all, would wait for the cyclic garbage collector (an evaluation held gigabytes)."""
     if getattr(cache, "is_compileable", False) and not isinstance(state, StaticPrefixState):
-        state = StaticPrefixState(state.before)  # a static cache is there to be captured: so are the sums
+        state = static_state(cache, state)
     if not hasattr(cache, STATE):
         owner = weakref.ref(cache)
         for name, move in FOLLOWS:
@@ -95,6 +95,15 @@ def attach(cache, state: PrefixState) -> None:
         if hasattr(cache, "crop"):
             setattr(cache, "crop", _refusing_crop(owner))
     setattr(cache, STATE, state)
+
+
+def static_state(cache, state: PrefixState) -> StaticPrefixState:
+    """A static cache is there to be captured in CUDA graphs, so are the sums: in fixed buffers, the very buffers
+    the cache's last generation used when they fit (a reused static cache keeps its graphs' addresses)."""
+    previous = getattr(cache, STATE, None)
+    if isinstance(previous, StaticPrefixState) and previous.refill(state.before):
+        return previous
+    return StaticPrefixState(state.before)
 
 
 def _following(owner, name, move):

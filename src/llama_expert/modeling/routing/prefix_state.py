@@ -68,6 +68,17 @@ class StaticPrefixState(PrefixState):
         super().__init__({key: _static_copy(sums) for key, sums in state.items()})
         self.after = {key: _static_copy(sums) for key, sums in state.items()}
 
+    def refill(self, state: Dict[object, Sums]) -> bool:
+        """Take ``state``'s sums into these buffers, in place, when it has the same routers and shapes (a static cache
+        reused by the next generation: its graphs keep their addresses); False, and nothing changed, otherwise."""
+        if state.keys() != self.before.keys() or any(state[k][0].shape != self.before[k][0].shape for k in state):
+            return False
+        for key, (total, count) in state.items():
+            for sums in (self.before, self.after):
+                sums[key][0].copy_(total)
+                sums[key][1].copy_(count)
+        return True
+
     def write(self, key, total: torch.Tensor, count: torch.Tensor) -> None:
         slot = self.after.get(key)
         if slot is None or slot[0].shape != total.shape:  # a router the prompt's pass did not see: a new slot
