@@ -93,6 +93,9 @@ def _time_generation(model, input_ids: torch.Tensor, new_tokens: int, kv_cache: 
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
+        del out  # a CUDA graph's replay reuses its last outputs' memory: none may stay alive (as generate() does)
+        if step is not model:
+            torch.compiler.cudagraph_mark_step_begin()
         out = step(input_ids=token, use_cache=True, **{names["cache"]: cache}, **extra)
         cache = _output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
