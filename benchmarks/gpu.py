@@ -8,7 +8,12 @@ depend on the weights' values, and the machine need not hold any checkpoint), in
   quantisation and bfloat16 compute on CUDA, the settings ``--quantization-4bit`` loads with there;
   optimum-quanto int4 on a CPU, as ``--quantization-4bit`` does there;
 - decode tokens/s at batch 1 and 32 of the base, the MoE-augmented model and a merged LoRA model (merged, it
-  is the base architecture with other weights), repeats interleaved.
+  is the base architecture with other weights), repeats interleaved;
+- the compiled rows, for the models of ``--compiled-models``: MoE training with ``--compile adapters``
+  (training/compilation.py) beside the eager rows, and decoding of the base and the MoE model on a static KV cache
+  replayed as CUDA graphs (``compiled_decode``, what inference, serve and benchmark do on CUDA by default),
+  interleaved with the eager decode rows in the same samples. On a CPU (``--tiny``) nothing compiles for decoding:
+  those rows say so, and the dry run only proves the code runs.
 
 Sized to finish well inside 8 minutes on one H200; ``--budget-s`` skips the rows left when time runs out (the
 table says which), and the table is rewritten after every row, so a run cut short still leaves its rows. `--tiny` runs the same code on tiny shapes in a few seconds
@@ -88,8 +93,9 @@ class Peak:
             self.bytes = self.sampler.peak
 
 
-def train_row(name, method, checkpointing, four_bit, args, device):
+def train_row(name, method, checkpointing, four_bit, args, device, compiled=False):
     from llama_expert import ExpertConfig, augment_model
+    from llama_expert.training.compilation import compile_for_training
     from training_cost import train_step
     from llama_expert.integration.peft_lora import add_lora, matched_lora_rank
 
@@ -98,6 +104,7 @@ def train_row(name, method, checkpointing, four_bit, args, device):
         quantize_4bit(model, device)
     if method == "moe":
         model = augment_model(model, ExpertConfig())
+        compile_for_training(model, "adapters" if compiled else "none", args.compile_backend)  # in the warm-up
     elif method == "lora":
         with torch.device("meta"):
             from transformers import LlamaForCausalLM
@@ -126,7 +133,8 @@ def train_row(name, method, checkpointing, four_bit, args, device):
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times.append(time.perf_counter() - started)
-    row = {"model": name + (" (tiny)" if args.tiny else ""), "method": method, "checkpointing": checkpointing, "four_bit": four_bit,
+    row = {"model": name + (" (tiny)" if args.tiny else ""), "method": method + (" compiled" if compiled else ""),
+           "checkpointing": checkpointing, "four_bit": four_bit,
            "trainable": sum(p.numel() for p in trainable),
            "tokens_per_s": args.batch * args.seq_len / statistics.median(times), "peak_bytes": peak.bytes}
     del model, optimizer
@@ -137,16 +145,23 @@ def train_row(name, method, checkpointing, four_bit, args, device):
 
 
 def decode_rows(name, args, device):
+    """Eager base, MoE and merged LoRA; for ``--compiled-models`` also the base and MoE compiled (static cache, CUDA
+    graphs), all in the same interleaved samples."""
     from decode_speed import random_merged_lora, random_moe
 
     from llama_expert.evaluation.throughput import measure_interleaved
 
     base = build(name, args.tiny, device).eval()
     moe, merged = random_moe(base), random_merged_lora(base)
-    measured = measure_interleaved([base, moe, merged], args.decode_samples, args.prompt_len, args.new_tokens,
-                                   args.decode_batches, progress=False)
+    models, labels, compiled = [base, moe, merged], ["base", "MoE adapters", "merged LoRA"], [False] * 3
+    if name in args.compiled_models:
+        models, labels, compiled = models + [base, moe], labels + ["base", "MoE adapters"], compiled + [True, True]
+    measured = measure_interleaved(models, args.decode_samples, args.prompt_len, args.new_tokens,
+                                   args.decode_batches, progress=False, compiled_decode=compiled)
     rows = []
-    for label, result in zip(("base", "MoE adapters", "merged LoRA"), measured):
+    for label, switch, result in zip(labels, compiled, measured):
+        if switch:
+            label += " compiled" if result["compiled_decode"] else " compiled (asked; a CPU decodes eagerly)"
         for r in result["results"]:
             rows.append({"model": name + (" (tiny)" if args.tiny else ""), "variant": label, "batch": r["batch_size"],
                          "decode_tokens_per_s": r["decode_tokens_per_s"]})
@@ -183,6 +198,18 @@ def write_table(path: str, args, device: str, started: float, training, decoding
     return text
 
 
+def training_rows(name, args):
+    """(method, checkpointing, 4-bit, compiled) of every training row: MoE and LoRA with and without checkpointing
+    and a 4-bit base, full fine-tuning with and without checkpointing, and for ``--compiled-models`` the MoE
+    adapters compiled (no checkpointing, which --compile refuses; a bf16 base)."""
+    for method in ("moe", "lora", "full"):
+        for checkpointing in (False, True):
+            for four_bit in ((False, True) if method != "full" else (False,)):
+                yield method, checkpointing, four_bit, False
+                if method == "moe" and not checkpointing and not four_bit and name in args.compiled_models:
+                    yield method, checkpointing, four_bit, True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="SmolLM2-135M,Llama-3.2-1B,Llama-3.2-3B", help=", ".join(ARCHITECTURES))
@@ -195,11 +222,18 @@ def main() -> None:
     parser.add_argument("--decode-samples", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--compiled-models", default="Llama-3.2-1B",
+                        help="models that also get the compiled rows (training --compile adapters, compiled decode)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled training row (the CPU dry-run test: aot_eager, "
+                             "the same graphs without generating code)")
     parser.add_argument("--budget-s", type=float, default=300, help="start no row after this many seconds")
     parser.add_argument("--out", default="runs/gpu")
     args = parser.parse_args()
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.compiled_models = args.compiled_models.split(",")
     if args.tiny:
+        args.compiled_models = args.models.split(",")  # the dry run runs every row
         args.steps, args.warmup, args.batch, args.seq_len = 1, 1, 2, 32
         args.decode_samples, args.prompt_len, args.new_tokens = 1, 8, 4
         args.decode_batches = [1, 2]
@@ -208,17 +242,15 @@ def main() -> None:
     started = time.time()
     training, decoding, skipped = [], [], []
     for name in args.models.split(","):
-        for method in ("moe", "lora", "full"):
-            for checkpointing in (False, True):
-                for four_bit in ((False, True) if method != "full" else (False,)):
-                    label = f"{name} {method} checkpointing={checkpointing} 4bit={four_bit}"
-                    if time.time() - started > args.budget_s:
-                        skipped.append("training " + label)
-                        continue
-                    training.append(train_row(name, method, checkpointing, four_bit, args, device))
-                    print(f"trained {label}: {training[-1]['tokens_per_s']:,.0f} tokens/s, "
-                          f"{training[-1]['peak_bytes'] / 2 ** 30:.2f} GiB ({time.time() - started:.0f} s)", flush=True)
-                    write_table(path, args, device, started, training, decoding, skipped)
+        for method, checkpointing, four_bit, compiled in training_rows(name, args):
+            label = f"{name} {method}{' compiled' * compiled} checkpointing={checkpointing} 4bit={four_bit}"
+            if time.time() - started > args.budget_s:
+                skipped.append("training " + label)
+                continue
+            training.append(train_row(name, method, checkpointing, four_bit, args, device, compiled))
+            print(f"trained {label}: {training[-1]['tokens_per_s']:,.0f} tokens/s, "
+                  f"{training[-1]['peak_bytes'] / 2 ** 30:.2f} GiB ({time.time() - started:.0f} s)", flush=True)
+            write_table(path, args, device, started, training, decoding, skipped)
         if time.time() - started > args.budget_s:
             skipped.append(f"decoding {name}")
             continue

@@ -118,3 +118,16 @@ def test_every_command_prints_its_help(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: llama-expert {command}")
+
+
+@pytest.mark.parametrize("command", ["inference", "serve", "benchmark", "compare"])
+def test_compiled_decoding_is_on_by_default_and_has_an_off_switch(command):
+    """On CUDA these commands decode on a static cache in CUDA graphs unless told not to (a CPU ignores it)."""
+    extra = ["--augmented-model", "a"] if command == "compare" else []
+    assert build_parser(command).parse_args([command, *extra]).compiled_decode is True
+    assert build_parser(command).parse_args([command, *extra, "--no-compiled-decode"]).compiled_decode is False
+
+
+def test_train_compile_flag_names_the_registered_compilations():
+    assert dataclass_from_args(TrainingArguments, _train(["--compile", "adapters"])).compile == "adapters"
+    assert _train([]).compile == "none"

@@ -55,3 +55,54 @@ def test_no_decoding_path_uses_the_deprecated_cache_name(chat_folder, embedded_t
         logger.removeHandler(records)
     assert not [m for m in records.messages if DEPRECATED in m]
     assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_a_cpu_decodes_as_before_whatever_the_compiled_decode_switch(tiny_model):
+    """Compiled decoding is for CUDA: on a CPU the cache ``--kv-cache`` names and the model itself, either way."""
+    from llama_expert.integration.kv_cache_choice import (cache_kwargs, compiled_decode_applies,
+                                                          decode_cache_and_step, generation_cache_kwargs)
+
+    for switch in (True, False):
+        assert not compiled_decode_applies(tiny_model, "none", switch)
+        assert generation_cache_kwargs(tiny_model, "none", switch) == {}
+        assert decode_cache_and_step(tiny_model, "none", switch, 1, 8) == (None, tiny_model)
+        kwargs = generation_cache_kwargs(tiny_model, "int8", switch)
+        assert list(kwargs) == list(cache_kwargs(tiny_model, object()))  # the compressed cache, by its name
+
+
+@pytest.mark.parametrize("router_type", ["aux_free", "sequence_aux_free"])
+def test_the_compiled_decode_loop_computes_what_the_eager_loop_computes(tiny_model, router_type):
+    """``benchmark``'s decode loop on the compiled path (a static cache, the model's compiled call): here traced by
+    dynamo as one graph (``fullgraph``) and run on the CPU, the same trace CUDA graphs replay; the logits are the
+    dynamic-cache loop's, and a second loop of the same shape reuses the same static cache (fixed addresses)."""
+    from transformers.generation import CompileConfig
+
+    from llama_expert.integration.kv_cache_choice import decode_cache_and_step
+    from llama_expert.integration.surgery import adapters
+
+    torch.manual_seed(0)
+    model = augment_model(tiny_model, ExpertConfig(num_experts=4, top_k=2, lora_r=4, router_type=router_type))
+    with torch.no_grad():
+        for _, adapter in adapters(model):
+            adapter.experts.up.normal_(std=0.05)
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+
+    @torch.no_grad()
+    def loop(cache, step):
+        out = model(input_ids=ids, use_cache=True, **({"cache": cache} if cache is not None else {}))
+        token, cache, logits = out.logits[:, -1:].argmax(-1), out.cache, []
+        for _ in range(4):
+            out = step(input_ids=token, use_cache=True, cache=cache)
+            token, cache = out.logits[:, -1:].argmax(-1), out.cache
+            logits.append(out.logits[:, -1])
+        return torch.stack(logits, 1), cache
+
+    eager, _ = loop(None, model)
+    config = CompileConfig(backend="eager", fullgraph=True)
+    compiled, first_cache = loop(*decode_cache_and_step(model, "none", True, 2, 9, config))
+    again, second_cache = loop(*decode_cache_and_step(model, "none", True, 2, 9, config))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-5)
+    assert second_cache is first_cache
+    torch._dynamo.reset()

@@ -312,3 +312,28 @@ def test_a_pass_leaves_no_reference_cycle_behind(tiny_model):
         assert cache() is None, "the pass's cache outlived its output: a reference cycle holds it"
     finally:
         gc.enable()
+
+
+def test_compiled_decoding_with_a_static_cache_is_the_full_forward_pass(tiny_model):
+    """The path CUDA decoding takes by default (``--static-decode``): a static KV cache and the model's decode step
+    compiled as one graph (``fullgraph=True``: no graph break, so no host synchronisation anywhere in the step, the
+    hooks included); the sequence router's sums ride in fixed buffers (StaticPrefixState). Here the graph runs on
+    the CPU through dynamo alone (backend "eager"): the same trace a CUDA graph captures."""
+    from transformers.generation import CompileConfig
+
+    from llama_expert.modeling.routing import StaticPrefixState
+
+    model = _augmented(tiny_model)
+    ids, mask = _prompts()
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # Transformers compiles only on accelerators unless told
+    torch._dynamo.reset()
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                         min_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None, output_logits=True,
+                         return_dict_in_generate=True, cache_implementation="static", compile_config=compile_config)
+    assert isinstance(getattr(out.past_key_values if hasattr(out, "past_key_values") else out.cache, STATE),
+                      StaticPrefixState)
+    full_mask = torch.cat([mask, torch.ones(len(PROMPT_LENGTHS), NEW, dtype=torch.long)], dim=1)
+    full = _full(model, out.sequences, full_mask)[:, ids.shape[1] - 1:-1]
+    assert float((torch.stack(out.logits, dim=1) - full).abs().max()) < 1e-4
+    torch._dynamo.reset()

@@ -112,3 +112,40 @@ def test_split_expert_appends_a_perturbed_copy(expert_type, router_type):
     torch.testing.assert_close(_logits(adapter, hidden)[:, :4], _logits(before, hidden))
     adapter(hidden.unsqueeze(0))
 
+
+
+def _decode_inputs(adapter, hidden, prefix):
+    """The pass context of a decode or prompt pass: a left-padded mask over the cache and the new tokens, the
+    prefix state a sequence router reads (None: new sequences)."""
+    batch, length = hidden.shape[:2]
+    mask = torch.ones(batch, length + 3, dtype=torch.long)
+    mask[0, :2] = 0  # the first sequence starts later (left padding)
+    adapter.token_mask.set(mask if length > 1 else torch.ones(batch, 4, dtype=torch.long))
+    adapter.token_mask.prefix = prefix
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("router_type", ROUTERS.names())
+def test_the_inference_forward_compiles_as_one_graph(router_type, decode):
+    """``torch.compile(fullgraph=True)`` of the adapter's eval forward (no gradients) traces without a graph break,
+    so no host synchronisation (what a CUDA graph cannot hold), for every router with the default bank, in a prompt
+    pass (with padding) and a decode step (one token, with the prefix state earlier passes left); it computes what
+    the eager forward computes, and a sequence router writes the same prefix sums."""
+    from llama_expert.modeling.routing import PrefixState
+
+    adapter = _adapter("shared_core", router_type, num_experts=4)
+    hidden = torch.randn(2, 1 if decode else 5, HIDDEN)
+    earlier = {adapter.router: (torch.randn(2, HIDDEN), torch.tensor([3.0, 5.0]))} if decode else {}
+    results = []
+    for forward in (adapter, torch.compile(adapter, fullgraph=True, backend="aot_eager")):
+        prefix = PrefixState(dict(earlier))
+        _decode_inputs(adapter, hidden, prefix)
+        with torch.no_grad():
+            results.append((forward(hidden), prefix.after))
+    (eager, eager_sums), (compiled, compiled_sums) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert eager_sums.keys() == compiled_sums.keys()
+    assert bool(eager_sums) == (router_type in ("sequence_aux_free", "prototype"))  # the routers that keep sums
+    for key in eager_sums:
+        torch.testing.assert_close(compiled_sums[key], eager_sums[key])
+    torch._dynamo.reset()

@@ -236,7 +236,7 @@ def _measure_speed(models: Dict[str, object], rows: Dict[str, dict], a: CompareA
     names = list(models)
     with _stage(f"[{', '.join(names)}] throughput, repeats interleaved"):
         measured = measure_interleaved([models[n] for n in names], t.num_samples, t.prompt_len, t.new_tokens,
-                                       t.throughput_batch_sizes, a.progress, t.kv_cache)
+                                       t.throughput_batch_sizes, a.progress, t.kv_cache, t.compiled_decode)
     throughput = dict(zip(names, measured))
     for n in names:
         rows[n]["throughput"] = [

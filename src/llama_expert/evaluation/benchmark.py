@@ -205,18 +205,20 @@ class ExpertModelBenchmark:
                 "max_tokens": self.max_tokens, "domains": domains}
 
     def benchmark_throughput(self, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,
-                             batch_sizes: Sequence[int] = (1, 4), kv_cache: str = "none") -> Dict:
+                             batch_sizes: Sequence[int] = (1, 4), kv_cache: str = "none",
+                             compiled_decode: bool = True) -> Dict:
         """Prefill and decode tokens/s at each batch size.
 
         Method: a manual greedy loop with the model's KV cache (not ``model.generate``), so the two
         phases are timed separately and nothing ends a sequence early: prefill = one forward pass over
         ``batch x prompt_len`` random prompt tokens; decode = ``new_tokens`` forward passes of one token
         per sequence. One warm-up run per batch size, then the median of ``num_samples`` repeats; CUDA
-        is synchronised around every timed phase. ``kv_cache``: none, int8 or int4 (KVCacheCompressor).
+        is synchronised around every timed phase. ``kv_cache``: none, int8 or int4 (KVCacheCompressor);
+        ``compiled_decode``: on CUDA, the decode steps on a static cache in CUDA graphs (``kv_cache_choice``).
         """
         with domain_labels(self.model, 0):  # random prompts have no domain; an oracle's speed does not depend on it
             result = measure_throughput(self.model, num_samples, prompt_len, new_tokens, batch_sizes, self.progress,
-                                        kv_cache)
+                                        kv_cache, compiled_decode)
         return {**result, "kv_cache": kv_cache}
 
     @torch.no_grad()
@@ -302,7 +304,7 @@ class ExpertModelBenchmark:
 
     def run_full_benchmark(self, word_perplexity: bool = False, throughput: bool = True, num_samples: int = 5,
                            prompt_len: int = 128, new_tokens: int = 32, batch_sizes: Sequence[int] = (1, 4),
-                           routing_windows: Optional[int] = 8, kv_cache: str = "none",
+                           routing_windows: Optional[int] = 8, kv_cache: str = "none", compiled_decode: bool = True,
                            on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
         """All sections in one JSON-serialisable dict; ``routing_health`` is None for a base model.
 
@@ -322,7 +324,8 @@ class ExpertModelBenchmark:
         if is_augmented(self.model):
             record("routing_health", self.routing_health(routing_windows))
         if throughput:
-            record("throughput", self.benchmark_throughput(num_samples, prompt_len, new_tokens, batch_sizes, kv_cache))
+            record("throughput", self.benchmark_throughput(num_samples, prompt_len, new_tokens, batch_sizes, kv_cache,
+                                                           compiled_decode))
         record("memory", self.benchmark_memory())
         return report
 
@@ -390,6 +393,7 @@ def run_benchmark(model_args: ModelArguments, args: BenchmarkArguments,
                                       num_samples=throughput.num_samples, prompt_len=throughput.prompt_len,
                                       new_tokens=throughput.new_tokens, batch_sizes=throughput.throughput_batch_sizes,
                                       routing_windows=args.routing_windows, kv_cache=throughput.kv_cache,
+                                      compiled_decode=throughput.compiled_decode,
                                       on_section=lambda name, result: print(format_section(name, result), flush=True))
     report["model"].update({"base_model": info["base_model"], "adapter": info["adapter"],
                             "fresh_adapter": info["fresh_adapter"]})

@@ -9,12 +9,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import torch
 
 from ..errors import ConfigError
-from ..integration.kv_cache_choice import KV_CACHE_CHOICES, forward_parameters, make_cache
+from ..integration.kv_cache_choice import (KV_CACHE_CHOICES, compiled_decode_applies, decode_cache_and_step,
+                                           forward_parameters)
 from ..integration.base_models import check_within_context
 from ..options import option
 from ..progress import progress_bar
@@ -31,6 +32,8 @@ class ThroughputArguments:
                                                default_factory=lambda: [1, 4])
     kv_cache: str = option("none", "key/value cache while timing: none, int8 or int4 (KVCacheCompressor)",
                            choices=KV_CACHE_CHOICES)
+    compiled_decode: bool = option(True, "on CUDA, time decoding with a dynamic KV cache and no compilation instead "
+                                         "of a static cache replayed as CUDA graphs (a CPU never compiles)")
 
 
 THROUGHPUT_METHOD = ("manual greedy loop with a KV cache: prefill = one forward pass over the prompt; decode = "
@@ -71,13 +74,16 @@ def _output_cache(out):
 
 
 @torch.no_grad()
-def _time_generation(model, input_ids: torch.Tensor, new_tokens: int, kv_cache: str = "none") -> Dict[str, float]:
-    """One timed prefill and ``new_tokens`` timed single-token decode steps (greedy, KV cache)."""
+def _time_generation(model, input_ids: torch.Tensor, new_tokens: int, kv_cache: str = "none",
+                     compiled_decode: bool = True, compile_config=None) -> Dict[str, float]:
+    """One timed prefill and ``new_tokens`` timed single-token decode steps (greedy, KV cache); on the compiled
+    path (``kv_cache_choice.decode_cache_and_step``) the decode steps run the compiled call on a static cache."""
     device = model_device(model)
     input_ids = input_ids.to(device)
     names = _forward_kwargs(model)
     extra = {names["keep"]: 1} if names["keep"] else {}
-    cache = make_cache(model, kv_cache)
+    cache, step = decode_cache_and_step(model, kv_cache, compiled_decode, input_ids.shape[0],
+                                        input_ids.shape[1] + new_tokens, compile_config)
     synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=input_ids, use_cache=True, **extra, **({names["cache"]: cache} if cache is not None else {}))
@@ -87,7 +93,10 @@ def _time_generation(model, input_ids: torch.Tensor, new_tokens: int, kv_cache: 
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, use_cache=True, **{names["cache"]: cache}, **extra)
+        del out  # a CUDA graph's replay reuses its last outputs' memory: none may stay alive (as generate() does)
+        if step is not model:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = step(input_ids=token, use_cache=True, **{names["cache"]: cache}, **extra)
         cache = _output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
     synchronize(device)
@@ -118,19 +127,24 @@ def _check_throughput_args(models, num_samples: int, prompt_len: int, new_tokens
 
 
 def measure_throughput(model, num_samples: int = 5, prompt_len: int = 128, new_tokens: int = 32,
-                       batch_sizes: Sequence[int] = (1, 4), progress: bool = True, kv_cache: str = "none") -> Dict:
+                       batch_sizes: Sequence[int] = (1, 4), progress: bool = True, kv_cache: str = "none",
+                       compiled_decode: bool = True) -> Dict:
     """Prefill and decode tokens/s per batch size: one warm-up run, then the median of ``num_samples``."""
-    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes, progress, kv_cache)[0]
+    return measure_interleaved([model], num_samples, prompt_len, new_tokens, batch_sizes, progress, kv_cache,
+                               compiled_decode)[0]
 
 
 def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tokens: int,
-                        batch_sizes: Sequence[int], progress: bool = True, kv_cache: str = "none") -> List[Dict]:
+                        batch_sizes: Sequence[int], progress: bool = True, kv_cache: str = "none",
+                        compiled_decode: Union[bool, Sequence[bool]] = True) -> List[Dict]:
     """Measure several models with their repeats interleaved (order alternating every repeat), so that
-    drift in machine load (other processes, thermal throttling) hits them alike.
+    drift in machine load (other processes, thermal throttling) hits them alike. ``compiled_decode``: one switch for
+    all, or one per model (the same model may come twice, eager and compiled, as benchmarks/gpu.py measures it).
 
     ``progress``: a bar over every generation run, warm-ups included (each one is a prefill and
     ``new_tokens`` decode steps, seconds apiece on a CPU)."""
     _check_throughput_args(models, num_samples, prompt_len, new_tokens, batch_sizes)
+    compiled = list(compiled_decode) if isinstance(compiled_decode, (list, tuple)) else [compiled_decode] * len(models)
     batch_sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     states = [m.training for m in models]
     for m in models:
@@ -142,23 +156,25 @@ def measure_interleaved(models: List, num_samples: int, prompt_len: int, new_tok
             for b in batch_sizes:
                 bar.set_postfix_str(f"batch {b}")
                 prompts = prompt_ids(models[0], b, prompt_len)
-                for m in models:  # warm-up: allocator, kernels, lazy initialisation
-                    _time_generation(m, prompts, new_tokens, kv_cache)
+                for m, switch in zip(models, compiled):  # warm-up: allocator, kernels, lazy initialisation, compiling
+                    _time_generation(m, prompts, new_tokens, kv_cache, switch)
                     bar.update()
                 for rep in range(num_samples):
                     order = range(len(models)) if rep % 2 == 0 else reversed(range(len(models)))
                     for i in order:
-                        samples[i][b].append(_time_generation(models[i], prompts, new_tokens, kv_cache))
+                        samples[i][b].append(_time_generation(models[i], prompts, new_tokens, kv_cache,
+                                                              compiled[i]))
                         bar.update()
     finally:
         for m, state in zip(models, states):
             m.train(state)
     device = model_device(models[0])
     results = []
-    for per_model in samples:
+    for model, switch, per_model in zip(models, compiled, samples):
         results.append({"method": THROUGHPUT_METHOD, "device": str(device), "prompt_len": prompt_len,
                         "new_tokens": new_tokens, "num_samples": num_samples, "warmup_runs": 1,
                         "torch_threads": torch.get_num_threads(),
+                        "compiled_decode": compiled_decode_applies(model, kv_cache, switch),
                         "results": [_summarise(per_model[b], b, prompt_len, new_tokens) for b in batch_sizes]})
     return results
 

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from .generation import generation_config
-from ..integration.kv_cache_choice import cache_kwargs, make_cache
+from ..integration.kv_cache_choice import generation_cache_kwargs
 
 
 @dataclass
@@ -137,8 +137,10 @@ def _joins(request: Union[Request, Job], first: Request) -> bool:
 class BatchEngine:
     """Serve ``Request`` objects from a background thread, batching the ones that arrive together."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005, kv_cache: str = "none"):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait: float = 0.005, kv_cache: str = "none",
+                 compiled_decode: bool = True):
         self.model, self.tokenizer, self.kv_cache = model, tokenizer, kv_cache
+        self.compiled_decode = compiled_decode  # on CUDA: a static cache in CUDA graphs (kv_cache_choice)
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait
         self.waiting: "queue.Queue[Union[Request, Job]]" = queue.Queue()
         self.held: List[Union[Request, Job]] = []  # taken from the queue, not of this batch: the next ones
@@ -230,7 +232,6 @@ class BatchEngine:
                 engine.aborted += sum(row.cancel_if_asked() for row in rows)
                 return torch.tensor([row.finish is not None for row in rows], device=input_ids.device)
 
-        cache = make_cache(model, self.kv_cache)
         model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=Rows(),
                        stopping_criteria=StoppingCriteriaList([Finished()]),
-                       **cache_kwargs(model, cache))
+                       **generation_cache_kwargs(model, self.kv_cache, self.compiled_decode))

@@ -46,7 +46,7 @@ def trim_history(tokenizer, messages: List[Dict[str, str]], budget: int) -> Tupl
 def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
                         use_chat_template: bool = True, input_fn: Callable[[str], str] = input,
                         output: Optional[TextIO] = None, system_prompt: Optional[str] = None,
-                        kv_cache: str = "none") -> int:
+                        kv_cache: str = "none", compiled_decode: bool = True) -> int:
     """Read prompts with ``input_fn`` and stream each reply to ``output``; returns 0 when the user leaves.
 
     With a chat template the conversation is kept and trimmed (oldest turns first) to fit the context
@@ -91,7 +91,7 @@ def interactive_session(model, tokenizer, max_new_tokens: int = 128, temperature
             else:
                 kept, input_ids = [], encode_prompt(tokenizer, text, use_chat_template=False)
             new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, kv_cache=kv_cache,
-                                   streamer=make_streamer(tokenizer, output))
+                                   streamer=make_streamer(tokenizer, output), compiled_decode=compiled_decode)
         except ConfigError as exc:
             output.write(f"error: {exc}\n")
             output.flush()
@@ -118,6 +118,8 @@ class GenerationArguments:
     seed: Optional[int] = option(None, "random seed for sampling")
     kv_cache: str = option("none", "key/value cache: none (full precision), int8 or int4 (KIVI-style "
                                    "KVCacheCompressor)", choices=KV_CACHE_CHOICES)
+    compiled_decode: bool = option(True, "on CUDA, decode with a dynamic KV cache and no compilation instead of "
+                                         "a static cache replayed as CUDA graphs (a CPU never compiles)")
 
 
 def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
@@ -135,7 +137,8 @@ def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
     print(f"loaded {what}", file=sys.stderr)
     if args.prompt is not None:
         generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                      use_chat_template=args.chat_template, streamer=make_streamer(tokenizer), kv_cache=args.kv_cache)
+                      use_chat_template=args.chat_template, streamer=make_streamer(tokenizer), kv_cache=args.kv_cache,
+                      compiled_decode=args.compiled_decode)
         sys.stdout.write("\n")
         sys.stdout.flush()
         return 0
@@ -145,4 +148,4 @@ def run_inference(model_args: ModelArguments, args: GenerationArguments) -> int:
         pass
     return interactive_session(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p,
                                use_chat_template=args.chat_template, system_prompt=args.system_prompt,
-                               kv_cache=args.kv_cache)
+                               kv_cache=args.kv_cache, compiled_decode=args.compiled_decode)

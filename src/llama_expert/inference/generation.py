@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from ..integration.base_models import context_length
-from ..integration.kv_cache_choice import cache_kwargs, make_cache
+from ..integration.kv_cache_choice import generation_cache_kwargs
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -88,27 +88,29 @@ def generation_config(model, tokenizer, max_new_tokens: int, temperature: float,
 # ---------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_ids(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.7,
-                 top_p: float = 0.9, streamer=None, kv_cache: str = "none") -> torch.Tensor:
+                 top_p: float = 0.9, streamer=None, kv_cache: str = "none",
+                 compiled_decode: bool = True) -> torch.Tensor:
     """The new token ids (1-D) after ``input_ids`` ``[1, n]``; checks that everything fits the context.
-    ``kv_cache``: none, int8 or int4 (``integration.kv_cache.KVCacheCompressor``)."""
+    ``kv_cache``: none, int8 or int4 (``integration.kv_cache.KVCacheCompressor``); ``compiled_decode``: on CUDA, a
+    static cache and the decode step in CUDA graphs (``integration.kv_cache_choice``; a CPU ignores it)."""
     check_prompt_fits(model, input_ids.shape[1], max_new_tokens)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     was_training = model.training
     model.eval()
     try:
-        cache = make_cache(model, kv_cache)
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                              generation_config=generation_config(model, tokenizer, max_new_tokens, temperature,
                                                                   top_p),
-                             **cache_kwargs(model, cache))
+                             **generation_cache_kwargs(model, kv_cache, compiled_decode))
     finally:
         model.train(was_training)
     return out[0, input_ids.shape[1]:].cpu()
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7,
-                  top_p: float = 0.9, use_chat_template: bool = True, streamer=None, kv_cache: str = "none") -> str:
+                  top_p: float = 0.9, use_chat_template: bool = True, streamer=None, kv_cache: str = "none",
+                  compiled_decode: bool = True) -> str:
     """Generate a reply to ``prompt`` and return only the new text (special tokens dropped).
 
     The prompt goes through the tokenizer's chat template (as a single user turn) when it has one and
@@ -118,7 +120,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 128, temp
     ``streamer`` (e.g. ``transformers.TextStreamer``) receives the tokens as they come.
     """
     input_ids = encode_prompt(tokenizer, prompt, use_chat_template)
-    new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, streamer, kv_cache)
+    new_ids = generate_ids(model, tokenizer, input_ids, max_new_tokens, temperature, top_p, streamer, kv_cache,
+                           compiled_decode)
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 

@@ -54,7 +54,8 @@ class Service:
         adapter folder (where a mix names its experts)."""
         self.model, self.tokenizer, self.name, self.args, self.api_key = model, tokenizer, name, args, api_key
         self.labels = expert_labels(model, adapter) if is_augmented(model) else []
-        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache)
+        self.engine = BatchEngine(model, tokenizer, args.max_batch_size, args.batch_wait_ms / 1000, args.kv_cache,
+                                  args.compiled_decode)
         self.context = context_length(model.config)
         self.created = int(time.time())
 

@@ -41,6 +41,8 @@ class ServeArguments:
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
     kv_cache: str = option("none", "key/value cache: none, int8 or int4 (KVCacheCompressor)",
                            choices=KV_CACHE_CHOICES)
+    compiled_decode: bool = option(True, "on CUDA, decode with a dynamic KV cache and no compilation instead of "
+                                         "a static cache replayed as CUDA graphs (a CPU never compiles)")
     max_body_bytes: int = option(4 * 1024 * 1024, "largest request body in bytes, larger ones get HTTP 413 (4 MiB: "
                                                    "room for a 128k-token prompt)")
     max_routing_tokens: int = option(4096, "most tokens of text /v1/routing routes at once (and at most the model's "

@@ -9,7 +9,9 @@ So it rides on the generation's own KV cache object, which Transformers hands to
   sequences (an empty state); a pass whose cache holds tokens continues the state that cache carries (a cache that
   holds tokens but no state was filled elsewhere, and is refused);
 - after it (``PrefixCarrier.close``): the state for the next pass is attached to the cache the pass returned (the
-  one it was given, or the one the model made), and the pass's own state is cleared from the model.
+  one it was given, or the one the model made), and the pass's own state is cleared from the model. A compileable
+  cache (Transformers' static cache, which compiled decoding captures in CUDA graphs) gets a ``StaticPrefixState``:
+  sums in fixed buffers, updated in place.
 
 Beam search reorders the cache's rows (``reorder_cache``) and Transformers may select or repeat them
 (``batch_select_indices``, ``batch_repeat_interleave``): those methods of that one cache instance are wrapped, so
@@ -26,8 +28,10 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # the CLI imports this module; Transformers loads only when a model does (serve tries its port first)
     from transformers.cache_utils import Cache
 
+import torch
+
 from ..errors import ConfigError
-from ..modeling.routing import PrefixState
+from ..modeling.routing import PrefixState, StaticPrefixState
 
 STATE = "llama_expert_prefix_state"  # attribute on the cache object
 FOLLOWS = (("reorder_cache", PrefixState.select), ("batch_select_indices", PrefixState.select),
@@ -60,7 +64,11 @@ def cached_tokens(cache) -> int:
 
 
 def state_for_pass(cache) -> PrefixState:
-    """An empty state for new sequences, else the one ``cache`` carries."""
+    """An empty state for new sequences, else the one ``cache`` carries. Inside a compiled pass (a decode step with
+    a static cache, after an eager prompt pass) the cache's state is taken as it is: counting its tokens would read
+    them back to the host, which a CUDA graph cannot do."""
+    if torch.compiler.is_compiling() and cache is not None and getattr(cache, STATE, None) is not None:
+        return getattr(cache, STATE)
     if cache is None or cached_tokens(cache) == 0:
         return PrefixState()
     state = getattr(cache, STATE, None)
@@ -77,6 +85,8 @@ def attach(cache, state: PrefixState) -> None:
     The wrappers reach the cache through a weak reference and its methods by name on its class: a wrapper that
     held the cache (or its bound method) would make a reference cycle, and every pass's cache, key/value tensors
     and all, would wait for the cyclic garbage collector (an evaluation held gigabytes)."""
+    if getattr(cache, "is_compileable", False) and not isinstance(state, StaticPrefixState):
+        state = static_state(cache, state)
     if not hasattr(cache, STATE):
         owner = weakref.ref(cache)
         for name, move in FOLLOWS:
@@ -85,6 +95,15 @@ def attach(cache, state: PrefixState) -> None:
         if hasattr(cache, "crop"):
             setattr(cache, "crop", _refusing_crop(owner))
     setattr(cache, STATE, state)
+
+
+def static_state(cache, state: PrefixState) -> StaticPrefixState:
+    """A static cache is there to be captured in CUDA graphs, so are the sums: in fixed buffers, the very buffers
+    the cache's last generation used when they fit (a reused static cache keeps its graphs' addresses)."""
+    previous = getattr(cache, STATE, None)
+    if isinstance(previous, StaticPrefixState) and previous.refill(state.before):
+        return previous
+    return StaticPrefixState(state.before)
 
 
 def _following(owner, name, move):

@@ -45,10 +45,16 @@ class TokenMask:
         self._key = None
 
     def for_hidden(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """Flat boolean mask [B*T] matching ``hidden`` [B, T, d], or None when there is no padding."""
+        """Flat boolean mask [B*T] matching ``hidden`` [B, T, d], or None when there is no padding.
+
+        Inside a compiled graph the mask is returned as it is, padding or not: asking whether it holds any padding
+        reads it back to the host, which a CUDA graph cannot do, and every router routes alike with a mask of
+        ones and with none (the cache of the eager path is a Python-side shortcut a graph does not need)."""
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or hidden.dim() != 3:
+        if mask is None or mask.dim() not in (2, 4) or hidden.dim() != 3:
             return None
+        if torch.compiler.is_compiling():
+            return self._flatten_static(mask, hidden)
         key = (hidden.shape[0], hidden.shape[1], hidden.device)
         if key != self._key:
             self._key, self._flat = key, self._flatten(mask, hidden)
@@ -56,13 +62,23 @@ class TokenMask:
 
     @staticmethod
     def _flatten(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        flat = TokenMask._flatten_static(mask, hidden)
+        return None if flat is None or bool(flat.all()) else flat
+
+    @staticmethod
+    def _flatten_static(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask of ``hidden``'s tokens, decided by shapes alone (no host read). A 4-D mask [B, 1, T, K] (what
+        Transformers passes with a static KV cache, boolean or additive) marks a padding token by a row that attends to
+        nothing: its own key is padding, and so is every key before it."""
         batch, length = hidden.shape[:2]
+        if mask.dim() == 4:
+            if mask.shape[0] != batch or mask.shape[2] < length:
+                return None
+            rows = mask[:, 0, -length:]
+            return (rows if rows.dtype == torch.bool else rows == 0).any(dim=-1).to(hidden.device).reshape(-1)
         if mask.shape[0] != batch or mask.shape[1] < length:
             return None
-        mask = mask[:, -length:].to(device=hidden.device, dtype=torch.bool)  # with a KV cache: the new tokens
-        if bool(mask.all()):
-            return None
-        return mask.reshape(-1)
+        return mask[:, -length:].to(device=hidden.device, dtype=torch.bool).reshape(-1)  # with a KV cache: new tokens
 
 
 class MoEAdapter(nn.Module):
@@ -161,12 +177,25 @@ class MoEAdapter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base_mlp(hidden)
+        if not torch.compiler.is_compiling():  # the eager fast paths check on the host (versions, pointers, ctypes);
+            fast = self.eager_fast_path(hidden, base)  # compiled, the general path below is what the compiler fuses
+            if fast is not None:
+                return fast
+        return self.general_forward(hidden, base)
+
+    def eager_fast_path(self, hidden: torch.Tensor, base: torch.Tensor) -> Optional[torch.Tensor]:
+        """The compiled C kernel or the fused inference plan when they apply, else None (the general path)."""
         kernel = self.pass_kernel
         if kernel is not None and kernel.accepts(hidden, base):
             return kernel(hidden, base)
         if self.use_fused_inference(hidden):
             self.drop_router_losses()
             return self.inference_plan.add_to(base, hidden)
+        return None
+
+    def general_forward(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``base + alpha_l * MoE(hidden)`` through the router and bank modules: training, and every compiled pass
+        (no host synchronisation in eval: a CUDA graph can capture it, tests/modeling/test_adapter.py)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         routing = self.router.route_sequences(hidden, self.token_mask)
         if self.router.decisions is not None:  # metrics.routing.token_routing: which expert each token got

@@ -28,6 +28,9 @@ class TrainingArguments:
     save_every: Optional[int] = option(None, "steps between checkpoints (default: --eval-every)")
     mixed_precision: str = option("auto", "autocast: auto (bf16/fp16 on a GPU, none on a CPU), no, bf16, fp16",
                                   choices=("auto", "no", "bf16", "fp16"))
+    compile: str = option("none", "compile the training step: adapters (each MoE adapter's forward and backward "
+                                  "fused by torch.compile; float-equal, compiles once per expert count) or none",
+                          choices=("none", "adapters"))  # training/compilation.py's COMPILATIONS (a test checks)
     seed: int = option(42, "seed of the data order, adapter initialisation and router noise")
     resume: bool = option(False, "continue from OUTPUT_DIR/checkpoints/last (same settings)")
     overwrite: bool = option(False, "replace the training outputs already in OUTPUT_DIR (other files stay)")
@@ -66,6 +69,7 @@ class TrainingArguments:
             raise ConfigError(f"--eval-max-tokens {self.eval_max_tokens} is less than one window of --seq-len "
                               f"{self.seq_len}; raise --eval-max-tokens or lower --seq-len.")
         need(self.mixed_precision in ("auto", "no", "bf16", "fp16"), "mixed_precision", "auto, no, bf16 or fp16")
+        need(self.compile in ("none", "adapters"), "compile", "none or adapters")
 
 
 @dataclass

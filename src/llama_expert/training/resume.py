@@ -17,7 +17,7 @@ from .checkpoints import CheckpointError, checkpoint_candidates, load_training_s
 
 # Settings that change neither the trained weights nor the data order: a resumed run may change them.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "stop_after_steps", "progress", "use_wandb",
-                               "use_tensorboard", "wandb_project", "log_every", "save_every", "eval_every",
+                               "compile", "use_tensorboard", "wandb_project", "log_every", "save_every", "eval_every",
                                "eval_dataset", "eval_max_tokens", "test_dataset", "test_max_tokens", "test_seq_len",
                                "use_gradient_checkpointing"})
 

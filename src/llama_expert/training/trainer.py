@@ -34,6 +34,7 @@ from ..progress import progress_bar
 from .accelerator import autocast_dtype, make_accelerator
 from .arguments import TrainingArguments
 from .checkpoints import STAGING_PREFIXES, rng_state, save_training_state, set_rng_state, write_checkpoint
+from .compilation import compile_for_training
 from .loggers import TrainingLoggers
 from .optimizer import build_optimizer, rebuild_optimizer
 from .resume import load_latest
@@ -139,6 +140,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters; augment it (or add LoRA) first.")
+        compile_for_training(self.unwrapped, self.args.compile)  # in place: parameters and names stay
         self.optimizer, self.scheduler = build_optimizer(
             self.params, self.method.parameter_groups(self.model, self.args.learning_rate), self.args.learning_rate,
             self.args.weight_decay, self.schedule)

@@ -14,7 +14,7 @@ from .expert_choice import ExpertChoiceRouter
 from .losses import Routing, load_balancing_loss, router_z_loss
 from .noisy_topk import NoisyTopKGating
 from .oracle import OracleRouter
-from .prefix_state import PrefixState
+from .prefix_state import PrefixState, StaticPrefixState
 from .prototype import PrototypeRouter
 from .registry import ROUTERS, register_router
 from .sequence_aux_free import SequenceAuxFreeRouter
@@ -23,4 +23,4 @@ from .switch import SwitchRouter
 
 __all__ = ["ROUTERS", "register_router", "Routing", "RouterBase", "NoisyTopKGating", "SwitchRouter",
            "AuxFreeRouter", "SoftRouter", "ExpertChoiceRouter", "SequenceAuxFreeRouter", "OracleRouter",
-           "PrototypeRouter", "PrefixState", "load_balancing_loss", "router_z_loss"]
+           "PrototypeRouter", "PrefixState", "StaticPrefixState", "load_balancing_loss", "router_z_loss"]

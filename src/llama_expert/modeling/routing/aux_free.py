@@ -69,8 +69,7 @@ class AuxFreeRouter(RouterBase):
     @torch.no_grad()
     def update_bias(self, indices: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         load = self.balance_load(indices, mask, self.bias.dtype)  # the whole data-parallel batch's: ranks agree
-        if load.sum() > 0:
-            step = torch.sign(load.mean() - load)
-            if self.null_choices:
-                step = step - step.mean()  # the real experts move against each other, never against the null
-            self.bias[:self.real_experts].add_(self.bias_rate * step)
+        step = torch.sign(load.mean() - load)  # no load at all: every step is 0 (no branch, so no host read)
+        if self.null_choices:
+            step = step - step.mean()  # the real experts move against each other, never against the null
+        self.bias[:self.real_experts].add_(self.bias_rate * step)

@@ -37,7 +37,11 @@ from .window import LoadWindow
 
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass (gradient checkpointing recomputing the forward): routers
-    that update a buffer after each training pass (aux_free, expert_choice) skip the update then."""
+    that update a buffer after each training pass (aux_free, expert_choice) skip the update then. Inside a compiled
+    graph the answer is False: dynamo cannot trace the private call, and the compiled training path
+    (training/compilation.py) runs without gradient checkpointing."""
+    if torch.compiler.is_compiling():
+        return False
     current = getattr(torch._C, "_current_graph_task_id", None)  # no public API says this; guarded
     return current is not None and current() != -1
 

@@ -52,9 +52,10 @@ def global_load(indices: torch.Tensor, mask: Optional[torch.Tensor], num_choices
     ``indices`` [N, k] choose among ``num_choices``; the first ``num_experts`` are balanced (a null expert after them
     is not counted); padding (mask == False) is not counted. Every rank takes part, even with no tokens.
     """
-    if mask is not None:
-        indices = indices[mask]
-    counts = torch.bincount(indices.reshape(-1), minlength=num_choices)[:num_experts].to(dtype)
+    flat = indices.reshape(-1)
+    # counted with a static shape (a scatter, not bincount or a boolean index): a compiled training step keeps one graph
+    weights = torch.ones_like(flat) if mask is None else mask.to(flat.dtype).repeat_interleave(indices.shape[1])
+    counts = flat.new_zeros(num_choices).scatter_add_(0, flat, weights)[:num_experts].to(dtype)
     (total,) = global_sums(torch.cat([counts, counts.new_tensor(extra)]))
     return (total[:num_experts], *total[num_experts:])
 

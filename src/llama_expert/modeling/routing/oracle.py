@@ -85,6 +85,8 @@ class OracleRouter(RouterBase):
         if labels.dim() != 1 or labels.shape[0] != batch or labels.dtype.is_floating_point:
             raise ConfigError(f"domain_labels got {tuple(labels.shape)} {labels.dtype} labels for a batch of {batch} "
                               f"sequences; give one integer domain index per sequence.")
+        if torch.compiler.is_compiling():  # reading the labels back would stop a CUDA graph: checked when eager
+            return labels.long()
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= self.num_domains:
             raise ConfigError(f"domain label {low if low < 0 else high} is outside 0..{self.num_domains - 1} "

@@ -53,6 +53,77 @@ class PrefixState:
                 sums[key] = (total.repeat_interleave(repeats, dim=0), count.repeat_interleave(repeats, dim=0))
 
 
+class StaticPrefixState(PrefixState):
+    """A ``PrefixState`` whose sums stay in the same tensors for the whole generation: what a CUDA graph needs.
+
+    Why: a captured decode step reads and writes fixed addresses; a state that made new tensors every pass would be
+    copied into the graph's inputs each step and its outputs kept across replays (which overwrite them). Here every
+    router's running sums live in two buffers per router, ``before`` (what this pass reads) and ``after`` (what it
+    writes, in place), marked as static addresses for the compiler; ``following`` copies ``after`` into ``before``
+    in place and returns the same object. As in ``PrefixState``, reading never sees the pass's own writes.
+    Made from the state an eager pass (the prompt's) left, by ``integration.prefix_cache`` for a compileable
+    (static) KV cache."""
+
+    def __init__(self, state: Dict[object, Sums]):
+        super().__init__({key: _static_copy(sums) for key, sums in state.items()})
+        self.after = {key: _static_copy(sums) for key, sums in state.items()}
+
+    def refill(self, state: Dict[object, Sums]) -> bool:
+        """Take ``state``'s sums into these buffers, in place, when it has the same routers and shapes (a static cache
+        reused by the next generation: its graphs keep their addresses); False, and nothing changed, otherwise."""
+        if state.keys() != self.before.keys() or any(state[k][0].shape != self.before[k][0].shape for k in state):
+            return False
+        for key, (total, count) in state.items():
+            for sums in (self.before, self.after):
+                sums[key][0].copy_(total)
+                sums[key][1].copy_(count)
+        return True
+
+    def write(self, key, total: torch.Tensor, count: torch.Tensor) -> None:
+        slot = self.after.get(key)
+        if slot is None or slot[0].shape != total.shape:  # a router the prompt's pass did not see: a new slot
+            self.after[key] = _static_copy((total.detach(), count.detach()))
+            return
+        slot[0].copy_(total.detach())
+        slot[1].copy_(count.detach())
+
+    def following(self) -> "StaticPrefixState":
+        for key, (total, count) in self.after.items():
+            before = self.before.get(key)
+            if before is None or before[0].shape != total.shape:
+                self.before[key] = _static_copy((total, count))
+            else:
+                before[0].copy_(total)
+                before[1].copy_(count)
+        return self
+
+    def select(self, index: torch.Tensor) -> None:
+        """Rows ``index`` in place when the batch keeps its size (beam search), else new buffers."""
+        for sums in (self.before, self.after):
+            for key, (total, count) in sums.items():
+                where = index.to(total.device)
+                picked = (total[where], count[where])
+                if picked[0].shape == total.shape:
+                    total.copy_(picked[0])
+                    count.copy_(picked[1])
+                else:
+                    sums[key] = _static_copy(picked)
+
+    def repeat_interleave(self, repeats: int) -> None:
+        super().repeat_interleave(repeats)
+        for sums in (self.before, self.after):
+            for key, pair in sums.items():
+                sums[key] = _static_copy(pair)
+
+
+def _static_copy(sums: Sums) -> Sums:
+    """Fresh copies the compiler may treat as fixed addresses (mutated in place inside a CUDA graph)."""
+    copies = tuple(t.detach().clone() for t in sums)
+    for t in copies:
+        torch._dynamo.mark_static_address(t)
+    return copies
+
+
 def sequence_prefix_means(key, hidden: torch.Tensor, context) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
     """What a prefix-mean router routes: ``(m [B*T, d] float32, flat padding mask [B*T] or None, B)`` for a pass's
     ``hidden`` [B, T, d] (or [N, d]: one sequence) and its context (``modeling.adapter.TokenMask``: padding mask and
