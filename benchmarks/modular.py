@@ -193,6 +193,7 @@ def costs() -> dict:
     chain = sum(summary_of(f"lora-then-{d}")["seconds"] for d in SEQUENCE)
     cost[f"lora-then-{SEQUENCE[-1]}"] = (cost[f"lora-then-{SEQUENCE[-1]}"][0], f"{chain:.0f} (3 stages)")
     library = 3 * summary_of("branch-math")["trainable_parameters"]
+    cost["specialists, perfect routing"] = (library, f"{branches:.0f} (branches)")
     for name in MIXES:
         cost[name] = (library, f"{branches:.0f} (branches)" if not name.endswith("-calibrated") else
                       f"{branches:.0f} + {summary_of(name)['seconds']:.0f} (branches + calibration)")
