@@ -5,10 +5,6 @@ against the router's own logits), names a mix's experts, refuses what it cannot 
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -27,12 +23,6 @@ KEY = "page-key-1"
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 NAMES = ["code", "prose", "maths"]
 TEXT = "The quick brown fox jumps over the lazy dog.\nThe lazy dog sleeps; été, naïve"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _random_routers(model, seed=0):
@@ -61,32 +51,10 @@ def routed(trained_base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(routed):
+def server(routed, serve_process):
     """A `llama-expert serve` process on the routed adapter, with an API key: yields its URL."""
     base, adapter = routed
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LLAMA_EXPERT_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", "--model", str(base), "--adapter",
-                                str(adapter), "--served-model-name", "tiny", "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    yield from serve_process(base, "--adapter", str(adapter), "--served-model-name", "tiny", key=KEY)
 
 
 def _route(url, body, key=KEY):

@@ -26,53 +26,20 @@ KEY = "test-key-123"
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(folder, *flags, key=None):
-    """A `llama-expert serve` process on ``folder`` (an API key only if ``key``): yields its URL once it answers."""
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LLAMA_EXPERT_API_KEY": key or ""}
-    process = subprocess.Popen([sys.executable, "-m", "llama_expert.cli", "serve", "--model", str(folder), "--port",
-                                str(port), *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start:\n{process.stdout.read()}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
 @pytest.fixture(scope="module")
-def server(trained_base, tmp_path_factory):
+def server(trained_base, tmp_path_factory, serve_process):
     folder, _ = trained_base
     base = tmp_path_factory.mktemp("served") / "base"
     shutil.copytree(folder, base)
     tokenizer = load_tokenizer(str(base))
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(base)
-    for url in _serve(base, "--served-model-name", "tiny", "--batch-wait-ms", "50", key=KEY):
+    for url in serve_process(base, "--served-model-name", "tiny", "--batch-wait-ms", "50", key=KEY):
         yield url, base
 
 
 @pytest.fixture(scope="module")
-def slow_server(trained_base, tmp_path_factory):
+def slow_server(trained_base, tmp_path_factory, serve_process):
     """A random 16-layer model (~15 ms a token here) with a 4096-token context that never writes its end token:
     a 2000-token answer keeps the server busy for half a minute unless it is stopped."""
     tokenizer = load_tokenizer(str(trained_base[0]))
@@ -86,7 +53,7 @@ def slow_server(trained_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("slow") / "slow"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    yield from _serve(folder, "--served-model-name", "slow", "--max-tokens-limit", "2000")
+    yield from serve_process(folder, "--served-model-name", "slow", "--max-tokens-limit", "2000")
 
 
 def _client(url, key=KEY):
@@ -359,23 +326,23 @@ def test_a_busy_port_fails_at_once_before_the_model_loads(tmp_path):
     assert done.stdout.strip() == "[]"  # neither Transformers nor FastAPI was imported before the port was tried
 
 
-def test_a_non_loopback_host_without_an_api_key_warns(capsys, monkeypatch, tmp_path):
+def test_a_non_loopback_host_without_an_api_key_warns(capsys, monkeypatch, tmp_path, free_port):
     monkeypatch.delenv("LLAMA_EXPERT_API_KEY", raising=False)
     missing = str(tmp_path / "no-such-model")  # the warning comes before the model loads (which then fails)
     for host, key, warned in (("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", "k", False)):
         if key:
             monkeypatch.setenv("LLAMA_EXPERT_API_KEY", key)
-        assert main(["serve", "--model", missing, "--host", host, "--port", str(_free_port())]) != 0
+        assert main(["serve", "--model", missing, "--host", host, "--port", str(free_port())]) != 0
         err = capsys.readouterr().err
         assert ("warning: --host 0.0.0.0" in err and "LLAMA_EXPERT_API_KEY" in err) == warned, err
 
 
-def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_trained_base):
+def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_trained_base, serve_process):
     """`serve --adapter` with what `train --method lora` and `distill` write: a PEFT LoRA folder."""
     from peft import PeftModel
 
     folder, lora = trained_base[0], lora_on_trained_base
-    for url in _serve(folder, "--adapter", str(lora), "--served-model-name", "tiny", key=KEY):
+    for url in serve_process(folder, "--adapter", str(lora), "--served-model-name", "tiny", key=KEY):
         reply = _client(url).completions.create(model="tiny", prompt="The quick", max_tokens=8, temperature=0)
     model = PeftModel.from_pretrained(load_base_model(str(folder)), str(lora)).eval()
     tokenizer = load_tokenizer(str(folder))
@@ -384,7 +351,8 @@ def test_a_peft_lora_folder_is_served_as_peft_computes_it(trained_base, lora_on_
     assert reply.choices[0].text == expected != _greedy(folder, "The quick", 8)
 
 
-def test_a_sequence_routed_adapter_answers_concurrent_requests_as_it_answers_each_alone(trained_base, tmp_path):
+def test_a_sequence_routed_adapter_answers_concurrent_requests_as_it_answers_each_alone(trained_base, tmp_path,
+                                                                                      serve_process):
     """`serve` on an adapter whose router routes by the sequence (sequence_aux_free): prompts of different lengths,
     batched together (left-padded; each row's running sums on that batch's KV cache), each get the library's own
     single-request greedy answer, and so does the same batch again (nothing is left over from the first)."""
@@ -398,7 +366,7 @@ def test_a_sequence_routed_adapter_answers_concurrent_requests_as_it_answers_eac
     prompts = ["The", "The quick brown fox", "lazy dog jumps over", "The quick brown fox jumps over the lazy dog. T"]
     alone = {prompt: tokenizer.decode(generate_ids(model, tokenizer, torch.tensor([tokenizer(prompt)["input_ids"]]), 8,
                                                    temperature=0), skip_special_tokens=True) for prompt in prompts}
-    for url in _serve(folder, "--served-model-name", "tiny", "--batch-wait-ms", "300", key=KEY):
+    for url in serve_process(folder, "--served-model-name", "tiny", "--batch-wait-ms", "300", key=KEY):
         for _ in range(2):
             assert _ask_together(url, prompts, max_tokens=8) == alone
         assert httpx.get(f"{url}/health").json()["largest_batch"] > 1  # they were generated together
