@@ -215,6 +215,7 @@ def test_dropping_a_skill_from_a_mix_leaves_the_mix_of_the_others(tiny_model, ti
                              model=str(tiny_folder)))
     assert main(["prune", "--adapter", str(tmp_path / "abc"), "--keep-experts", "0,2", "--output-dir",
                  str(tmp_path / "abc-b"), "--model", str(tiny_folder)]) == 0
+    assert expert_names(tmp_path / "abc-b", 2) == ["a", "c"]  # the branch names follow the experts kept
     dropped = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "abc-b")[0].eval()
     direct = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "ac")[0].eval()
     for ids in (_text(0, seed=8), _text(1, seed=9)):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_expert.cli import main
+from llama_expert.integration.adapter_files import expert_names
 
 BRANCH = ["--expert-type", "lora_experts", "--num-experts", "1", "--top-k", "1", "--expert-allocation", "uniform",
           "--expert-rank", "2"]
@@ -51,6 +52,7 @@ def test_calibrating_a_mix_trains_its_router_alone(mixed):
     assert summary["settings"]["init_adapter"] == str(root / "mix") and summary["settings"]["train_only"] == "router"
     assert summary["settings"]["model"] == str(base)
     assert summary["settings"]["expert_config"]["router_lr_multiplier"] == 2
+    assert expert_names(root / "calibrated", 2) == ["digits", "letters"]  # the experts keep their branches' names
 
 
 def test_a_run_from_an_adapter_refuses_what_contradicts_or_endangers_it(mixed, cli_error):

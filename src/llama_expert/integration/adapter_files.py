@@ -39,6 +39,7 @@ FORMAT_VERSION = 3
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MIX_REPORT = "mix_report.json"  # what ``mix`` writes beside a mixed adapter; its ``experts`` names the experts
+PRUNE_REPORT = "prune_report.json"  # what ``prune`` writes; ``--keep-experts`` of a mix names the experts kept
 _JSON_NAMES = {int: "integer", dict: "object", str: "string"}
 _ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size")
@@ -142,15 +143,17 @@ def adapter_kind(folder: Union[str, Path]) -> str:
 
 
 def expert_names(folder: Union[str, Path], count: int) -> Optional[List[str]]:
-    """The names ``mix`` recorded for the ``count`` experts of the adapter in ``folder`` (its branches' folder names),
-    or None: no names recorded, or not ``count`` of them (the file does not describe these experts)."""
-    try:
-        names = json.loads((Path(folder) / MIX_REPORT).read_text()).get("experts")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(names, list) or len(names) != count or not all(isinstance(n, str) and n for n in names):
-        return None
-    return names
+    """The names ``mix`` (or ``prune --keep-experts`` of a mix) recorded for the ``count`` experts of the adapter in
+    ``folder`` (its branches' folder names), or None: no names recorded, or not ``count`` of them (the file does not
+    describe these experts)."""
+    for report in (MIX_REPORT, PRUNE_REPORT):
+        try:
+            names = json.loads((Path(folder) / report).read_text()).get("experts")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(names, list) and len(names) == count and all(isinstance(n, str) and n for n in names):
+            return names
+    return None
 
 
 def recorded_base(folder: Union[str, Path]) -> Optional[str]:

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..errors import ConfigError
-from ..integration.adapter_files import load_augmented_model, recorded_base, save_adapter
+from ..integration.adapter_files import (PRUNE_REPORT, expert_names, load_augmented_model, recorded_base,
+                                         save_adapter)
 from ..integration.base_models import check_within_context, load_tokenizer
 from ..integration.surgery import adapters
 from ..modeling.experts import gate_matrix
@@ -145,7 +146,7 @@ def run_prune(args: PruneArguments) -> Path:
     check_output(output, "prune", args.overwrite, args.inputs(base))
     with locked_output(output, "prune"):
         model, report = pruned_model(args, base)
-        write_outputs(output, "prune_report.json", report,
+        write_outputs(output, PRUNE_REPORT, report,
                       lambda staging: save_adapter(model, staging))  # the loaded base's portable name
     before, after = sum(report["experts_before"]), sum(report["experts_after"])
     print(f"kept {after} of {before} experts ({100 * after / before:.0f}%): {report['experts_after']}; wrote {output}")
@@ -176,8 +177,9 @@ def kept_by_index(args: PruneArguments, model) -> dict:
     for adapter in layers:
         adapter.keep_experts(keep)
     model.expert_config.expert_allocation = [len(keep)] * len(layers)
+    names = expert_names(args.adapter, min(experts))  # a mix's branch names follow the experts kept
     return {"adapter": str(args.adapter), "keep_experts": keep, "experts_before": experts,
-            "experts_after": [len(keep)] * len(layers)}
+            "experts_after": [len(keep)] * len(layers), **({"experts": [names[i] for i in keep]} if names else {})}
 
 
 def pruned_model(args: PruneArguments, base: Optional[str]):

@@ -23,7 +23,8 @@ from ..metrics.plots import save_allocation_plot, save_domain_heatmap, save_usag
 from ..metrics.routing import expert_usage_by_domain
 from ..files import atomic_write_text
 from ..integration import peft_lora
-from ..integration.adapter_files import load_adapter_weights, read_adapter_config, save_adapter, saved_expert_config
+from ..integration.adapter_files import (MIX_REPORT, expert_names, load_adapter_weights, read_adapter_config,
+                                         save_adapter, saved_expert_config)
 from ..integration.surgery import adapters, augment_model, parameter_report, weighted_router_loss
 from ..modeling import check_config
 from ..modeling.allocation import grows_in_training
@@ -182,7 +183,14 @@ class MoEMethod(TrainingMethod):
         return [group for group in groups if group["params"]]
 
     def save(self, model, folder: Path) -> None:
+        """The adapter, and for a run from a mix the names of its experts (the branches), which training keeps."""
         save_adapter(model, folder)
+        if self.start.init_adapter is not None:
+            count = max(adapter.router.real_experts for _, adapter in adapters(model))
+            names = expert_names(self.start.init_adapter, count)
+            if names:
+                atomic_write_text(Path(folder) / MIX_REPORT, json.dumps({"experts": names, "trained_from":
+                                                                         self.start.init_adapter}, indent=1) + "\n")
 
     def load(self, model, folder: Path) -> None:
         """Load a checkpoint's tensors; under dynamic allocation its layers may hold other expert counts than

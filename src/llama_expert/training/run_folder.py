@@ -22,7 +22,7 @@ from ..files import LOCK_NAME, held_files_problem, unusable_output
 # Everything a training run writes into its output folder (the adapter files of both methods included).
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "checkpoints", "train_log.jsonl",
                "training_summary.json", "expert_usage.json", "expert_usage.png", "domain_expert_usage.png",
-               "prototypes.safetensors", "tensorboard", "wandb")
+               "prototypes.safetensors", "mix_report.json", "tensorboard", "wandb")
 
 
 class OutputFolderLocked(LlamaExpertError):
