@@ -28,17 +28,10 @@ from .generation import generation_config
 from ..integration.kv_cache_choice import generation_cache_kwargs
 
 
-@dataclass
-class Request:
-    """One prompt to complete. Its ``listener`` (given to ``BatchEngine.submit``) receives ("text", delta) events
-    and then one ("done", finish_reason, completion_tokens) or ("error", message), called on the worker thread
-    (the server hands them to its event loop). Finish reasons: "stop", "length", or "cancelled" after
-    ``cancel()``."""
-    ids: List[int]
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: List[str] = field(default_factory=list)
+@dataclass(kw_only=True)
+class Submission:
+    """What ``BatchEngine.submit`` takes: its ``listener`` (given to ``submit``) receives its events, called on the
+    worker thread (the server hands them to its event loop); ``cancel()`` says nobody wants the rest."""
     listener: Optional[Callable[[tuple], None]] = None
     cancelled: bool = False
 
@@ -46,8 +39,19 @@ class Request:
         self.listener(event)
 
     def cancel(self) -> None:
-        """Nobody wants the rest (the client left): the worker ends this row at its next decoding step."""
+        """Nobody wants the rest (the client left): the worker ends a request's row at its next decoding step."""
         self.cancelled = True
+
+
+@dataclass
+class Request(Submission):
+    """One prompt to complete. Its listener receives ("text", delta) events and then one ("done", finish_reason,
+    completion_tokens) or ("error", message). Finish reasons: "stop", "length", or "cancelled" after ``cancel()``."""
+    ids: List[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: List[str] = field(default_factory=list)
 
     @property
     def sampling(self) -> Tuple[float, float]:
@@ -55,18 +59,10 @@ class Request:
 
 
 @dataclass
-class Job:
+class Job(Submission):
     """Work on the model that is not generation (``work()``, run on the worker thread, alone, between batches: the
     model is never used by two threads at once). Its listener receives ("done", result) or ("error", message)."""
     work: Callable[[], object]
-    listener: Optional[Callable[[tuple], None]] = None
-    cancelled: bool = False
-
-    def send(self, event: tuple) -> None:
-        self.listener(event)
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
     def run(self) -> None:
         try:
