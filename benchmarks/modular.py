@@ -17,6 +17,8 @@ must not move:
 
     python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure what is stale
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
+    SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --seeded-only   # another seed's repeated rows
+    python benchmarks/modular.py seeds runs/modular runs/modular-seed2 ...          # those rows, mean ± std
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
 Environment: DATA (../shared/data), OUT (runs/modular), STEPS (100), CALIBRATION_STEPS (STEPS / 2), LR (3e-3),
@@ -138,11 +140,16 @@ def measure_adapter(name: str, dataset: str = TEST, prefix: str = "") -> None:
         measure(f"{prefix}{name}", ["--adapter", str(OUT / name)], dataset)
 
 
-def run(jobs: int) -> None:
+SEEDED = [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4", "lora-mix-r12"]  # repeated over seeds
+
+
+def run(jobs: int, seeded_only: bool = False) -> None:
+    """Train what is missing, mix, calibrate and measure what is stale; ``seeded_only``: only the rows repeated
+    over seeds (the branches, their mixes and LoRA on the mix), for another SEED in its own OUT."""
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "machine.txt").write_text(f"{machine()}, {jobs} trainings at a time, {today()}\n")
-    missing = {name: c for name, c in trainings().items() if not (OUT / name / "training_summary.json").is_file()}
-    run_parallel(missing, jobs)
+    wanted = {name: c for name, c in trainings().items() if not seeded_only or name in SEEDED}
+    run_parallel({name: c for name, c in wanted.items() if not (OUT / name / "training_summary.json").is_file()}, jobs)
     branches = [f"branch-{domain}" for domain in DOMAINS]
     mix("mixed", branches)
     mix("mixed-null", branches, "--null-expert")
@@ -150,12 +157,19 @@ def run(jobs: int) -> None:
         "--init-adapter", str(OUT / name), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)]
         for name in ("mixed", "mixed-null") if stale(weights(f"{name}-calibrated"), [weights(name)])}
     run_parallel(calibration, jobs)
+    for name in [*wanted, *MIXES]:
+        measure_adapter(name)
+    if not seeded_only:
+        measure_the_rest()
+
+
+def measure_the_rest() -> None:
+    """The rows measured once: the base, the fourth skill, text no expert saw, and PEFT's routers."""
     mix("mixed-plus-docs", ["mixed", "branch-docs"])
     for name, dataset in (("base", TEST), ("unseen-base", UNSEEN)):
         if not (OUT / f"{name}.json").is_file():
             measure(name, ["--model", "smollm2-135m", "--no-augmented"], dataset)
-    for name in [*trainings(), *MIXES, "mixed-plus-docs"]:
-        measure_adapter(name)
+    measure_adapter("mixed-plus-docs")
     for name in [*MIXES, "lora-mix-r4", "branch-docs", "mixed-plus-docs"]:
         measure_adapter(name, UNSEEN, prefix="unseen-")
     loras = [weights(f"lora-{domain}") for domain in DOMAINS]
@@ -166,8 +180,8 @@ def run(jobs: int) -> None:
             peft_routing(name, router, *extra)
 
 
-def perplexities(name: str) -> dict:
-    report = json.loads((OUT / f"{name}.json").read_text())["perplexity"]
+def perplexities(name: str, folder: Path = OUT) -> dict:
+    report = json.loads((folder / f"{name}.json").read_text())["perplexity"]
     return {domain: report["domains"][domain]["perplexity"] for domain in TEST_NAMES} | {"mean": report["perplexity"]}
 
 
@@ -205,12 +219,16 @@ def costs() -> dict:
     return cost
 
 
-def route_match(name: str) -> str:
+def route_share(name: str, folder: Path = OUT) -> float:
     """Share of each domain's test tokens routed to that domain's branch, over the layers and the domains (all
     tokens, the first of each window too: a lower bound of the share after the first 32)."""
-    layers = json.loads((OUT / f"{name}.json").read_text())["routing_health"]["layers"]
+    layers = json.loads((folder / f"{name}.json").read_text())["routing_health"]["layers"]
     shares = [layer["domain_fractions"][d][d] for layer in layers for d in range(len(DOMAINS))]
-    return f"{100 * sum(shares) / len(shares):.1f}%"
+    return 100 * sum(shares) / len(shares)
+
+
+def route_match(name: str) -> str:
+    return f"{route_share(name):.1f}%"
 
 
 def unseen(name: str) -> str:
@@ -250,14 +268,45 @@ def table() -> None:
     fourth_skill()
 
 
+def mean_std(values: list) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def seeds_table(folders: list) -> None:
+    """The rows repeated over seeds (one folder a seed, each an OUT of `run` or `run --seeded-only`): per-domain
+    perplexity, mean and its ratio to LoRA r=4 on the mix of the same seed, mean ± std over the seeds."""
+    names = ["specialists, perfect routing", *MIXES, "lora-mix-r4", "lora-mix-r12"]
+    rows = {name: [] for name in names}
+    for folder in map(Path, folders):
+        bound = {test: perplexities(f"branch-{d}", folder)[test] for d, test in zip(DOMAINS, TEST_NAMES)}
+        rows[names[0]].append(bound | {"mean": mean_of(bound)})
+        for name in names[1:]:
+            rows[name].append(perplexities(name, folder))
+    print(f"| row ({len(folders)} seeds) | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = domain |")
+    print("|---|" + "---:|" * (len(TEST_NAMES) + 3))
+    for name, values in rows.items():
+        cells = " | ".join(mean_std([v[d] for v in values]) for d in TEST_NAMES)
+        ratio = mean_std([v["mean"] / lora["mean"] for v, lora in zip(values, rows["lora-mix-r4"])])
+        match = mean_std([route_share(name, Path(f)) for f in folders]) + "%" if name in MIXES else "-"
+        print(f"| {name} | {cells} | {mean_std([v['mean'] for v in values])} | {ratio} | {match} |")
+    print("\nfolders: " + ", ".join(f"{f} ({(Path(f) / 'machine.txt').read_text().strip()})" for f in folders))
+
+
 def main(argv) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "table"])
+    parser.add_argument("command", choices=["run", "table", "seeds"])
+    parser.add_argument("folders", nargs="*", help="seeds: one OUT folder a seed")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")), help="trainings at a time")
+    parser.add_argument("--seeded-only", action="store_true", help="run: only the rows repeated over seeds")
     args = parser.parse_args(argv)
-    run(args.jobs) if args.command == "run" else table()
+    if args.command == "seeds":
+        seeds_table(args.folders)
+    else:
+        run(args.jobs, args.seeded_only) if args.command == "run" else table()
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def write_folder(folder: PathLike, fill: Callable[[Path], None]) -> Path:
     return folder
 
 
+def write_cache_folder(folder: PathLike, fill: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """``write_folder`` for a cache entry that several processes may fill at once (branches trained in parallel on
+    a fresh machine): when another one put a ``complete`` folder in place first, its copy is the same, so it is kept
+    and this one's is dropped."""
+    try:
+        return write_folder(folder, fill)
+    except OSError:
+        if complete(Path(folder)):
+            return Path(folder)
+        raise
+
+
 def nearest_existing(path: PathLike) -> Path:
     """``path``, or the closest folder above it that exists (where ``mkdir -p`` would start)."""
     path = Path(path)

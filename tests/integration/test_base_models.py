@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama_expert import (ConfigError, ExpertConfig, ModelLoadError, TrainingArguments, augment_model,
                           load_augmented_model, load_base_model, load_tokenizer, save_adapter)
+from llama_expert.files import write_cache_folder
 from llama_expert.inference.generation import generate_text
 from llama_expert.integration import base_models as models
 from llama_expert.integration.adapter_files import weights_checksum
@@ -25,6 +27,34 @@ from llama_expert.training.recipe import fine_tune
 from ..conftest import smollm2_shaped_base
 
 TOKEN = "hf_TESTSECRET123"
+
+
+def test_a_conversion_finished_by_another_process_first_is_kept(tmp_path, monkeypatch):
+    """Two branches trained at once on a fresh machine both convert the GGUF file: the slower one must use the
+    faster one's folder, not fail renaming onto it."""
+    target, rename = tmp_path / "cache" / "model", os.replace
+
+    def other_process_first(source, destination):  # the other process renames its folder in just before this one
+        if Path(destination) == target and not target.exists():
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "config.json").write_text("{}")
+            (other / "tokenizer_config.json").write_text(written)
+            rename(other, target)
+        rename(source, destination)
+
+    def fill(staging):
+        (staging / "config.json").write_text("{}")
+        (staging / "tokenizer_config.json").write_text("mine")
+
+    monkeypatch.setattr("llama_expert.files.os.replace", other_process_first)
+    written = "theirs"
+    assert write_cache_folder(target, fill, models.converted) == target
+    assert (target / "tokenizer_config.json").read_text() == "theirs"
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no staging folder left behind
+    shutil.rmtree(target)
+    with pytest.raises(OSError):  # an unfinished folder in the way is not taken for a conversion
+        write_cache_folder(target, fill, lambda folder: False)
 
 
 def test_missing_gguf_file(tmp_path):

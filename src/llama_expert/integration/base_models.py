@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..errors import ConfigError, ModelLoadError
-from ..files import cache_root, write_folder
+from ..files import cache_root, write_cache_folder
 from ..network import hub_offline_reason, offline_mode
 from .quantized_embedding import QuantizedEmbedding
 
@@ -78,7 +78,7 @@ def gguf_cache_dir(gguf_path: str) -> Path:
 def converted_gguf(gguf_path: str) -> Path:
     """An ordinary Transformers folder holding the dequantised GGUF model and its tokenizer (cached)."""
     target = gguf_cache_dir(gguf_path)
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    if converted(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +99,12 @@ def converted_gguf(gguf_path: str) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    return write_folder(target, fill)
+    return write_cache_folder(target, fill, converted)
+
+
+def converted(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished conversion (its files are renamed into place whole)."""
+    return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
 
 
 def _local_location(model_id: Optional[str]) -> Tuple[str, str, str]:
