@@ -49,7 +49,9 @@ def _prototype_routed(model, seed=0, **extra):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, adapter in adapters(model):
-            adapter.experts.up.copy_(torch.randn(adapter.experts.up.shape, generator=generator) * 0.05)
+            for name, up in adapter.experts.named_parameters():  # every routed B (mixlora: one per projection)
+                if name.split("_")[-1] == "up" and not name.startswith("shared"):
+                    up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
             adapter.router.weight.copy_(torch.randn(adapter.router.weight.shape, generator=generator) * 0.3)
     return model.eval()
 
@@ -167,13 +169,14 @@ def _max_difference(got, want, mask):
     return float((got - want).abs().amax(-1)[mask.bool()].max())
 
 
-def test_prototype_routing_decodes_step_by_step_as_the_full_forward_pass(tiny_model):
-    model = _prototype_routed(copy.deepcopy(tiny_model))
+@pytest.mark.parametrize("expert_type", ["shared_core", "mixlora"])  # mixlora: a mix of PEFT LoRAs
+def test_prototype_routing_decodes_step_by_step_as_the_full_forward_pass(tiny_model, expert_type):
+    model = _prototype_routed(copy.deepcopy(tiny_model), expert_type=expert_type)
     ids, mask = _continued(*_prompts())
     full = _full(model, ids, mask)
     for prompt in (1, max(PROMPT_LENGTHS)):
         assert _max_difference(_stepwise(model, ids, mask, prompt), full, mask) < 1e-4
-    other = _prototype_routed(copy.deepcopy(tiny_model))
+    other = _prototype_routed(copy.deepcopy(tiny_model), expert_type=expert_type)
     with torch.no_grad():
         for _, adapter in adapters(other):
             adapter.router.weight.copy_(adapter.router.weight.roll(1, dims=0))  # each expert, another's prototype

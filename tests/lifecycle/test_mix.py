@@ -225,3 +225,78 @@ def test_dropping_a_skill_from_a_mix_leaves_the_mix_of_the_others(tiny_model, ti
     assert "expert 3 does not exist" in line
     assert "one of --keep" in cli_error(["prune", "--adapter", str(tmp_path / "abc"), "--keep", "0.5",
                                          "--keep-experts", "0", "--output-dir", str(tmp_path / "bad")])
+
+
+def _peft_lora(tiny_model, folder, domain, rank=2, alpha=5.0, seed=0, targets=("gate_proj", "up_proj", "down_proj"),
+               **config):
+    """A PEFT LoRA as `train --method lora` leaves it (random A and B, alpha / r away from 1), with the prototypes of
+    its domain's text: the model, with the LoRA on, in eval mode."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(tiny_model), peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, **config))
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    model.eval().save_pretrained(str(folder))
+    save_prototypes(measure_prototypes(model, _text(domain, rows=16, length=64, seed=seed)), folder)
+    return model
+
+
+def test_a_sequence_routed_to_a_peft_lora_computes_that_lora_exactly(tiny_model, tmp_path):
+    """PEFT LoRAs of different ranks, scalings (rsLoRA too) and targets become the experts inside the MLP (``mixlora``):
+    a sequence routed to LoRA i gives PEFT's own logits for LoRA i."""
+    loras = [_peft_lora(tiny_model, tmp_path / "a", 0, rank=3, alpha=5.0, seed=0),
+             _peft_lora(tiny_model, tmp_path / "b", 1, rank=2, alpha=3.0, seed=1, targets=("up_proj", "down_proj"),
+                        use_rslora=True)]
+    mixed = _mixed(tiny_model, [tmp_path / "a", tmp_path / "b"])
+    assert mixed.expert_config.expert_type == "mixlora" and mixed.expert_config.lora_r == 3
+    for i, lora in enumerate(loras):
+        far = copy.deepcopy(mixed)
+        with torch.no_grad():  # every other prototype far away: every token goes to LoRA i
+            for _, adapter in adapters(far):
+                adapter.router.weight[1 - i] += 1e3
+        ids = _text(i, rows=2, seed=5)
+        torch.testing.assert_close(_logits(far, ids), _logits(lora, ids), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(_logits(lora, ids), _logits(tiny_model, ids), atol=1e-2)  # the LoRA does something
+
+
+def test_a_peft_lora_mix_routes_each_domain_and_takes_a_skill_later(tiny_model, tiny_folder, tmp_path):
+    """The command end to end: a mix of PEFT LoRAs saves, loads and routes like any adapter (its experts named after
+    the folders), and mixing it with one more LoRA keeps the experts already there."""
+    for name, domain in (("math", 0), ("code", 1), ("docs", 0)):
+        _peft_lora(tiny_model, tmp_path / name, domain, seed=domain + len(name))
+    assert main(["mix", str(tmp_path / "math"), str(tmp_path / "code"), "--output-dir", str(tmp_path / "m2"),
+                 "--model", str(tiny_folder), "--null-expert"]) == 0
+    assert main(["mix", str(tmp_path / "m2"), str(tmp_path / "docs"), "--output-dir", str(tmp_path / "m3"),
+                 "--model", str(tiny_folder), "--null-expert"]) == 0
+    assert expert_names(tmp_path / "m3", 3) == ["math", "code", "docs"]
+    two, _ = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "m2")
+    three, config = load_augmented_model(str(tiny_folder), adapter_path=tmp_path / "m3")
+    assert config.expert_type == "mixlora" and config.null_expert
+    for (_, old), (_, new) in zip(adapters(two), adapters(three)):
+        for name in old.experts.per_expert_parameters:
+            torch.testing.assert_close(getattr(new.experts, name)[:2], getattr(old.experts, name), rtol=0, atol=0)
+        torch.testing.assert_close(new.router.weight[:2], old.router.weight[:2], rtol=0, atol=0)
+
+
+def test_what_a_peft_lora_mix_cannot_hold_is_refused_with_the_reason(tiny_model, tiny_folder, tmp_path):
+    _peft_lora(tiny_model, tmp_path / "mlp", 0)
+    _peft_lora(tiny_model, tmp_path / "attention", 1, targets=("q_proj", "down_proj"))
+    _peft_lora(tiny_model, tmp_path / "dora", 1, use_dora=True)
+    _branch(tiny_model, tmp_path / "branch", 1)
+
+    def mix(*names):
+        run_mix(MixArguments(adapters=[str(tmp_path / n) for n in names], output_dir=str(tmp_path / "out"),
+                             model=str(tiny_folder)))
+
+    with pytest.raises(ConfigError, match=r"q_proj.*MLP projections gate_proj, up_proj, down_proj"):
+        mix("mlp", "attention")
+    with pytest.raises(ConfigError, match="DoRA"):
+        mix("mlp", "dora")
+    with pytest.raises(ConfigError, match=r"branch is a LoRA beside the MLP.*mlp a LoRA inside it.*one kind"):
+        mix("branch", "mlp")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

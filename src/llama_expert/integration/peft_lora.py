@@ -12,9 +12,13 @@ It lives on the integration floor, not in training, because loading a LoRA folde
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 from ..errors import ConfigError
 from .weights_file import load_finite
@@ -104,3 +108,43 @@ def _from_pretrained(base_model, folder, **kwargs):
     with warnings.catch_warnings():  # PEFT reads Transformers' deprecated is_gradient_checkpointing: not for users
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return _peft().PeftModel.from_pretrained(base_model, str(folder), **kwargs)
+
+
+LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])\.weight$")  # PEFT's saved names
+
+
+def mlp_lora_layers(folder, layers: int) -> List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]:
+    """The PEFT LoRA in ``folder`` as what a mix puts inside each layer's MLP (``modeling`` bank ``mixlora``): per
+    decoder layer, for each projection it adapts (``gate_proj``, ``up_proj``, ``down_proj``), ``(A [r, in],
+    (s B)^T [r, out])`` with PEFT's scaling ``s`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA) folded in, so
+    that the projection plus ``x A^T (s B)^T`` is the LoRA's projection exactly. A LoRA elsewhere (attention), DoRA,
+    trained biases or per-module alphas have no place in that bank and are refused."""
+    config = read_lora_config(folder)
+    unsupported = [(config.use_dora, "DoRA (use_dora)"),
+                   (config.bias != "none", f"trained biases (bias={config.bias!r})"),
+                   (bool(config.modules_to_save), f"whole modules saved ({config.modules_to_save})"),
+                   (bool(config.alpha_pattern), "per-module alphas (alpha_pattern)")]
+    for present, what in unsupported:
+        if present:
+            raise ConfigError(f"{folder} is a PEFT LoRA with {what}: a mix takes plain LoRAs on the MLP projections "
+                              f"{', '.join(LORA_TARGETS)}; train it with `llama-expert train --method lora`.")
+    parts: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(layers)]
+    for key, tensor in load_finite(Path(folder) / WEIGHTS_NAME).items():
+        found = LORA_KEY.search(key)
+        if not found or found.group(2) not in LORA_TARGETS or int(found.group(1)) >= layers:
+            raise ConfigError(f"{folder} holds {key}, which a mix cannot place: it takes LoRAs on the MLP projections "
+                              f"{', '.join(LORA_TARGETS)} of a {layers}-layer model; train the LoRA with "
+                              f"`llama-expert train --method lora` (those targets) on this base.")
+        parts[int(found.group(1))].setdefault(found.group(2), {})[found.group(3)] = tensor.float()
+    return [{target: _folded(pair, config, folder, target) for target, pair in layer.items()} for layer in parts]
+
+
+def _folded(pair: Dict[str, torch.Tensor], config, folder, target: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A, (s B)^T)`` of one projection's LoRA."""
+    if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+        shapes = {k: tuple(v.shape) for k, v in pair.items()}
+        raise ConfigError(f"{folder}: the {target} LoRA's A and B do not pair ({shapes}); the weights file is damaged. "
+                          f"Save the LoRA again.")
+    rank = pair["A"].shape[0]
+    scale = config.lora_alpha / (math.sqrt(rank) if config.use_rslora else rank)
+    return pair["A"].clone(), (pair["B"] * scale).t().contiguous()

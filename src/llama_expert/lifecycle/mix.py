@@ -12,6 +12,11 @@ loads in ``inference``, ``benchmark``, ``compare`` and ``serve``, and ``prune`` 
 
 A mixed adapter given to ``mix`` brings each of its experts as it is (rows, prototype, spread): mixing it with a new
 branch adds a skill and leaves the experts already there untouched.
+
+PEFT LoRA folders on the MLP projections (what ``train --method lora`` writes, with its prototypes) mix alike, into
+the ``mixlora`` bank: expert i is LoRA i inside the frozen MLP's ``gate_proj``, ``up_proj`` and ``down_proj``, its
+``alpha / r`` folded into its ``B``, so a sequence routed to expert i computes LoRA i's model exactly. A mix holds
+experts of one kind: LoRAs beside the MLP (branches) or inside it (PEFT LoRAs), not both.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..integration.adapter_files import (MIX_REPORT, expert_names, load_adapter_weights, read_adapter_config,
-                                         recorded_base, save_adapter, saved_expert_config)
+                                         read_config_json, recorded_base, save_adapter, saved_expert_config)
 from ..integration.base_models import load_base_model
+from ..integration.peft_lora import holds_lora, mlp_lora_layers
 from ..integration.prototypes import load_prototypes
 from ..integration.surgery import adapters, augment_model, decoder_layers, remove_adapters
 from ..modeling import experts_per_layer
@@ -36,12 +42,13 @@ from .arguments import AdapterCommandArguments
 from .output import check_output, locked_output, write_outputs
 
 BRANCH_HINT = ("train each branch with --expert-type lora_experts --num-experts 1 --top-k 1 (a --shared-expert-rank "
-               "is fine)")
+               "is fine), or as a LoRA with --method lora")
 
 
 @dataclass
 class MixArguments(AdapterCommandArguments):
-    adapters: List[str] = option(None, "the branch adapters to mix, one skill each (folders written by `train`)",
+    adapters: List[str] = option(None, "the adapters to mix, one skill each: branches (`train --expert-type "
+                                       "lora_experts --num-experts 1`), PEFT LoRAs (`train --method lora`) or mixes",
                                  default_factory=list)
     output_dir: Optional[str] = option(None, "folder for the mixed adapter")
     top_k: int = option(1, "branches each token uses (1: each sequence's nearest branch alone, as it computes)")
@@ -72,20 +79,31 @@ class MixArguments(AdapterCommandArguments):
         return {"a branch adapter": list(self.adapters), "the base model": [base] if base else []}
 
 
+# Where each kind of expert goes in the mix: the bank, and per LoRA its parameters' prefix there (``<prefix>down`` holds
+# A's rows, ``<prefix>up`` B's); a branch's one LoRA sits beside the MLP, a PEFT LoRA's inside each projection.
+BESIDE, INSIDE = "lora_experts", "mixlora"
+PREFIXES = {BESIDE: {"": ""}, INSIDE: {"gate_proj": "gate_", "up_proj": "up_", "down_proj": "down_"}}
+
+
 @dataclass
 class Branch:
-    """One expert of a mix, as ``read_experts`` reads it from a branch or from a mixed adapter."""
+    """One expert of a mix, as ``read_experts`` reads it from a branch, a PEFT LoRA or a mixed adapter."""
 
-    down: List[torch.Tensor]  # per layer [r, d]: the rows of every A (shared first)
-    up: List[torch.Tensor]  # per layer [r, d]: the rows of every B, times alpha_l * s
+    parts: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]  # per layer, bank prefix -> (A rows, B rows x scales)
     prototype: torch.Tensor  # [L, d]
     spread: torch.Tensor  # [L]
     name: str = ""  # the branch's folder name (a mixed adapter's experts keep the names its mix recorded)
+    bank: str = BESIDE  # the mix's bank that holds this kind of expert
+
+    @property
+    def rank(self) -> int:
+        return max(down.shape[0] for layer in self.parts for down, _ in layer.values())
 
 
 def is_mixed(config: ExpertConfig) -> bool:
     """An adapter that ``mix`` wrote: its experts join a new mix as they are (adding a skill)."""
-    return config.router_type == "prototype" and config.expert_type == "lora_experts" and not config.shared_expert_rank
+    return config.router_type == "prototype" and (
+        config.expert_type == INSIDE or (config.expert_type == BESIDE and not config.shared_expert_rank))
 
 
 def check_branch(config: ExpertConfig, layers: int, folder) -> None:
@@ -104,6 +122,8 @@ def read_experts(model, folder) -> List[Branch]:
     adapter is loaded onto ``model`` (its base) and taken off again, so it gets every check an adapter gets (base
     architecture, shapes, finite values)."""
     layers, hidden = len(decoder_layers(model)), model.config.hidden_size
+    if holds_lora(folder):
+        return [peft_lora_expert(model, folder)]
     config = saved_expert_config(read_adapter_config(folder), folder)
     mixed = is_mixed(config)
     if not mixed:
@@ -118,30 +138,68 @@ def read_experts(model, folder) -> List[Branch]:
     names = (expert_names(folder, count) or [f"{label} expert {e}" for e in range(count)]) if mixed else [label]
     experts = []
     for e in range(count):
-        down, up = zip(*[expert_rows(adapter, e) for adapter in layer_adapters])
+        parts = [expert_rows(adapter, e, folder) for adapter in layer_adapters]
         if mixed:
             prototype = torch.stack([a.router.weight[e].detach().float().clone() for a in layer_adapters])
             spread = torch.stack([a.router.spread[e].detach().float().clone() for a in layer_adapters])
         else:
             prototype, spread = prototypes.prototype, prototypes.spread
-        experts.append(Branch(list(down), list(up), prototype, spread, names[e]))
+        experts.append(Branch(parts, prototype, spread, names[e], config.expert_type))
     remove_adapters(model)
     return experts
 
 
-def expert_rows(adapter, expert: int):
-    """``(A rows, B rows times alpha_l * s)`` of ``expert`` in a lora_experts layer, its shared expert's first."""
-    bank, factor = adapter.experts, adapter.experts.lora_scaling * adapter.residual_scale.detach().float()
-    down, up = bank.down[expert].detach().float(), bank.up[expert].detach().float()
-    if bank.shared_down is not None:
-        down = torch.cat([bank.shared_down.detach().float(), down])
-        up = torch.cat([bank.shared_up.detach().float(), up])
-    return down.clone(), (up * factor).clone()
+def peft_lora_expert(model, folder) -> Branch:
+    """A PEFT LoRA folder as one expert inside the MLP: its LoRAs per projection, its prototypes (``train --method
+    lora`` records them), and their shapes checked against ``model``."""
+    layers, hidden = len(decoder_layers(model)), model.config.hidden_size
+    prototypes = load_prototypes(folder, layers, hidden)
+    parts = []
+    for layer, loras in zip(decoder_layers(model), mlp_lora_layers(folder, layers)):
+        for target, (down, up) in loras.items():
+            projection = getattr(layer.mlp, target)
+            if down.shape[1] != projection.in_features or up.shape[1] != projection.out_features:
+                raise ConfigError(f"{folder}'s {target} LoRA maps {down.shape[1]} -> {up.shape[1]} features, this "
+                                  f"base's {target} {projection.in_features} -> {projection.out_features}: it "
+                                  f"belongs to another base. Mix LoRAs of one base.")
+        parts.append({PREFIXES[INSIDE][target]: rows for target, rows in loras.items()})
+    return Branch(parts, prototypes.prototype, prototypes.spread, Path(folder).resolve().name, INSIDE)
+
+
+def expert_rows(adapter, expert: int, folder) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Each LoRA of ``expert`` as ``(A rows, B rows times the scales)``: a lora_experts layer's one (its shared
+    expert's rows first, ``alpha_l * s`` folded in), or a mixed mixlora layer's three (``s`` folded in; its ``alpha_l``
+    is 1 unless trained, and then it scales the whole MLP's change, which no ``B`` can hold)."""
+    bank = adapter.experts
+    factor = bank.lora_scaling * (adapter.residual_scale.detach().float() if bank.registered_name == BESIDE else 1.0)
+    if bank.registered_name == INSIDE and float(adapter.residual_scale) != 1.0:
+        raise ConfigError(f"{folder}'s residual scale was trained ({float(adapter.residual_scale):.4g}, not 1): its "
+                          f"experts cannot be taken apart; mix its LoRAs again instead.")
+    rows = {}
+    for prefix in PREFIXES[bank.registered_name].values():
+        down = getattr(bank, prefix + "down")[expert].detach().float()
+        up = getattr(bank, prefix + "up")[expert].detach().float()
+        if bank.registered_name == BESIDE and bank.shared_down is not None:
+            down = torch.cat([bank.shared_down.detach().float(), down])
+            up = torch.cat([bank.shared_up.detach().float(), up])
+        rows[prefix] = (down.clone(), (up * factor).clone())
+    return rows
+
+
+def one_kind(branches: List[Branch]) -> str:
+    """The bank of the mix: every expert's own (beside the MLP or inside it), or a one-line refusal."""
+    kinds = {b.bank for b in branches}
+    if len(kinds) > 1:
+        beside = next(b.name for b in branches if b.bank == BESIDE)
+        inside = next(b.name for b in branches if b.bank == INSIDE)
+        raise ConfigError(f"{beside} is a LoRA beside the MLP (a branch) and {inside} a LoRA inside it (PEFT): a mix "
+                          f"holds experts of one kind; mix each kind apart.")
+    return kinds.pop()
 
 
 def mix_config(branches: List[Branch], args: MixArguments) -> ExpertConfig:
-    rank = max(d.shape[0] for b in branches for d in b.down)
-    return ExpertConfig(expert_type="lora_experts", router_type="prototype", num_experts=len(branches),
+    rank = max(b.rank for b in branches)
+    return ExpertConfig(expert_type=one_kind(branches), router_type="prototype", num_experts=len(branches),
                         top_k=args.top_k, expert_allocation="uniform", expert_rank=rank, shared_expert_rank=0,
                         lora_r=rank, lora_alpha=float(rank), lora_dropout=0.0, null_expert=args.null_expert,
                         prototype_temperature=args.temperature, residual_scale_init=1.0)
@@ -153,12 +211,13 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
     augment_model(model, mix_config(branches, args))
     for layer, (_, adapter) in enumerate(adapters(model)):
         bank, router = adapter.experts, adapter.router
-        bank.down.zero_()
-        bank.up.zero_()
+        for prefix in PREFIXES[bank.registered_name].values():
+            getattr(bank, prefix + "down").zero_()
+            getattr(bank, prefix + "up").zero_()
         for i, branch in enumerate(branches):
-            rows = branch.down[layer].shape[0]
-            bank.down[i, :rows] = branch.down[layer]
-            bank.up[i, :rows] = branch.up[layer]
+            for prefix, (down, up) in branch.parts[layer].items():  # a projection a LoRA leaves alone stays zero
+                getattr(bank, prefix + "down")[i, :down.shape[0]] = down
+                getattr(bank, prefix + "up")[i, :up.shape[0]] = up
             router.weight[i] = branch.prototype[layer]
             router.spread[i] = branch.spread[layer]
         if router.null_distance is not None:
@@ -170,7 +229,7 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
 def check_one_base(folders: List[str]) -> None:
     """Every adapter was trained on one base (the same weights, not only the same shapes): a prototype describes
     what one base's layers see."""
-    checksums = {folder: read_adapter_config(folder).get("base_model_weights_checksum") for folder in folders}
+    checksums = {folder: read_config_json(folder).get("base_model_weights_checksum") for folder in folders}
     known = {folder: value for folder, value in checksums.items() if value}
     if len(set(known.values())) > 1:
         first, *others = known
@@ -199,7 +258,7 @@ def run_mix(args: MixArguments) -> Path:
         report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
                   "temperature": args.temperature, "null_expert": args.null_expert,
                   "null_distance": args.null_distance if args.null_expert else None,
-                  "ranks": [max(d.shape[0] for d in b.down) for b in branches],
+                  "ranks": [b.rank for b in branches],
                   "experts": [b.name for b in branches]}  # what `serve`'s routing page calls each expert
         write_outputs(output, MIX_REPORT, report, lambda staging: save_adapter(model, staging, base))
     print(f"mixed {len(args.adapters)} adapters into {output}: {len(branches)} experts a layer, in the order given")
