@@ -17,7 +17,7 @@ must not move:
 
     python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure what is stale
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
-    SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --seeded-only   # another seed's repeated rows
+    SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows seeds   # another seed's repeated rows
     python benchmarks/modular.py seeds runs/modular runs/modular-seed2 ...          # those rows, mean ± std
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
@@ -39,7 +39,6 @@ from common import DOMAIN_TRAIN, TEST, TRAIN, machine, today
 OUT = Path(os.environ.get("OUT", "runs/modular"))
 STEPS = int(os.environ.get("STEPS", "100"))
 CALIBRATION_STEPS = int(os.environ.get("CALIBRATION_STEPS", str(max(1, STEPS // 2))))  # the routers alone, on the mix
-MIXES = ["mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated"]
 DOMAINS = DOMAIN_TRAIN
 TEST_NAMES = ["math", "code", "wikitext-2-raw"]  # the benchmark's domain names of TEST, in DOMAINS' order
 UNSEEN = "embedded"  # Python's documentation prose: no branch, no LoRA trained on it
@@ -140,26 +139,45 @@ def measure_adapter(name: str, dataset: str = TEST, prefix: str = "") -> None:
         measure(f"{prefix}{name}", ["--adapter", str(OUT / name)], dataset)
 
 
-SEEDED = [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4", "lora-mix-r12"]  # repeated over seeds
+def mix_names(name: str) -> list:
+    """A mix, with the null expert, and each calibrated: the four rows one library of experts gives."""
+    return [name, f"{name}-null", f"{name}-calibrated", f"{name}-null-calibrated"]
 
 
-def run(jobs: int, seeded_only: bool = False) -> None:
-    """Train what is missing, mix, calibrate and measure what is stale; ``seeded_only``: only the rows repeated
-    over seeds (the branches, their mixes and LoRA on the mix), for another SEED in its own OUT."""
+MIXES = mix_names("mixed")  # the branches mixed
+LIBRARY = [f"lora-{domain}" for domain in DOMAINS]  # the per-domain PEFT LoRAs: Arrow's and X-LoRA's library, and ours
+LORA_MIXES = mix_names("loras-mixed")  # that library mixed by `llama-expert mix` (experts inside the MLP, mixlora)
+ROWS = {"all": None,  # every row
+        "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4", "lora-mix-r12"],  # repeated over seeds
+        "lora-library": LIBRARY}  # the per-domain LoRAs and their mixes alone
+
+
+def mix_and_calibrate(name: str, inputs: list, jobs: int) -> list:
+    """``name`` mixed from ``inputs`` with and without the null expert, each then calibrated: the rows' names."""
+    mix(name, inputs)
+    mix(f"{name}-null", inputs, "--null-expert")
+    calibration = {f"{mixed}-calibrated": [train_command(f"{mixed}-calibrated", [
+        "--init-adapter", str(OUT / mixed), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)]
+        for mixed in (name, f"{name}-null") if stale(weights(f"{mixed}-calibrated"), [weights(mixed)])}
+    run_parallel(calibration, jobs)
+    return mix_names(name)
+
+
+def run(jobs: int, rows: str = "all") -> None:
+    """Train what is missing, mix, calibrate and measure what is stale; ``rows`` other than "all": only those
+    trainings and their mixes (another SEED's repeated rows in its own OUT, or the LoRA library alone)."""
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "machine.txt").write_text(f"{machine()}, {jobs} trainings at a time, {today()}\n")
-    wanted = {name: c for name, c in trainings().items() if not seeded_only or name in SEEDED}
+    wanted = {name: c for name, c in trainings().items() if ROWS[rows] is None or name in ROWS[rows]}
     run_parallel({name: c for name, c in wanted.items() if not (OUT / name / "training_summary.json").is_file()}, jobs)
-    branches = [f"branch-{domain}" for domain in DOMAINS]
-    mix("mixed", branches)
-    mix("mixed-null", branches, "--null-expert")
-    calibration = {f"{name}-calibrated": [train_command(f"{name}-calibrated", [
-        "--init-adapter", str(OUT / name), "--train-only", "router"], TRAIN, CALIBRATION_STEPS)]
-        for name in ("mixed", "mixed-null") if stale(weights(f"{name}-calibrated"), [weights(name)])}
-    run_parallel(calibration, jobs)
-    for name in [*wanted, *MIXES]:
+    mixes = []
+    if rows != "lora-library":
+        mixes += mix_and_calibrate("mixed", [f"branch-{domain}" for domain in DOMAINS], jobs)
+    if rows != "seeds":
+        mixes += mix_and_calibrate("loras-mixed", LIBRARY, jobs)
+    for name in [*wanted, *mixes]:
         measure_adapter(name)
-    if not seeded_only:
+    if rows == "all":
         measure_the_rest()
 
 
@@ -206,11 +224,13 @@ def costs() -> dict:
     loras = sum(summary_of(f"lora-{d}")["seconds"] for d in DOMAINS)
     chain = sum(summary_of(f"lora-then-{d}")["seconds"] for d in SEQUENCE)
     cost[f"lora-then-{SEQUENCE[-1]}"] = (cost[f"lora-then-{SEQUENCE[-1]}"][0], f"{chain:.0f} (3 stages)")
-    library = 3 * summary_of("branch-math")["trainable_parameters"]
-    cost["specialists, perfect routing"] = (library, f"{branches:.0f} (branches)")
-    for name in MIXES:
-        cost[name] = (library, f"{branches:.0f} (branches)" if not name.endswith("-calibrated") else
-                      f"{branches:.0f} + {summary_of(name)['seconds']:.0f} (branches + calibration)")
+    for names, kind, seconds, first in ((["specialists, perfect routing", *MIXES], "branches", branches, "branch-math"),
+                                        (["PEFT LoRA specialists, perfect routing", *LORA_MIXES], "LoRAs", loras,
+                                         "lora-math")):
+        for name in names:
+            cost[name] = (3 * summary_of(first)["trainable_parameters"], f"{seconds:.0f} ({kind})"
+                          if not name.endswith("-calibrated") else
+                          f"{seconds:.0f} + {summary_of(name)['seconds']:.0f} ({kind} + calibration)")
     for name in PEFT_ROWS:
         extra = json.loads((OUT / f"{name}.json").read_text())
         cost[name] = (3 * summary_of("lora-math")["trainable_parameters"] + extra["trainable_parameters"],
@@ -248,11 +268,25 @@ def fourth_skill() -> None:
     print(f"| change | {change} | docs branch alone: {unseen('branch-docs')} |")
 
 
+def present(names: list, folder: Path = OUT) -> list:
+    return [name for name in names if (folder / f"{name}.json").is_file()]
+
+
+def bounds(rows: dict, folder: Path = OUT) -> dict:
+    """Each library's specialists with perfect routing: each domain's perplexity from its own specialist."""
+    found = {}
+    for label, prefix in (("specialists, perfect routing", "branch"),
+                          ("PEFT LoRA specialists, perfect routing", "lora")):
+        if all((folder / f"{prefix}-{d}.json").is_file() for d in DOMAINS):
+            bound = {test: perplexities(f"{prefix}-{d}", folder)[test] for d, test in zip(DOMAINS, TEST_NAMES)}
+            found[label] = bound | {"mean": mean_of(bound)}
+    return found
+
+
 def table() -> None:
-    names = ["base", *trainings(), *MIXES, *PEFT_ROWS]
+    names = ["base", *trainings(), *MIXES, *present(LORA_MIXES), *PEFT_ROWS]
     rows = {name: perplexities(name) for name in names}
-    bound = {test: rows[f"branch-{domain}"][test] for domain, test in zip(DOMAINS, TEST_NAMES)}
-    rows["specialists, perfect routing"] = bound | {"mean": mean_of(bound)}
+    rows.update(bounds(rows))
     cost, lora = costs(), rows["lora-mix-r4"]["mean"]
     print(f"| row | trainable | training s | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = "
           f"domain | unseen text ({UNSEEN}) |")
@@ -260,7 +294,7 @@ def table() -> None:
     for name, values in rows.items():
         trained, time_cell = cost.get(name, (0, "-"))
         cells = " | ".join(f"{values[d]:.3f}" for d in TEST_NAMES)
-        match = route_match(name) if name in MIXES else "-"
+        match = route_match(name) if name in MIXES + LORA_MIXES else "-"
         print(f"| {name} | {trained:,} | {time_cell} | {cells} | {values['mean']:.3f} | {values['mean'] / lora:.3f} "
               f"| {match} | {unseen(name)} |")
     print(f"\nmachine: {(OUT / 'machine.txt').read_text().strip()}; {STEPS} steps per branch and per-domain LoRA, "
@@ -275,23 +309,26 @@ def mean_std(values: list) -> str:
 
 
 def seeds_table(folders: list) -> None:
-    """The rows repeated over seeds (one folder a seed, each an OUT of `run` or `run --seeded-only`): per-domain
-    perplexity, mean and its ratio to LoRA r=4 on the mix of the same seed, mean ± std over the seeds."""
-    names = ["specialists, perfect routing", *MIXES, "lora-mix-r4", "lora-mix-r12"]
-    rows = {name: [] for name in names}
-    for folder in map(Path, folders):
-        bound = {test: perplexities(f"branch-{d}", folder)[test] for d, test in zip(DOMAINS, TEST_NAMES)}
-        rows[names[0]].append(bound | {"mean": mean_of(bound)})
-        for name in names[1:]:
-            rows[name].append(perplexities(name, folder))
-    print(f"| row ({len(folders)} seeds) | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = domain |")
-    print("|---|" + "---:|" * (len(TEST_NAMES) + 3))
-    for name, values in rows.items():
-        cells = " | ".join(mean_std([v[d] for v in values]) for d in TEST_NAMES)
-        ratio = mean_std([v["mean"] / lora["mean"] for v, lora in zip(values, rows["lora-mix-r4"])])
-        match = mean_std([route_share(name, Path(f)) for f in folders]) + "%" if name in MIXES else "-"
-        print(f"| {name} | {cells} | {mean_std([v['mean'] for v in values])} | {ratio} | {match} |")
-    print("\nfolders: " + ", ".join(f"{f} ({(Path(f) / 'machine.txt').read_text().strip()})" for f in folders))
+    """The rows repeated over seeds (one folder a seed, each an OUT of `run`, or of `run --rows seeds` and `--rows
+    lora-library`): per-domain perplexity, mean and its ratio to LoRA r=4 on the mix of the same seed, mean ± std
+    over the seeds that hold the row."""
+    folders = [Path(f) for f in folders]
+    rows = {}
+    for folder in folders:
+        found = bounds({}, folder) | {name: perplexities(name, folder)
+                                      for name in present([*MIXES, *LORA_MIXES, "lora-mix-r4", "lora-mix-r12"], folder)}
+        lora = perplexities("lora-mix-r4", folder)["mean"] if (folder / "lora-mix-r4.json").is_file() else None
+        for name, values in found.items():
+            rows.setdefault(name, []).append((values, lora, folder))
+    print(f"| row | seeds | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = domain |")
+    print("|---|---:|" + "---:|" * (len(TEST_NAMES) + 3))
+    for name, runs in rows.items():
+        cells = " | ".join(mean_std([v[d] for v, _, _ in runs]) for d in TEST_NAMES)
+        paired = [v["mean"] / lora for v, lora, _ in runs if lora]
+        ratio = mean_std(paired) if len(paired) == len(runs) else "-"
+        match = mean_std([route_share(name, f) for _, _, f in runs]) + "%" if name in MIXES + LORA_MIXES else "-"
+        print(f"| {name} | {len(runs)} | {cells} | {mean_std([v['mean'] for v, _, _ in runs])} | {ratio} | {match} |")
+    print("\nfolders: " + ", ".join(f"{f} ({(f / 'machine.txt').read_text().strip()})" for f in folders))
 
 
 def main(argv) -> None:
@@ -301,12 +338,13 @@ def main(argv) -> None:
     parser.add_argument("command", choices=["run", "table", "seeds"])
     parser.add_argument("folders", nargs="*", help="seeds: one OUT folder a seed")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")), help="trainings at a time")
-    parser.add_argument("--seeded-only", action="store_true", help="run: only the rows repeated over seeds")
+    parser.add_argument("--rows", choices=list(ROWS), default="all", help="run: every row, only the rows repeated over "
+                        "seeds (another SEED, its own OUT), or only the per-domain LoRAs and their mixes")
     args = parser.parse_args(argv)
     if args.command == "seeds":
         seeds_table(args.folders)
     else:
-        run(args.jobs, args.seeded_only) if args.command == "run" else table()
+        run(args.jobs, args.rows) if args.command == "run" else table()
 
 
 if __name__ == "__main__":
