@@ -55,17 +55,22 @@ def _mixed(tiny_model, folders, **kw):
     return mix_branches(base, [e for f in folders for e in read_experts(base, f)], args).eval()
 
 
+def _routed_to(mixed, expert: int):
+    """A copy of a two-expert mix whose other prototype is far away: every token goes to ``expert``."""
+    far = copy.deepcopy(mixed)
+    with torch.no_grad():
+        for _, adapter in adapters(far):
+            adapter.router.weight[1 - expert] += 1e3
+    return far
+
+
 def test_a_sequence_routed_to_a_branch_computes_that_branch_exactly(tiny_model, tmp_path):
     branches = [_branch(tiny_model, tmp_path / "a", 0, rank=3, shared=2, seed=0),
                 _branch(tiny_model, tmp_path / "b", 1, rank=2, seed=1)]
     mixed = _mixed(tiny_model, [tmp_path / "a", tmp_path / "b"])
     for i, branch in enumerate(branches):
-        far = copy.deepcopy(mixed)
-        with torch.no_grad():  # every other prototype far away: every token goes to branch i
-            for _, adapter in adapters(far):
-                adapter.router.weight[1 - i] += 1e3
         ids = _text(i, rows=2, seed=5)
-        torch.testing.assert_close(_logits(far, ids), _logits(branch, ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_logits(_routed_to(mixed, i), ids), _logits(branch, ids), rtol=1e-4, atol=1e-4)
     assert mixed.expert_config.expert_rank == 5 and mixed.expert_config.router_type == "prototype"
 
 
@@ -255,12 +260,8 @@ def test_a_sequence_routed_to_a_peft_lora_computes_that_lora_exactly(tiny_model,
     mixed = _mixed(tiny_model, [tmp_path / "a", tmp_path / "b"])
     assert mixed.expert_config.expert_type == "mixlora" and mixed.expert_config.lora_r == 3
     for i, lora in enumerate(loras):
-        far = copy.deepcopy(mixed)
-        with torch.no_grad():  # every other prototype far away: every token goes to LoRA i
-            for _, adapter in adapters(far):
-                adapter.router.weight[1 - i] += 1e3
         ids = _text(i, rows=2, seed=5)
-        torch.testing.assert_close(_logits(far, ids), _logits(lora, ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_logits(_routed_to(mixed, i), ids), _logits(lora, ids), rtol=1e-4, atol=1e-4)
         assert not torch.allclose(_logits(lora, ids), _logits(tiny_model, ids), atol=1e-2)  # the LoRA does something
 
 
