@@ -3,6 +3,7 @@ computes (its rank padded, its scales folded in); measured prototypes send each 
 the null expert gives back the base; the command writes an ordinary adapter; bad inputs get a one-line reason."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -301,3 +302,38 @@ def test_what_a_peft_lora_mix_cannot_hold_is_refused_with_the_reason(tiny_model,
     with pytest.raises(ConfigError, match=r"branch is a LoRA beside the MLP.*mlp a LoRA inside it.*one kind"):
         mix("branch", "mlp")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_prototypes_an_adapter_lacks_are_measured_on_the_text_given(chat_folder, tmp_path):
+    """A LoRA trained elsewhere records no prototypes: `mix --prototype-data` measures them on its text, with the
+    LoRA on (as `train` would have), and takes the LoRA off the base again; '-' keeps a branch's own."""
+    from llama_expert import load_base_model, load_tokenizer
+    from llama_expert.lifecycle.calibration import calibration_windows
+
+    base = load_base_model(str(chat_folder))
+    lora = _peft_lora(base, tmp_path / "elsewhere", 0)
+    (tmp_path / "elsewhere" / "prototypes.safetensors").unlink()
+    _peft_lora(base, tmp_path / "ours", 1, seed=1)
+    text = tmp_path / "legal.txt"
+    text.write_text("The parties agree that the lessee shall pay the rent on the first day of each month.\n" * 40)
+
+    def mix(data=None, out="out"):
+        return run_mix(MixArguments(adapters=[str(tmp_path / "elsewhere"), str(tmp_path / "ours")],
+                                    output_dir=str(tmp_path / out), prototype_data=data))
+
+    with pytest.raises(Exception, match="records no prototypes.*mix --prototype-data"):
+        mix()
+    with pytest.raises(ConfigError, match="names 1 sources for 2 adapters"):
+        mix(str(text))
+    out = mix(f"{text},-")
+    windows = calibration_windows(load_tokenizer(str(chat_folder)), str(text), 256, 8192, progress=False)
+    want = measure_prototypes(lora, windows).prototype
+    model, _ = load_augmented_model(str(chat_folder), adapter_path=out)
+    got = torch.stack([adapter.router.weight[0] for _, adapter in adapters(model)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "mix_report.json").read_text())["prototype_data"] == [str(text), None]
+    bare = copy.deepcopy(base)
+    read_experts(bare, tmp_path / "elsewhere", windows)
+    assert not [name for name, _ in bare.named_modules() if "lora" in name] and not adapters(bare)
+    ids = torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(_logits(bare, ids), _logits(base, ids), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""``llama-expert mix A B [C ...] --output-dir M``: branch adapters trained apart become one routed adapter."""
+"""``llama-expert mix A B [C ...] --output-dir M``: adapters trained apart become one routed adapter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .arguments import add_dataclass_arguments, dataclass_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER",
-                        help="branch adapter folders, one skill each (written by `train`)")
+                        help="adapter folders, one skill each: branches and PEFT LoRAs (written by `train`), or mixes")
     add_dataclass_arguments(parser, MixArguments, skip=("adapters",), title="mix")
 
 

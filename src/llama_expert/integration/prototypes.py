@@ -104,7 +104,8 @@ def load_prototypes(folder: Union[str, Path], layers: int, hidden_size: int) -> 
     path = Path(folder) / PROTOTYPES_NAME
     if not path.is_file():
         raise AdapterError(f"{folder} records no prototypes ({PROTOTYPES_NAME}): `train` writes them at the end of "
-                           f"training, and adapters trained before it did have none; re-train this branch to mix it.")
+                           f"training, and adapters trained before it or elsewhere have none; measure them on its "
+                           f"training text with `mix --prototype-data`.")
     state = load_finite(path)
     prototype, spread = state.get("prototype"), state.get("spread")
     if prototype is None or spread is None or tuple(prototype.shape) != (layers, hidden_size) \

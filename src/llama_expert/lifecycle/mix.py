@@ -32,13 +32,14 @@ from ..config import ExpertConfig
 from ..errors import ConfigError
 from ..integration.adapter_files import (MIX_REPORT, expert_names, load_adapter_weights, read_adapter_config,
                                          read_config_json, recorded_base, save_adapter, saved_expert_config)
-from ..integration.base_models import load_base_model
-from ..integration.peft_lora import holds_lora, mlp_lora_layers
-from ..integration.prototypes import load_prototypes
+from ..integration.base_models import load_base_model, load_tokenizer
+from ..integration.peft_lora import holds_lora, load_lora_model, mlp_lora_layers
+from ..integration.prototypes import Prototypes, load_prototypes, measure_prototypes
 from ..integration.surgery import adapters, augment_model, decoder_layers, remove_adapters
 from ..modeling import experts_per_layer
 from ..options import option
 from .arguments import AdapterCommandArguments
+from .calibration import calibration_windows
 from .output import check_output, locked_output, write_outputs
 
 BRANCH_HINT = ("train each branch with --expert-type lora_experts --num-experts 1 --top-k 1 (a --shared-expert-rank "
@@ -57,6 +58,11 @@ class MixArguments(AdapterCommandArguments):
                                       "branch's training text")
     null_distance: float = option(4.0, "with --null-expert: the null wins where every prototype is farther than "
                                        "this many times the largest branch spread of the layer")
+    prototype_data: Optional[str] = option(None, "text to measure the prototypes of adapters that record none (a LoRA "
+                                                 "trained elsewhere) on: one source per adapter, comma-separated, in "
+                                                 "their order; '-' keeps an adapter's own")
+    prototype_tokens: int = option(8192, "with --prototype-data: the tokens of each source measured (its first ones, "
+                                         "from its training split, in windows of 256)")
 
     def validate(self) -> None:
         if len(self.adapters) < 2:
@@ -74,14 +80,28 @@ class MixArguments(AdapterCommandArguments):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        sources = self.prototype_sources()
+        if len(sources) != len(self.adapters):
+            raise ConfigError(f"--prototype-data names {len(sources)} sources for {len(self.adapters)} adapters: give "
+                              f"one per adapter, in their order ('-' for one that records its own prototypes).")
+        if self.prototype_tokens < 1:
+            raise ConfigError(f"--prototype-tokens must be >= 1, got {self.prototype_tokens}.")
+
+    def prototype_sources(self) -> List[Optional[str]]:
+        """Per adapter, the text to measure its prototypes on, or None: its own."""
+        if not self.prototype_data:
+            return [None] * len(self.adapters)
+        return [None if part.strip() == "-" else part.strip() for part in self.prototype_data.split(",")]
 
     def inputs(self, base: Optional[str]):
-        return {"a branch adapter": list(self.adapters), "the base model": [base] if base else []}
+        return {"a branch adapter": list(self.adapters), "the base model": [base] if base else [],
+                "a --prototype-data source": [s for s in self.prototype_sources() if s]}
 
 
 # Where each kind of expert goes in the mix: the bank, and per LoRA its parameters' prefix there (``<prefix>down`` holds
 # A's rows, ``<prefix>up`` B's); a branch's one LoRA sits beside the MLP, a PEFT LoRA's inside each projection.
 BESIDE, INSIDE = "lora_experts", "mixlora"
+PROTOTYPE_WINDOW = 256  # tokens per window of --prototype-data text (a branch's are its training blocks)
 PREFIXES = {BESIDE: {"": ""}, INSIDE: {"gate_proj": "gate_", "up_proj": "up_", "down_proj": "down_"}}
 
 
@@ -116,23 +136,35 @@ def check_branch(config: ExpertConfig, layers: int, folder) -> None:
                           f"and mixed adapters; {BRANCH_HINT}.")
 
 
+def own_or_measured(model, folder, windows: Optional[torch.Tensor]) -> Prototypes:
+    """The prototypes of the adapter now on ``model``: measured on ``windows`` (``--prototype-data``) when given,
+    else the ones its folder records."""
+    if windows is not None:
+        return measure_prototypes(model, windows)
+    return load_prototypes(folder, len(decoder_layers(model)), model.config.hidden_size)
+
+
 @torch.no_grad()
-def read_experts(model, folder) -> List[Branch]:
-    """The experts in ``folder`` as per-layer LoRA rows: a branch's one, or each expert of a mixed adapter. The
-    adapter is loaded onto ``model`` (its base) and taken off again, so it gets every check an adapter gets (base
-    architecture, shapes, finite values)."""
-    layers, hidden = len(decoder_layers(model)), model.config.hidden_size
+def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[Branch]:
+    """The experts in ``folder`` as per-layer LoRA rows: a branch's one, a PEFT LoRA's, or each expert of a mixed
+    adapter; ``windows``: token blocks to measure a branch's or LoRA's prototypes on instead of its recorded ones.
+    The adapter is loaded onto ``model`` (its base) and taken off again, so it gets every check an adapter gets
+    (base architecture, shapes, finite values)."""
+    layers = len(decoder_layers(model))
     if holds_lora(folder):
-        return [peft_lora_expert(model, folder)]
+        return [peft_lora_expert(model, folder, windows)]
     config = saved_expert_config(read_adapter_config(folder), folder)
     mixed = is_mixed(config)
     if not mixed:
         check_branch(config, layers, folder)
-        prototypes = load_prototypes(folder, layers, hidden)
     elif len(set(experts_per_layer(config, layers))) != 1:
         raise ConfigError(f"{folder} is a mixed adapter whose layers hold different numbers of experts (pruned layer "
                           f"by layer): its skills are no longer whole; mix its branches again instead.")
+    elif windows is not None:
+        raise ConfigError(f"{folder} is a mixed adapter: its experts bring their own prototypes; give '-' for it in "
+                          f"--prototype-data.")
     load_adapter_weights(model, folder)
+    prototypes = None if mixed else own_or_measured(model, folder, windows)
     layer_adapters = [adapter for _, adapter in adapters(model)]
     count, label = layer_adapters[0].num_experts, Path(folder).resolve().name
     names = (expert_names(folder, count) or [f"{label} expert {e}" for e in range(count)]) if mixed else [label]
@@ -149,11 +181,19 @@ def read_experts(model, folder) -> List[Branch]:
     return experts
 
 
-def peft_lora_expert(model, folder) -> Branch:
+def peft_lora_expert(model, folder, windows: Optional[torch.Tensor] = None) -> Branch:
     """A PEFT LoRA folder as one expert inside the MLP: its LoRAs per projection, its prototypes (``train --method
-    lora`` records them), and their shapes checked against ``model``."""
-    layers, hidden = len(decoder_layers(model)), model.config.hidden_size
-    prototypes = load_prototypes(folder, layers, hidden)
+    lora`` records them; or measured on ``windows`` with the LoRA on, then taken off), and their shapes checked
+    against ``model``."""
+    layers = len(decoder_layers(model))
+    if windows is None:
+        prototypes = own_or_measured(model, folder, None)
+    else:
+        lora = load_lora_model(model, folder)  # PEFT puts the LoRA into ``model``'s own modules ...
+        try:
+            prototypes = own_or_measured(lora, folder, windows)
+        finally:
+            lora.unload()  # ... and takes it out again
     parts = []
     for layer, loras in zip(decoder_layers(model), mlp_lora_layers(folder, layers)):
         for target, (down, up) in loras.items():
@@ -238,6 +278,14 @@ def check_one_base(folders: List[str]) -> None:
                           f"takes adapters of one base; retrain the branch on the others' base.")
 
 
+def prototype_windows(args: MixArguments, base: str) -> List[Optional[torch.Tensor]]:
+    """Per adapter, the token windows of its ``--prototype-data`` source, or None (its own prototypes)."""
+    sources = args.prototype_sources()
+    tokenizer = load_tokenizer(base, auth_token=args.auth_token) if any(sources) else None
+    return [None if source is None else calibration_windows(tokenizer, source, PROTOTYPE_WINDOW, args.prototype_tokens,
+                                                            progress=False) for source in sources]
+
+
 def run_mix(args: MixArguments) -> Path:
     """The ``mix`` command: read every branch, mix them, write the mixed adapter and ``mix_report.json`` (which names
     each expert after its branch's folder)."""
@@ -250,7 +298,8 @@ def run_mix(args: MixArguments) -> Path:
     check_output(output, "mix", args.overwrite, args.inputs(base))
     with locked_output(output, "mix"):
         model = load_base_model(base, auth_token=args.auth_token)
-        branches = [expert for folder in args.adapters for expert in read_experts(model, folder)]
+        branches = [expert for folder, windows in zip(args.adapters, prototype_windows(args, base))
+                    for expert in read_experts(model, folder, windows)]
         if args.top_k > len(branches):
             raise ConfigError(f"--top-k {args.top_k} is more than the {len(branches)} experts these adapters bring; "
                               f"give at most {len(branches)}.")
@@ -259,7 +308,8 @@ def run_mix(args: MixArguments) -> Path:
                   "temperature": args.temperature, "null_expert": args.null_expert,
                   "null_distance": args.null_distance if args.null_expert else None,
                   "ranks": [b.rank for b in branches],
-                  "experts": [b.name for b in branches]}  # what `serve`'s routing page calls each expert
+                  "experts": [b.name for b in branches],  # what `serve`'s routing page calls each expert
+                  "prototype_data": args.prototype_sources() if args.prototype_data else None}
         write_outputs(output, MIX_REPORT, report, lambda staging: save_adapter(model, staging, base))
     print(f"mixed {len(args.adapters)} adapters into {output}: {len(branches)} experts a layer, in the order given")
     return output
