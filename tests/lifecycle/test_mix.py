@@ -297,7 +297,7 @@ def test_what_a_peft_lora_mix_cannot_hold_is_refused_with_the_reason(tiny_model,
 
     with pytest.raises(ConfigError, match=r"q_proj.*MLP projections gate_proj, up_proj, down_proj"):
         mix("mlp", "attention")
-    with pytest.raises(ConfigError, match="DoRA"):
+    with pytest.raises(ConfigError, match="use_dora=True"):
         mix("mlp", "dora")
     with pytest.raises(ConfigError, match=r"branch is a LoRA beside the MLP.*mlp a LoRA inside it.*one kind"):
         mix("branch", "mlp")
@@ -337,3 +337,14 @@ def test_prototypes_an_adapter_lacks_are_measured_on_the_text_given(chat_folder,
     assert not [name for name, _ in bare.named_modules() if "lora" in name] and not adapters(bare)
     ids = torch.randint(0, 100, (2, 16))
     torch.testing.assert_close(_logits(bare, ids), _logits(base, ids), rtol=0, atol=0)
+
+
+def test_loras_naming_different_bases_are_mixed_with_a_warning(tiny_model, tiny_folder, tmp_path):
+    """A PEFT LoRA records its base's name, not its weights: two names are a warning (one model may go by two)."""
+    for name, domain in (("a", 0), ("b", 1)):
+        _peft_lora(tiny_model, tmp_path / name, domain, seed=domain)
+    config = tmp_path / "b" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "another/base"}))
+    with pytest.warns(UserWarning, match="name different bases.*another/base"):
+        run_mix(MixArguments(adapters=[str(tmp_path / "a"), str(tmp_path / "b")], output_dir=str(tmp_path / "out"),
+                             model=str(tiny_folder)))

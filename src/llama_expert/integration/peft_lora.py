@@ -110,6 +110,34 @@ def _from_pretrained(base_model, folder, **kwargs):
         return _peft().PeftModel.from_pretrained(base_model, str(folder), **kwargs)
 
 
+# What a plain LoRA on the MLP may set (its shapes, scaling, where it goes, bookkeeping); any other field of
+# adapter_config.json away from PEFT's default (DoRA, aLoRA, biases, per-module alphas, layer replication, ...) changes
+# what the LoRA computes in a way the mixlora bank does not, and is refused. Read from the file itself: PEFT drops, with
+# a warning only, the fields of a newer PEFT it does not know.
+PLAIN_FIELDS = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora", "rank_pattern",
+                "layers_to_transform", "layers_pattern", "fan_in_fan_out", "task_type", "peft_type", "auto_mapping",
+                "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+                "runtime_config", "megatron_core", "qalora_group_size"}  # the last three: no effect on their own
+PLAIN_STARTS = (True, False, "gaussian", "eva")  # initialisations that leave the base weights as they are
+
+
+def plain_lora_departure(saved: dict) -> Optional[str]:
+    """What in a saved PEFT LoRA config (adapter_config.json) makes it more than a plain LoRA, or None."""
+    import dataclasses
+
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(_peft().LoraConfig)}
+    for name, value in saved.items():
+        if name == "init_lora_weights":
+            if value not in PLAIN_STARTS:
+                return f"init_lora_weights={value!r} (a start that changes the base's weights)"
+        elif name not in defaults:
+            return f"{name}={value!r}, which this PEFT does not know (saved by a newer one?)"
+        elif name not in PLAIN_FIELDS and value != json.loads(json.dumps(defaults[name], default=str)):
+            return f"{name}={value!r}"
+    return None
+
+
 LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.(\w+)\.lora_([AB])\.weight$")  # PEFT's saved names
 
 
@@ -120,14 +148,10 @@ def mlp_lora_layers(folder, layers: int) -> List[Dict[str, Tuple[torch.Tensor, t
     that the projection plus ``x A^T (s B)^T`` is the LoRA's projection exactly. A LoRA elsewhere (attention), DoRA,
     trained biases or per-module alphas have no place in that bank and are refused."""
     config = read_lora_config(folder)
-    unsupported = [(config.use_dora, "DoRA (use_dora)"),
-                   (config.bias != "none", f"trained biases (bias={config.bias!r})"),
-                   (bool(config.modules_to_save), f"whole modules saved ({config.modules_to_save})"),
-                   (bool(config.alpha_pattern), "per-module alphas (alpha_pattern)")]
-    for present, what in unsupported:
-        if present:
-            raise ConfigError(f"{folder} is a PEFT LoRA with {what}: a mix takes plain LoRAs on the MLP projections "
-                              f"{', '.join(LORA_TARGETS)}; train it with `llama-expert train --method lora`.")
+    departure = plain_lora_departure(json.loads((Path(folder) / "adapter_config.json").read_text()))
+    if departure:
+        raise ConfigError(f"{folder} is a PEFT LoRA with {departure}: a mix takes plain LoRAs on the MLP projections "
+                          f"{', '.join(LORA_TARGETS)}; train it with `llama-expert train --method lora`.")
     parts: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(layers)]
     for key, tensor in load_finite(Path(folder) / WEIGHTS_NAME).items():
         found = LORA_KEY.search(key)

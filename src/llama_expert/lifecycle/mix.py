@@ -22,6 +22,7 @@ experts of one kind: LoRAs beside the MLP (branches) or inside it (PEFT LoRAs), 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -276,6 +277,12 @@ def check_one_base(folders: List[str]) -> None:
         other = next(f for f in others if known[f] != known[first])
         raise ConfigError(f"{first} and {other} were trained on different base models (their weights differ): a mix "
                           f"takes adapters of one base; retrain the branch on the others' base.")
+    names = {folder: read_config_json(folder).get("base_model_name_or_path") for folder in folders
+             if folder not in known}  # a PEFT LoRA records only its base's name
+    if len(set(names.values())) > 1:
+        warnings.warn(f"these adapters name different bases ({', '.join(f'{f}: {n}' for f, n in names.items())}) and "
+                      f"record no weights checksum to tell whether they are one: a mix of adapters of different bases "
+                      f"computes nonsense; mix them only if the names are one model.")
 
 
 def prototype_windows(args: MixArguments, base: str) -> List[Optional[torch.Tensor]]:
