@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # The modular-experts table from a clean checkout: branches trained apart (JOBS=N at a time), mixed by prototype,
 # against LoRA trained on the mix; every row measured by `llama-expert benchmark`. See benchmarks/modular.py.
+# Then the rows repeated over seeds (MORE_SEEDS, default "2 3"; empty: one seed), each seed in OUT-seedN, and their
+# mean ± std over every seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export OUT="${OUT:-runs/modular}"
 python benchmarks/modular.py run --jobs "${JOBS:-1}"
-python benchmarks/modular.py table | tee "${OUT:-runs/modular}/table.md"
+python benchmarks/modular.py table | tee "$OUT/table.md"
+folders=("$OUT")
+for seed in ${MORE_SEEDS-2 3}; do
+  SEED=$seed OUT="$OUT-seed$seed" python benchmarks/modular.py run --rows seeds --jobs "${JOBS:-1}"
+  SEED=$seed OUT="$OUT-seed$seed" python benchmarks/modular.py run --rows lora-library --jobs "${JOBS:-1}"
+  folders+=("$OUT-seed$seed")
+done
+python benchmarks/modular.py seeds "${folders[@]}" | tee "$OUT/seeds.md"
