@@ -102,7 +102,8 @@ def test_a_bfloat16_base_takes_the_same_float32_adapter_path():
 def test_routers_and_banks_without_an_inference_form_keep_the_general_path(router_type, expert_type):
     adapter = trained_adapter(router_type, expert_type)
     general, fused = general_and_fused(adapter, torch.randn(2, 7, HIDDEN))
-    assert not adapter.inference_plan.ready()
+    plan = adapter.inference_plan  # mixlora builds none: it computes the whole layer in one pass (computes_mlp)
+    assert (plan is None) == (expert_type == "mixlora") and (plan is None or not plan.ready())
     assert torch.equal(fused, general)
 
 

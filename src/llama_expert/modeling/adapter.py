@@ -176,6 +176,8 @@ class MoEAdapter(nn.Module):
             router.aux_loss = router.z_loss = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._modules["experts"].computes_mlp:  # mixlora: the frozen projections once, in the bank
+            return self.whole_layer_forward(hidden)
         base = self.base_mlp(hidden)
         if not torch.compiler.is_compiling():  # the eager fast paths check on the host (versions, pointers, ctypes);
             fast = self.eager_fast_path(hidden, base)  # compiled, the general path below is what the compiler fuses
@@ -197,9 +199,22 @@ class MoEAdapter(nn.Module):
         """``base + alpha_l * MoE(hidden)`` through the router and bank modules: training, and every compiled pass
         (no host synchronisation in eval: a CUDA graph can capture it, tests/modeling/test_adapter.py)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
+        compute_dtype = self.experts.compute_dtype
+        moe = self.experts(flat.to(compute_dtype), *self.bank_routing(hidden))
+        return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)
+
+    def whole_layer_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``MLP(hidden) + alpha_l * MoE(hidden)`` from a bank that computes the frozen MLP's projections itself
+        (``ExpertBank.computes_mlp``), in every mode: running the MLP here too would compute them twice."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        compute_dtype = self.experts.compute_dtype
+        out = self.experts.layer_output(flat.to(compute_dtype), *self.bank_routing(hidden),
+                                        self.residual_scale.to(compute_dtype))
+        return out.to(hidden.dtype).reshape(hidden.shape)
+
+    def bank_routing(self, hidden: torch.Tensor):
+        """The router's ``(indices, gates)`` for the bank (recorded for ``metrics.routing.token_routing`` when asked)."""
         routing = self.router.route_sequences(hidden, self.token_mask)
         if self.router.decisions is not None:  # metrics.routing.token_routing: which expert each token got
             self.router.decisions.append(routing)
-        compute_dtype = self.experts.compute_dtype
-        moe = self.experts(flat.to(compute_dtype), *self.router.bank_routing(routing))
-        return base + (self.residual_scale.to(compute_dtype) * moe).to(base.dtype).reshape(base.shape)
+        return self.router.bank_routing(routing)

@@ -52,6 +52,14 @@ class ExpertBank(nn.Module):
     registered_name = ""
     expert_init_hint = ""
     per_expert_parameters: tuple = ()  # parameters stacked by expert along dim 0 (what select_experts slices)
+    # True: the bank computes the frozen MLP's projections itself, and ``layer_output`` gives ``MLP(h) + alpha_l *
+    # MoE(h)`` in one pass, so the adapter does not run the MLP a second time (mixlora)
+    computes_mlp = False
+
+    def layer_output(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                     residual_scale: torch.Tensor) -> torch.Tensor:
+        """``MLP(h) + alpha_l * MoE(h)`` [N, d], for a bank that ``computes_mlp``."""
+        raise NotImplementedError
 
     def select_experts(self, index: torch.Tensor) -> List[Transfer]:
         """New expert j is old expert ``index[j]`` (a subset keeps, a repeat copies); shared tensors stay."""
@@ -248,9 +256,9 @@ class MixLoRAExperts(ExpertBank):
         ``m = act(W1 h) * (W3 h)``,  ``m_i = act(W1 h + s D1_i C1_i h) * (W3 h + s D3_i C3_i h)``.
 
     With gates summing to 1 and alpha_l = 1, ``MLP(h) + MoE(h) = sum_i g_i E_i(h)``: MixLoRA's layer. ``W1 h``
-    and ``W3 h`` are computed once per token and shared by the experts; the two projections are computed
-    a second time here (the adapter's ``base_mlp(h)`` computes them too), so the MLP's cost rises from
-    ``3dI`` to ``5dI`` multiply-adds. The frozen projections run in the base's dtype (also 4-bit); the LoRA
+    and ``W3 h`` are computed once per token and shared by the experts, and the adapter takes the whole layer from
+    ``layer_output`` (``computes_mlp``) instead of running ``base_mlp(h)`` too: the frozen projections run once,
+    ``3dI`` multiply-adds as in the MLP alone. The frozen projections run in the base's dtype (also 4-bit); the LoRA
     paths in the bank's (float32). Every ``D`` starts at zero, so ``m_i == m`` bit for bit and the output
     is exactly zero at step 0. Needs a Llama-style MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``),
     passed as ``base_mlp``; it is referenced, not registered, so its weights stay out of the bank's
@@ -294,15 +302,18 @@ class MixLoRAExperts(ExpertBank):
         """Every expert's ``C_i x`` at once: [N, E, r]."""
         return F.linear(x, down.reshape(-1, down.shape[-1])).view(x.shape[0], self.num_experts, self.rank)
 
-    def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def routed(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
+        """``(m as the frozen MLP computes it, sum_j g_j (m_j - m), s sum_j g_j D2_j C2_j m_j, the frozen layers'
+        dtype)``, the last two in ``hidden``'s dtype."""
         mlp = self._base[0]
         n, dtype = hidden.shape[0], hidden.dtype
         weight = mlp.gate_proj.weight
         base_dtype = weight.dtype if weight.is_floating_point() else dtype  # 4-bit layers cast the input
         frozen_in = hidden.to(base_dtype)
-        u = mlp.gate_proj(frozen_in).to(dtype)  # W1 h, shared by every expert
-        v = mlp.up_proj(frozen_in).to(dtype)  # W3 h
+        u_frozen, v_frozen = mlp.gate_proj(frozen_in), mlp.up_proj(frozen_in)  # W1 h, W3 h, shared by every expert
+        u, v = u_frozen.to(dtype), v_frozen.to(dtype)
         m = mlp.act_fn(u) * v
+        m_frozen = m if u_frozen.dtype == dtype else mlp.act_fn(u_frozen) * v_frozen  # bit for bit the MLP's
         x = self.dropout(hidden) if self.training else hidden
         z_gate, z_up = self._low_rank(x, self.gate_down), self._low_rank(x, self.up_down)  # [N, E, r]
         gate_up = self.gate_up.reshape(-1, self.gate_up.shape[-1])  # [E*r, I]
@@ -317,8 +328,25 @@ class MixLoRAExperts(ExpertBank):
             change = change + g * (m_j - m)
             m_in = self.dropout(m_j) if self.training else m_j
             down_in = down_in + g.unsqueeze(-1) * pick * self._low_rank(m_in, self.down_down)
+        lora_down = down_in.reshape(n, -1) @ self.down_up.reshape(-1, self.down_up.shape[-1]) * self.lora_scaling
+        return m_frozen, change, lora_down, base_dtype
+
+    def forward(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        mlp = self._base[0]
+        _, change, lora_down, base_dtype = self.routed(hidden, indices, gates)
         through_w2 = mlp.down_proj(change.to(base_dtype))
         if mlp.down_proj.bias is not None:
             through_w2 = through_w2 - mlp.down_proj.bias
-        lora_down = down_in.reshape(n, -1) @ self.down_up.reshape(-1, self.down_up.shape[-1]) * self.lora_scaling
-        return through_w2.to(dtype) + lora_down
+        return through_w2.to(hidden.dtype) + lora_down
+
+    computes_mlp = True
+
+    def layer_output(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                     residual_scale: torch.Tensor) -> torch.Tensor:
+        """``MLP(h) + alpha_l MoE(h) = W2 (m + alpha_l sum_j g_j (m_j - m)) + alpha_l s sum_j g_j D2_j C2_j m_j``: the
+        frozen projections once (``3dI`` multiply-adds, as the MLP alone), not the MLP and then the bank (``8dI``).
+        ``m`` as the MLP computes it (in the base's dtype): where the routed change is zero (step 0, a null expert's
+        tokens) the output is the base's bit for bit, as the other banks' ``MLP(h) + 0`` is."""
+        m, change, lora_down, _ = self.routed(hidden, indices, gates)
+        scale = residual_scale.to(change.dtype)
+        return self._base[0].down_proj(m + (scale * change).to(m.dtype)).to(change.dtype) + scale * lora_down

@@ -25,7 +25,8 @@ moved (its storage), replaced (its identity, or the router's or bank's), and aft
 AdamW step leaves versions as they were) or a switch to training mode. A write through ``.data`` bypasses all of
 these: after one, set ``adapter.inference_plan = None`` (or call ``model.train()`` / ``model.eval()``).
 A router whose eval routing depends on other sequences of the batch (expert choice) or needs labels (oracle), or
-a bank that reads the frozen MLP (mixlora), has no inference form, and its adapter keeps the general path. The
+a bank that computes the whole layer (mixlora, ``computes_mlp``), has no inference form, and its adapter keeps the
+general path. The
 adapter uses the plan only in eval mode, without gradients, autocast or routing statistics; tests pin it to the
 general path.
 """
