@@ -213,7 +213,7 @@ class MoEAdapter(nn.Module):
         return out.to(hidden.dtype).reshape(hidden.shape)
 
     def bank_routing(self, hidden: torch.Tensor):
-        """The router's ``(indices, gates)`` for the bank (recorded for ``metrics.routing.token_routing`` when asked)."""
+        """The router's ``(indices, gates)`` for the bank (kept for ``metrics.routing.token_routing`` when asked)."""
         routing = self.router.route_sequences(hidden, self.token_mask)
         if self.router.decisions is not None:  # metrics.routing.token_routing: which expert each token got
             self.router.decisions.append(routing)

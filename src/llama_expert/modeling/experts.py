@@ -344,7 +344,7 @@ class MixLoRAExperts(ExpertBank):
     def layer_output(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                      residual_scale: torch.Tensor) -> torch.Tensor:
         """``MLP(h) + alpha_l MoE(h) = W2 (m + alpha_l sum_j g_j (m_j - m)) + alpha_l s sum_j g_j D2_j C2_j m_j``: the
-        frozen projections once (``3dI`` multiply-adds, as the MLP alone), not the MLP and then the bank (``8dI``).
+        frozen projections once (``3dI`` multiply-adds, as the MLP alone), not the MLP and then the bank (``6dI``).
         ``m`` as the MLP computes it (in the base's dtype): where the routed change is zero (step 0, a null expert's
         tokens) the output is the base's bit for bit, as the other banks' ``MLP(h) + 0`` is."""
         m, change, lora_down, _ = self.routed(hidden, indices, gates)
