@@ -177,6 +177,9 @@ def run(jobs: int, rows: str = "all") -> None:
         mixes += mix_and_calibrate("loras-mixed", LIBRARY, jobs)
     for name in [*wanted, *mixes]:
         measure_adapter(name)
+    if rows != "seeds":  # the LoRA library's mixes on text none of the LoRAs saw
+        for name in LORA_MIXES:
+            measure_adapter(name, UNSEEN, prefix="unseen-")
     if rows == "all":
         measure_the_rest()
 
