@@ -47,7 +47,7 @@ def test_prototypes_round_trip_exactly(tmp_path):
 
 
 def test_missing_or_foreign_prototypes_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(AdapterError, match="records no prototypes.*re-train"):
+    with pytest.raises(AdapterError, match="records no prototypes.*mix --prototype-data"):
         load_prototypes(tmp_path, 4, 64)
     save_prototypes(Prototypes(torch.randn(4, 32), torch.rand(4), 10), tmp_path)
     with pytest.raises(AdapterError, match=r"not prototype \[4, 64\].*another base"):
