@@ -275,7 +275,7 @@ def present(names: list, folder: Path = OUT) -> list:
     return [name for name in names if (folder / f"{name}.json").is_file()]
 
 
-def bounds(rows: dict, folder: Path = OUT) -> dict:
+def bounds(folder: Path = OUT) -> dict:
     """Each library's specialists with perfect routing: each domain's perplexity from its own specialist."""
     found = {}
     for label, prefix in (("specialists, perfect routing", "branch"),
@@ -289,7 +289,7 @@ def bounds(rows: dict, folder: Path = OUT) -> dict:
 def table() -> None:
     names = ["base", *trainings(), *MIXES, *present(LORA_MIXES), *PEFT_ROWS]
     rows = {name: perplexities(name) for name in names}
-    rows.update(bounds(rows))
+    rows.update(bounds())
     cost, lora = costs(), rows["lora-mix-r4"]["mean"]
     print(f"| row | trainable | training s | {' | '.join(TEST_NAMES)} | mean | / LoRA r=4 on the mix | route = "
           f"domain | unseen text ({UNSEEN}) |")
@@ -318,8 +318,8 @@ def seeds_table(folders: list) -> None:
     folders = [Path(f) for f in folders]
     rows = {}
     for folder in folders:
-        found = bounds({}, folder) | {name: perplexities(name, folder)
-                                      for name in present([*MIXES, *LORA_MIXES, "lora-mix-r4", "lora-mix-r12"], folder)}
+        found = bounds(folder) | {name: perplexities(name, folder)
+                                  for name in present([*MIXES, *LORA_MIXES, "lora-mix-r4", "lora-mix-r12"], folder)}
         lora = perplexities("lora-mix-r4", folder)["mean"] if (folder / "lora-mix-r4.json").is_file() else None
         for name, values in found.items():
             rows.setdefault(name, []).append((values, lora, folder))
@@ -344,10 +344,12 @@ def main(argv) -> None:
     parser.add_argument("--rows", choices=list(ROWS), default="all", help="run: every row, only the rows repeated over "
                         "seeds (another SEED, its own OUT), or only the per-domain LoRAs and their mixes")
     args = parser.parse_args(argv)
-    if args.command == "seeds":
-        seeds_table(args.folders)
+    if args.command == "run":
+        run(args.jobs, args.rows)
+    elif args.command == "table":
+        table()
     else:
-        run(args.jobs, args.rows) if args.command == "run" else table()
+        seeds_table(args.folders)
 
 
 if __name__ == "__main__":

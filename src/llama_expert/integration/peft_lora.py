@@ -11,6 +11,7 @@ It lives on the integration floor, not in training, because loading a LoRA folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -123,8 +124,6 @@ PLAIN_STARTS = (True, False, "gaussian", "eva")  # initialisations that leave th
 
 def plain_lora_departure(saved: dict) -> Optional[str]:
     """What in a saved PEFT LoRA config (adapter_config.json) makes it more than a plain LoRA, or None."""
-    import dataclasses
-
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(_peft().LoraConfig)}
     for name, value in saved.items():

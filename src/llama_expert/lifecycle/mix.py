@@ -270,14 +270,15 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
 def check_one_base(folders: List[str]) -> None:
     """Every adapter was trained on one base (the same weights, not only the same shapes): a prototype describes
     what one base's layers see."""
-    checksums = {folder: read_config_json(folder).get("base_model_weights_checksum") for folder in folders}
-    known = {folder: value for folder, value in checksums.items() if value}
+    configs = {folder: read_config_json(folder) for folder in folders}
+    known = {folder: config["base_model_weights_checksum"] for folder, config in configs.items()
+             if config.get("base_model_weights_checksum")}
     if len(set(known.values())) > 1:
         first, *others = known
         other = next(f for f in others if known[f] != known[first])
         raise ConfigError(f"{first} and {other} were trained on different base models (their weights differ): a mix "
                           f"takes adapters of one base; retrain the branch on the others' base.")
-    names = {folder: read_config_json(folder).get("base_model_name_or_path") for folder in folders
+    names = {folder: config.get("base_model_name_or_path") for folder, config in configs.items()
              if folder not in known}  # a PEFT LoRA records only its base's name
     if len(set(names.values())) > 1:
         warnings.warn(f"these adapters name different bases ({', '.join(f'{f}: {n}' for f, n in names.items())}) and "

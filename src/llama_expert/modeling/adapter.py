@@ -152,6 +152,8 @@ class MoEAdapter(nn.Module):
     def fused_inference_ready(self, device_type: str) -> bool:
         if not self.fused_inference or self.training or torch.is_grad_enabled():
             return False
+        if self._modules["experts"].computes_mlp:  # its layer never adds to base_mlp(h): no plan to build or check
+            return False
         if self._modules["router"].record_statistics or torch.is_autocast_enabled(device_type):
             return False  # (checked once per layer per decode step: the module dicts directly, without __getattr__)
         plan = self.inference_plan

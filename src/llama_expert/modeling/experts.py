@@ -268,6 +268,7 @@ class MixLoRAExperts(ExpertBank):
     MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
     expert_init_hint = " Its experts' A matrices (C) are random and distinct already; use --expert-init zero."
     per_expert_parameters = ("gate_down", "gate_up", "up_down", "up_up", "down_down", "down_up")
+    computes_mlp = True  # ``layer_output``: the adapter takes the whole layer from here
 
     def __init__(self, base_mlp: nn.Module, hidden_size: int, num_experts: int, rank: int, lora_scaling: float,
                  dropout: float = 0.0):
@@ -338,8 +339,6 @@ class MixLoRAExperts(ExpertBank):
         if mlp.down_proj.bias is not None:
             through_w2 = through_w2 - mlp.down_proj.bias
         return through_w2.to(hidden.dtype) + lora_down
-
-    computes_mlp = True
 
     def layer_output(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                      residual_scale: torch.Tensor) -> torch.Tensor:

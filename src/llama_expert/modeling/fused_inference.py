@@ -26,9 +26,8 @@ AdamW step leaves versions as they were) or a switch to training mode. A write t
 these: after one, set ``adapter.inference_plan = None`` (or call ``model.train()`` / ``model.eval()``).
 A router whose eval routing depends on other sequences of the batch (expert choice) or needs labels (oracle), or
 a bank that computes the whole layer (mixlora, ``computes_mlp``), has no inference form, and its adapter keeps the
-general path. The
-adapter uses the plan only in eval mode, without gradients, autocast or routing statistics; tests pin it to the
-general path.
+general path. The adapter uses the plan only in eval mode, without gradients, autocast or routing statistics; tests
+pin it to the general path.
 """
 
 from __future__ import annotations
