@@ -20,6 +20,7 @@ from llama_expert.errors import ConfigError
 from llama_expert.integration.kv_cache_choice import cache_kwargs, make_cache
 from llama_expert.integration.prefix_cache import STATE, returned_cache
 from llama_expert.integration.surgery import adapters
+from llama_expert.modeling.adapter import TokenMask
 from llama_expert.modeling.fused_inference import FusedInference
 from llama_expert.modeling.routing import PrototypeRouter
 
@@ -56,11 +57,15 @@ def _prototype_routed(model, seed=0, **extra):
     return model.eval()
 
 
-def _mix_like(model, ids, mask):
-    """What ``mix --null-expert`` writes (prototype router, top-1, ``lora_experts`` with a shared expert, a null
-    expert), each layer's null distance at the median of its real tokens' nearest-prototype distances in a full pass
-    over ``ids``: the null wins for some tokens and loses for others. The general path for now."""
-    model = _prototype_routed(model, expert_type="lora_experts", shared_expert_rank=2, null_expert=True)
+MIXES = {"branches": {"expert_type": "lora_experts", "shared_expert_rank": 2},  # mixed branches with a shared expert
+         "PEFT LoRAs": {"expert_type": "mixlora"}}  # mixed PEFT LoRAs: LoRAs inside the MLP's projections
+
+
+def _mix_like(model, ids, mask, mix="branches"):
+    """What ``mix --null-expert`` writes (prototype router, top-1, the ``MIXES`` bank, a null expert), each layer's
+    null distance at the median of its real tokens' nearest-prototype distances in a full pass over ``ids``: the null
+    wins for some tokens and loses for others. The general path for now."""
+    model = _prototype_routed(model, **MIXES[mix], null_expert=True)
 
     def set_null(adapter, args):
         logits = adapter.router.route_sequences(args[0], adapter.token_mask).logits[mask.view(-1).bool(), :-1]
@@ -92,12 +97,13 @@ def _routes(model, ids, mask):
     return torch.stack(routes)
 
 
-def test_a_mixed_adapter_decodes_on_the_fast_paths_as_the_general_full_pass(tiny_model, monkeypatch):
-    """Left-padded prompts, then one token per pass: the compiled kernel (and, without it, the PyTorch fused path)
-    compute what one general-path forward pass computes, and they are the paths taken (the general path's router
-    entry is made to fail, and for the kernel the PyTorch plan's too)."""
+@pytest.mark.parametrize("mix", MIXES)
+def test_a_mixed_adapter_decodes_on_the_fast_paths_as_the_general_full_pass(tiny_model, monkeypatch, mix):
+    """Left-padded prompts, then one token per pass: the compiled kernel (and, without it, the PyTorch fused path
+    where the bank has one: not mixlora) compute what one general-path forward pass computes, and they are the paths
+    taken (the general path's router entry is made to fail, and for the kernel the PyTorch plan's too)."""
     ids, mask = _continued(*_prompts())
-    model = _mix_like(tiny_model, ids, mask)
+    model = _mix_like(tiny_model, ids, mask, mix)
     full = _full(model, ids, mask)
     routes = _routes(model, ids, mask)
     assert bool((routes == 4).any()) and bool((routes < 4).any()) and len(set(routes.view(-1).tolist())) > 2
@@ -106,10 +112,11 @@ def test_a_mixed_adapter_decodes_on_the_fast_paths_as_the_general_full_pass(tiny
         raise AssertionError("the general path ran")
 
     monkeypatch.setattr(PrototypeRouter, "route_sequences", general_path)
-    paths = [False] + ([True] if shutil.which("cc") or os.environ.get("CC") else [])
+    paths = [False] * (mix != "PEFT LoRAs") + ([True] if shutil.which("cc") or os.environ.get("CC") else [])
     for kernel in paths:
-        if kernel:
+        if kernel:  # nor the per-layer set-up of the running sums: the model's pre-hook sets them up for the pass
             monkeypatch.setattr(FusedInference, "__call__", general_path)
+            monkeypatch.setattr(TokenMask, "for_hidden", general_path)
         for _, adapter in adapters(model):
             adapter.fused_inference, adapter.decode_kernel, adapter.inference_plan = True, kernel, None
         for prompt in (1, max(PROMPT_LENGTHS)):

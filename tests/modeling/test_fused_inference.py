@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llama_expert import ExpertConfig
-from llama_expert.modeling.decode_kernel import build_kernel
+from llama_expert.modeling.decode_kernel import LayerKernel, build_kernel
 from llama_expert.modeling.adapter import MoEAdapter
 from llama_expert.modeling.fused_inference import FusedInference
 from llama_expert.modeling.routing import ROUTERS, PrefixState
@@ -36,8 +36,9 @@ class TinyMLP(torch.nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
 
 
-def trained_adapter(router_type="aux_free", expert_type="shared_core", num_experts=6, seed=0, **extra):
-    """An adapter whose every parameter is random and non-zero (as after training), in eval mode."""
+def trained_adapter(router_type="aux_free", expert_type="shared_core", num_experts=6, seed=0, spread=0.5, **extra):
+    """An adapter whose every parameter is random and non-zero (as after training; ``spread``: the experts' scale), in
+    eval mode."""
     torch.manual_seed(seed)
     config = ExpertConfig(num_experts=num_experts, top_k=2, lora_r=4, router_type=router_type,
                           expert_type=expert_type, router_noise=True, **extra)
@@ -45,7 +46,7 @@ def trained_adapter(router_type="aux_free", expert_type="shared_core", num_exper
     with torch.no_grad():
         for name, p in adapter.named_parameters():
             if not name.startswith("base_mlp"):
-                p.copy_(torch.randn_like(p) * 0.5)
+                p.copy_(torch.randn_like(p) * (spread if name.startswith("experts.") else 0.5))
     return adapter.eval()
 
 
@@ -62,10 +63,11 @@ FAST_ROUTERS = ["aux_free", "noisy_top_k", "switch", "soft"]  # the routers with
 FAST_BANKS = {"shared_core": {}, "shared_down": {}, "lora_experts": {},
               "lora_experts+shared": {"shared_expert_rank": 3}}
 NULL = {"experts only": {}, "null expert": {"null_expert": True}}
+KERNEL_BANKS = {**FAST_BANKS, "mixlora": {"spread": 0.2, "seed": 3}}  # mixlora: the compiled kernel only
 
 
 def fast_adapter(router_type, bank, null, **kw):
-    return trained_adapter(router_type, bank.split("+")[0], **FAST_BANKS[bank], **NULL[null], **kw)
+    return trained_adapter(router_type, bank.split("+")[0], **KERNEL_BANKS[bank], **NULL[null], **kw)
 
 
 def assert_some_token_chose_the_null(adapter, hidden):
@@ -98,12 +100,14 @@ def test_a_bfloat16_base_takes_the_same_float32_adapter_path():
     torch.testing.assert_close(fused, general)
 
 
-@pytest.mark.parametrize("router_type,expert_type", [("expert_choice", "shared_core"), ("aux_free", "mixlora")])
-def test_routers_and_banks_without_an_inference_form_keep_the_general_path(router_type, expert_type):
+@pytest.mark.parametrize("router_type,expert_type,kernel", [("expert_choice", "shared_core", True),
+                                                             ("aux_free", "mixlora", False)])
+def test_routers_and_banks_without_an_inference_form_keep_the_general_path(router_type, expert_type, kernel):
+    """Expert choice has no inference form; mixlora's is its compiled kernel alone (here turned off)."""
     adapter = trained_adapter(router_type, expert_type)
+    adapter.decode_kernel = kernel
     general, fused = general_and_fused(adapter, torch.randn(2, 7, HIDDEN))
-    plan = adapter.inference_plan  # mixlora builds none: it computes the whole layer in one pass (computes_mlp)
-    assert (plan is None) == (expert_type == "mixlora") and (plan is None or not plan.ready())
+    assert adapter.inference_plan is not None and not adapter.inference_plan.ready()
     assert torch.equal(fused, general)
 
 
@@ -249,6 +253,64 @@ def test_the_compiled_kernel_rounds_a_bfloat16_base_once():
     torch.testing.assert_close(kernel, general)
 
 
+def mixlora_adapter(router_type="aux_free", null="experts only", **extra):
+    """A trained mixlora adapter (LoRAs inside the MLP's projections: a mix of PEFT LoRAs) at the scale of one."""
+    adapter = trained_adapter(router_type, "mixlora", num_experts=5, spread=0.2, **NULL[null], **extra)
+    with torch.no_grad():
+        if router_type != "prototype":
+            adapter.router.weight.mul_(4.0)  # decisive routing, as above
+    return adapter
+
+
+def assert_close_at_scale(got, want, tolerance=1e-5):
+    """Close relative to the output's scale: float32 sums in two orders (the kernel's and PyTorch's)."""
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max()))
+
+
+@needs_compiler
+@pytest.mark.parametrize("null", NULL)
+@pytest.mark.parametrize("router_type", FAST_ROUTERS)
+def test_the_compiled_kernel_computes_the_mixlora_layer_as_the_general_path(router_type, null):
+    """The frozen projections by PyTorch, the routing and the chosen experts' LoRAs in C: the general path's layer."""
+    adapter = mixlora_adapter(router_type, null)
+    for shape in ((1, 1, HIDDEN), (8, 1, HIDDEN), (3, 40, HIDDEN)):
+        hidden = torch.randn(*shape)
+        general, kernel = general_and_fused(adapter, hidden)
+        assert isinstance(adapter.inference_plan.kernel, LayerKernel)
+        assert_close_at_scale(kernel, general)
+        assert not torch.allclose(general, adapter.base_mlp(hidden), rtol=0.01, atol=0.01)
+    assert_some_token_chose_the_null(adapter, hidden)
+
+
+@needs_compiler
+def test_the_mixlora_kernel_keeps_the_base_bit_for_bit_where_the_null_expert_is_chosen():
+    """A token routed to the null expert alone (top-1) gets the frozen MLP's own output, as the general path."""
+    adapter = mixlora_adapter(null="null expert")
+    adapter.router.top_k = 1
+    hidden = torch.randn(2, 30, HIDDEN)
+    general, kernel = general_and_fused(adapter, hidden)
+    with torch.no_grad():
+        null = (adapter.router(hidden.reshape(-1, HIDDEN)).indices[:, 0] == adapter.num_experts).view(2, 30)
+        base = adapter.base_mlp(hidden)
+    assert bool(null.any()) and not bool(null.all())
+    assert torch.equal(kernel[null], base[null]) and torch.equal(general[null], base[null])
+    assert_close_at_scale(kernel, general)
+
+
+@needs_compiler
+def test_the_mixlora_kernel_takes_a_bfloat16_base_and_leaves_others_to_the_general_path():
+    adapter = mixlora_adapter()
+    adapter.base_mlp.to(torch.bfloat16)
+    hidden = torch.randn(3, 7, HIDDEN, dtype=torch.bfloat16)
+    general, kernel = general_and_fused(adapter, hidden)
+    assert kernel.dtype == torch.bfloat16 and adapter.inference_plan.kernel is not None
+    torch.testing.assert_close(kernel.float(), general.float(), rtol=2 ** -6, atol=2 ** -6 * float(general.abs().max()))
+    adapter.base_mlp.act_fn = torch.nn.GELU()  # the kernel computes silu: another activation, the general path
+    adapter.inference_plan = None
+    general, fused = general_and_fused(adapter, hidden)
+    assert adapter.inference_plan.kernel is None and torch.equal(fused, general)
+
+
 @needs_compiler
 def test_the_kernel_leaves_other_layouts_to_pytorch():
     """A non-contiguous or float64 input takes the PyTorch fused path, with the same result."""
@@ -311,7 +373,7 @@ def test_without_the_kernel_adapters_take_the_pytorch_fused_path(tmp_path, envir
 
 PREFIX_CASES = [("prototype", "lora_experts", 1), ("prototype", "lora_experts+shared", 2),
                 ("prototype", "shared_core", 2), ("sequence_aux_free", "shared_core", 2),
-                ("sequence_aux_free", "lora_experts", 1)]
+                ("sequence_aux_free", "lora_experts", 1), ("prototype", "mixlora", 1), ("prototype", "mixlora", 2)]
 
 
 def prefix_adapter(router_type, bank, top_k, null):

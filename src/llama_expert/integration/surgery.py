@@ -9,7 +9,7 @@ routers, their prefix state: ``integration.prefix_cache``; ``domain_labels`` giv
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -73,27 +73,40 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
 
     layer_adapters = [layer.mlp for layer in layers]
 
-    def open_pass(module, args):  # the decode kernel's checks, once per forward pass for every layer
+    def open_pass(module, args, kwargs):  # the decode kernel's checks, once per forward pass for every layer
         if torch.compiler.is_compiling():  # host-side checks; a compiled pass takes the general path (adapter.py)
             return
+        shape = pass_shape(args, kwargs)
         for adapter in layer_adapters:
-            adapter.pass_kernel = adapter.kernel_for_pass()
+            adapter.pass_kernel = adapter.kernel_for_pass(shape)
 
     def close_pass(module, args, output):  # always called, also when the pass raised
         for adapter in layer_adapters:
+            if adapter.pass_kernel is not None:
+                adapter.pass_kernel.prepare(None)
             adapter.pass_kernel = None
 
-    hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True),
-             model.register_forward_pre_hook(open_pass), model.register_forward_hook(close_pass, always_call=True)]
+    hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True)]
     if any(adapter.router.sequence_level for adapter in layer_adapters):  # only these pay for the prefix state
-        carrier = PrefixCarrier(token_mask)
+        carrier = PrefixCarrier(token_mask)  # (the pass's state before open_pass: the kernels set up their sums)
         hooks += [model.register_forward_pre_hook(carrier.open, with_kwargs=True),
                   model.register_forward_hook(carrier.close, with_kwargs=True, always_call=True)]
+    hooks += [model.register_forward_pre_hook(open_pass, with_kwargs=True),
+              model.register_forward_hook(close_pass, always_call=True)]
     setattr(model, _STATE, {"hooks": hooks, "requires_grad": requires_grad, "token_mask": token_mask})
     model.expert_config = config
     if config.use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def pass_shape(args, kwargs) -> Optional[Tuple[int, int]]:
+    """(batch, new tokens) of a model call's ``input_ids`` or ``inputs_embeds``, or None when it has neither."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    return (int(tokens.shape[0]), int(tokens.shape[1])) if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 \
+        else None
 
 
 @contextmanager

@@ -10,7 +10,7 @@ Transformers itself is not patched.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -54,31 +54,37 @@ class TokenMask:
         if mask is None or mask.dim() not in (2, 4) or hidden.dim() != 3:
             return None
         if torch.compiler.is_compiling():
-            return self._flatten_static(mask, hidden)
-        key = (hidden.shape[0], hidden.shape[1], hidden.device)
+            return self._flatten_static(mask, hidden.shape[0], hidden.shape[1], hidden.device)
+        return self.for_shape(hidden.shape[0], hidden.shape[1], hidden.device)
+
+    def for_shape(self, batch: int, length: int, device: torch.device) -> Optional[torch.Tensor]:
+        """``for_hidden`` of hidden states [batch, length, d] on ``device``, in eager mode (cached per shape)."""
+        mask = self.attention_mask
+        if mask is None or mask.dim() not in (2, 4):
+            return None
+        key = (batch, length, device)
         if key != self._key:
-            self._key, self._flat = key, self._flatten(mask, hidden)
+            self._key, self._flat = key, self._flatten(mask, batch, length, device)
         return self._flat
 
     @staticmethod
-    def _flatten(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        flat = TokenMask._flatten_static(mask, hidden)
+    def _flatten(mask: torch.Tensor, batch: int, length: int, device: torch.device) -> Optional[torch.Tensor]:
+        flat = TokenMask._flatten_static(mask, batch, length, device)
         return None if flat is None or bool(flat.all()) else flat
 
     @staticmethod
-    def _flatten_static(mask: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """The mask of ``hidden``'s tokens, decided by shapes alone (no host read). A 4-D mask [B, 1, T, K] (what
+    def _flatten_static(mask: torch.Tensor, batch: int, length: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The mask of the pass's tokens, decided by shapes alone (no host read). A 4-D mask [B, 1, T, K] (what
         Transformers passes with a static KV cache, boolean or additive) marks a padding token by a row that attends to
         nothing: its own key is padding, and so is every key before it."""
-        batch, length = hidden.shape[:2]
         if mask.dim() == 4:
             if mask.shape[0] != batch or mask.shape[2] < length:
                 return None
             rows = mask[:, 0, -length:]
-            return (rows if rows.dtype == torch.bool else rows == 0).any(dim=-1).to(hidden.device).reshape(-1)
+            return (rows if rows.dtype == torch.bool else rows == 0).any(dim=-1).to(device).reshape(-1)
         if mask.shape[0] != batch or mask.shape[1] < length:
             return None
-        return mask[:, -length:].to(device=hidden.device, dtype=torch.bool).reshape(-1)  # with a KV cache: new tokens
+        return mask[:, -length:].to(device=device, dtype=torch.bool).reshape(-1)  # with a KV cache: new tokens
 
 
 class MoEAdapter(nn.Module):
@@ -152,8 +158,6 @@ class MoEAdapter(nn.Module):
     def fused_inference_ready(self, device_type: str) -> bool:
         if not self.fused_inference or self.training or torch.is_grad_enabled():
             return False
-        if self._modules["experts"].computes_mlp:  # its layer never adds to base_mlp(h): no plan to build or check
-            return False
         if self._modules["router"].record_statistics or torch.is_autocast_enabled(device_type):
             return False  # (checked once per layer per decode step: the module dicts directly, without __getattr__)
         plan = self.inference_plan
@@ -161,15 +165,19 @@ class MoEAdapter(nn.Module):
             plan = self.inference_plan = FusedInference(self)
         return plan.ready()
 
-    def kernel_for_pass(self) -> Optional[DecodeKernel]:
+    def kernel_for_pass(self, shape: Optional[Tuple[int, int]] = None) -> Optional[DecodeKernel]:
         """The compiled kernel to run for a whole model forward pass, or None: the model's pre-hook asks once per
         pass (integration.surgery), so that each layer skips the checks above. On a CPU each check costs several
         times its in-cache time, because it runs right after the frozen MLP has streamed its weights through the
-        caches; in one loop before the pass they stay cheap. Weights must not change during the pass."""
+        caches; in one loop before the pass they stay cheap. Weights must not change during the pass. ``shape``
+        (batch, new tokens), when the hook knows it: a prefix-mean router's sums are set up now too."""
         if not self.fused_inference_ready(self._parameters["residual_scale"].device.type):
             return None
         self.drop_router_losses()
-        return self.inference_plan.kernel
+        kernel = self.inference_plan.kernel
+        if kernel is not None:
+            kernel.prepare(shape)
+        return kernel
 
     def drop_router_losses(self) -> None:
         """No losses after an inference pass, as the general path leaves them in eval (the fast paths compute none)."""
@@ -207,7 +215,16 @@ class MoEAdapter(nn.Module):
 
     def whole_layer_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``MLP(hidden) + alpha_l * MoE(hidden)`` from a bank that computes the frozen MLP's projections itself
-        (``ExpertBank.computes_mlp``), in every mode: running the MLP here too would compute them twice."""
+        (``ExpertBank.computes_mlp``), in every mode: running the MLP here too would compute them twice. In eager
+        inference on a CPU its compiled kernel does the routed part, where it takes these tensors."""
+        if not torch.compiler.is_compiling():
+            kernel = self.pass_kernel
+            if kernel is None and self.fused_inference_ready("cpu" if hidden.is_cpu else hidden.device.type):
+                self.drop_router_losses()  # a call outside a model pass (whose hook asks once for every layer)
+                kernel = self.inference_plan.kernel
+            out = self.experts.kernel_layer_output(kernel, hidden) if kernel is not None else None
+            if out is not None:
+                return out
         flat = hidden.reshape(-1, hidden.shape[-1])
         compute_dtype = self.experts.compute_dtype
         out = self.experts.layer_output(flat.to(compute_dtype), *self.bank_routing(hidden),

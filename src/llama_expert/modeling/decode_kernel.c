@@ -6,9 +6,10 @@
  * (docs/design.md section 3, modeling/decode_kernel.py). Built on first use by decode_kernel.py with the
  * system C compiler; no PyTorch headers, so the build takes a fraction of a second.
  *
- * One entry point, adapter_add; the plan names the router's and the bank's parts by function pointer (looked up
- * by name in this library by decode_kernel.py: "<form>_logits", "<bank>_delta"), so a new form is a new function
- * here and its name in Python, not a branch.
+ * Two entry points: adapter_add (a bank beside the MLP: out = base + its delta) and layer_add (a bank that computes
+ * the whole layer, mixlora: the routed part of the MLP's own computation). The plan names the router's and the
+ * bank's parts by function pointer (looked up by name in this library by decode_kernel.py: "<form>_logits",
+ * "<bank>_delta" or "<bank>_layer"), so a new form is a new function here and its name in Python, not a branch.
  *
  * Router input: the token's h, or (prefix_mean: sequence_aux_free, prototype) the mean of its sequence's
  * non-padding tokens so far, earlier passes' sum and count included (a Prefix; its totals after the last token of
@@ -23,32 +24,39 @@
  *   shared_core:  t = z + sum_i g_i W2_i silu(W1_i z), delta = U t  (U = alpha_l * s * B);
  *   shared_down:  delta = sum_i g_i U_i z                             (U_i = alpha_l * s * B_i);
  *   lora_experts: delta = U_s z_s + sum_i g_i U_i z_i                 (z_i = A_i h, U_i = alpha_l * s * B_i).
+ *   mixlora (layer_add): see mixlora_layer below.
  * Hidden states and the base output are float32 or bfloat16 (rounded to nearest even); weights float32.
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct Plan Plan;
 typedef void (*logits_fn)(const Plan *p, const float *x, float *logits);
 typedef void (*delta_fn)(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta);
+typedef void (*layer_fn)(const Plan *p, const float *x, const int *chosen, const float *gates, const float *u,
+                         const float *v, float *m, float *down);
 
 struct Plan {
     int32_t hidden, experts, real, top_k, normalise_all, rank, width;  /* experts: choices; real: computed ones */
     int32_t prefix_mean;    /* 1: route by the sequence's prefix mean (a Prefix is passed), 0: by the token */
     float divisor;          /* prototype: d * T */
     float null_logit;       /* prototype with a null expert: -null_distance / T */
+    float alpha;            /* alpha_l, for a layer bank (a delta bank has it folded into up) */
     logits_fn logits;       /* linear_logits or prototype_logits */
-    delta_fn delta;         /* <bank>_delta */
+    delta_fn delta;         /* <bank>_delta (adapter_add), or NULL */
+    layer_fn layer;         /* <bank>_layer (layer_add), or NULL */
     const float *router_rows; /* linear: W_g [experts, hidden]; prototype: the centred prototypes [real, hidden] */
     const float *bias;      /* [experts] or NULL: steers the choice only */
     const float *centre;    /* prototype: [hidden], the prototypes' mean */
     const float *row_norms; /* prototype: [real], ||p_i - centre||^2 */
-    const float *rows;      /* the bank's A: [rank, hidden] */
-    const float *core_in;   /* shared_core: [experts, rank, width] */
-    const float *core_out;  /* shared_core: [experts, width, rank] */
+    const float *rows;      /* the bank's A: [rank, hidden]; mixlora: [real, 2 rank, hidden] */
+    const float *core_in;   /* shared_core: [experts, rank, width]; mixlora: [real, 2 rank, width] */
+    const float *core_out;  /* shared_core: [experts, width, rank]; mixlora: [real, rank, width] */
     const float *up;        /* shared_core: [hidden, rank]; shared_down: [real, rank, hidden];
-                               lora_experts: [rank, hidden], the shared B_s rows then each expert's width rows */
+                               lora_experts: [rank, hidden], the shared B_s rows then each expert's width rows;
+                               mixlora: [real, rank, hidden] */
 };
 
 typedef struct {
@@ -85,6 +93,8 @@ static void project(const float *rows, int count, int d, const float *x, float *
         out[row] = acc;
     }
 }
+
+static float silu(float x) { return x / (1.f + expf(-x)); }
 
 void linear_logits(const Plan *p, const float *x, float *logits) {
     project(p->router_rows, p->experts, p->hidden, x, logits);
@@ -146,15 +156,22 @@ static const float *prefix_mean(const Plan *p, const Prefix *s, const float *x, 
     return mean;
 }
 
+/* Token n's hidden state into x, its logits routed into chosen and gates (prefix: the running sums) */
+static void route(const Plan *p, const Prefix *s, const void *h, int bf16, long n, float *x, double *sum,
+                  double *count, float *mean, float *logits, int *chosen, float *gates) {
+    const int d = p->hidden;
+    for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
+    p->logits(p, p->prefix_mean && s ? prefix_mean(p, s, x, n, sum, count, mean) : x, logits);
+    choose(p, logits, chosen, gates);
+}
+
 void adapter_add(const Plan *p, long tokens, const void *h, const void *base, void *out, int bf16, const Prefix *s) {
     const int d = p->hidden;
     float x[d], mean[d], logits[p->experts], z[p->rank > 0 ? p->rank : 1], gates[p->top_k], delta[d];
     double sum[d], count = 0.0;
     int chosen[p->top_k];
     for (long n = 0; n < tokens; n++) {
-        for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
-        p->logits(p, p->prefix_mean && s ? prefix_mean(p, s, x, n, sum, &count, mean) : x, logits);
-        choose(p, logits, chosen, gates);
+        route(p, s, h, bf16, n, x, sum, &count, mean, logits, chosen, gates);
         project(p->rows, p->rank, d, x, z);
         p->delta(p, z, chosen, gates, delta);
         for (int c = 0; c < d; c++) store(out, bf16, n * d + c, load(base, bf16, n * d + c) + delta[c]);
@@ -172,7 +189,7 @@ void shared_core_delta(const Plan *p, const float *z, const int *chosen, const f
         for (int j = 0; j < r; j++)
             for (int q = 0; q < w; q++) a[q] += z[j] * w1[j * w + q];
         for (int q = 0; q < w; q++) {
-            float v = gates[s] * a[q] / (1.f + expf(-a[q]));
+            float v = gates[s] * silu(a[q]);
             for (int j = 0; j < r; j++) t[j] += v * w2[q * r + j];
         }
     }
@@ -203,5 +220,94 @@ void lora_experts_delta(const Plan *p, const float *z, const int *chosen, const 
             const float *u = p->up + row * d;
             float scale = gates[s] * z[row];
             for (int c = 0; c < d; c++) delta[c] += scale * u[c];
+        }
+}
+
+/* A layer bank's call: token by token, route, then the bank's <bank>_layer with the token's rows of u = W1 h,
+ * v = W3 h and m = act(u) * v (the frozen projections, computed by PyTorch as the MLP computes them; float32 or
+ * bfloat16 like h; bfloat16 rows are read into float32 copies, m written back rounded once). The bank leaves W2's
+ * input in m (in place) and its own output beside W2 in down (float32 [tokens, hidden]). Returns 0, or -1 when the
+ * copies' memory cannot be had (nothing written). */
+int layer_add(const Plan *p, long tokens, const void *h, const void *u, const void *v, void *m, float *down,
+              int bf16, const Prefix *s) {
+    const int d = p->hidden, width = p->width;
+    float x[d], mean[d], logits[p->experts], gates[p->top_k];
+    double sum[d], count = 0.0;
+    int chosen[p->top_k];
+    float *rows = bf16 ? malloc(sizeof(float) * (size_t)width * 3) : NULL;  /* u, v, m of the token */
+    if (bf16 && !rows) return -1;
+    for (long n = 0; n < tokens; n++) {
+        route(p, s, h, bf16, n, x, sum, &count, mean, logits, chosen, gates);
+        if (!bf16) {
+            p->layer(p, x, chosen, gates, (const float *)u + n * width, (const float *)v + n * width,
+                     (float *)m + n * width, down + n * d);
+            continue;
+        }
+        for (int q = 0; q < width; q++) {
+            rows[q] = load(u, 1, n * width + q);
+            rows[width + q] = load(v, 1, n * width + q);
+            rows[2 * width + q] = load(m, 1, n * width + q);
+        }
+        p->layer(p, x, chosen, gates, rows, rows + width, rows + 2 * width, down + n * d);
+        for (int q = 0; q < width; q++) store(m, 1, n * width + q, rows[2 * width + q]);
+    }
+    free(rows);
+    return 0;
+}
+
+/* mixlora (modeling/experts.py MixLoRAExperts), expert i on the chosen slots (none for the null expert):
+ *   u_i = u + D1_i C1_i x,  v_i = v + D3_i C3_i x,  m_i = silu(u_i) * v_i      (s folded into D1_i, D3_i)
+ *   m <- m + alpha_l sum_i g_i (m_i - silu(u) * v)   (W2's input; the difference of two products computed here
+ *                                                     alike, so that zero deltas (step 0) change nothing)
+ *   down = sum_i g_i U_i C2_i m_i                    (U_i = alpha_l s D2_i)
+ * rows: C1_i then C3_i [2r, hidden]; core_in: D1_i then D3_i [2r, width]; core_out: C2_i [r, width]; up: U_i.
+ * The MLP's width is walked in blocks that stay in the first-level cache, each weight read once. */
+#define BLOCK 64
+
+void mixlora_layer(const Plan *p, const float *x, const int *chosen, const float *gates, const float *u,
+                   const float *v, float *m, float *down) {
+    const int d = p->hidden, r = p->rank, width = p->width, k = p->top_k;
+    float z[k][2 * r], zd[k][r];
+    int real = 0;
+    for (int c = 0; c < d; c++) down[c] = 0.f;
+    for (int slot = 0; slot < k; slot++) {
+        if (chosen[slot] >= p->real) continue;  /* the null expert */
+        real = 1;
+        project(p->rows + (long)chosen[slot] * 2 * r * d, 2 * r, d, x, z[slot]);
+        for (int j = 0; j < r; j++) zd[slot][j] = 0.f;
+    }
+    if (!real) return;  /* the null expert alone: the frozen MLP's own m */
+    for (int q0 = 0; q0 < width; q0 += BLOCK) {
+        const int n = width - q0 < BLOCK ? width - q0 : BLOCK;
+        float plain[BLOCK], change[BLOCK], ui[BLOCK], vi[BLOCK];
+        for (int q = 0; q < n; q++) { plain[q] = silu(u[q0 + q]) * v[q0 + q]; change[q] = 0.f; }
+        for (int slot = 0; slot < k; slot++) {
+            const int i = chosen[slot];
+            if (i >= p->real) continue;
+            const float *d1 = p->core_in + (long)i * 2 * r * width + q0, *d3 = d1 + (long)r * width;
+            const float *c2 = p->core_out + (long)i * r * width + q0;
+            for (int q = 0; q < n; q++) { ui[q] = u[q0 + q]; vi[q] = v[q0 + q]; }
+            for (int j = 0; j < r; j++)
+                for (int q = 0; q < n; q++) {
+                    ui[q] += z[slot][j] * d1[(long)j * width + q];
+                    vi[q] += z[slot][r + j] * d3[(long)j * width + q];
+                }
+            for (int q = 0; q < n; q++) {
+                ui[q] = silu(ui[q]) * vi[q];  /* m_i */
+                change[q] += gates[slot] * (ui[q] - plain[q]);
+            }
+            for (int j = 0; j < r; j++) {
+                float acc = 0.f;
+                for (int q = 0; q < n; q++) acc += c2[(long)j * width + q] * ui[q];
+                zd[slot][j] += acc;
+            }
+        }
+        for (int q = 0; q < n; q++) m[q0 + q] += p->alpha * change[q];
+    }
+    for (int slot = 0; slot < k; slot++)
+        for (int j = 0; j < r && chosen[slot] < p->real; j++) {
+            const float *up = p->up + ((long)chosen[slot] * r + j) * d;
+            const float scale = gates[slot] * zd[slot][j];
+            for (int c = 0; c < d; c++) down[c] += scale * up[c];
         }
 }

@@ -50,9 +50,9 @@ class PlanStruct(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "experts", "real", "top_k", "normalise_all", "rank",
                                                     "width", "prefix_mean")] \
-        + [("divisor", ctypes.c_float), ("null_logit", ctypes.c_float)] \
-        + [(name, ctypes.c_void_p) for name in ("logits", "delta", "router_rows", "bias", "centre", "row_norms",
-                                                "rows", "core_in", "core_out", "up")]
+        + [(name, ctypes.c_float) for name in ("divisor", "null_logit", "alpha")] \
+        + [(name, ctypes.c_void_p) for name in ("logits", "delta", "layer", "router_rows", "bias", "centre",
+                                                "row_norms", "rows", "core_in", "core_out", "up")]
 
 
 class PrefixStruct(ctypes.Structure):
@@ -112,6 +112,9 @@ def _load() -> Optional[ctypes.CDLL]:
     library.adapter_add.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     library.adapter_add.restype = None
+    library.layer_add.argtypes = [ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 5 + [ctypes.c_int,
+                                                                                             ctypes.c_void_p]
+    library.layer_add.restype = ctypes.c_int
     return library
 
 
@@ -168,7 +171,10 @@ class DecodeKernel:
     ``context`` (the model's ``TokenMask``: padding mask and ``PrefixState``) and ``key`` (its key in the state).
     """
 
-    def __init__(self, library: ctypes.CDLL, routing: KernelRouting, form, real: int, context=None, key=None):
+    ENTRY, PART = "adapter_add", "delta"  # the C entry point, and the bank's part it calls: ``<bank>_<PART>``
+
+    def __init__(self, library: ctypes.CDLL, routing: KernelRouting, form, real: int, context=None, key=None,
+                 alpha: float = 1.0):
         kernel_name, rank, width, tensors = form
         self.tensors = {name: t.detach().float().contiguous() for name, t in tensors.items()}
         self.tensors["rows"] = self.tensors.pop("input_rows")
@@ -178,41 +184,66 @@ class DecodeKernel:
                 self.tensors["router_" + name if name == "rows" else name] = value.detach().float().contiguous()
         self.hidden = self.tensors["rows"].shape[1]
         pointers = {name: t.data_ptr() for name, t in self.tensors.items()}
+        bank_parts = {"delta": None, "layer": None, self.PART: kernel_function(library, f"{kernel_name}_{self.PART}")}
         self.plan = PlanStruct(
             self.hidden, routing.choices, real, routing.top_k, int(routing.normalise_all), rank, width,
-            int(routing.prefix_mean), routing.divisor, routing.null_logit,
-            kernel_function(library, f"{routing.logits}_logits"), kernel_function(library, f"{kernel_name}_delta"),
+            int(routing.prefix_mean), routing.divisor, routing.null_logit, alpha,
+            kernel_function(library, f"{routing.logits}_logits"), bank_parts["delta"], bank_parts["layer"],
             *[pointers.get(name) for name in ("router_rows", "bias", "centre", "row_norms", "rows", "core_in",
                                               "core_out", "up")])
         self.plan_pointer = ctypes.byref(self.plan)
-        self.function = library.adapter_add
+        self.function = getattr(library, self.ENTRY)
         self.sequences = (context, key) if routing.prefix_mean else None
         self.prefix = PrefixStruct()
         self.prefix_pointer = ctypes.byref(self.prefix)
+        self.prepared: Optional[Tuple[Tuple[int, int], PrefixSums]] = None  # (batch, length), the pass's sums
 
     def accepts(self, hidden: torch.Tensor, base: torch.Tensor) -> bool:
-        return (hidden.is_cpu and hidden.dtype is base.dtype and hidden.dtype in KERNEL_DTYPES
-                and hidden.shape == base.shape and hidden.is_contiguous() and base.is_contiguous()
+        return (self.accepts_hidden(hidden) and hidden.dtype is base.dtype and hidden.shape == base.shape
+                and base.is_contiguous())
+
+    def accepts_hidden(self, hidden: torch.Tensor) -> bool:
+        return (hidden.is_cpu and hidden.dtype in KERNEL_DTYPES and hidden.is_contiguous()
                 and hidden.shape[-1] == self.hidden and hidden.numel() > 0)
 
     def __call__(self, hidden: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(base)
-        sums = self.prefix_sums(hidden) if self.sequences is not None else None
-        self.function(self.plan_pointer, hidden.numel() // self.hidden, hidden.data_ptr(), base.data_ptr(),
-                      out.data_ptr(), hidden.dtype is torch.bfloat16, None if sums is None else self.prefix_pointer)
-        if sums is not None and sums.state is not None:
-            sums.state.write(self.sequences[1], *sums.after)  # as the general path leaves them for the next pass
+        self.run(hidden, base.data_ptr(), out.data_ptr())
         return out
 
-    def prefix_sums(self, hidden: torch.Tensor) -> "PrefixSums":
-        """Point the ``Prefix`` struct at this call's padding mask and the sums earlier passes left, and at new
-        tensors for the totals after it, as ``prefix_state.sequence_prefix_means`` reads and writes them ([B, T, d]
-        is B sequences, [N, d] one; no ``PrefixState``: the sequences start here and nothing is kept)."""
+    def run(self, hidden: torch.Tensor, *pointers: int):
+        """The entry point on ``hidden``'s tokens and the other tensors' ``pointers``; its return value."""
+        sums = self.pass_sums(hidden) if self.sequences is not None else None
+        return self.function(self.plan_pointer, hidden.numel() // self.hidden, hidden.data_ptr(), *pointers,
+                             hidden.dtype is torch.bfloat16, None if sums is None else self.prefix_pointer)
+
+    def prepare(self, shape: Optional[Tuple[int, int]]) -> None:
+        """Set up the prefix sums of a model pass over ``shape`` = (batch, new tokens) before it starts, for every
+        layer in one loop (``MoEAdapter.kernel_for_pass``): done per layer, right after the MLP has streamed its
+        weights through the caches, the same Python costs several times more. None: each call sets up its own."""
+        self.prepared = None
+        if self.sequences is not None and shape is not None:
+            context = self.sequences[0]
+            mask = context.for_shape(*shape, torch.device("cpu")) if context is not None else None
+            self.prepared = (tuple(shape), self.prefix_sums(*shape, mask))
+
+    def pass_sums(self, hidden: torch.Tensor) -> "PrefixSums":
+        """This call's prefix sums: the pass's prepared ones when the shapes match, else set up now."""
+        shape = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
+        if self.prepared is not None and self.prepared[0] == shape:
+            return self.prepared[1]
+        self.prepared = None  # the struct is pointed elsewhere now
+        context = self.sequences[0]
+        return self.prefix_sums(*shape, context.for_hidden(hidden) if context is not None else None)
+
+    def prefix_sums(self, batch: int, length: int, mask: Optional[torch.Tensor]) -> "PrefixSums":
+        """Point the ``Prefix`` struct at the padding mask of ``batch`` sequences of ``length`` new tokens and the
+        sums earlier passes left, and at new tensors for the totals after them, which go into the state now, as
+        ``prefix_state.sequence_prefix_means`` reads and writes them (the kernel fills them; no ``PrefixState``: the
+        sequences start here and nothing is kept)."""
         context, key = self.sequences
-        batch, length = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
         state = context.prefix if context is not None else None
         before = state.read(key) if state is not None else None
-        mask = context.for_hidden(hidden) if context is not None else None
         mask = mask.contiguous() if mask is not None else None
         if before is not None:
             before = (as_rows(before[0], (batch, self.hidden)), as_rows(before[1], (batch,)))
@@ -223,7 +254,24 @@ class DecodeKernel:
         prefix.mask = mask.data_ptr() if mask is not None else None
         prefix.before_total, prefix.before_count = (None, None) if before is None else [t.data_ptr() for t in before]
         prefix.after_total, prefix.after_count = (None, None) if after is None else [t.data_ptr() for t in after]
+        if after is not None:
+            state.write(key, *after)  # as the general path leaves them for the next pass, filled by the call
         return PrefixSums(state, mask, before, after)
+
+
+class LayerKernel(DecodeKernel):
+    """The call of a bank that computes the whole layer (``ExpertBank.computes_mlp``: mixlora), ``layer_add``: given
+    the frozen projections' ``u = W1 h``, ``v = W3 h`` and ``m = act(u) * v`` (as the MLP computes them), it routes and
+    runs the chosen experts, leaves ``W2``'s input in ``m`` (in place) and returns the bank's output beside ``W2``
+    (float32, ``hidden``'s shape). The bank's form names ``<bank>_layer``; ``alpha`` is ``alpha_l``."""
+
+    ENTRY, PART = "layer_add", "layer"
+
+    def __call__(self, hidden: torch.Tensor, u: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        down = torch.empty(hidden.shape, dtype=torch.float32)
+        if self.run(hidden, u.data_ptr(), v.data_ptr(), m.data_ptr(), down.data_ptr()):
+            raise MemoryError(f"the decode kernel could not allocate {3 * u.shape[-1] * 4} bytes of working memory")
+        return down
 
 
 def as_rows(tensor: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:

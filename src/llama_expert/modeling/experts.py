@@ -17,7 +17,7 @@ learnable per-layer factor lives in the adapter (``MoEAdapter.residual_scale``),
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,11 @@ class ExpertBank(nn.Module):
     def layer_output(self, hidden: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                      residual_scale: torch.Tensor) -> torch.Tensor:
         """``MLP(h) + alpha_l * MoE(h)`` [N, d], for a bank that ``computes_mlp``."""
+        raise NotImplementedError
+
+    def kernel_layer_output(self, kernel, hidden: torch.Tensor):
+        """``layer_output`` in inference through the compiled kernel (a ``LayerKernel``, built from ``kernel_form``),
+        for a bank that ``computes_mlp``; None where the kernel does not take these tensors."""
         raise NotImplementedError
 
     def select_experts(self, index: torch.Tensor) -> List[Transfer]:
@@ -243,6 +248,14 @@ class SharedDownExperts(ExpertBank):
             "input_rows": self.down, "up": self.up.detach() * (self.lora_scaling * residual_scale)}
 
 
+def computes_silu(activation) -> bool:
+    """Whether the MLP's activation is SiLU, asked of its values (Transformers' ``SiLUActivation`` is not an
+    ``nn.SiLU``, and this package does not import Transformers below ``integration``)."""
+    probe = torch.linspace(-8.0, 8.0, 65)
+    with torch.no_grad():
+        return torch.equal(activation(probe), F.silu(probe))
+
+
 @register_bank("mixlora")
 class MixLoRAExperts(ExpertBank):
     """MixLoRA: expert i is a rank-r LoRA delta on the frozen MLP's own gate, up and down projections.
@@ -349,3 +362,27 @@ class MixLoRAExperts(ExpertBank):
         m, change, lora_down, _ = self.routed(hidden, indices, gates)
         scale = residual_scale.to(change.dtype)
         return self._base[0].down_proj(m + (scale * change).to(m.dtype)).to(change.dtype) + scale * lora_down
+
+    def kernel_form(self, residual_scale: torch.Tensor):
+        """``mixlora_layer`` of decode_kernel.c (a ``LayerKernel``): per expert ``[C1_i; C3_i]`` as input rows,
+        ``s [D1_i; D3_i]``, ``C2_i`` and ``alpha_l s D2_i``; the kernel computes ``silu``, so another activation
+        keeps the general path."""
+        if self.gate_down.dtype != torch.float32 or not computes_silu(self._base[0].act_fn):
+            return None
+        rows = torch.cat([self.gate_down, self.up_down], dim=1)
+        return "mixlora", self.rank, self.gate_up.shape[-1], {
+            "input_rows": rows.reshape(-1, rows.shape[-1]),
+            "core_in": torch.cat([self.gate_up, self.up_up], dim=1) * self.lora_scaling,
+            "core_out": self.down_down, "up": self.down_up * (self.lora_scaling * residual_scale)}
+
+    def kernel_layer_output(self, kernel, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """``layer_output`` through the compiled kernel (decode, eval): the frozen projections here, as the MLP runs
+        them, the routing and the chosen experts in one C call. None where the kernel does not take these tensors
+        (a 4-bit or other-dtype base: the general path runs)."""
+        mlp = self._base[0]
+        if mlp.gate_proj.weight.dtype is not hidden.dtype or not kernel.accepts_hidden(hidden):
+            return None
+        u, v = mlp.gate_proj(hidden), mlp.up_proj(hidden)
+        m = mlp.act_fn(u) * v
+        beside = kernel(hidden, u, v, m)  # m becomes W2's input
+        return mlp.down_proj(m).float().add_(beside).to(hidden.dtype)

@@ -24,10 +24,12 @@ The derived tensors are rebuilt whenever a source parameter changes: in place (i
 moved (its storage), replaced (its identity, or the router's or bank's), and after any optimiser step (a fused
 AdamW step leaves versions as they were) or a switch to training mode. A write through ``.data`` bypasses all of
 these: after one, set ``adapter.inference_plan = None`` (or call ``model.train()`` / ``model.eval()``).
-A router whose eval routing depends on other sequences of the batch (expert choice) or needs labels (oracle), or
-a bank that computes the whole layer (mixlora, ``computes_mlp``), has no inference form, and its adapter keeps the
-general path. The adapter uses the plan only in eval mode, without gradients, autocast or routing statistics; tests
-pin it to the general path.
+A bank that computes the whole layer (mixlora, ``computes_mlp``) has no PyTorch form here: its plan is its compiled
+kernel alone (``LayerKernel``: the frozen projections by PyTorch, then routing and the chosen experts in one C call,
+``ExpertBank.kernel_layer_output``), and without the kernel it keeps its one-pass general path. A router whose eval
+routing depends on other sequences of the batch (expert choice) or needs labels (oracle) has no inference form,
+and its adapter keeps the general path. The adapter uses the plan only in eval mode, without gradients, autocast
+or routing statistics; tests pin it to the general path.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
 
-from .decode_kernel import DecodeKernel, kernel_library
+from .decode_kernel import DecodeKernel, LayerKernel, kernel_library
 
 
 _OPTIMIZER_STEPS = [0]  # every optimiser step anywhere: a fused AdamW step leaves parameter versions unchanged
@@ -96,9 +98,11 @@ class FusedInference:
                 self.num_gates, self.num_real = (0 if gates is None else gates.shape[0]), bank.num_experts
                 self.weight = torch.cat(parts) if parts else None
                 self.router, self.bank = router, bank
-                self.kernel = self.compiled_kernel(router, bank, alpha) if self.state is not None else None
+                whole_layer = bank.computes_mlp  # its plan is its compiled kernel alone (a ``LayerKernel``)
+                self.kernel = self.compiled_kernel(router, bank, alpha) if self.state is not None or whole_layer \
+                    else None
             self.key = key
-        return self.state is not None
+        return self.state is not None or self.kernel is not None
 
     def compiled_kernel(self, router, bank, alpha: torch.Tensor) -> Optional[DecodeKernel]:
         if not self.adapter.decode_kernel or router.weight.device.type != "cpu":
@@ -107,7 +111,8 @@ class FusedInference:
         library = kernel_library() if routing is not None and form is not None else None
         if library is None:
             return None
-        return DecodeKernel(library, routing, form, bank.num_experts, self.adapter.token_mask, router)
+        kind = LayerKernel if bank.computes_mlp else DecodeKernel
+        return kind(library, routing, form, bank.num_experts, self.adapter.token_mask, router, float(alpha))
 
     def add_to(self, base: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """``base + alpha_l * MoE(hidden)``: the compiled kernel where it takes these tensors, else PyTorch."""
