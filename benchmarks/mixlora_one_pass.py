@@ -1,6 +1,7 @@
 """The mixlora layer in one pass (the frozen projections once, ``ExpertBank.computes_mlp``) against the two passes it
 took before (the MLP, then the bank computing the gate and up projections again), greedy decode at batch 1 on a
-CPU, repeats interleaved; a mixed library of PEFT LoRAs decodes on this path (docs/design.md section 3, mixlora).
+CPU, repeats interleaved, both on the general path (the compiled decode kernel, which runs the one-pass layer, is
+turned off here; ``benchmarks/decode_speed.py`` measures it against the base); docs/design.md section 3, mixlora.
 
     python benchmarks/mixlora_one_pass.py --adapter runs/modular-40-loras/loras-mixed-calibrated [--samples 5]
 """
@@ -36,6 +37,9 @@ def main() -> None:
     if config.expert_type != "mixlora":
         parser.error(f"{args.adapter} is a {config.expert_type} adapter; this compares the mixlora layer's two forms")
     ids = torch.randint(100, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    for module in model.modules():
+        if hasattr(module, "decode_kernel"):
+            module.decode_kernel = False  # the general path: the kernel has the one-pass form only
     tokens_per_second(model.eval(), ids, args.new_tokens)  # warm-up
     speeds = {"one pass": [], "two passes": []}
     for _ in range(args.samples):

@@ -80,6 +80,7 @@ def trainings() -> dict:
     runs["lora-mix-r12"] = [train_command("lora-mix-r12", ["--method", "lora", "--lora-r", "12"], TRAIN, 3 * STEPS)]
     runs[f"lora-then-{SEQUENCE[-1]}"] = sequential_lora()
     runs["branch-docs"] = [train_command("branch-docs", BRANCH, UNSEEN, STEPS)]  # the skill added later
+    runs["lora-docs"] = [train_command("lora-docs", LORA4, UNSEEN, STEPS)]  # the same, added to the LoRA library
     return runs
 
 
@@ -149,7 +150,10 @@ LIBRARY = [f"lora-{domain}" for domain in DOMAINS]  # the per-domain PEFT LoRAs:
 LORA_MIXES = mix_names("loras-mixed")  # that library mixed by `llama-expert mix` (experts inside the MLP, mixlora)
 ROWS = {"all": None,  # every row
         "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4"],  # repeated over seeds
-        "lora-library": LIBRARY}  # the per-domain LoRAs and their mixes alone
+        "lora-library": [*LIBRARY, "lora-docs"]}  # the per-domain LoRAs, their mixes and the skill added to them
+ADDED = {"mixed-plus-docs": ["mixed", "branch-docs"],  # a fourth skill mixed into a mix: (the mix, the new skill)
+         "loras-mixed-plus-docs": ["loras-mixed", "lora-docs"],
+         "loras-mixed-calibrated-plus-docs": ["loras-mixed-calibrated", "lora-docs"]}
 
 
 def mix_and_calibrate(name: str, inputs: list, jobs: int) -> list:
@@ -177,21 +181,30 @@ def run(jobs: int, rows: str = "all") -> None:
         mixes += mix_and_calibrate("loras-mixed", LIBRARY, jobs)
     for name in [*wanted, *mixes]:
         measure_adapter(name)
-    if rows != "seeds":  # the LoRA library's mixes on text none of the LoRAs saw
+    if rows != "seeds":  # the LoRA library's mixes on text none of the LoRAs saw, then with a fourth skill
         for name in LORA_MIXES:
             measure_adapter(name, UNSEEN, prefix="unseen-")
+        add_skill([name for name in ADDED if name.startswith("loras-")])
     if rows == "all":
         measure_the_rest()
 
 
+def add_skill(names: list) -> None:
+    """Each ``ADDED`` row: its mix with the fourth skill mixed in, measured on the three domains and the fourth's text."""
+    for name in names:
+        mix(name, ADDED[name])
+        measure_adapter(name)
+        for row in (name, ADDED[name][1]):
+            measure_adapter(row, UNSEEN, prefix="unseen-")
+
+
 def measure_the_rest() -> None:
     """The rows measured once: the base, the fourth skill, text no expert saw, and PEFT's routers."""
-    mix("mixed-plus-docs", ["mixed", "branch-docs"])
+    add_skill(["mixed-plus-docs"])
     for name, dataset in (("base", TEST), ("unseen-base", UNSEEN)):
         if not (OUT / f"{name}.json").is_file():
             measure(name, ["--model", "smollm2-135m", "--no-augmented"], dataset)
-    measure_adapter("mixed-plus-docs")
-    for name in [*MIXES, "lora-mix-r4", "branch-docs", "mixed-plus-docs"]:
+    for name in [*MIXES, "lora-mix-r4", "branch-docs"]:
         measure_adapter(name, UNSEEN, prefix="unseen-")
     loras = [weights(f"lora-{domain}") for domain in DOMAINS]
     for name, router, extra in (("arrow-top1", "arrow", ["--top-k", "1"]), ("arrow-top3", "arrow", ["--top-k", "3"]),
@@ -254,21 +267,28 @@ def route_match(name: str) -> str:
     return f"{route_share(name):.1f}%"
 
 
-def unseen(name: str) -> str:
-    path = OUT / f"unseen-{name}.json"
+def unseen(name: str, folder: Path = OUT) -> str:
+    path = folder / f"unseen-{name}.json"
     return f"{json.loads(path.read_text())['perplexity']['perplexity']:.3f}" if path.is_file() else "-"
 
 
-def fourth_skill() -> None:
-    """The three domains and the added one, before and after the fourth branch joins the mix."""
-    before, after = perplexities("mixed"), perplexities("mixed-plus-docs")
+def fourth_skill(folder: Path = OUT) -> None:
+    """The three domains and the added one, before and after the fourth skill joins each mix that has one."""
     print(f"\n| adding a fourth skill | {' | '.join(TEST_NAMES)} | {UNSEEN} |")
     print("|---|" + "---:|" * (len(TEST_NAMES) + 1))
-    for name, values in (("mixed (3 skills)", before), ("mixed + docs branch (4 skills)", after)):
-        cells = " | ".join(f"{values[d]:.3f}" for d in TEST_NAMES)
-        print(f"| {name} | {cells} | {unseen('mixed' if values is before else 'mixed-plus-docs')} |")
-    change = " | ".join(f"{100 * (after[d] / before[d] - 1):+.2f}%" for d in TEST_NAMES)
-    print(f"| change | {change} | docs branch alone: {unseen('branch-docs')} |")
+    for name in present(list(ADDED), folder):
+        mixed, skill = ADDED[name]
+        for row in (mixed, name):
+            cells = " | ".join(f"{perplexities(row, folder)[d]:.3f}" for d in TEST_NAMES)
+            print(f"| {row} | {cells} | {unseen(row, folder)} |")
+        print(f"| change | {' | '.join(f'{c:+.2f}%' for c in skill_change(name, folder))} | {skill} alone: "
+              f"{unseen(skill, folder)} |")
+
+
+def skill_change(name: str, folder: Path = OUT) -> list:
+    """Each domain's perplexity change (%) when the fourth skill joins the mix: ``ADDED`` row against its mix."""
+    before, after = perplexities(ADDED[name][0], folder), perplexities(name, folder)
+    return [100 * (after[d] / before[d] - 1) for d in TEST_NAMES]
 
 
 def present(names: list, folder: Path = OUT) -> list:
@@ -331,6 +351,14 @@ def seeds_table(folders: list) -> None:
         ratio = mean_std(paired) if len(paired) == len(runs) else "-"
         match = mean_std([route_share(name, f) for _, _, f in runs]) + "%" if name in MIXES + LORA_MIXES else "-"
         print(f"| {name} | {len(runs)} | {cells} | {mean_std([v['mean'] for v, _, _ in runs])} | {ratio} | {match} |")
+    added = {name: [skill_change(name, f) for f in folders] for name in ADDED
+             if all(name in present(list(ADDED), f) for f in folders)}
+    if added:
+        print(f"\n| fourth skill added | seeds | {' | '.join(TEST_NAMES)} (change) |")
+        print("|---|---:|" + "---:|" * len(TEST_NAMES))
+        for name, changes in added.items():
+            cells = " | ".join(mean_std([c[i] for c in changes]) + "%" for i in range(len(TEST_NAMES)))
+            print(f"| {' + '.join(ADDED[name])} | {len(changes)} | {cells} |")
     print("\nfolders: " + ", ".join(f"{f} ({(f / 'machine.txt').read_text().strip()})" for f in folders))
 
 

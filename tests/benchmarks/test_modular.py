@@ -63,3 +63,15 @@ def test_the_published_peft_lora_bound_is_the_specialists_own(tmp_path):
     rows = _seeds_table(ROOT / "docs" / "results" / "modular-40")
     assert rows["PEFT LoRA specialists, perfect routing"][4:6] == ["7.875 ± 0.000", "0.988 ± 0.000"]
     assert rows["specialists, perfect routing"][4:6] == ["8.249 ± 0.000", "1.035 ± 0.000"]
+
+
+def test_the_seeds_table_gives_each_domains_change_when_a_fourth_skill_joins(tmp_path):
+    """Per seed, each domain's perplexity with the fourth skill over without it; mean ± std over the seeds."""
+    for seed, math_after in (("1", 4.04), ("2", 3.96)):
+        _seed(tmp_path / seed, 0.0)
+        _report(tmp_path / seed, "loras-mixed-calibrated", {"math": 4.0, "code": 5.0, "wikitext-2-raw": 6.0})
+        _report(tmp_path / seed, "loras-mixed-calibrated-plus-docs",
+                {"math": math_after, "code": 5.0, "wikitext-2-raw": 6.03})
+    rows = _seeds_table(tmp_path / "1", tmp_path / "2")
+    assert rows["loras-mixed-calibrated + lora-docs"] == ["2", "0.000 ± 1.414%", "0.000 ± 0.000%", "0.500 ± 0.000%"]
+    assert "mixed + branch-docs" not in rows  # no seed has that row
