@@ -6,7 +6,9 @@ PyTorch fused path). The kernel routes, runs the chosen experts only and adds th
 and it reads ``[W_g; A]`` instead of the PyTorch path's ``[W_g; A; W1^T A]`` (5.7x fewer adapter bytes per
 token with SmolLM2's default shapes, which matters when decoding is bound by memory). Routers that route by the
 sequence's prefix mean (``sequence_aux_free``, a mix's ``prototype``) run here too: the call reads the running sums
-earlier passes left in the pass's ``PrefixState`` and writes the new ones (``KernelRouting.prefix_mean``).
+earlier passes left in the pass's ``PrefixState`` and writes the new ones (``KernelRouting.prefix_mean``). A bank
+that computes the whole layer (mixlora: LoRAs inside the MLP's projections) has a second entry point, ``layer_add``
+(``LayerKernel``): PyTorch runs the frozen projections, the call the routing and the chosen LoRAs.
 
 Why ctypes and the system C compiler rather than ``torch.utils.cpp_extension``: the kernel needs no PyTorch
 headers, so it builds in a fraction of a second instead of a minute, and a ctypes call costs about what one
