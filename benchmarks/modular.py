@@ -150,7 +150,8 @@ LIBRARY = [f"lora-{domain}" for domain in DOMAINS]  # the per-domain PEFT LoRAs:
 LORA_MIXES = mix_names("loras-mixed")  # that library mixed by `llama-expert mix` (experts inside the MLP, mixlora)
 ROWS = {"all": None,  # every row
         "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4"],  # repeated over seeds
-        "lora-library": [*LIBRARY, "lora-docs"]}  # the per-domain LoRAs, their mixes and the skill added to them
+        "lora-library": [*LIBRARY, "lora-docs"],  # the per-domain LoRAs, their mixes and the skill added to them
+        "peft-routers": LIBRARY}  # PEFT's Arrow and X-LoRA over the per-domain LoRAs
 ADDED = {"mixed-plus-docs": ["mixed", "branch-docs"],  # a fourth skill mixed into a mix: (the mix, the new skill)
          "loras-mixed-plus-docs": ["loras-mixed", "lora-docs"],
          "loras-mixed-calibrated-plus-docs": ["loras-mixed-calibrated", "lora-docs"]}
@@ -174,6 +175,8 @@ def run(jobs: int, rows: str = "all") -> None:
     (OUT / "machine.txt").write_text(f"{machine()}, {jobs} trainings at a time, {today()}\n")
     wanted = {name: c for name, c in trainings().items() if ROWS[rows] is None or name in ROWS[rows]}
     run_parallel({name: c for name, c in wanted.items() if not (OUT / name / "training_summary.json").is_file()}, jobs)
+    if rows == "peft-routers":
+        return peft_routers()
     mixes = []
     if rows != "lora-library":
         mixes += mix_and_calibrate("mixed", [f"branch-{domain}" for domain in DOMAINS], jobs)
@@ -206,6 +209,11 @@ def measure_the_rest() -> None:
             measure(name, ["--model", "smollm2-135m", "--no-augmented"], dataset)
     for name in [*MIXES, "lora-mix-r4", "branch-docs"]:
         measure_adapter(name, UNSEEN, prefix="unseen-")
+    peft_routers()
+
+
+def peft_routers() -> None:
+    """PEFT's Arrow (top-1, top-3) and X-LoRA over the per-domain LoRAs, where stale."""
     loras = [weights(f"lora-{domain}") for domain in DOMAINS]
     for name, router, extra in (("arrow-top1", "arrow", ["--top-k", "1"]), ("arrow-top3", "arrow", ["--top-k", "3"]),
                                 ("xlora", "xlora", ["--dataset", TRAIN, "--steps", str(CALIBRATION_STEPS),
@@ -339,7 +347,8 @@ def seeds_table(folders: list) -> None:
     rows = {}
     for folder in folders:
         found = bounds(folder) | {name: perplexities(name, folder)
-                                  for name in present([*MIXES, *LORA_MIXES, "lora-mix-r4", "lora-mix-r12"], folder)}
+                                  for name in present([*MIXES, *LORA_MIXES, "lora-mix-r4", "lora-mix-r12", *PEFT_ROWS],
+                                                      folder)}
         lora = perplexities("lora-mix-r4", folder)["mean"] if (folder / "lora-mix-r4.json").is_file() else None
         for name, values in found.items():
             rows.setdefault(name, []).append((values, lora, folder))
@@ -370,7 +379,8 @@ def main(argv) -> None:
     parser.add_argument("folders", nargs="*", help="seeds: one OUT folder a seed")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")), help="trainings at a time")
     parser.add_argument("--rows", choices=list(ROWS), default="all", help="run: every row, only the rows repeated over "
-                        "seeds (another SEED, its own OUT), or only the per-domain LoRAs and their mixes")
+                        "seeds (another SEED, its own OUT), only the per-domain LoRAs and their mixes, or only PEFT's "
+                        "routers over those LoRAs")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.jobs, args.rows)
