@@ -347,3 +347,26 @@ def test_compiled_decoding_with_a_static_cache_is_the_full_forward_pass(tiny_mod
     full = _full(model, out.sequences, full_mask)[:, ids.shape[1] - 1:-1]
     assert float((torch.stack(out.logits, dim=1) - full).abs().max()) < 1e-4
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("adapter", ["sequence router", *MIXES])
+def test_eager_decoding_on_a_static_cache_is_the_full_forward_pass(tiny_model, adapter):
+    """``generate(cache_implementation="static")`` on a CPU decodes eagerly on a static cache, whose state copies the
+    sums it is given into fixed buffers (StaticPrefixState): the compiled kernel (and for a sequence router the
+    PyTorch fused path) hand it the sums after they are computed, not before."""
+    if adapter == "sequence router":
+        model = _augmented(tiny_model)
+    else:
+        model = _prototype_routed(tiny_model, **MIXES[adapter])
+    ids, mask = _prompts()
+    full_mask = torch.cat([mask, torch.ones(len(PROMPT_LENGTHS), NEW, dtype=torch.long)], dim=1)
+    compiler = bool(shutil.which("cc") or os.environ.get("CC"))
+    for kernel in [False] * (adapter == "sequence router") + [True] * compiler:
+        for _, layer_adapter in adapters(model):
+            layer_adapter.fused_inference, layer_adapter.decode_kernel, layer_adapter.inference_plan = True, kernel, None
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                             min_new_tokens=NEW, pad_token_id=PAD, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True, cache_implementation="static")
+        assert all((layer_adapter.inference_plan.kernel is not None) == kernel for _, layer_adapter in adapters(model))
+        full = _full(model, out.sequences, full_mask)[:, ids.shape[1] - 1:-1]
+        assert float((torch.stack(out.logits, dim=1) - full).abs().max()) < 1e-4

@@ -16,6 +16,7 @@ import torch
 from llama_expert import ExpertConfig
 from llama_expert.modeling.decode_kernel import LayerKernel, build_kernel
 from llama_expert.modeling.adapter import MoEAdapter
+from llama_expert.modeling.experts import MixLoRAExperts
 from llama_expert.modeling.fused_inference import FusedInference
 from llama_expert.modeling.routing import ROUTERS, PrefixState
 
@@ -262,6 +263,19 @@ def mixlora_adapter(router_type="aux_free", null="experts only", **extra):
     return adapter
 
 
+def general_and_kernel(adapter, hidden, monkeypatch):
+    """(general path, kernel) outputs of a mixlora adapter; the general layer is made to fail for the second, so the
+    kernel is what ran."""
+    with torch.no_grad():
+        adapter.fused_inference = False
+        general = adapter(hidden)
+        adapter.fused_inference = True
+        with monkeypatch.context() as patch:
+            patch.setattr(MixLoRAExperts, "layer_output", None)
+            kernel = adapter(hidden)
+    return general, kernel
+
+
 def assert_close_at_scale(got, want, tolerance=1e-5):
     """Close relative to the output's scale: float32 sums in two orders (the kernel's and PyTorch's)."""
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * float(want.abs().max()))
@@ -270,12 +284,12 @@ def assert_close_at_scale(got, want, tolerance=1e-5):
 @needs_compiler
 @pytest.mark.parametrize("null", NULL)
 @pytest.mark.parametrize("router_type", FAST_ROUTERS)
-def test_the_compiled_kernel_computes_the_mixlora_layer_as_the_general_path(router_type, null):
+def test_the_compiled_kernel_computes_the_mixlora_layer_as_the_general_path(router_type, null, monkeypatch):
     """The frozen projections by PyTorch, the routing and the chosen experts' LoRAs in C: the general path's layer."""
     adapter = mixlora_adapter(router_type, null)
     for shape in ((1, 1, HIDDEN), (8, 1, HIDDEN), (3, 40, HIDDEN)):
         hidden = torch.randn(*shape)
-        general, kernel = general_and_fused(adapter, hidden)
+        general, kernel = general_and_kernel(adapter, hidden, monkeypatch)
         assert isinstance(adapter.inference_plan.kernel, LayerKernel)
         assert_close_at_scale(kernel, general)
         assert not torch.allclose(general, adapter.base_mlp(hidden), rtol=0.01, atol=0.01)
@@ -283,12 +297,12 @@ def test_the_compiled_kernel_computes_the_mixlora_layer_as_the_general_path(rout
 
 
 @needs_compiler
-def test_the_mixlora_kernel_keeps_the_base_bit_for_bit_where_the_null_expert_is_chosen():
+def test_the_mixlora_kernel_keeps_the_base_bit_for_bit_where_the_null_expert_is_chosen(monkeypatch):
     """A token routed to the null expert alone (top-1) gets the frozen MLP's own output, as the general path."""
     adapter = mixlora_adapter(null="null expert")
     adapter.router.top_k = 1
     hidden = torch.randn(2, 30, HIDDEN)
-    general, kernel = general_and_fused(adapter, hidden)
+    general, kernel = general_and_kernel(adapter, hidden, monkeypatch)
     with torch.no_grad():
         null = (adapter.router(hidden.reshape(-1, HIDDEN)).indices[:, 0] == adapter.num_experts).view(2, 30)
         base = adapter.base_mlp(hidden)
@@ -298,11 +312,11 @@ def test_the_mixlora_kernel_keeps_the_base_bit_for_bit_where_the_null_expert_is_
 
 
 @needs_compiler
-def test_the_mixlora_kernel_takes_a_bfloat16_base_and_leaves_others_to_the_general_path():
+def test_the_mixlora_kernel_takes_a_bfloat16_base_and_leaves_others_to_the_general_path(monkeypatch):
     adapter = mixlora_adapter()
     adapter.base_mlp.to(torch.bfloat16)
     hidden = torch.randn(3, 7, HIDDEN, dtype=torch.bfloat16)
-    general, kernel = general_and_fused(adapter, hidden)
+    general, kernel = general_and_kernel(adapter, hidden, monkeypatch)
     assert kernel.dtype == torch.bfloat16 and adapter.inference_plan.kernel is not None
     torch.testing.assert_close(kernel.float(), general.float(), rtol=2 ** -6, atol=2 ** -6 * float(general.abs().max()))
     adapter.base_mlp.act_fn = torch.nn.GELU()  # the kernel computes silu: another activation, the general path
@@ -432,10 +446,11 @@ def test_prefix_mean_routers_take_the_fast_paths_which_equal_the_general_path(ro
     steps = [(hidden[:, :5].contiguous(), mask[:, :5])] + [(hidden[:, t:t + 1].contiguous(), mask[:, :t + 1])
                                                            for t in range(5, 9)]
     general, sums = decode_passes(adapter, steps, "general")
-    paths = ["pytorch"] + (["kernel"] if shutil.which("cc") or os.environ.get("CC") else [])
-    for path in paths:
+    paths = ["pytorch"] * (bank != "mixlora") + (["kernel"] if shutil.which("cc") or os.environ.get("CC") else [])
+    for path in paths:  # (mixlora has no PyTorch plan: only its kernel)
         if path == "kernel":  # nothing but the kernel can answer
             monkeypatch.setattr(FusedInference, "__call__", None)
+            monkeypatch.setattr(MixLoRAExperts, "layer_output", None)
         fast, fast_sums = decode_passes(adapter, steps, path)
         for (_, step_mask), got, want in zip(steps, fast, general):
             assert_padded_close(got, want, step_mask, 1e-5)

@@ -216,8 +216,11 @@ class DecodeKernel:
     def run(self, hidden: torch.Tensor, *pointers: int):
         """The entry point on ``hidden``'s tokens and the other tensors' ``pointers``; its return value."""
         sums = self.pass_sums(hidden) if self.sequences is not None else None
-        return self.function(self.plan_pointer, hidden.numel() // self.hidden, hidden.data_ptr(), *pointers,
-                             hidden.dtype is torch.bfloat16, None if sums is None else self.prefix_pointer)
+        result = self.function(self.plan_pointer, hidden.numel() // self.hidden, hidden.data_ptr(), *pointers,
+                               hidden.dtype is torch.bfloat16, None if sums is None else self.prefix_pointer)
+        if sums is not None and sums.after is not None:  # after the call: a static state copies what it is given
+            sums.state.write(self.sequences[1], *sums.after)  # as the general path leaves them for the next pass
+        return result
 
     def prepare(self, shape: Optional[Tuple[int, int]]) -> None:
         """Set up the prefix sums of a model pass over ``shape`` = (batch, new tokens) before it starts, for every
@@ -240,9 +243,9 @@ class DecodeKernel:
 
     def prefix_sums(self, batch: int, length: int, mask: Optional[torch.Tensor]) -> "PrefixSums":
         """Point the ``Prefix`` struct at the padding mask of ``batch`` sequences of ``length`` new tokens and the
-        sums earlier passes left, and at new tensors for the totals after them, which go into the state now, as
-        ``prefix_state.sequence_prefix_means`` reads and writes them (the kernel fills them; no ``PrefixState``: the
-        sequences start here and nothing is kept)."""
+        sums earlier passes left, and at new tensors for the totals after them, as
+        ``prefix_state.sequence_prefix_means`` reads and writes them (no ``PrefixState``: the sequences start here and
+        nothing is kept)."""
         context, key = self.sequences
         state = context.prefix if context is not None else None
         before = state.read(key) if state is not None else None
@@ -256,8 +259,6 @@ class DecodeKernel:
         prefix.mask = mask.data_ptr() if mask is not None else None
         prefix.before_total, prefix.before_count = (None, None) if before is None else [t.data_ptr() for t in before]
         prefix.after_total, prefix.after_count = (None, None) if after is None else [t.data_ptr() for t in after]
-        if after is not None:
-            state.write(key, *after)  # as the general path leaves them for the next pass, filled by the call
         return PrefixSums(state, mask, before, after)
 
 

@@ -382,7 +382,7 @@ class MixLoRAExperts(ExpertBank):
         mlp = self._base[0]
         if mlp.gate_proj.weight.dtype is not hidden.dtype or not kernel.accepts_hidden(hidden):
             return None
-        u, v = mlp.gate_proj(hidden), mlp.up_proj(hidden)
+        u, v = mlp.gate_proj(hidden).contiguous(), mlp.up_proj(hidden).contiguous()  # (as nn.Linear gives them)
         m = mlp.act_fn(u) * v
         beside = kernel(hidden, u, v, m)  # m becomes W2's input
         return mlp.down_proj(m).float().add_(beside).to(hidden.dtype)
