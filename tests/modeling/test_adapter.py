@@ -125,15 +125,17 @@ def _decode_inputs(adapter, hidden, prefix):
 
 
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-@pytest.mark.parametrize("router_type", ROUTERS.names())
-def test_the_inference_forward_compiles_as_one_graph(router_type, decode):
+@pytest.mark.parametrize("router_type,bank", [(name, "shared_core") for name in ROUTERS.names()]
+                         + [("prototype", "mixlora")])  # mixlora with prototype: a mix of PEFT LoRAs
+def test_the_inference_forward_compiles_as_one_graph(router_type, bank, decode):
     """``torch.compile(fullgraph=True)`` of the adapter's eval forward (no gradients) traces without a graph break,
     so no host synchronisation (what a CUDA graph cannot hold), for every router with the default bank, in a prompt
     pass (with padding) and a decode step (one token, with the prefix state earlier passes left); it computes what
     the eager forward computes, and a sequence router writes the same prefix sums."""
     from llama_expert.modeling.routing import PrefixState
 
-    adapter = _adapter("shared_core", router_type, num_experts=4)
+    adapter = _adapter(bank, router_type, num_experts=4)
+    adapter.decode_kernel = bank != "mixlora"  # mixlora eager: the general path the compiler traces, not its kernel
     hidden = torch.randn(2, 1 if decode else 5, HIDDEN)
     earlier = {adapter.router: (torch.randn(2, HIDDEN), torch.tensor([3.0, 5.0]))} if decode else {}
     results = []
