@@ -18,6 +18,8 @@ must not move:
     python benchmarks/modular.py run [--jobs 2]   # train what is missing; mix, calibrate, measure what is stale
     python benchmarks/modular.py table            # per-domain perplexity, mean, the specialists' bound, time
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows seeds   # another seed's repeated rows
+    SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows lora-library   # ... the LoRA library's
+    SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows peft-routers   # ... PEFT's routers
     python benchmarks/modular.py seeds runs/modular runs/modular-seed2 ...          # those rows, mean ± std
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 

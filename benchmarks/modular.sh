@@ -12,6 +12,7 @@ folders=("$OUT")
 for seed in ${MORE_SEEDS-2 3}; do
   SEED=$seed OUT="$OUT-seed$seed" python benchmarks/modular.py run --rows seeds --jobs "${JOBS:-1}"
   SEED=$seed OUT="$OUT-seed$seed" python benchmarks/modular.py run --rows lora-library --jobs "${JOBS:-1}"
+  SEED=$seed OUT="$OUT-seed$seed" python benchmarks/modular.py run --rows peft-routers
   folders+=("$OUT-seed$seed")
 done
 python benchmarks/modular.py seeds "${folders[@]}" | tee "$OUT/seeds.md"
