@@ -363,7 +363,7 @@ def seeds_table(folders: list) -> None:
         match = mean_std([route_share(name, f) for _, _, f in runs]) + "%" if name in MIXES + LORA_MIXES else "-"
         print(f"| {name} | {len(runs)} | {cells} | {mean_std([v['mean'] for v, _, _ in runs])} | {ratio} | {match} |")
     added = {name: [skill_change(name, f) for f in folders] for name in ADDED
-             if all(name in present(list(ADDED), f) for f in folders)}
+             if all(present([name], f) for f in folders)}
     if added:
         print(f"\n| fourth skill added | seeds | {' | '.join(TEST_NAMES)} (change) |")
         print("|---|---:|" + "---:|" * len(TEST_NAMES))
