@@ -219,7 +219,7 @@ class MoEAdapter(nn.Module):
         inference on a CPU its compiled kernel does the routed part, where it takes these tensors."""
         if not torch.compiler.is_compiling():
             kernel = self.pass_kernel
-            if kernel is None and self.fused_inference_ready("cpu" if hidden.is_cpu else hidden.device.type):
+            if kernel is None and self.use_fused_inference(hidden):
                 self.drop_router_losses()  # a call outside a model pass (whose hook asks once for every layer)
                 kernel = self.inference_plan.kernel
             out = self.experts.kernel_layer_output(kernel, hidden) if kernel is not None else None
