@@ -13,6 +13,7 @@ import time
 import torch
 
 from llama_expert import load_augmented_model
+from llama_expert.integration.surgery import adapters
 from llama_expert.modeling.experts import MixLoRAExperts
 
 from common import command, machine, today
@@ -37,9 +38,8 @@ def main() -> None:
     if config.expert_type != "mixlora":
         parser.error(f"{args.adapter} is a {config.expert_type} adapter; this compares the mixlora layer's two forms")
     ids = torch.randint(100, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    for module in model.modules():
-        if hasattr(module, "decode_kernel"):
-            module.decode_kernel = False  # the general path: the kernel has the one-pass form only
+    for _, adapter in adapters(model):
+        adapter.decode_kernel = False  # the general path: the kernel has the one-pass form only
     tokens_per_second(model.eval(), ids, args.new_tokens)  # warm-up
     speeds = {"one pass": [], "two passes": []}
     for _ in range(args.samples):
