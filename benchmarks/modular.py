@@ -151,7 +151,7 @@ MIXES = mix_names("mixed")  # the branches mixed
 LIBRARY = [f"lora-{domain}" for domain in DOMAINS]  # the per-domain PEFT LoRAs: Arrow's and X-LoRA's library, and ours
 LORA_MIXES = mix_names("loras-mixed")  # that library mixed by `llama-expert mix` (experts inside the MLP, mixlora)
 ROWS = {"all": None,  # every row
-        "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4"],  # repeated over seeds
+        "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4", "lora-mix-r12"],  # repeated over seeds
         "lora-library": [*LIBRARY, "lora-docs"],  # the per-domain LoRAs, their mixes and the skill added to them
         "peft-routers": LIBRARY}  # PEFT's Arrow and X-LoRA over the per-domain LoRAs
 ADDED = {"mixed-plus-docs": ["mixed", "branch-docs"],  # a fourth skill mixed into a mix: (the mix, the new skill)
