@@ -326,6 +326,32 @@ def test_the_mixlora_kernel_takes_a_bfloat16_base_and_leaves_others_to_the_gener
 
 
 @needs_compiler
+def test_the_mixlora_kernel_leaves_a_hooked_or_replaced_projection_to_its_module(monkeypatch):
+    """The kernel path calls ``F.linear`` on the MLP's weights: a projection with a forward hook, or one that is not a
+    plain ``nn.Linear`` (a wrapper, a 4-bit layer), is called as a module on the general path instead."""
+    adapter = mixlora_adapter()
+    hidden = torch.randn(2, 5, HIDDEN)
+    general, kernel = general_and_kernel(adapter, hidden, monkeypatch)
+    calls = []
+    hook = adapter.base_mlp.up_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with torch.no_grad():
+        hooked = adapter(hidden)
+    hook.remove()
+    assert calls and torch.equal(hooked, general)
+
+    class Doubled(torch.nn.Linear):  # a wrapped projection: its own forward must run
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(HIDDEN, adapter.base_mlp.up_proj.out_features, bias=False)
+    doubled.weight = adapter.base_mlp.up_proj.weight
+    adapter.base_mlp.up_proj = doubled
+    general, _ = general_and_fused(adapter, hidden)
+    with torch.no_grad():
+        assert torch.equal(adapter(hidden), general) and not torch.allclose(general, kernel)
+
+
+@needs_compiler
 def test_the_kernel_leaves_other_layouts_to_pytorch():
     """A non-contiguous or float64 input takes the PyTorch fused path, with the same result."""
     adapter = trained_adapter()

@@ -77,14 +77,14 @@ def augment_model(model: nn.Module, config: ExpertConfig) -> nn.Module:
         if torch.compiler.is_compiling():  # host-side checks; a compiled pass takes the general path (adapter.py)
             return
         shape = pass_shape(args, kwargs)
-        for adapter in layer_adapters:
-            adapter.pass_kernel = adapter.kernel_for_pass(shape)
+        for adapter in layer_adapters:  # (object.__setattr__: nn.Module's costs more than the rest of the loop)
+            object.__setattr__(adapter, "pass_kernel", adapter.kernel_for_pass(shape))
 
     def close_pass(module, args, output):  # always called, also when the pass raised
         for adapter in layer_adapters:
             if adapter.pass_kernel is not None:
                 adapter.pass_kernel.prepare(None)
-            adapter.pass_kernel = None
+                object.__setattr__(adapter, "pass_kernel", None)
 
     hooks = [model.register_forward_pre_hook(remember_mask, with_kwargs=True)]
     if any(adapter.router.sequence_level for adapter in layer_adapters):  # only these pay for the prefix state

@@ -176,7 +176,7 @@ class MoEAdapter(nn.Module):
         self.drop_router_losses()
         kernel = self.inference_plan.kernel
         if kernel is not None:
-            kernel.prepare(shape)
+            kernel.prepare(shape, self._modules["experts"].frozen_projections())
         return kernel
 
     def drop_router_losses(self) -> None:

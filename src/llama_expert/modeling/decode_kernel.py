@@ -199,6 +199,7 @@ class DecodeKernel:
         self.prefix = PrefixStruct()
         self.prefix_pointer = ctypes.byref(self.prefix)
         self.prepared: Optional[Tuple[Tuple[int, int], PrefixSums]] = None  # (batch, length), the pass's sums
+        self.frozen = None  # a layer bank's frozen projections for this pass (``ExpertBank.frozen_projections``)
 
     def accepts(self, hidden: torch.Tensor, base: torch.Tensor) -> bool:
         return (self.accepts_hidden(hidden) and hidden.dtype is base.dtype and hidden.shape == base.shape
@@ -222,11 +223,12 @@ class DecodeKernel:
             sums.state.write(self.sequences[1], *sums.after)  # as the general path leaves them for the next pass
         return result
 
-    def prepare(self, shape: Optional[Tuple[int, int]]) -> None:
+    def prepare(self, shape: Optional[Tuple[int, int]], frozen=None) -> None:
         """Set up the prefix sums of a model pass over ``shape`` = (batch, new tokens) before it starts, for every
         layer in one loop (``MoEAdapter.kernel_for_pass``): done per layer, right after the MLP has streamed its
-        weights through the caches, the same Python costs several times more. None: each call sets up its own."""
-        self.prepared = None
+        weights through the caches, the same Python costs several times more. None: each call sets up its own.
+        ``frozen``: a layer bank's frozen projections, looked up once for the pass for the same reason."""
+        self.prepared, self.frozen = None, frozen
         if self.sequences is not None and shape is not None:
             context = self.sequences[0]
             mask = context.for_shape(*shape, torch.device("cpu")) if context is not None else None
@@ -269,9 +271,13 @@ class LayerKernel(DecodeKernel):
     (float32, ``hidden``'s shape). The bank's form names ``<bank>_layer``; ``alpha`` is ``alpha_l``."""
 
     ENTRY, PART = "layer_add", "layer"
+    buffer: Optional[torch.Tensor] = None
 
     def __call__(self, hidden: torch.Tensor, u: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        down = torch.empty(hidden.shape, dtype=torch.float32)
+        """The output beside ``W2`` in a buffer this kernel reuses: read it before the next call."""
+        down = self.buffer
+        if down is None or down.shape != hidden.shape:
+            down = self.buffer = torch.empty(hidden.shape, dtype=torch.float32)
         if self.run(hidden, u.data_ptr(), v.data_ptr(), m.data_ptr(), down.data_ptr()):
             raise MemoryError(f"the decode kernel could not allocate {3 * u.shape[-1] * 4} bytes of working memory")
         return down

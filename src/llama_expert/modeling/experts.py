@@ -66,6 +66,11 @@ class ExpertBank(nn.Module):
         for a bank that ``computes_mlp``; None where the kernel does not take these tensors."""
         raise NotImplementedError
 
+    def frozen_projections(self):
+        """For a bank that ``computes_mlp``: what ``kernel_layer_output`` needs of the frozen MLP, looked up once per
+        model pass (``MoEAdapter.kernel_for_pass``); None otherwise."""
+        return None
+
     def select_experts(self, index: torch.Tensor) -> List[Transfer]:
         """New expert j is old expert ``index[j]`` (a subset keeps, a repeat copies); shared tensors stay."""
         transfers = select_rows(self, self.per_expert_parameters, index)
@@ -379,10 +384,25 @@ class MixLoRAExperts(ExpertBank):
         """``layer_output`` through the compiled kernel (decode, eval): the frozen projections here, as the MLP runs
         them, the routing and the chosen experts in one C call. None where the kernel does not take these tensors
         (a 4-bit or other-dtype base: the general path runs)."""
-        mlp = self._base[0]
-        if mlp.gate_proj.weight.dtype is not hidden.dtype or not kernel.accepts_hidden(hidden):
+        frozen = kernel.frozen or self.frozen_projections()
+        if frozen is None or frozen[0][0].dtype is not hidden.dtype or not kernel.accepts_hidden(hidden):
             return None
-        u, v = mlp.gate_proj(hidden).contiguous(), mlp.up_proj(hidden).contiguous()  # (as nn.Linear gives them)
-        m = mlp.act_fn(u) * v
+        (w1, b1), (w3, b3), (w2, b2) = frozen
+        u, v = F.linear(hidden, w1, b1), F.linear(hidden, w3, b3)  # as the MLP's nn.Linear layers compute them
+        m = F.silu(u) * v  # (kernel_form checked that the MLP's activation is SiLU)
         beside = kernel(hidden, u, v, m)  # m becomes W2's input
-        return mlp.down_proj(m).float().add_(beside).to(hidden.dtype)
+        down = F.linear(m, w2, b2)
+        return down.add_(beside) if down.dtype is torch.float32 else down.float().add_(beside).to(hidden.dtype)
+
+    def frozen_projections(self):
+        """The ``(weight, bias)`` of the MLP's gate, up and down projections when each is a plain ``nn.Linear``
+        without hooks, for ``F.linear`` on the kernel path (a module call per projection costs more than the
+        adapter's C call at batch 1); None otherwise (4-bit or wrapped layers keep the general path)."""
+        parts = self._base[0]._modules  # (the dicts directly: this runs once per layer per decode step)
+        frozen = []
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = parts.get(name)
+            if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+                return None
+            frozen.append((layer._parameters["weight"], layer._parameters["bias"]))
+        return frozen

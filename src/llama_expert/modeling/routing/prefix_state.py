@@ -32,7 +32,7 @@ class PrefixState:
         return self.before.get(key)
 
     def write(self, key, total: torch.Tensor, count: torch.Tensor) -> None:
-        self.after[key] = (total.detach(), count.detach())
+        self.after[key] = (_detached(total), _detached(count))
 
     def following(self) -> "PrefixState":
         """The state the next pass of these sequences starts from."""
@@ -177,3 +177,9 @@ class PrefixMeanRouting:
 
     def inference_logits(self, projected: torch.Tensor, hidden: torch.Tensor, context) -> torch.Tensor:
         return self.logits(sequence_prefix_means(self, hidden, context)[0])
+
+
+def _detached(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its autograd history; as it is when it has none (inference: no new view per layer per
+    decode step)."""
+    return tensor.detach() if tensor.requires_grad else tensor
