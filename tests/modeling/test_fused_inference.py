@@ -336,8 +336,24 @@ def test_the_mixlora_kernel_leaves_a_hooked_or_replaced_projection_to_its_module
     hook = adapter.base_mlp.up_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     with torch.no_grad():
         hooked = adapter(hidden)
+        object.__setattr__(adapter, "pass_kernel", adapter.kernel_for_pass((2, 5)))  # as a model pass sets it
+        in_pass = adapter(hidden)
+        object.__setattr__(adapter, "pass_kernel", None)
     hook.remove()
-    assert calls and torch.equal(hooked, general)
+    assert len(calls) == 2 and torch.equal(hooked, general) and torch.equal(in_pass, general)
+    for register in (torch.nn.modules.module.register_module_forward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda module, *args: calls.append("global") if isinstance(module, torch.nn.Linear) else None)
+        with torch.no_grad():
+            globally_hooked = adapter(hidden)
+        handle.remove()
+        assert calls[-1] == "global" and torch.equal(globally_hooked, general)
+    up_proj = adapter.base_mlp.up_proj
+    up_proj.forward = lambda x: torch.nn.functional.linear(x, up_proj.weight) * 2  # as Accelerate's hooks set it
+    with torch.no_grad():
+        assert torch.equal(adapter(hidden), general_and_fused(adapter, hidden)[0])
+        assert not torch.allclose(adapter(hidden), general)
+    del up_proj.forward
 
     class Doubled(torch.nn.Linear):  # a wrapped projection: its own forward must run
         def forward(self, x):

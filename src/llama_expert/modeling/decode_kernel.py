@@ -271,13 +271,9 @@ class LayerKernel(DecodeKernel):
     (float32, ``hidden``'s shape). The bank's form names ``<bank>_layer``; ``alpha`` is ``alpha_l``."""
 
     ENTRY, PART = "layer_add", "layer"
-    buffer: Optional[torch.Tensor] = None
 
     def __call__(self, hidden: torch.Tensor, u: torch.Tensor, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """The output beside ``W2`` in a buffer this kernel reuses: read it before the next call."""
-        down = self.buffer
-        if down is None or down.shape != hidden.shape:
-            down = self.buffer = torch.empty(hidden.shape, dtype=torch.float32)
+        down = torch.empty(hidden.shape, dtype=torch.float32)
         if self.run(hidden, u.data_ptr(), v.data_ptr(), m.data_ptr(), down.data_ptr()):
             raise MemoryError(f"the decode kernel could not allocate {3 * u.shape[-1] * 4} bytes of working memory")
         return down

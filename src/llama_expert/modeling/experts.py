@@ -253,6 +253,13 @@ class SharedDownExperts(ExpertBank):
             "input_rows": self.down, "up": self.up.detach() * (self.lora_scaling * residual_scale)}
 
 
+def global_forward_hooks() -> bool:
+    """Whether forward hooks registered for every module (``nn.modules.module.register_module_forward_hook`` and its
+    pre-hook) are set: a path that skips module calls must not skip them."""
+    module = nn.modules.module
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
+
+
 def computes_silu(activation) -> bool:
     """Whether the MLP's activation is SiLU, asked of its values (Transformers' ``SiLUActivation`` is not an
     ``nn.SiLU``, and this package does not import Transformers below ``integration``)."""
@@ -395,14 +402,19 @@ class MixLoRAExperts(ExpertBank):
         return down.add_(beside) if down.dtype is torch.float32 else down.float().add_(beside).to(hidden.dtype)
 
     def frozen_projections(self):
-        """The ``(weight, bias)`` of the MLP's gate, up and down projections when each is a plain ``nn.Linear``
-        without hooks, for ``F.linear`` on the kernel path (a module call per projection costs more than the
-        adapter's C call at batch 1); None otherwise (4-bit or wrapped layers keep the general path)."""
+        """The ``(weight, bias)`` of the MLP's gate, up and down projections when calling each would be exactly
+        ``F.linear`` on CPU weights, for the kernel path (a module call per projection costs more than the adapter's
+        C call at batch 1); None otherwise, and the general path calls them: a 4-bit or wrapped layer, a forward hook
+        (the module's or a global one), a ``forward`` replaced on the instance (Accelerate's offloading hooks) or
+        weights elsewhere (``meta`` when offloaded)."""
+        if global_forward_hooks():
+            return None
         parts = self._base[0]._modules  # (the dicts directly: this runs once per layer per decode step)
         frozen = []
         for name in ("gate_proj", "up_proj", "down_proj"):
             layer = parts.get(name)
-            if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+            if (type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks
+                    or "forward" in layer.__dict__ or not layer._parameters["weight"].is_cpu):
                 return None
             frozen.append((layer._parameters["weight"], layer._parameters["bias"]))
         return frozen
