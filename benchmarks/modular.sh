@@ -2,7 +2,7 @@
 # The modular-experts table from a clean checkout: branches trained apart (JOBS=N at a time), mixed by prototype,
 # against LoRA trained on the mix; every row measured by `llama-expert benchmark`. See benchmarks/modular.py.
 # Then the rows repeated over seeds (MORE_SEEDS, default "2 3"; empty: one seed), each seed in OUT-seedN, and their
-# mean ± std over every seed.
+# mean ± std over every seed; last, every mix's route = domain after the first 32 tokens of each window.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-runs/modular}"
@@ -16,3 +16,12 @@ for seed in ${MORE_SEEDS-2 3}; do
   folders+=("$OUT-seed$seed")
 done
 python benchmarks/modular.py seeds "${folders[@]}" | tee "$OUT/seeds.md"
+# route = domain after the first 32 tokens of each window (the table's column counts every token: a lower bound)
+mixes=()
+for folder in "${folders[@]}"; do
+  for name in mixed mixed-null mixed-calibrated mixed-null-calibrated loras-mixed loras-mixed-null \
+      loras-mixed-calibrated loras-mixed-null-calibrated; do
+    mixes+=("$folder/$name")
+  done
+done
+python benchmarks/route_after_prefix.py "${mixes[@]}" | tee "$OUT/route_after_prefix.md"
