@@ -21,6 +21,7 @@ must not move:
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows lora-library   # ... the LoRA library's
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows peft-routers   # ... PEFT's routers
     python benchmarks/modular.py seeds runs/modular runs/modular-seed2 ...          # those rows, mean ± std
+    python benchmarks/modular.py mixes runs/modular runs/modular-seed2 ...          # every mix's folder, one a line
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
 
 Environment: DATA (../shared/data), OUT (runs/modular), STEPS (100), CALIBRATION_STEPS (STEPS / 2), LR (3e-3),
@@ -377,8 +378,8 @@ def main(argv) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "table", "seeds"])
-    parser.add_argument("folders", nargs="*", help="seeds: one OUT folder a seed")
+    parser.add_argument("command", choices=["run", "table", "seeds", "mixes"])
+    parser.add_argument("folders", nargs="*", help="seeds, mixes: one OUT folder a seed")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")), help="trainings at a time")
     parser.add_argument("--rows", choices=list(ROWS), default="all", help="run: every row, only the rows repeated over "
                         "seeds (another SEED, its own OUT), only the per-domain LoRAs and their mixes, or only PEFT's "
@@ -388,6 +389,8 @@ def main(argv) -> None:
         run(args.jobs, args.rows)
     elif args.command == "table":
         table()
+    elif args.command == "mixes":  # for benchmarks/route_after_prefix.py (modular.sh)
+        print("\n".join(str(Path(folder) / name) for folder in args.folders for name in [*MIXES, *LORA_MIXES]))
     else:
         seeds_table(args.folders)
 

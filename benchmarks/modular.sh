@@ -17,11 +17,5 @@ for seed in ${MORE_SEEDS-2 3}; do
 done
 python benchmarks/modular.py seeds "${folders[@]}" | tee "$OUT/seeds.md"
 # route = domain after the first 32 tokens of each window (the table's column counts every token: a lower bound)
-mixes=()
-for folder in "${folders[@]}"; do
-  for name in mixed mixed-null mixed-calibrated mixed-null-calibrated loras-mixed loras-mixed-null \
-      loras-mixed-calibrated loras-mixed-null-calibrated; do
-    mixes+=("$folder/$name")
-  done
-done
+mapfile -t mixes < <(python benchmarks/modular.py mixes "${folders[@]}")
 python benchmarks/route_after_prefix.py "${mixes[@]}" | tee "$OUT/route_after_prefix.md"

@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
-from llama_expert.integration.adapter_files import load_adapter_weights
-from llama_expert.integration.base_models import load_base_model, load_tokenizer
+from llama_expert import load_augmented_model
+from llama_expert.integration.base_models import load_tokenizer
 from llama_expert.metrics.routing import token_routing
 
 from common import DOMAIN_TRAIN, TEST, command, machine, today
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"| adapter | domain | first {args.skip} tokens | after them |")
     print("|---|---|---:|---:|")
     for path in args.adapters:
-        model = load_adapter_weights(load_base_model(args.model, dtype=torch.bfloat16), path).eval()
+        model = load_augmented_model(args.model, path, dtype=torch.bfloat16)[0].eval()
         bench = ExpertModelBenchmark(model, tokenizer, dataset=TEST, seq_len=512, max_tokens=args.test_tokens,
                                      progress=False)
         found = shares(model, bench, args.skip)

@@ -75,3 +75,12 @@ def test_the_seeds_table_gives_each_domains_change_when_a_fourth_skill_joins(tmp
     rows = _seeds_table(tmp_path / "1", tmp_path / "2")
     assert rows["loras-mixed-calibrated + lora-docs"] == ["2", "0.000 ± 1.414%", "0.000 ± 0.000%", "0.500 ± 0.000%"]
     assert "mixed + branch-docs" not in rows  # no seed has that row
+
+
+def test_mixes_lists_every_mix_folder_of_every_seed_for_route_after_prefix():
+    """modular.sh hands these to benchmarks/route_after_prefix.py: the branch and LoRA-library mixes, each seed."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "modular.py"), "mixes", "runs/a", "runs/b"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    names = ["mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated"]
+    names += [f"loras-{name}" for name in names]
+    assert out == [f"runs/{seed}/{name}" for seed in "ab" for name in names]
