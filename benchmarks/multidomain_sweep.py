@@ -9,6 +9,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
+    python benchmarks/multidomain_sweep.py retention-mix               # each prose-only run mixed with the null expert
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
@@ -260,23 +261,53 @@ def table() -> None:
           "wall-clock of each run, with the runs started together sharing the machine)")
 
 
+MIXED = "retention-mix"  # under OUT: each prose-only run mixed alone with the null expert (``retention-mix``)
+
+
+def retention_mix() -> None:
+    """Each prose-only run made the one skill of a mix with the null expert (``llama-expert mix --null-expert``:
+    zero-shot, routed by the run's own prototypes, no data) and measured by ``llama-expert benchmark`` on every
+    domain's test text as the run's own test was (same windows, tokens and dtype): text unlike the prose it was
+    trained on should go to the null expert and keep the base model's perplexity (docs/design.md section 8)."""
+    runs = sorted(path.parent for path in (OUT / "retention").glob("*-lr*/adapter_model.safetensors"))
+    if not runs:
+        sys.exit(f"no retention adapters under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
+    for run in runs:
+        mixed = OUT / MIXED / run.name
+        subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--output-dir", str(mixed), "--overwrite"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["llama-expert", "benchmark", "--adapter", str(mixed), "--dataset", TEST, "--seq-len", "512",
+                        "--max-tokens", os.environ.get("TEST_TOKENS", "4096"), "--skip-throughput", "--dtype",
+                        "bfloat16", "--no-progress", "--output-json", str(mixed.with_suffix(".json")), "--overwrite"],
+                       check=True, stdout=subprocess.DEVNULL)
+        print(f"mixed and measured: {mixed}", flush=True)
+
+
+def percent_change(after: dict, before: dict) -> dict:
+    """{domain: % change of its perplexity}, from two {domain: {"perplexity": ...}} reports."""
+    return {d: 100 * (after[d]["perplexity"] / before[d]["perplexity"] - 1) for d in after}
+
+
 def retention_table() -> None:
     """After training on prose only: each domain's test perplexity change against the base, and the mean rise
     on the domains not trained on (code, math), per configuration and learning rate (mean ± std over seeds);
-    the ratio of each mean rise to LoRA's."""
+    the ratio of each mean rise to LoRA's. A run measured by ``retention-mix`` adds a row "+ null mix": the same
+    adapter as the one skill of a mix with the null expert, against the same base figures."""
     groups = {}
     for (name, lr), runs in grouped_runs(OUT / "retention").items():
         for summary, folder in runs:
-            test = summary["test"]
-            change = {d: 100 * (test["after"]["domains"][d]["perplexity"] / test["before"]["domains"][d]["perplexity"] - 1)
-                      for d in test["after"]["domains"]}
-            groups.setdefault(f"{name}-lr{RUN_FOLDER.match(folder.name)['lr']}", []).append(change)
+            test, row = summary["test"], f"{name}-lr{RUN_FOLDER.match(folder.name)['lr']}"
+            groups.setdefault(row, []).append(percent_change(test["after"]["domains"], test["before"]["domains"]))
+            mixed = OUT / MIXED / f"{folder.name}.json"
+            if mixed.exists():
+                after = json.loads(mixed.read_text())["perplexity"]["domains"]
+                groups.setdefault(f"{row} + null mix", []).append(percent_change(after, test["before"]["domains"]))
     if not groups:
         sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     domains = list(next(iter(groups.values()))[0])
     unseen = [d for d in domains if not d.startswith("wikitext")]
     rises = {name: [sum(c[d] for d in unseen) / len(unseen) for c in changes] for name, changes in groups.items()}
-    lora = [statistics.mean(r) for name, r in rises.items() if name.startswith(BASELINE + "-")]
+    lora = [statistics.mean(r) for name, r in rises.items() if re.fullmatch(rf"{BASELINE}-lr[^ ]+", name)]
     print(f"| run (trained on prose only) | seeds | {' | '.join(domains)} | mean rise on {', '.join(unseen)} | / LoRA's |")
     print("|---|---:|" + "---:|" * (len(domains) + 2))
     for name, changes in groups.items():
@@ -285,13 +316,21 @@ def retention_table() -> None:
         print(f"| {name} | {len(changes)} | {cells} | {mean_std(rises[name], 1)}% | {ratio} |")
 
 
+def copy(source: Path, target: Path) -> None:
+    """``shutil.copy2`` that leaves a file be when it is its own target (``publish`` into OUT itself)."""
+    import shutil
+
+    if not target.exists() or not source.samefile(target):
+        shutil.copy2(source, target)
+
+
 def publish(dest: str, keep=()) -> None:
     """Copy every finished run's small result files (summary, expert usage, console log) to ``dest`` and write
     the tables there as README.md, so that the committed tables have their sources. The runs named in
-    ``keep`` (folder names, e.g. the headline runs) also keep their adapter, training log and figures."""
+    ``keep`` (folder names, e.g. the headline runs) also keep their adapter, training log and figures. With
+    OUT=dest (a published folder that got more runs) only the README is rewritten."""
     import contextlib
     import io
-    import shutil
 
     dest_path = Path(dest)
     summaries = sorted(OUT.glob("*-lr*/training_summary.json")) + sorted(
@@ -306,12 +345,15 @@ def publish(dest: str, keep=()) -> None:
                       "expert_usage.png", "allocation.png"]
         for name in names:
             if (run / name).exists():
-                shutil.copy2(run / name, target / name)
+                copy(run / name, target / name)
         if run.with_suffix(".log").exists():
-            shutil.copy2(run.with_suffix(".log"), target.with_suffix(".log"))
+            copy(run.with_suffix(".log"), target.with_suffix(".log"))
+    for report in sorted((OUT / MIXED).glob("*.json")):  # retention-mix's benchmark reports
+        (dest_path / MIXED).mkdir(parents=True, exist_ok=True)
+        copy(report, dest_path / MIXED / report.name)
     for name in ("machine.txt", "retention/machine.txt"):
         if (OUT / name).exists():
-            shutil.copy2(OUT / name, dest_path / name)
+            copy(OUT / name, dest_path / name)
     first = json.loads(summaries[0].read_text())
     arguments, settings = first["training_arguments"], first["settings"]
     text = io.StringIO()
@@ -334,7 +376,8 @@ def main(argv) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["budget", "run", "table", "retention", "retention-table", "publish"])
+    parser.add_argument("command", choices=["budget", "run", "table", "retention", "retention-mix", "retention-table",
+                                            "publish"])
     parser.add_argument("items", nargs="*", help="NAME:LR[:SEED] for run and retention; a folder for publish")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (run, retention)")
     parser.add_argument("--deadline", type=float, default=math.inf, help="start no run after this many seconds")
@@ -348,7 +391,8 @@ def main(argv) -> None:
     elif args.command == "publish":
         publish(args.items[0] if args.items else "docs/results/multidomain-sweep", keep=args.keep.split(","))
     else:
-        {"budget": budget, "table": table, "retention-table": retention_table}[args.command]()
+        {"budget": budget, "table": table, "retention-mix": retention_mix,
+         "retention-table": retention_table}[args.command]()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""benchmarks/multidomain_sweep.py's retention table computes what it prints: each domain's change against the base
+the run measured before training, the mean rise on the domains not trained on, and the ratio to LoRA's rise, with
+a "+ null mix" row for a run that `retention-mix` measured, against the same base and the same LoRA."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"math": 4.0, "code": 5.0, "wikitext-2-raw": 20.0}
+
+
+def _domains(values: dict) -> dict:
+    return {d: {"perplexity": v} for d, v in values.items()}
+
+
+def _test(values: dict) -> dict:
+    """A test report as `train` writes it: each domain's perplexity and their mean (exp of the mean log)."""
+    return {"domains": _domains(values), "perplexity": math.exp(sum(map(math.log, values.values())) / len(values))}
+
+
+def _retention_run(out: Path, folder: str, after: dict) -> Path:
+    """A prose-only run's training summary as `train` writes it: the test text before and after training."""
+    run = out / "retention" / folder
+    run.mkdir(parents=True)
+    (run / "training_summary.json").write_text(json.dumps(
+        {"test": {"before": _test(BASE), "after": _test(after)}}))
+    return run
+
+
+def _retention_table(out: Path) -> dict:
+    printed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multidomain_sweep.py"), "retention-table"],
+                             capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ, "OUT": str(out)}).stdout
+    lines = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines)}
+
+
+def test_the_retention_table_puts_a_null_mix_beside_its_run_against_the_same_base(tmp_path):
+    _retention_run(tmp_path, "lora-lr3e-3-seed1", {"math": 6.0, "code": 6.0, "wikitext-2-raw": 12.0})
+    _retention_run(tmp_path, "lora-2x-lr3e-3-seed1", {"math": 4.4, "code": 5.5, "wikitext-2-raw": 11.0})
+    (tmp_path / "retention-mix").mkdir()
+    (tmp_path / "retention-mix" / "lora-lr3e-3-seed1.json").write_text(json.dumps(
+        {"perplexity": {"domains": _domains({"math": 4.2, "code": 5.0, "wikitext-2-raw": 13.0})}}))
+    rows = _retention_table(tmp_path)
+    assert rows["lora-lr3e-3"] == ["1", "50.0%", "20.0%", "-40.0%", "35.0%", "1.00"]  # math 4 -> 6, code 5 -> 6
+    assert rows["lora-lr3e-3 + null mix"] == ["1", "5.0%", "0.0%", "-35.0%", "2.5%", "0.07"]  # 2.5 / 35
+    assert rows["lora-2x-lr3e-3"][-1] == "0.29"  # (10% + 10%) / 2 against LoRA's 35%, not taken as the baseline
+
+
+def test_publishing_a_published_folder_into_itself_rewrites_only_its_readme(tmp_path):
+    """A published folder that got more runs is its own OUT: `publish` into it must not fail on copying a file
+    onto itself, and its README gets the new rows."""
+    run = _retention_run(tmp_path, "lora-lr3e-3-seed1", {"math": 6.0, "code": 6.0, "wikitext-2-raw": 12.0})
+    summary = json.loads((run / "training_summary.json").read_text())
+    summary.update(training_arguments={"max_steps": 100, "batch_size": 4, "seq_len": 256},
+                   settings={"dtype": "bfloat16", "test_max_tokens": 4096, "test_seq_len": 512},
+                   initial_validation={"perplexity": 17.0}, final_validation={"perplexity": 12.0},
+                   trainable_parameters=760320, tokens=102400, seconds=1000.0)
+    (tmp_path / "lora-lr3e-3-seed1").mkdir()
+    (tmp_path / "lora-lr3e-3-seed1" / "training_summary.json").write_text(json.dumps(summary))
+    (tmp_path / "lora-lr3e-3-seed1.log").write_text("log\n")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multidomain_sweep.py"), "publish", str(tmp_path)],
+                   check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)})
+    readme = (tmp_path / "README.md").read_text()
+    assert "| lora | 0.003 | 1 | 760,320 | 12.000 |" in readme
+    assert "| lora-lr3e-3 | 1 | 50.0% | 20.0% | -40.0% | 35.0% | 1.00 |" in readme
+    assert (tmp_path / "lora-lr3e-3-seed1.log").read_text() == "log\n"
