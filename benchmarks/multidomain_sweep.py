@@ -9,7 +9,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
-    python benchmarks/multidomain_sweep.py retention-mix               # each prose-only run mixed with the null expert
+    python benchmarks/multidomain_sweep.py retention-mix [--null-distance 4]   # each prose-only run + the null expert
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
@@ -264,18 +264,19 @@ def table() -> None:
 MIXED = "retention-mix"  # under OUT: each prose-only run mixed alone with the null expert (``retention-mix``)
 
 
-def retention_mix() -> None:
-    """Each prose-only run made the one skill of a mix with the null expert (``llama-expert mix --null-expert``:
-    zero-shot, routed by the run's own prototypes, no data) and measured by ``llama-expert benchmark`` on every
-    domain's test text as the run's own test was (same windows, tokens and dtype): text unlike the prose it was
-    trained on should go to the null expert and keep the base model's perplexity (docs/design.md section 8)."""
+def retention_mix(null_distance: float) -> None:
+    """Each prose-only run made the one skill of a mix with the null expert (``llama-expert mix --null-expert
+    --null-distance D``: zero-shot, routed by the run's own prototypes, no data) and measured by ``llama-expert
+    benchmark`` on every domain's test text as the run's own test was (same windows, tokens and dtype): text unlike
+    the prose it was trained on should go to the null expert and keep the base model's perplexity (docs/design.md
+    section 8). Written to OUT/retention-mix/<run>-null<D>[.json]."""
     runs = sorted(path.parent for path in (OUT / "retention").glob("*-lr*/adapter_model.safetensors"))
     if not runs:
         sys.exit(f"no retention adapters under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     for run in runs:
-        mixed = OUT / MIXED / run.name
-        subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--output-dir", str(mixed), "--overwrite"],
-                       check=True, stdout=subprocess.DEVNULL)
+        mixed = OUT / MIXED / f"{run.name}-null{null_distance:g}"
+        subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--null-distance", str(null_distance),
+                        "--output-dir", str(mixed), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["llama-expert", "benchmark", "--adapter", str(mixed), "--dataset", TEST, "--seq-len", "512",
                         "--max-tokens", os.environ.get("TEST_TOKENS", "4096"), "--skip-throughput", "--dtype",
                         "bfloat16", "--no-progress", "--output-json", str(mixed.with_suffix(".json")), "--overwrite"],
@@ -291,17 +292,17 @@ def percent_change(after: dict, before: dict) -> dict:
 def retention_table() -> None:
     """After training on prose only: each domain's test perplexity change against the base, and the mean rise
     on the domains not trained on (code, math), per configuration and learning rate (mean ± std over seeds);
-    the ratio of each mean rise to LoRA's. A run measured by ``retention-mix`` adds a row "+ null mix": the same
-    adapter as the one skill of a mix with the null expert, against the same base figures."""
+    the ratio of each mean rise to LoRA's. A run measured by ``retention-mix`` adds a row "+ null D" per null
+    distance D: the same adapter as the one skill of a mix with the null expert, against the same base figures."""
     groups = {}
     for (name, lr), runs in grouped_runs(OUT / "retention").items():
         for summary, folder in runs:
             test, row = summary["test"], f"{name}-lr{RUN_FOLDER.match(folder.name)['lr']}"
             groups.setdefault(row, []).append(percent_change(test["after"]["domains"], test["before"]["domains"]))
-            mixed = OUT / MIXED / f"{folder.name}.json"
-            if mixed.exists():
+            for mixed in sorted((OUT / MIXED).glob(f"{folder.name}-null*.json")):
                 after = json.loads(mixed.read_text())["perplexity"]["domains"]
-                groups.setdefault(f"{row} + null mix", []).append(percent_change(after, test["before"]["domains"]))
+                distance = mixed.stem.rsplit("-null", 1)[1]
+                groups.setdefault(f"{row} + null {distance}", []).append(percent_change(after, test["before"]["domains"]))
     if not groups:
         sys.exit(f"no retention runs under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     domains = list(next(iter(groups.values()))[0])
@@ -382,6 +383,7 @@ def main(argv) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (run, retention)")
     parser.add_argument("--deadline", type=float, default=math.inf, help="start no run after this many seconds")
     parser.add_argument("--keep", default="", help="publish: comma-separated runs that keep adapter and figures")
+    parser.add_argument("--null-distance", type=float, default=4.0, help="retention-mix: `mix --null-distance`")
     args = parser.parse_intermixed_args(argv)
     if args.command in ("run", "retention"):
         if not args.items:
@@ -391,7 +393,7 @@ def main(argv) -> None:
     elif args.command == "publish":
         publish(args.items[0] if args.items else "docs/results/multidomain-sweep", keep=args.keep.split(","))
     else:
-        {"budget": budget, "table": table, "retention-mix": retention_mix,
+        {"budget": budget, "table": table, "retention-mix": lambda: retention_mix(args.null_distance),
          "retention-table": retention_table}[args.command]()
 
 

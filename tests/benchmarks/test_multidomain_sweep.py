@@ -1,6 +1,7 @@
 """benchmarks/multidomain_sweep.py's retention table computes what it prints: each domain's change against the base
 the run measured before training, the mean rise on the domains not trained on, and the ratio to LoRA's rise, with
-a "+ null mix" row for a run that `retention-mix` measured, against the same base and the same LoRA."""
+a "+ null D" row for each null distance D at which `retention-mix` measured a run, against the same base and the
+same LoRA."""
 
 import json
 import math
@@ -43,11 +44,14 @@ def test_the_retention_table_puts_a_null_mix_beside_its_run_against_the_same_bas
     _retention_run(tmp_path, "lora-lr3e-3-seed1", {"math": 6.0, "code": 6.0, "wikitext-2-raw": 12.0})
     _retention_run(tmp_path, "lora-2x-lr3e-3-seed1", {"math": 4.4, "code": 5.5, "wikitext-2-raw": 11.0})
     (tmp_path / "retention-mix").mkdir()
-    (tmp_path / "retention-mix" / "lora-lr3e-3-seed1.json").write_text(json.dumps(
-        {"perplexity": {"domains": _domains({"math": 4.2, "code": 5.0, "wikitext-2-raw": 13.0})}}))
+    for distance, after in (("4", {"math": 4.2, "code": 5.0, "wikitext-2-raw": 13.0}),
+                            ("2.5", {"math": 4.0, "code": 5.0, "wikitext-2-raw": 16.0})):
+        (tmp_path / "retention-mix" / f"lora-lr3e-3-seed1-null{distance}.json").write_text(json.dumps(
+            {"perplexity": {"domains": _domains(after)}}))
     rows = _retention_table(tmp_path)
     assert rows["lora-lr3e-3"] == ["1", "50.0%", "20.0%", "-40.0%", "35.0%", "1.00"]  # math 4 -> 6, code 5 -> 6
-    assert rows["lora-lr3e-3 + null mix"] == ["1", "5.0%", "0.0%", "-35.0%", "2.5%", "0.07"]  # 2.5 / 35
+    assert rows["lora-lr3e-3 + null 4"] == ["1", "5.0%", "0.0%", "-35.0%", "2.5%", "0.07"]  # 2.5 / 35
+    assert rows["lora-lr3e-3 + null 2.5"] == ["1", "0.0%", "0.0%", "-20.0%", "0.0%", "0.00"]
     assert rows["lora-2x-lr3e-3"][-1] == "0.29"  # (10% + 10%) / 2 against LoRA's 35%, not taken as the baseline
 
 

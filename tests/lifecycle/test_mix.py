@@ -118,13 +118,30 @@ def test_the_null_expert_keeps_the_base_for_text_unlike_every_branch(tiny_model,
     torch.testing.assert_close(_logits(mixed, ids), _logits(tiny_model, ids), rtol=0, atol=0)
 
 
+def test_one_skill_and_the_null_expert_make_a_mix_the_skill_for_its_text_and_the_base_for_the_rest(tiny_model,
+                                                                                                  tmp_path):
+    """`mix A --null-expert`: a skill trained alone, beside the base's own behaviour for text unlike its own (how a
+    skill keeps what the base knew). Routed to the skill it computes the branch; routed to the null, the base."""
+    branch = _branch(tiny_model, tmp_path / "a", 0)
+    mixed = _mixed(tiny_model, [tmp_path / "a"], null_expert=True)
+    assert [(a.num_experts, a.router.num_experts) for _, a in adapters(mixed)] == [(1, 2)] * 4  # skill, + the null
+    ids = _text(0, rows=2, seed=5)
+    near, far = copy.deepcopy(mixed), copy.deepcopy(mixed)
+    with torch.no_grad():
+        for (_, close), (_, away) in zip(adapters(near), adapters(far)):
+            close.router.null_distance.fill_(1e9)  # the null never wins
+            away.router.weight += 1e3  # the skill's prototype far from any text: the null wins
+    torch.testing.assert_close(_logits(near, ids), _logits(branch, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(far, ids), _logits(tiny_model, ids), rtol=0, atol=0)
+
+
 def test_the_mix_command_writes_an_adapter_that_loads(tiny_model, tiny_folder, tmp_path, capsys):
     for domain in (0, 1):
         _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
     out = tmp_path / "mixed"
     assert main(["mix", str(tmp_path / "0"), str(tmp_path / "1"), "--output-dir", str(out),
                  "--model", str(tiny_folder)]) == 0
-    assert "mixed 2 adapters" in capsys.readouterr().out
+    assert "mixed 2 adapter(s)" in capsys.readouterr().out
     model, config = load_augmented_model(str(tiny_folder), adapter_path=out)
     assert config.router_type == "prototype" and [a.num_experts for _, a in adapters(model)] == [2] * 4
     assert (out / "mix_report.json").is_file()
@@ -145,7 +162,7 @@ def test_what_is_not_a_branch_is_refused_with_the_reason(tiny_model, tiny_folder
         run_mix(MixArguments(adapters=[str(tmp_path / n) for n in names], output_dir=str(tmp_path / "out"),
                              model=str(tiny_folder), **kw))
 
-    with pytest.raises(ConfigError, match="at least two"):
+    with pytest.raises(ConfigError, match="at least two branch adapters, or one with --null-expert"):
         mix("a")
     with pytest.raises(ConfigError, match="same adapter twice"):
         mix("a", "a")

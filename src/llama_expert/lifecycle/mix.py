@@ -66,9 +66,9 @@ class MixArguments(AdapterCommandArguments):
                                          "from its training split, in windows of 256)")
 
     def validate(self) -> None:
-        if len(self.adapters) < 2:
-            raise ConfigError(f"mix needs at least two branch adapters, got {len(self.adapters)}: "
-                              f"llama-expert mix A B [C ...] --output-dir M.")
+        if len(self.adapters) < 2 - int(self.null_expert):  # one skill beside the base's own behaviour is a mix too
+            raise ConfigError(f"mix needs at least two branch adapters, or one with --null-expert, got "
+                              f"{len(self.adapters)}: llama-expert mix A B [C ...] --output-dir M.")
         if not self.output_dir:
             raise ConfigError("mix needs --output-dir DIR: where to write the mixed adapter.")
         if len(set(self.adapters)) != len(self.adapters):
@@ -319,5 +319,7 @@ def run_mix(args: MixArguments) -> Path:
                   "experts": [b.name for b in branches],  # what `serve`'s routing page calls each expert
                   "prototype_data": args.prototype_sources() if args.prototype_data else None}
         write_outputs(output, MIX_REPORT, report, lambda staging: save_adapter(model, staging, base))
-    print(f"mixed {len(args.adapters)} adapters into {output}: {len(branches)} experts a layer, in the order given")
+    null = " and the null expert" if args.null_expert else ""
+    print(f"mixed {len(args.adapters)} adapter(s) into {output}: {len(branches)} expert(s) a layer, in the order "
+          f"given{null}")
     return output
