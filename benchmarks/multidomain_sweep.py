@@ -275,11 +275,15 @@ def retention_mix(null_distance: float) -> None:
         sys.exit(f"no retention adapters under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     for run in runs:
         mixed = OUT / MIXED / f"{run.name}-null{null_distance:g}"
+        report, weights = mixed.with_suffix(".json"), run / "adapter_model.safetensors"
+        if report.exists() and report.stat().st_mtime > weights.stat().st_mtime:
+            print(f"up to date: {report}", flush=True)  # measured after the run's adapter was written
+            continue
         subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--null-distance", str(null_distance),
                         "--output-dir", str(mixed), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
         subprocess.run(["llama-expert", "benchmark", "--adapter", str(mixed), "--dataset", TEST, "--seq-len", "512",
                         "--max-tokens", os.environ.get("TEST_TOKENS", "4096"), "--skip-throughput", "--dtype",
-                        "bfloat16", "--no-progress", "--output-json", str(mixed.with_suffix(".json")), "--overwrite"],
+                        "bfloat16", "--no-progress", "--output-json", str(report), "--overwrite"],
                        check=True, stdout=subprocess.DEVNULL)
         print(f"mixed and measured: {mixed}", flush=True)
 
