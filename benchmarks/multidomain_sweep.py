@@ -267,25 +267,45 @@ MIXED = "retention-mix"  # under OUT: each prose-only run mixed alone with the n
 def retention_mix(null_distance: float) -> None:
     """Each prose-only run made the one skill of a mix with the null expert (``llama-expert mix --null-expert
     --null-distance D``: zero-shot, routed by the run's own prototypes, no data) and measured by ``llama-expert
-    benchmark`` on every domain's test text as the run's own test was (same windows, tokens and dtype): text unlike
+    benchmark`` on every domain's test text as the run's own test was (its windows, tokens and dtype): text unlike
     the prose it was trained on should go to the null expert and keep the base model's perplexity (docs/design.md
-    section 8). Written to OUT/retention-mix/<run>-null<D>[.json]."""
+    section 8). Written to ``mixed_paths``; a run ``mix`` cannot take (an MoE adapter of
+    several experts: only LoRAs and one-expert branches mix) is skipped with its reason."""
     runs = sorted(path.parent for path in (OUT / "retention").glob("*-lr*/adapter_model.safetensors"))
     if not runs:
         sys.exit(f"no retention adapters under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     for run in runs:
-        mixed = OUT / MIXED / f"{run.name}-null{null_distance:g}"
-        report, weights = mixed.with_suffix(".json"), run / "adapter_model.safetensors"
-        if report.exists() and report.stat().st_mtime > weights.stat().st_mtime:
+        mixed, report = mixed_paths(run.name, null_distance)
+        if report.exists() and report.stat().st_mtime > (run / "adapter_model.safetensors").stat().st_mtime:
             print(f"up to date: {report}", flush=True)  # measured after the run's adapter was written
-            continue
-        subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--null-distance", str(null_distance),
-                        "--output-dir", str(mixed), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["llama-expert", "benchmark", "--adapter", str(mixed), "--dataset", TEST, "--seq-len", "512",
-                        "--max-tokens", os.environ.get("TEST_TOKENS", "4096"), "--skip-throughput", "--dtype",
-                        "bfloat16", "--no-progress", "--output-json", str(report), "--overwrite"],
-                       check=True, stdout=subprocess.DEVNULL)
-        print(f"mixed and measured: {mixed}", flush=True)
+        elif mix_alone(run, mixed, null_distance):
+            measure_as_its_run(run, mixed, report)
+            print(f"mixed and measured: {mixed}", flush=True)
+
+
+def mixed_paths(run: str, null_distance: float):
+    """(folder, report) of run ``run`` mixed at null distance D: OUT/retention-mix/<run>-null<D>[.json]. Not
+    ``with_suffix``: D may hold a "." (2.5), which it would take for a suffix and replace."""
+    name = f"{run}-null{null_distance:g}"
+    return OUT / MIXED / name, OUT / MIXED / f"{name}.json"
+
+
+def mix_alone(run: Path, mixed: Path, null_distance: float) -> bool:
+    """``llama-expert mix RUN --null-expert`` into ``mixed``; False, with mix's one-line reason, where it refuses."""
+    made = subprocess.run(["llama-expert", "mix", str(run), "--null-expert", "--null-distance", str(null_distance),
+                           "--output-dir", str(mixed), "--overwrite"], capture_output=True, text=True)
+    if made.returncode:
+        print(f"skipped: {run.name}: {(made.stderr.strip().splitlines() or ['mix failed'])[-1]}", flush=True)
+    return made.returncode == 0
+
+
+def measure_as_its_run(run: Path, adapter: Path, report: Path) -> None:
+    """``llama-expert benchmark`` of ``adapter`` on the test text of ``run``, with its windows, tokens and dtype."""
+    settings = json.loads((run / "training_summary.json").read_text())["settings"]
+    subprocess.run(["llama-expert", "benchmark", "--adapter", str(adapter), "--dataset", settings["test_dataset"],
+                    "--seq-len", str(settings["test_seq_len"]), "--max-tokens", str(settings["test_max_tokens"]),
+                    "--skip-throughput", "--dtype", settings["dtype"], "--no-progress", "--output-json", str(report),
+                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
 
 
 def percent_change(after: dict, before: dict) -> dict:

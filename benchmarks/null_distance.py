@@ -65,14 +65,13 @@ def main() -> None:
     args = parser.parse_args()
     model, base = load_adapter(args.adapter, dtype=torch.bfloat16)
     model.eval()
-    layers = decoder_layers(model)
-    prototypes = load_prototypes(args.adapter, len(layers), layers[0].mlp.gate_proj.in_features)
+    prototypes = load_prototypes(args.adapter, len(decoder_layers(model)), model.config.hidden_size)
     bench = ExpertModelBenchmark(model, load_tokenizer(base), dataset=args.dataset, split=args.split, seq_len=512,
                                  max_tokens=args.max_tokens, progress=False)
     windows, labels = bench.windows(), bench.window_domains()
     distances = [float(d) for d in args.distances.split(",")]
     print(f"null share, {command()}, {today()}, {machine('cpu')}, bfloat16; share of (window, layer) pairs whose "
-          f"prefix mean is beyond D x the spread ({args.split} split, 512-token windows)")
+          f"prefix mean is beyond D x the spread ({args.split} split, 512-token windows)\n")
     print("| domain | prefix length | median ratio | " + " | ".join(f"null at D={d:g}" for d in distances) + " |")
     print("|---|---:|---:|" + "---:|" * len(distances))
     for domain, name in enumerate(bench.domain_names):

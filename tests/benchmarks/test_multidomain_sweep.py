@@ -3,12 +3,20 @@ the run measured before training, the mean rise on the domains not trained on, a
 a "+ null D" row for each null distance D at which `retention-mix` measured a run, against the same base and the
 same LoRA."""
 
+import copy
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from llama_expert import ExpertConfig, augment_model, save_adapter
+from llama_expert.integration.prototypes import measure_prototypes, save_prototypes
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"math": 4.0, "code": 5.0, "wikitext-2-raw": 20.0}
@@ -73,3 +81,38 @@ def test_publishing_a_published_folder_into_itself_rewrites_only_its_readme(tmp_
     assert "| lora | 0.003 | 1 | 760,320 | 12.000 |" in readme
     assert "| lora-lr3e-3 | 1 | 50.0% | 20.0% | -40.0% | 35.0% | 1.00 |" in readme
     assert (tmp_path / "lora-lr3e-3-seed1.log").read_text() == "log\n"
+
+
+@pytest.fixture
+def sweep(monkeypatch, tmp_path):
+    """benchmarks/multidomain_sweep.py as a module, its OUT in tmp_path."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("multidomain_sweep", ROOT / "benchmarks" / "multidomain_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("common", None)
+
+
+def test_a_fractional_null_distance_has_its_own_report_and_row(sweep, tmp_path):
+    """D = 2.5 and D = 2 are two files (a suffix-based name once wrote 2.5's report over 2's) and two rows."""
+    _retention_run(tmp_path, "lora-lr3e-3-seed1", {"math": 6.0, "code": 6.0, "wikitext-2-raw": 12.0})
+    reports = {d: sweep.mixed_paths("lora-lr3e-3-seed1", d)[1] for d in (2.0, 2.5)}
+    assert reports[2.0] != reports[2.5] and reports[2.5].name == "lora-lr3e-3-seed1-null2.5.json"
+    reports[2.0].parent.mkdir()
+    for d, report in reports.items():
+        report.write_text(json.dumps({"perplexity": {"domains": _domains({**BASE, "math": 4.0 * d})}}))
+    rows = _retention_table(tmp_path)
+    assert rows["lora-lr3e-3 + null 2"][1] == "100.0%" and rows["lora-lr3e-3 + null 2.5"][1] == "150.0%"
+
+
+def test_retention_mix_skips_a_run_mix_cannot_take_and_goes_on(sweep, tiny_model, tiny_folder, tmp_path, capsys):
+    """An MoE adapter of several experts is no skill `mix` takes: its reason is printed and the loop goes on."""
+    moe = augment_model(copy.deepcopy(tiny_model), ExpertConfig(num_experts=4, top_k=2, expert_allocation="uniform"))
+    folder = tmp_path / "retention" / "aux-free-lr1e-2-seed1"
+    save_adapter(moe, folder, str(tiny_folder))
+    save_prototypes(measure_prototypes(moe, torch.randint(1, 127, (2, 40))), folder)
+    assert not sweep.mix_alone(folder, tmp_path / "mixed", 3.0)
+    printed = capsys.readouterr().out
+    assert printed.startswith("skipped: aux-free-lr1e-2-seed1: ") and "is not a branch" in printed

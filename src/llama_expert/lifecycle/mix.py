@@ -319,7 +319,7 @@ def run_mix(args: MixArguments) -> Path:
                   "experts": [b.name for b in branches],  # what `serve`'s routing page calls each expert
                   "prototype_data": args.prototype_sources() if args.prototype_data else None}
         write_outputs(output, MIX_REPORT, report, lambda staging: save_adapter(model, staging, base))
-    null = " and the null expert" if args.null_expert else ""
+    null = ", then the null expert" if args.null_expert else ""
     print(f"mixed {len(args.adapters)} adapter(s) into {output}: {len(branches)} expert(s) a layer, in the order "
           f"given{null}")
     return output
