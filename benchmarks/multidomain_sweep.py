@@ -373,9 +373,10 @@ def publish(dest: str, keep=()) -> None:
                 copy(run / name, target / name)
         if run.with_suffix(".log").exists():
             copy(run.with_suffix(".log"), target.with_suffix(".log"))
-    for report in sorted((OUT / MIXED).glob("*.json")):  # retention-mix's benchmark reports
-        (dest_path / MIXED).mkdir(parents=True, exist_ok=True)
-        copy(report, dest_path / MIXED / report.name)
+    for report in sorted((OUT / MIXED).glob("*.json")) + sorted((OUT / MIXED).glob("*/mix_report.json")):
+        target = dest_path / report.relative_to(OUT)  # retention-mix's benchmark reports, and what each mix was
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy(report, target)
     for name in ("machine.txt", "retention/machine.txt"):
         if (OUT / name).exists():
             copy(OUT / name, dest_path / name)
