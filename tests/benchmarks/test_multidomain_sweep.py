@@ -4,7 +4,6 @@ a "+ null D" row for each null distance D at which `retention-mix` measured a ru
 same LoRA."""
 
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -84,15 +83,10 @@ def test_publishing_a_published_folder_into_itself_rewrites_only_its_readme(tmp_
 
 
 @pytest.fixture
-def sweep(monkeypatch, tmp_path):
+def sweep(benchmark_script, monkeypatch, tmp_path):
     """benchmarks/multidomain_sweep.py as a module, its OUT in tmp_path."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setenv("OUT", str(tmp_path))
-    spec = importlib.util.spec_from_file_location("multidomain_sweep", ROOT / "benchmarks" / "multidomain_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("common", None)
+    return benchmark_script("multidomain_sweep")
 
 
 def test_a_fractional_null_distance_has_its_own_report_and_row(sweep, tmp_path):

@@ -3,9 +3,6 @@ input no routing has touched yet) its ratio beyond D is exactly where `mix A --n
 routes to the null, token by token."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +13,9 @@ from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_experts
 from llama_expert.metrics.routing import token_routing
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/null_distance.py` finds common.py
-    spec = importlib.util.spec_from_file_location("null_distance", BENCHMARKS / "null_distance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("common", None)
+def script(benchmark_script):
+    return benchmark_script("null_distance")
 
 
 def test_the_first_layers_share_beyond_d_is_where_the_mix_routes_to_the_null(script, tiny_model, tmp_path):

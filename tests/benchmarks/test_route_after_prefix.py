@@ -2,10 +2,6 @@
 weighted by their tokens, must give `benchmark`'s routing health share over all tokens (counted by another path,
 `metrics.routing.measure_expert_usage`), for every domain."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -13,17 +9,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from llama_expert import ExpertConfig, augment_model
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/route_after_prefix.py` finds common.py
-    spec = importlib.util.spec_from_file_location("route_after_prefix", BENCHMARKS / "route_after_prefix.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("common", None)
+def script(benchmark_script):
+    return benchmark_script("route_after_prefix")
 
 
 def test_the_shares_before_and_after_the_skip_make_the_routing_health_share(script, trained_base, tmp_path):
