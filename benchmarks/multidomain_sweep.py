@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ARCHITECTURES, PROSE, TEST, TRAIN, machine
+from common import ARCHITECTURES, PROSE, TEST, TRAIN, llama_expert, machine
 
 OUT = Path(os.environ.get("OUT", "runs/multidomain-sweep"))
 
@@ -302,10 +302,9 @@ def mix_alone(run: Path, mixed: Path, null_distance: float) -> bool:
 def measure_as_its_run(run: Path, adapter: Path, report: Path) -> None:
     """``llama-expert benchmark`` of ``adapter`` on the test text of ``run``, with its windows, tokens and dtype."""
     settings = json.loads((run / "training_summary.json").read_text())["settings"]
-    subprocess.run(["llama-expert", "benchmark", "--adapter", str(adapter), "--dataset", settings["test_dataset"],
-                    "--seq-len", str(settings["test_seq_len"]), "--max-tokens", str(settings["test_max_tokens"]),
-                    "--skip-throughput", "--dtype", settings["dtype"], "--no-progress", "--output-json", str(report),
-                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    llama_expert("benchmark", "--adapter", str(adapter), "--dataset", settings["test_dataset"], "--seq-len",
+                 str(settings["test_seq_len"]), "--max-tokens", str(settings["test_max_tokens"]), "--skip-throughput",
+                 "--dtype", settings["dtype"], "--no-progress", "--output-json", str(report), "--overwrite", quiet=True)
 
 
 def percent_change(after: dict, before: dict) -> dict:
