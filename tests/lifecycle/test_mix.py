@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from llama_expert import ExpertConfig, augment_model, load_augmented_model, save_adapter
 from llama_expert.cli import main
 from llama_expert.errors import ConfigError
 from llama_expert.integration.adapter_files import expert_names, load_adapter_weights
-from llama_expert.integration.prototypes import Prototypes, measure_prototypes, save_prototypes
+from llama_expert.integration.prototypes import (PROTOTYPES_NAME, Prototypes, load_prototypes, measure_prototypes,
+                                                 save_prototypes)
 from llama_expert.integration.surgery import adapters
 from llama_expert.lifecycle.mix import MixArguments, mix_branches, read_experts, run_mix
 
@@ -186,6 +188,26 @@ def test_a_branch_loads_as_it_was_saved(tiny_model, tmp_path):
     load_adapter_weights(base, tmp_path / "a")  # and can carry an adapter again
 
 
+def test_the_null_threshold_is_d_times_the_largest_branch_spread_at_each_prefix_length(tiny_model, tmp_path):
+    """At prefix length n the null wins beyond ``D * (max_i spread_i + max_i slope_i / n)``, from each branch's
+    recorded ``spread + slope / n``; a branch whose prototypes predate the fit brings its mean spread at every
+    length."""
+    for domain in (0, 1):
+        _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
+    old = load_prototypes(tmp_path / "1", 4, 64)
+    save_file({"prototype": old.prototype, "spread": old.spread}, str(tmp_path / "1" / PROTOTYPES_NAME))  # pre-fit
+    with pytest.warns(UserWarning, match="predate the spread by prefix length.*--prototype-data"):
+        mixed = _mixed(tiny_model, [tmp_path / "0", tmp_path / "1"], null_expert=True, null_distance=2.5)
+    floors, slopes = zip(*(load_prototypes(tmp_path / str(d), 4, 64).by_length() for d in (0, 1)))
+    assert bool((floors[0] != old.spread).any()) and bool((slopes[0] > 0).any()) and not bool(slopes[1].any())
+    for layer, (_, adapter) in enumerate(adapters(mixed)):
+        router = adapter.router
+        assert router.spread.tolist() == [floors[0][layer].item(), floors[1][layer].item()]
+        assert router.spread_slope.tolist() == [slopes[0][layer].item(), 0.0]
+        assert router.null_distance.item() == pytest.approx(2.5 * max(f[layer].item() for f in floors))
+        assert router.null_slope.item() == pytest.approx(2.5 * slopes[0][layer].item())
+
+
 def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny_model, tiny_folder, tmp_path):
     for name, domain, seed in (("a", 0, 0), ("b", 1, 1), ("c", 0, 2)):
         _branch(tiny_model, tmp_path / name, domain, rank=2 + seed, seed=seed)
@@ -202,9 +224,11 @@ def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny
         assert torch.equal(new.experts.up[:2, :rank], old.experts.up)
         assert torch.equal(new.router.weight[:2], old.router.weight)
         assert torch.equal(new.router.spread[:2], old.router.spread)
+        assert torch.equal(new.router.spread_slope[:2], old.router.spread_slope)
         torch.testing.assert_close(new.experts.up, direct.experts.up)  # and the same mix as all three at once
         assert torch.equal(new.router.weight, direct.router.weight)
         assert torch.equal(new.router.null_distance, direct.router.null_distance)
+        assert torch.equal(new.router.null_slope, direct.router.null_slope)
     ids = _text(1, seed=4)
     torch.testing.assert_close(_logits(added.eval(), ids), _logits(abc.eval(), ids), rtol=1e-5, atol=1e-5)
     for output in ("ab", "ab+c", "abc"):  # each expert named after its branch (what `serve`'s page shows)

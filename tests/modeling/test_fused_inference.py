@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from llama_expert import ExpertConfig
+from llama_expert.integration.prototypes import fit_by_length
 from llama_expert.modeling.decode_kernel import LayerKernel, build_kernel
 from llama_expert.modeling.adapter import MoEAdapter
 from llama_expert.modeling.experts import MixLoRAExperts
 from llama_expert.modeling.fused_inference import FusedInference
 from llama_expert.modeling.routing import ROUTERS, PrefixState
+from llama_expert.modeling.routing.prefix_state import sequence_prefix_means
 
 HIDDEN = 16
 
@@ -434,15 +436,22 @@ PREFIX_CASES = [("prototype", "lora_experts", 1), ("prototype", "lora_experts+sh
 
 def prefix_adapter(router_type, bank, top_k, null):
     """A trained adapter routed by the prefix mean; a prototype router gets prototypes at the scale of the hidden
-    states, and a null distance at which the null wins for some tokens and loses for others."""
+    states, and a null threshold that shrinks with the prefix's length as its nearest distances do: the
+    least-squares ``null_distance + null_slope / n`` through them on ``padded_pass``, so that the null wins for some
+    tokens and loses for others."""
     adapter = fast_adapter(router_type, bank, null, num_experts=4, prototype_temperature=0.1)
     adapter.router.top_k = top_k
     with torch.no_grad():
         adapter.router.weight.mul_(4.0 if router_type == "sequence_aux_free" else 1.0)
-        if adapter.router.null_choices and router_type == "prototype":  # the median of the nearest distances
-            means = torch.randn(64, HIDDEN) / torch.arange(1, 65).sqrt().unsqueeze(1)  # prefix means' scales
-            nearest = (-adapter.router.logits(means)[:, :-1].amax(-1) * adapter.router.temperature).sort().values
-            adapter.router.null_distance.fill_(float(nearest[31:33].mean()))
+        if adapter.router.null_choices and router_type == "prototype":
+            hidden, mask = padded_pass()
+            adapter.token_mask.set(mask)
+            prefix = sequence_prefix_means(adapter.router, hidden, adapter.token_mask)
+            nearest = -adapter.router.logits(prefix.means, prefix.counts)[:, :-1].amax(-1) * adapter.router.temperature
+            keep = prefix.mask.bool()
+            floor, slope = fit_by_length(prefix.counts[keep].double(), nearest[keep].double())
+            adapter.router.null_distance.fill_(floor)
+            adapter.router.null_slope.fill_(slope)
     return adapter
 
 
@@ -505,3 +514,8 @@ def test_prefix_mean_routers_take_the_fast_paths_which_equal_the_general_path(ro
     assert not torch.equal(routes, alone)
     if adapter.router.null_choices:  # choose the null expert and some do not
         assert bool((routes == adapter.num_experts).any()) and bool((routes < adapter.num_experts).any())
+    if adapter.router.null_choices and router_type == "prototype":  # the threshold's slope changes some routes
+        with torch.no_grad():
+            adapter.router.null_slope.zero_()
+            flat = adapter.router.route_sequences(hidden, adapter.token_mask).indices[mask.view(-1).bool()]
+        assert not torch.equal(routes, flat)

@@ -250,11 +250,12 @@ def _oracle_token(router, tokens, label):
 
 def _prototype_token(router, tokens, label):
     """The prefix mean m's mean squared difference d_i to each prototype (row i of the router matrix); logit -d_i / T,
-    with a null expert one more logit, -null_distance / T; keep the k largest; gates = softmax over the kept."""
+    with a null expert one more logit, -(null_distance + null_slope / n) / T for a prefix of n tokens; keep the k
+    largest; gates = softmax over the kept."""
     mean, temperature = tokens.mean(dim=0), router.temperature
     logits = [-float((mean - p.detach().double()).pow(2).mean()) / temperature for p in router.weight]
     if router.null_distance is not None:
-        logits.append(-float(router.null_distance) / temperature)
+        logits.append(-(float(router.null_distance) + float(router.null_slope) / len(tokens)) / temperature)
     chosen = sorted(range(len(logits)), key=lambda j: -logits[j])[: router.top_k]
     return logits, chosen, _softmax([logits[j] for j in chosen])
 

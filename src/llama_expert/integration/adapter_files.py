@@ -34,8 +34,10 @@ from .weights_file import header_tensors, load_finite
 # field ``scale_init`` -> ``residual_scale_init``, and dropped the unused ``extra`` field. Version 1
 # adapters are read through ``_upgrade_v1_config`` and ``_upgrade_v1_tensors``. Version 3 stores each
 # ``*.residual_scale`` with shape [1] instead of a 0-d scalar (FSDP2 shards no 0-d tensor); older ones are
-# reshaped when read (``_upgrade_v2_tensors``).
-FORMAT_VERSION = 3
+# reshaped when read (``_upgrade_v2_tensors``). Version 4 adds a prototype router's ``spread_slope`` and
+# ``null_slope`` (the null's threshold by prefix length); older ones get zeros, their fixed threshold
+# (``_upgrade_v3_tensors``).
+FORMAT_VERSION = 4
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 MIX_REPORT = "mix_report.json"  # what ``mix`` writes beside a mixed adapter; its ``experts`` names the experts
@@ -216,12 +218,25 @@ def _upgrade_v2_tensors(state: dict) -> dict:
     return {k: v.reshape(1) if k.endswith(".residual_scale") and v.dim() == 0 else v for k, v in state.items()}
 
 
+def _upgrade_v3_tensors(state: dict) -> dict:
+    """A prototype router's spread became ``spread + spread_slope / n`` and its null's threshold ``null_distance +
+    null_slope / n`` (n: the prefix's length): slopes of zero give back the version-3 routing exactly."""
+    added = {}
+    for key, value in state.items():
+        for old, new in ((".router.spread", ".router.spread_slope"), (".router.null_distance", ".router.null_slope")):
+            if key.endswith(old) and key[: -len(old)] + new not in state:
+                added[key[: -len(old)] + new] = torch.zeros_like(value)
+    return {**state, **added}
+
+
 def _upgrade_tensors(state: dict, meta: dict) -> dict:
     """Tensors (or meta tensors of the header) of an older format version, named and shaped as now."""
     if meta.get("format_version", 1) < 2:
         state = _upgrade_v1_tensors(state)
     if meta.get("format_version", 1) < 3:
         state = _upgrade_v2_tensors(state)
+    if meta.get("format_version", 1) < 4:
+        state = _upgrade_v3_tensors(state)
     return state
 
 

@@ -7,6 +7,13 @@ means ``m_t`` around it (``mean ||m_t - p_l||^2 / d`` over the tokens from ``SPR
 at all; the spread says how near "near" is. They are measured on the trained model, adapter on: that is the model
 the branch's expert is part of when the mix routes to it.
 
+How near depends on how long the prefix is: the mean of n tokens of one text lies about ``b + w / n`` from the
+prototype (``b``: how far one text's own mean lies from it; ``w / n``: the noise of averaging n tokens), so a
+threshold fixed in n either lets unlike text through once its prefix is long or refuses the start of like text
+(docs/results/experts-by-design-cheap/null-distance-validation.md). The fit ``floor + slope / n`` of the mean
+squared distance at each prefix length n from ``SPREAD_FROM`` on is recorded beside the spread; the null expert of
+a mix uses it (docs/design.md section 2).
+
 They live in their own file beside the adapter (``prototypes.safetensors``), not in ``adapter_model.safetensors``,
 whose tensors must match what the adapter's config builds. They are measured on packed training blocks, which start
 anywhere in a text; a prompt starting with a BOS token (whose router input is often an outlier) has, for its first
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
@@ -38,30 +45,59 @@ class Prototypes:
     prototype: torch.Tensor  # [L, d] float32: mean router input per layer
     spread: torch.Tensor  # [L] float32: mean squared distance per dimension of the prefix means to it
     tokens: int  # how many tokens the means are over
+    floor: Optional[torch.Tensor] = None  # [L] float32: that distance at prefix length n is about floor + slope / n
+    slope: Optional[torch.Tensor] = None  # [L] float32 (None, None: recorded before the fit was, floor = spread)
+
+    def by_length(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(floor, slope)`` [L] each: the spread at prefix length n is ``floor + slope / n``; a file recorded before
+        the fit gives ``(spread, 0)``, the same spread at every length."""
+        if self.floor is None or self.slope is None:
+            return self.spread.clone(), torch.zeros_like(self.spread)
+        return self.floor, self.slope
 
 
 class _LayerSums:
-    """Running sums over one layer's router inputs: of ``h`` (the prototype), of the prefix means ``m_t`` and of
-    ``||m_t||^2`` (the spread: ``E||m - p||^2 = E||m||^2 - 2 p.E[m] + ||p||^2``), in float64."""
+    """Running sums over one layer's router inputs: of ``h`` (the prototype), and per prefix length of the prefix means
+    ``m_t`` and of ``||m_t||^2`` (the spread: ``E||m - p||^2 = E||m||^2 - 2 p.E[m] + ||p||^2``), in float64."""
 
     def __init__(self):
         self.hidden = self.means = self.squares = 0.0
-        self.tokens = self.prefixes = 0
+        self.tokens = self.blocks = self.first = 0  # first: the shortest prefix length summed
 
     def __call__(self, module, args) -> None:
         hidden = args[0].detach().double()  # [B, T, d]
         counts = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)
-        means = (hidden.cumsum(dim=1) / counts.view(1, -1, 1))[:, min(SPREAD_FROM, hidden.shape[1]) - 1:]
+        self.first = min(SPREAD_FROM, hidden.shape[1])
+        means = (hidden.cumsum(dim=1) / counts.view(1, -1, 1))[:, self.first - 1:]
         self.hidden = self.hidden + hidden.sum(dim=(0, 1)).cpu()
         self.tokens += hidden.shape[0] * hidden.shape[1]
-        self.means = self.means + means.sum(dim=(0, 1)).cpu()
-        self.squares = self.squares + float(means.pow(2).sum())
-        self.prefixes += means.shape[0] * means.shape[1]
+        self.means = self.means + means.sum(dim=0).cpu()  # [T', d]: per prefix length from SPREAD_FROM on
+        self.squares = self.squares + means.pow(2).sum(dim=(0, 2)).cpu()  # [T']
+        self.blocks += hidden.shape[0]
 
-    def result(self):
+    def result(self) -> Tuple[torch.Tensor, float, float, float]:
+        """(prototype, spread, floor, slope) of the layer."""
         prototype = self.hidden / self.tokens
-        spread = (self.squares - 2 * float(prototype @ self.means) + self.prefixes * float(prototype @ prototype))
-        return prototype.float(), spread / (self.prefixes * prototype.numel())
+        distances = (self.squares - 2 * self.means @ prototype + self.blocks * float(prototype @ prototype))
+        distances = distances / (self.blocks * prototype.numel())  # [T']: mean squared distance at each length
+        lengths = torch.arange(len(distances), dtype=torch.float64) + self.first
+        return (prototype.float(), float(distances.mean())) + fit_by_length(lengths, distances)
+
+
+def fit_by_length(lengths: torch.Tensor, distances: torch.Tensor) -> Tuple[float, float]:
+    """``(floor, slope) >= 0`` of the least-squares fit ``distances ~ floor + slope / lengths``; one length, or
+    distances that do not shrink with the length, give ``(their mean, 0)``: the same spread at every length."""
+    inverse = 1.0 / lengths
+    if len(lengths) < 2:
+        return float(distances.mean()), 0.0
+    slope = float(((inverse - inverse.mean()) * (distances - distances.mean())).sum()
+                  / (inverse - inverse.mean()).pow(2).sum())
+    if slope <= 0:
+        return float(distances.mean()), 0.0
+    floor = float(distances.mean() - slope * inverse.mean())
+    if floor < 0:  # the best fit through the origin
+        return 0.0, float((inverse * distances).sum() / inverse.pow(2).sum())
+    return floor, slope
 
 
 @torch.no_grad()
@@ -87,14 +123,19 @@ def measure_prototypes(model: nn.Module, blocks: torch.Tensor, batch_size: int =
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    results = [s.result() for s in sums]
-    return Prototypes(torch.stack([p for p, _ in results]), torch.tensor([s for _, s in results], dtype=torch.float32),
-                      int(blocks.numel()))
+    prototype, spread, floor, slope = zip(*(s.result() for s in sums))
+    return Prototypes(torch.stack(prototype), _floats(spread), int(blocks.numel()), _floats(floor), _floats(slope))
+
+
+def _floats(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def save_prototypes(prototypes: Prototypes, folder: Union[str, Path]) -> Path:
     path = Path(folder) / PROTOTYPES_NAME
-    state = {"prototype": prototypes.prototype.contiguous(), "spread": prototypes.spread.contiguous()}
+    floor, slope = prototypes.by_length()
+    state = {"prototype": prototypes.prototype.contiguous(), "spread": prototypes.spread.contiguous(),
+             "spread_floor": floor.contiguous(), "spread_slope": slope.contiguous()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"tokens": str(prototypes.tokens)}))
     return path
 
@@ -108,11 +149,13 @@ def load_prototypes(folder: Union[str, Path], layers: int, hidden_size: int) -> 
                            f"training text with `mix --prototype-data`.")
     state = load_finite(path)
     prototype, spread = state.get("prototype"), state.get("spread")
+    floor, slope = state.get("spread_floor"), state.get("spread_slope")  # None in files written before the fit
     if prototype is None or spread is None or tuple(prototype.shape) != (layers, hidden_size) \
-            or tuple(spread.shape) != (layers,):
+            or any(t is not None and tuple(t.shape) != (layers,) for t in (spread, floor, slope)):
         found = {k: tuple(v.shape) for k, v in state.items()}
         raise AdapterError(f"{path} holds {found}, not prototype [{layers}, {hidden_size}] and spread [{layers}] for "
                            f"this base model; it belongs to another base. Mix adapters of one base.")
     with safe_open(str(path), "pt") as f:
         tokens = int((f.metadata() or {}).get("tokens", 0))
-    return Prototypes(prototype.float(), spread.float(), tokens)
+    by_length = (floor.float(), slope.float()) if floor is not None and slope is not None else (None, None)
+    return Prototypes(prototype.float(), spread.float(), tokens, *by_length)

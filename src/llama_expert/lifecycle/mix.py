@@ -13,6 +13,10 @@ loads in ``inference``, ``benchmark``, ``compare`` and ``serve``, and ``prune`` 
 A mixed adapter given to ``mix`` brings each of its experts as it is (rows, prototype, spread): mixing it with a new
 branch adds a skill and leaves the experts already there untouched.
 
+The null expert's threshold at prefix length n is ``D`` (``--null-distance``) times the largest branch spread of
+the layer at that length, ``spread + spread_slope / n`` (``integration.prototypes``): it tightens as the prefix
+grows, as the prefix means of a branch's own kind of text draw nearer to its prototype.
+
 PEFT LoRA folders on the MLP projections (what ``train --method lora`` writes, with its prototypes) mix alike, into
 the ``mixlora`` bank: expert i is LoRA i inside the frozen MLP's ``gate_proj``, ``up_proj`` and ``down_proj``, its
 ``alpha / r`` folded into its ``B``, so a sequence routed to expert i computes LoRA i's model exactly. A mix holds
@@ -43,6 +47,7 @@ from .arguments import AdapterCommandArguments
 from .calibration import calibration_windows
 from .output import check_output, locked_output, write_outputs
 
+NULL_DISTANCE = 1.75  # chosen on validation text: docs/results/experts-by-design-cheap/null-distance-validation.md
 BRANCH_HINT = ("train each branch with --expert-type lora_experts --num-experts 1 --top-k 1 (a --shared-expert-rank "
                "is fine), or as a LoRA with --method lora")
 
@@ -57,8 +62,9 @@ class MixArguments(AdapterCommandArguments):
     temperature: float = option(1.0, "prototype router temperature T: the logit of branch i is -d_i / T")
     null_expert: bool = option(False, "add a null expert (the base model's own behaviour) for text unlike every "
                                       "branch's training text")
-    null_distance: float = option(4.0, "with --null-expert: the null wins where every prototype is farther than "
-                                       "this many times the largest branch spread of the layer")
+    null_distance: float = option(NULL_DISTANCE, "with --null-expert: the null wins where every prototype is farther "
+                                                 "than this many times the largest branch spread of the layer at the "
+                                                 "prefix's length")
     prototype_data: Optional[str] = option(None, "text to measure the prototypes of adapters that record none (a LoRA "
                                                  "trained elsewhere) on: one source per adapter, comma-separated, in "
                                                  "their order; '-' keeps an adapter's own")
@@ -112,7 +118,8 @@ class Branch:
 
     parts: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]]  # per layer, bank prefix -> (A rows, B rows x scales)
     prototype: torch.Tensor  # [L, d]
-    spread: torch.Tensor  # [L]
+    spread: torch.Tensor  # [L]: its prefix means of length n lie about ``spread + spread_slope / n`` from the prototype
+    spread_slope: torch.Tensor  # [L]
     name: str = ""  # the branch's folder name (a mixed adapter's experts keep the names its mix recorded)
     bank: str = BESIDE  # the mix's bank that holds this kind of expert
 
@@ -142,7 +149,12 @@ def own_or_measured(model, folder, windows: Optional[torch.Tensor]) -> Prototype
     else the ones its folder records."""
     if windows is not None:
         return measure_prototypes(model, windows)
-    return load_prototypes(folder, len(decoder_layers(model)), model.config.hidden_size)
+    prototypes = load_prototypes(folder, len(decoder_layers(model)), model.config.hidden_size)
+    if prototypes.floor is None:
+        warnings.warn(f"{folder}'s prototypes predate the spread by prefix length (llama-expert format 4): a null "
+                      f"expert's threshold for it is the same at every length, which lets more unlike text through; "
+                      f"measure them again with --prototype-data on its training text.")
+    return prototypes
 
 
 @torch.no_grad()
@@ -173,11 +185,12 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
     for e in range(count):
         parts = [expert_rows(adapter, e, folder) for adapter in layer_adapters]
         if mixed:
-            prototype = torch.stack([a.router.weight[e].detach().float().clone() for a in layer_adapters])
-            spread = torch.stack([a.router.spread[e].detach().float().clone() for a in layer_adapters])
+            prototype, spread, slope = (torch.stack([getattr(a.router, name)[e].detach().float().clone()
+                                                     for a in layer_adapters])
+                                        for name in ("weight", "spread", "spread_slope"))
         else:
-            prototype, spread = prototypes.prototype, prototypes.spread
-        experts.append(Branch(parts, prototype, spread, names[e], config.expert_type))
+            prototype, (spread, slope) = prototypes.prototype, prototypes.by_length()
+        experts.append(Branch(parts, prototype, spread, slope, names[e], config.expert_type))
     remove_adapters(model)
     return experts
 
@@ -204,7 +217,7 @@ def peft_lora_expert(model, folder, windows: Optional[torch.Tensor] = None) -> B
                                   f"base's {target} {projection.in_features} -> {projection.out_features}: it "
                                   f"belongs to another base. Mix LoRAs of one base.")
         parts.append({PREFIXES[INSIDE][target]: rows for target, rows in loras.items()})
-    return Branch(parts, prototypes.prototype, prototypes.spread, Path(folder).resolve().name, INSIDE)
+    return Branch(parts, prototypes.prototype, *prototypes.by_length(), Path(folder).resolve().name, INSIDE)
 
 
 def expert_rows(adapter, expert: int, folder) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -261,8 +274,11 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
                 getattr(bank, prefix + "up")[i, :up.shape[0]] = up
             router.weight[i] = branch.prototype[layer]
             router.spread[i] = branch.spread[layer]
-        if router.null_distance is not None:
+            router.spread_slope[i] = branch.spread_slope[layer]
+        if router.null_distance is not None:  # D times (the largest spread + the largest slope / n): the largest
+            # spread at every length or more (exactly it for one branch)
             router.null_distance.fill_(args.null_distance * float(router.spread.max()))
+            router.null_slope.fill_(args.null_distance * float(router.spread_slope.max()))
         adapter.residual_scale.fill_(1.0)
     return model
 

@@ -16,7 +16,8 @@
  * each sequence are written back for the next pass).
  * Logits:  linear:    z = W_g x;
  *          prototype: z_i = -max(0, ||x - c||^2 - 2 (x - c).q_i + ||q_i||^2) / (d T), q_i = p_i - c, c the
- *                     prototypes' mean; with a null expert z_null = -null_distance / T.
+ *                     prototypes' mean; with a null expert z_null = -(null_distance + null_slope / n) / T, n the
+ *                     length of the token's prefix (1 when routing by the token).
  * Routing: top-k of (logits + bias) over the experts, gates = softmax of the chosen logits (or, with
  * normalise_all, each chosen expert's probability under the softmax of all logits: the switch router).
  * A choice numbered `real` or above is the null expert: its gate counts, its output is zero.
@@ -33,7 +34,7 @@
 #include <string.h>
 
 typedef struct Plan Plan;
-typedef void (*logits_fn)(const Plan *p, const float *x, float *logits);
+typedef void (*logits_fn)(const Plan *p, const float *x, float count, float *logits);
 typedef void (*delta_fn)(const Plan *p, const float *z, const int *chosen, const float *gates, float *delta);
 typedef void (*layer_fn)(const Plan *p, const float *x, const int *chosen, const float *gates, const float *u,
                          const float *v, float *m, float *down);
@@ -42,7 +43,8 @@ struct Plan {
     int32_t hidden, experts, real, top_k, normalise_all, rank, width;  /* experts: choices; real: computed ones */
     int32_t prefix_mean;    /* 1: route by the sequence's prefix mean (a Prefix is passed), 0: by the token */
     float divisor;          /* prototype: d * T */
-    float null_logit;       /* prototype with a null expert: -null_distance / T */
+    float null_logit;       /* prototype with a null expert: -null_distance / T ... */
+    float null_slope;       /* ... plus this over the prefix's length: -null_slope / T */
     float alpha;            /* alpha_l, for a layer bank (a delta bank has it folded into up) */
     logits_fn logits;       /* linear_logits or prototype_logits */
     delta_fn delta;         /* <bank>_delta (adapter_add), or NULL */
@@ -120,12 +122,13 @@ static inline float exp_approx(float x) {
 
 static float silu(float x) { return x / (1.f + exp_approx(-x)); }
 
-void linear_logits(const Plan *p, const float *x, float *logits) {
+void linear_logits(const Plan *p, const float *x, float count, float *logits) {
+    (void)count;
     project(p->router_rows, p->experts, p->hidden, x, logits);
 }
 
 /* As PrototypeRouter.logits: the origin moved to the prototypes' mean, (||x||^2 - 2 x.q) + ||q||^2, clamped at 0 */
-void prototype_logits(const Plan *p, const float *x, float *logits) {
+void prototype_logits(const Plan *p, const float *x, float count, float *logits) {
     const int d = p->hidden;
     float centred[d], norm = 0.f;
     for (int c = 0; c < d; c++) { centred[c] = x[c] - p->centre[c]; norm += centred[c] * centred[c]; }
@@ -134,7 +137,7 @@ void prototype_logits(const Plan *p, const float *x, float *logits) {
         float squared = (norm - 2.f * logits[i]) + p->row_norms[i];
         logits[i] = -(squared > 0.f ? squared : 0.f) / p->divisor;
     }
-    if (p->experts > p->real) logits[p->real] = p->null_logit;
+    if (p->experts > p->real) logits[p->real] = p->null_logit + p->null_slope / (count > 1.f ? count : 1.f);
 }
 
 /* The chosen experts and their gates from the logits */
@@ -163,7 +166,7 @@ static void choose(const Plan *p, const float *logits, int *chosen, float *gates
 /* Token n's prefix mean, as routing/prefix_state.py computes it: this call's masked running sum (accumulated in
  * double, as PyTorch's CPU cumsum does, then rounded), plus the earlier passes' total, over max(1, count). */
 static const float *prefix_mean(const Plan *p, const Prefix *s, const float *x, long n, double *sum, double *count,
-                                float *mean) {
+                                float *mean, float *length) {
     const int d = p->hidden;
     const long b = n / s->length, t = n % s->length;
     const int last = t == s->length - 1;
@@ -177,6 +180,7 @@ static const float *prefix_mean(const Plan *p, const Prefix *s, const float *x, 
         if (last && s->after_total) s->after_total[b * d + c] = total;
     }
     if (last && s->after_count) s->after_count[b] = total_count;
+    *length = total_count;
     return mean;
 }
 
@@ -185,7 +189,9 @@ static void route(const Plan *p, const Prefix *s, const void *h, int bf16, long 
                   double *count, float *mean, float *logits, int *chosen, float *gates) {
     const int d = p->hidden;
     for (int c = 0; c < d; c++) x[c] = load(h, bf16, n * d + c);
-    p->logits(p, p->prefix_mean && s ? prefix_mean(p, s, x, n, sum, count, mean) : x, logits);
+    float length = 1.f;
+    const float *input = p->prefix_mean && s ? prefix_mean(p, s, x, n, sum, count, mean, &length) : x;
+    p->logits(p, input, length, logits);
     choose(p, logits, chosen, gates);
 }
 

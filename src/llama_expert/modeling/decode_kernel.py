@@ -52,7 +52,7 @@ class PlanStruct(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_int32) for name in ("hidden", "experts", "real", "top_k", "normalise_all", "rank",
                                                     "width", "prefix_mean")] \
-        + [(name, ctypes.c_float) for name in ("divisor", "null_logit", "alpha")] \
+        + [(name, ctypes.c_float) for name in ("divisor", "null_logit", "null_slope", "alpha")] \
         + [(name, ctypes.c_void_p) for name in ("logits", "delta", "layer", "router_rows", "bias", "centre",
                                                 "row_norms", "rows", "core_in", "core_out", "up")]
 
@@ -73,7 +73,7 @@ class KernelRouting:
 
     ``linear``: ``rows`` is ``W_g`` [choices, d]. ``prototype``: ``rows`` are the prototypes minus their mean ``centre``
     [E_real, d], ``row_norms`` their squared norms, ``divisor`` ``d * T``; with a null expert (one more choice than
-    rows) its logit is ``null_logit``."""
+    rows) its logit is ``null_logit + null_slope / n``, n the length of the token's prefix."""
 
     top_k: int
     choices: int  # the router's ``num_experts``: the real experts and a null expert's choice
@@ -86,6 +86,7 @@ class KernelRouting:
     row_norms: Optional[torch.Tensor] = None
     divisor: float = 1.0
     null_logit: float = 0.0
+    null_slope: float = 0.0
 
 
 _state: Dict[str, object] = {}
@@ -189,7 +190,7 @@ class DecodeKernel:
         bank_parts = {"delta": None, "layer": None, self.PART: kernel_function(library, f"{kernel_name}_{self.PART}")}
         self.plan = PlanStruct(
             self.hidden, routing.choices, real, routing.top_k, int(routing.normalise_all), rank, width,
-            int(routing.prefix_mean), routing.divisor, routing.null_logit, alpha,
+            int(routing.prefix_mean), routing.divisor, routing.null_logit, routing.null_slope, alpha,
             kernel_function(library, f"{routing.logits}_logits"), bank_parts["delta"], bank_parts["layer"],
             *[pointers.get(name) for name in ("router_rows", "bias", "centre", "row_norms", "rows", "core_in",
                                               "core_out", "up")])

@@ -87,6 +87,7 @@ class RouterBase(nn.Module):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.load_window = LoadWindow(num_experts)  # window 0: each pass alone
         self.pass_sequences = 1  # sequences in the current pass (``forward``): the window decays by them
+        self.pass_counts: Optional[torch.Tensor] = None  # [N]: the current pass's prefix lengths (``forward``)
 
     @classmethod
     def build(cls, hidden_size: int, num_experts: int, config) -> "RouterBase":
@@ -142,9 +143,11 @@ class RouterBase(nn.Module):
         self.entropy_sum.zero_()
         self.tokens_seen.zero_()
 
-    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, sequences: int = 1) -> Routing:
-        """Route ``hidden`` [N, d] (``mask`` [N]: False for padding), the tokens of ``sequences`` sequences."""
-        self.pass_sequences = sequences
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None, sequences: int = 1,
+                counts: Optional[torch.Tensor] = None) -> Routing:
+        """Route ``hidden`` [N, d] (``mask`` [N]: False for padding), the tokens of ``sequences`` sequences; for a
+        router of prefix means, ``hidden`` holds the means and ``counts`` [N] their prefixes' lengths."""
+        self.pass_sequences, self.pass_counts = sequences, counts
         if torch.is_autocast_enabled(hidden.device.type):
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 return self._route(hidden.float(), mask)

@@ -13,7 +13,7 @@ hook, gradient checkpointing's recomputation) gives the same answer twice.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -124,10 +124,19 @@ def _static_copy(sums: Sums) -> Sums:
     return copies
 
 
-def sequence_prefix_means(key, hidden: torch.Tensor, context) -> Tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """What a prefix-mean router routes: ``(m [B*T, d] float32, flat padding mask [B*T] or None, B)`` for a pass's
-    ``hidden`` [B, T, d] (or [N, d]: one sequence) and its context (``modeling.adapter.TokenMask``: padding mask and
-    ``PrefixState``); ``key`` (the router) names its running sums in the state.
+class PrefixMeans(NamedTuple):
+    """What a prefix-mean router routes, flat in the order ``b * T + t``."""
+
+    means: torch.Tensor  # [B*T, d] float32: each token's prefix mean m_t
+    mask: Optional[torch.Tensor]  # [B*T] bool, False for padding, or None
+    sequences: int  # B
+    counts: torch.Tensor  # [B*T] float32: the prefix's non-padding tokens (0 before a sequence's first)
+
+
+def sequence_prefix_means(key, hidden: torch.Tensor, context) -> PrefixMeans:
+    """The prefix means of a pass's ``hidden`` [B, T, d] (or [N, d]: one sequence), with its context
+    (``modeling.adapter.TokenMask``: padding mask and ``PrefixState``); ``key`` (the router) names its running sums in
+    the state.
 
     ``m_t = sum_{s<=t, s not padding} h_s / max(1, #{s <= t, s not padding})``: the masked cumulative sum over the
     sequence axis gives every prefix mean of a full pass at once; with a KV cache the sum and count of the earlier
@@ -139,11 +148,12 @@ def sequence_prefix_means(key, hidden: torch.Tensor, context) -> Tuple[torch.Ten
     mask = flat_mask.view(batch.shape[:2]) if flat_mask is not None else None
     prefix = context.prefix if context is not None else None
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        means = _prefix_means(key, batch.float(), mask, prefix)
-    return means.reshape(-1, means.shape[-1]), flat_mask, batch.shape[0]
+        means, counts = _prefix_means(key, batch.float(), mask, prefix)
+    return PrefixMeans(means.reshape(-1, means.shape[-1]), flat_mask, batch.shape[0], counts.reshape(-1))
 
 
 def _prefix_means(key, hidden: torch.Tensor, mask: Optional[torch.Tensor], prefix: Optional[PrefixState]):
+    """``(means [B, T, d], counts [B, T])``."""
     if mask is None:
         total = hidden.cumsum(dim=1)
         count = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device).expand(hidden.shape[:2])
@@ -156,7 +166,7 @@ def _prefix_means(key, hidden: torch.Tensor, mask: Optional[torch.Tensor], prefi
         count = count + before[1].to(count.device).unsqueeze(1)
     if prefix is not None and not in_backward_pass():
         prefix.write(key, total[:, -1], count[:, -1])
-    return total / count.clamp_min(1.0).unsqueeze(-1)
+    return total / count.clamp_min(1.0).unsqueeze(-1), count
 
 
 class PrefixMeanRouting:
@@ -170,13 +180,14 @@ class PrefixMeanRouting:
     has_inference_gates = True
 
     def route_sequences(self, hidden: torch.Tensor, context):
-        return self(*sequence_prefix_means(self, hidden, context))
+        return self(*sequence_prefix_means(self, hidden, context))  # means, mask, sequences, counts
 
     def inference_rows(self) -> None:
         return None  # the logits are of the means, not of each token's own h
 
     def inference_logits(self, projected: torch.Tensor, hidden: torch.Tensor, context) -> torch.Tensor:
-        return self.logits(sequence_prefix_means(self, hidden, context)[0])
+        prefix = sequence_prefix_means(self, hidden, context)
+        return self.logits(prefix.means, prefix.counts)
 
 
 def _detached(tensor: torch.Tensor) -> torch.Tensor:

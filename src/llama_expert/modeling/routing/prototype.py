@@ -28,24 +28,30 @@ class PrototypeRouter(PrefixMeanRouting, RouterBase):
     ``d_i = ||m_t - p_i||^2 / d``, ``z_i = -d_i / T``, ``chosen = top-k(z)``, ``g = softmax(z[chosen])`` (top-1: a
     straight-through gate of value 1, ``base.chosen_gates``), ``T = prototype_temperature``.
 
-    With a null expert, ``z_null = -null_distance / T``: the null wins where every prototype is farther than
-    ``null_distance`` (a trainable scalar per layer, in the units of ``d_i``), so text unlike every expert's training
-    text keeps the base model's behaviour. No balancing (the prototypes, not the load, decide): ``aux_loss`` and
-    ``z_loss`` are 0. The prototypes start at zero and the spreads at one; a mix sets them. ``spread`` is a
-    non-trainable ``nn.Parameter`` (as aux_free's bias) so that the adapter file keeps it.
+    With a null expert, ``z_null = -(null_distance + null_slope / n_t) / T``, ``n_t`` the prefix's length: the null
+    wins where every prototype is farther than that threshold (two trainable scalars per layer, in the units of
+    ``d_i``), so text unlike every expert's training text keeps the base model's behaviour. The threshold shrinks
+    as the prefix grows because a prefix mean does: the mean of n tokens of an expert's own kind of text lies about
+    ``spread + spread_slope / n`` from its prototype (``integration.prototypes``), and a mix sets the threshold to D
+    times that. No balancing (the prototypes, not the load, decide): ``aux_loss`` and ``z_loss`` are 0. The
+    prototypes start at zero, the spreads at one and their slopes at zero; a mix sets them. ``spread`` and
+    ``spread_slope`` are non-trainable ``nn.Parameter`` (as aux_free's bias) so that the adapter file keeps them.
     """
 
     per_expert_parameters = ()
-    # per real expert: its prototype, and the spread of its training sequences' prefix means around it (kept, not
-    # trained: a later mix sets the null's distance from every expert's spread); the null's logit is ``null_distance``
-    real_expert_parameters = ("weight", "spread")
+    # per real expert: its prototype, and how far its training sequences' prefix means of length n lie from it,
+    # ``spread + spread_slope / n`` (kept, not trained: a later mix sets the null's threshold from every expert's);
+    # the null's threshold is ``null_distance + null_slope / n``
+    real_expert_parameters = ("weight", "spread", "spread_slope")
 
     def __init__(self, hidden_size: int, experts: int, top_k: int, temperature: float = 1.0, null: bool = False):
         super().__init__(experts + int(null), top_k)
         self.temperature = float(temperature)
         self.weight = nn.Parameter(torch.zeros(experts, hidden_size, dtype=torch.float32))
         self.spread = nn.Parameter(torch.ones(experts, dtype=torch.float32), requires_grad=False)
+        self.spread_slope = nn.Parameter(torch.zeros(experts, dtype=torch.float32), requires_grad=False)
         self.null_distance = nn.Parameter(torch.ones(1, dtype=torch.float32)) if null else None
+        self.null_slope = nn.Parameter(torch.zeros(1, dtype=torch.float32)) if null else None
 
     @classmethod
     def from_config(cls, hidden_size: int, num_experts: int, config) -> "PrototypeRouter":
@@ -55,18 +61,19 @@ class PrototypeRouter(PrefixMeanRouting, RouterBase):
     def init_gate(self, scale: float) -> None:
         """No draw: the prototypes come from the mixed adapters."""
 
-    def logits(self, means: torch.Tensor) -> torch.Tensor:
-        """[N, E] ``-d_i / T`` (and the null's last), by ``||m||^2 - 2 m.p + ||p||^2`` (no [N, E, d] tensor) after
-        moving the origin to the prototypes' mean: a Llama's router inputs share a few very large dimensions, whose
-        squares would otherwise swamp the differences in float32 (the distances do not depend on the origin)."""
+    def logits(self, means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[N, E] ``-d_i / T`` (and the null's last) of the prefix means [N, d] of ``counts`` [N] tokens, by
+        ``||m||^2 - 2 m.p + ||p||^2`` (no [N, E, d] tensor) after moving the origin to the prototypes' mean: a Llama's
+        router inputs share a few very large dimensions, whose squares would otherwise swamp the differences in
+        float32 (the distances do not depend on the origin)."""
         prototypes = self.weight.float()
         centre = prototypes.mean(dim=0).detach()
         means, prototypes = means - centre, prototypes - centre
         squared = (means.pow(2).sum(-1, keepdim=True) - 2 * means @ prototypes.T + prototypes.pow(2).sum(-1))
         logits = -squared.clamp_min(0.0) / (means.shape[-1] * self.temperature)
         if self.null_distance is not None:
-            null = (-self.null_distance.float() / self.temperature).expand(means.shape[0], 1)
-            logits = torch.cat([logits, null], dim=1)
+            threshold = self.null_distance.float() + self.null_slope.float() / counts.float().clamp_min(1.0)
+            logits = torch.cat([logits, (-threshold / self.temperature).view(-1, 1)], dim=1)
         return logits
 
     def inference_gates(self, logits: torch.Tensor) -> torch.Tensor:
@@ -78,13 +85,16 @@ class PrototypeRouter(PrefixMeanRouting, RouterBase):
         prototypes = self.weight.detach().float()
         centre = prototypes.mean(dim=0)
         centred = prototypes - centre
-        null = 0.0 if self.null_distance is None else float(-self.null_distance.detach().float() / self.temperature)
+        null = (0.0, 0.0) if self.null_distance is None else \
+            tuple(float(-p.detach().float() / self.temperature) for p in (self.null_distance, self.null_slope))
         return KernelRouting(self.top_k, self.num_experts, centred, logits="prototype", prefix_mean=True,
                              centre=centre, row_norms=centred.pow(2).sum(-1),
-                             divisor=self.weight.shape[1] * self.temperature, null_logit=null)
+                             divisor=self.weight.shape[1] * self.temperature, null_logit=null[0], null_slope=null[1])
 
     def _route(self, hidden: torch.Tensor, mask: Optional[torch.Tensor]) -> Routing:
-        logits = self.logits(hidden)
+        counts = self.pass_counts  # None: each row is a token routed alone, a prefix of one
+        counts = counts if counts is not None else hidden.new_ones(hidden.shape[0])
+        logits = self.logits(hidden, counts)
         indices = logits.topk(self.top_k, dim=-1).indices
         gates = chosen_gates(logits, indices)
         probs = self.all_probs(logits)

@@ -9,6 +9,7 @@ forward pass and step-by-step decoding route alike.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,8 @@ class SequenceAuxFreeRouter(PrefixMeanRouting, AuxFreeRouter):
     same means and keep the same sums (``PrefixMeanRouting``).
     """
 
-    def logits(self, means: torch.Tensor) -> torch.Tensor:
+    def logits(self, means: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W_g m_t``: the prefix's length (``counts``) does not enter."""
         return F.linear(means, self.weight)
 
     def kernel_routing(self) -> KernelRouting:
