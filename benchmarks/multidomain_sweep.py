@@ -9,7 +9,8 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
-    python benchmarks/multidomain_sweep.py retention-mix [--null-distance 4]   # each prose-only run + the null expert
+    python benchmarks/multidomain_sweep.py retention-mix [--null-distance 1.75]   # each prose-only run + the null
+    python benchmarks/multidomain_sweep.py null-validation [--distances 1.5,1.75,2,2.5]   # the null distance, chosen
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable
     OUT=runs/multidomain-full python benchmarks/multidomain_sweep.py publish docs/results/multidomain-full \\
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llama_expert.lifecycle.mix import NULL_DISTANCE
 
 from common import ARCHITECTURES, PROSE, TEST, TRAIN, llama_expert, machine
 
@@ -307,6 +310,67 @@ def measure_as_its_run(run: Path, adapter: Path, report: Path) -> None:
                  "--dtype", settings["dtype"], "--no-progress", "--output-json", str(report), "--overwrite", quiet=True)
 
 
+VALIDATION = "null-validation"  # under OUT: the prose-only LoRAs mixed at each null distance, on validation text
+
+
+def null_validation(distances) -> None:
+    """Choose the null distance on validation text (the held-out part of each training file, never the test text):
+    each prose-only LoRA run mixed alone with the null expert at every D of ``distances``, the run alone and the base,
+    each measured by ``llama-expert benchmark --split validation`` (512-token windows, the first 4,096 tokens of each
+    domain, bfloat16; reports under OUT/null-validation, up-to-date ones kept). Prints, per D over the seeds, the
+    mean rise of code and math against the base and the prose gain, each as a share of the run's own, and the
+    choice: the smallest D that keeps 90% of the prose gain on average (the goal's other half)."""
+    runs = sorted(p.parent for p in (OUT / "retention").glob(f"{BASELINE}-lr*/adapter_model.safetensors"))
+    if not runs:
+        sys.exit(f"no {BASELINE} retention runs under {OUT / 'retention'}: run `retention {BASELINE}:LR:SEED` first")
+    folder = OUT / VALIDATION
+    base = validation_report(None, folder / "base.json")
+    rows = {d: [] for d in distances}
+    for run in runs:
+        alone = validation_report(run, folder / f"{run.name}.json", run)
+        for distance in distances:
+            mixed, report = folder / f"{run.name}-null{distance:g}", folder / f"{run.name}-null{distance:g}.json"
+            if not fresh(report, run) and not mix_alone(run, mixed, distance):
+                sys.exit(f"{run.name} does not mix: null-validation takes LoRA runs")
+            rows[distance].append(shares(validation_report(mixed, report, run), alone, base))
+    print(f"null distance on validation text, {len(runs)} run(s): {', '.join(r.name for r in runs)}\n")
+    print("| D | math | code | mean rise on code, math | / the run's | prose change | / the run's gain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for distance, found in rows.items():
+        cells = [mean_std([f[key] for f in found], digits) + unit for key, unit, digits in (
+            ("math", "%", 1), ("code", "%", 1), ("rise", "%", 1), ("rise_share", "x", 2), ("prose", "%", 1),
+            ("gain_share", "%", 1))]
+        print(f"| {distance:g} | " + " | ".join(cells) + " |")
+    kept = [d for d in sorted(rows) if statistics.mean(f["gain_share"] for f in rows[d]) >= 90]
+    print(f"\nchosen: D = {kept[0]:g}" if kept else "\nno distance keeps 90% of the prose gain")
+
+
+def fresh(report: Path, run: Path) -> bool:
+    """``report`` was written after ``run``'s adapter was."""
+    return report.exists() and report.stat().st_mtime > (run / "adapter_model.safetensors").stat().st_mtime
+
+
+def validation_report(adapter, report: Path, run=None) -> dict:
+    """The per-domain perplexities of ``llama-expert benchmark`` of ``adapter`` (None: the base) on the validation
+    text, measured unless ``report`` is newer than ``run``'s adapter (no ``run``: unless it exists)."""
+    if not (fresh(report, run) if run is not None else report.exists()):
+        report.parent.mkdir(parents=True, exist_ok=True)
+        which = ["--adapter", str(adapter)] if adapter is not None else ["--model", "smollm2-135m"]
+        llama_expert("benchmark", *which, "--split", "validation", "--dataset", TRAIN, "--seq-len", "512",
+                     "--max-tokens", "4096", "--skip-throughput", "--dtype", "bfloat16", "--no-progress",
+                     "--output-json", str(report), "--overwrite", quiet=True)
+    return json.loads(report.read_text())["perplexity"]["domains"]
+
+
+def shares(mixed: dict, alone: dict, base: dict) -> dict:
+    """A mix's changes against the base (%), and its rise and prose gain as shares of the run alone's."""
+    change, own = percent_change(mixed, base), percent_change(alone, base)
+    prose = next(d for d in change if d.startswith("wikitext"))
+    rise = (change["math"] + change["code"]) / 2
+    return {"math": change["math"], "code": change["code"], "rise": rise, "prose": change[prose],
+            "rise_share": rise / ((own["math"] + own["code"]) / 2), "gain_share": 100 * change[prose] / own[prose]}
+
+
 def percent_change(after: dict, before: dict) -> dict:
     """{domain: % change of its perplexity}, from two {domain: {"perplexity": ...}} reports."""
     return {d: 100 * (after[d]["perplexity"] / before[d]["perplexity"] - 1) for d in after}
@@ -401,13 +465,16 @@ def main(argv) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["budget", "run", "table", "retention", "retention-mix", "retention-table",
+    parser.add_argument("command", choices=["budget", "run", "table", "retention", "retention-mix", "null-validation",
+                                            "retention-table",
                                             "publish"])
     parser.add_argument("items", nargs="*", help="NAME:LR[:SEED] for run and retention; a folder for publish")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (run, retention)")
     parser.add_argument("--deadline", type=float, default=math.inf, help="start no run after this many seconds")
     parser.add_argument("--keep", default="", help="publish: comma-separated runs that keep adapter and figures")
-    parser.add_argument("--null-distance", type=float, default=4.0, help="retention-mix: `mix --null-distance`")
+    parser.add_argument("--null-distance", type=float, default=NULL_DISTANCE,
+                        help="retention-mix: `mix --null-distance` (default: mix's)")
+    parser.add_argument("--distances", default="1.5,1.75,2,2.5", help="null-validation: the null distances tried")
     args = parser.parse_intermixed_args(argv)
     if args.command in ("run", "retention"):
         if not args.items:
@@ -418,6 +485,7 @@ def main(argv) -> None:
         publish(args.items[0] if args.items else "docs/results/multidomain-sweep", keep=args.keep.split(","))
     else:
         {"budget": budget, "table": table, "retention-mix": lambda: retention_mix(args.null_distance),
+         "null-validation": lambda: null_validation([float(d) for d in args.distances.split(",")]),
          "retention-table": retention_table}[args.command]()
 
 

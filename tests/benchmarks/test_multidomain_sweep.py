@@ -1,7 +1,7 @@
 """benchmarks/multidomain_sweep.py's retention table computes what it prints: each domain's change against the base
 the run measured before training, the mean rise on the domains not trained on, and the ratio to LoRA's rise, with
 a "+ null D" row for each null distance D at which `retention-mix` measured a run, against the same base and the
-same LoRA."""
+same LoRA; `null-validation` chooses the null distance from validation reports as its docstring says."""
 
 import copy
 import json
@@ -110,3 +110,38 @@ def test_retention_mix_skips_a_run_mix_cannot_take_and_goes_on(sweep, tiny_model
     assert not sweep.mix_alone(folder, tmp_path / "mixed", 3.0)
     printed = capsys.readouterr().out
     assert printed.startswith("skipped: aux-free-lr1e-2-seed1: ") and "is not a branch" in printed
+
+
+def test_the_null_distance_is_chosen_on_validation_as_the_smallest_that_keeps_90_percent_of_the_prose_gain(
+        tmp_path):
+    """`null-validation` reads each LoRA run's validation reports (the base, the run alone, the run mixed at each D)
+    and chooses the smallest D whose prose gain is at least 90% of the run's own, on average over the runs."""
+    folder = tmp_path / "null-validation"
+    folder.mkdir()
+
+    def report(name, values):
+        (folder / f"{name}.json").write_text(json.dumps({"perplexity": {"domains": _domains(values)}}))
+
+    report("base", BASE)
+    gains = {"1.5": (12.0, 12.0), "2": (11.2, 11.0)}  # prose perplexity of each seed's mix; the run alone: 10.0
+    for seed in (1, 2):
+        run = tmp_path / "retention" / f"lora-lr3e-3-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "adapter_model.safetensors").write_bytes(b"")
+        os.utime(run / "adapter_model.safetensors", (0, 0))  # the reports are newer: nothing is measured again
+        report(run.name, {"math": 6.0, "code": 6.0, "wikitext-2-raw": 10.0})  # rise 35%, prose gain -50%
+        for distance, prose in gains.items():
+            report(f"{run.name}-null{distance}", {"math": 4.4, "code": 5.0, "wikitext-2-raw": prose[seed - 1]})
+    printed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multidomain_sweep.py"), "null-validation",
+                              "--distances", "1.5,2"], capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ, "OUT": str(tmp_path)}).stdout
+    rows = {line.split(" | ")[0].strip("| "): [c.strip(" |") for c in line.split(" | ")[1:]]
+            for line in printed.splitlines() if line.startswith("| 1") or line.startswith("| 2")}
+    assert rows["1.5"] == ["10.0 ± 0.0%", "0.0 ± 0.0%", "5.0 ± 0.0%", "0.14 ± 0.00x", "-40.0 ± 0.0%", "80.0 ± 0.0%"]
+    assert rows["2"][5] == "89.0 ± 1.4%"  # -44% and -45% against -50%
+    assert printed.strip().endswith("no distance keeps 90% of the prose gain")
+    report("lora-lr3e-3-seed1-null2", {"math": 4.4, "code": 5.0, "wikitext-2-raw": 10.8})  # 92% and 90%: 91%
+    printed = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multidomain_sweep.py"), "null-validation",
+                              "--distances", "1.5,2"], capture_output=True, text=True, check=True, cwd=ROOT,
+                             env={**os.environ, "OUT": str(tmp_path)}).stdout
+    assert printed.strip().endswith("chosen: D = 2")
