@@ -436,8 +436,10 @@ def publish(dest: str, keep=()) -> None:
                 copy(run / name, target / name)
         if run.with_suffix(".log").exists():
             copy(run.with_suffix(".log"), target.with_suffix(".log"))
-    for report in sorted((OUT / MIXED).glob("*.json")) + sorted((OUT / MIXED).glob("*/mix_report.json")):
-        target = dest_path / report.relative_to(OUT)  # retention-mix's benchmark reports, and what each mix was
+    reports = [r for folder in (MIXED, VALIDATION) for pattern in ("*.json", "*/mix_report.json")
+               for r in sorted((OUT / folder).glob(pattern))]
+    for report in reports:  # retention-mix's and null-validation's benchmark reports, and what each mix was
+        target = dest_path / report.relative_to(OUT)
         target.parent.mkdir(parents=True, exist_ok=True)
         copy(report, target)
     for name in ("machine.txt", "retention/machine.txt"):
