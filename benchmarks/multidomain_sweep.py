@@ -314,7 +314,7 @@ VALIDATION = "null-validation"  # under OUT: the prose-only LoRAs mixed at each 
 
 
 def null_validation(distances) -> None:
-    """Choose the null distance on validation text (the held-out part of each training file, never the test text):
+    """Choose the null distance on validation text (the held-out 5% of each training file, never the test text):
     each prose-only LoRA run mixed alone with the null expert at every D of ``distances``, the run alone and the base,
     each measured by ``llama-expert benchmark --split validation`` (512-token windows, the first 4,096 tokens of each
     domain, bfloat16; reports under OUT/null-validation, up-to-date ones kept). Prints, per D over the seeds, the
@@ -324,7 +324,8 @@ def null_validation(distances) -> None:
     if not runs:
         sys.exit(f"no {BASELINE} retention runs under {OUT / 'retention'}: run `retention {BASELINE}:LR:SEED` first")
     folder = OUT / VALIDATION
-    base = validation_report(None, folder / "base.json")
+    model = json.loads((runs[0] / "training_summary.json").read_text())["settings"]["model"]  # the runs' base
+    base = validation_report(model, folder / "base.json", base=True)
     rows = {d: [] for d in distances}
     for run in runs:
         alone = validation_report(run, folder / f"{run.name}.json", run)
@@ -350,12 +351,13 @@ def fresh(report: Path, run: Path) -> bool:
     return report.exists() and report.stat().st_mtime > (run / "adapter_model.safetensors").stat().st_mtime
 
 
-def validation_report(adapter, report: Path, run=None) -> dict:
-    """The per-domain perplexities of ``llama-expert benchmark`` of ``adapter`` (None: the base) on the validation
-    text, measured unless ``report`` is newer than ``run``'s adapter (no ``run``: unless it exists)."""
+def validation_report(adapter, report: Path, run=None, base: bool = False) -> dict:
+    """The per-domain perplexities of ``llama-expert benchmark`` of ``adapter`` (``base``: the base model it names)
+    on the validation text (the held-out 5% of each training file), measured unless ``report`` is newer than
+    ``run``'s adapter (no ``run``: unless it exists)."""
     if not (fresh(report, run) if run is not None else report.exists()):
         report.parent.mkdir(parents=True, exist_ok=True)
-        which = ["--adapter", str(adapter)] if adapter is not None else ["--model", "smollm2-135m"]
+        which = ["--model" if base else "--adapter", str(adapter)]
         llama_expert("benchmark", *which, "--split", "validation", "--dataset", TRAIN, "--seq-len", "512",
                      "--max-tokens", "4096", "--skip-throughput", "--dtype", "bfloat16", "--no-progress",
                      "--output-json", str(report), "--overwrite", quiet=True)

@@ -128,6 +128,7 @@ def test_the_null_distance_is_chosen_on_validation_as_the_smallest_that_keeps_90
         run = tmp_path / "retention" / f"lora-lr3e-3-seed{seed}"
         run.mkdir(parents=True)
         (run / "adapter_model.safetensors").write_bytes(b"")
+        (run / "training_summary.json").write_text(json.dumps({"settings": {"model": "smollm2-135m"}}))
         os.utime(run / "adapter_model.safetensors", (0, 0))  # the reports are newer: nothing is measured again
         report(run.name, {"math": 6.0, "code": 6.0, "wikitext-2-raw": 10.0})  # rise 35%, prose gain -50%
         for distance, prose in gains.items():

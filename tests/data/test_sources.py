@@ -29,6 +29,19 @@ def test_single_file_holds_out_its_tail_for_validation(tmp_path):
     assert splits["validation"] == ["".join(f"line {i}\n" for i in range(95, 100))]
 
 
+def test_a_files_validation_split_is_what_train_held_out_when_a_benchmark_asks(tmp_path):
+    """`benchmark --dataset FILE --split validation` measures the 5% that `train --dataset FILE` validated on, not
+    the text it trained on; `test` (and any split without ``hold_out``: an eval file given as such) is the whole."""
+    path = tmp_path / "notes.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    held_out = load_text_dataset(str(path))
+    assert load_split(str(path), None, None, "validation", hold_out=True) == held_out["validation"]
+    assert load_split(str(path), None, None, "train", hold_out=True) == held_out["train"]
+    whole = ["".join(f"line {i}\n" for i in range(100))]
+    assert load_split(str(path), None, None, "test", hold_out=True) == whole
+    assert load_split(str(path), None, None, "validation") == whole
+
+
 CODE = "# file: a.py\nimport os\n\n\ndef f():\n    return os.sep\n\n\n# file: b.py\n\nX = 1\n"
 
 

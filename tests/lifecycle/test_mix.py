@@ -196,8 +196,7 @@ def test_the_null_threshold_is_d_times_the_largest_branch_spread_at_each_prefix_
         _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
     old = load_prototypes(tmp_path / "1", 4, 64)
     save_file({"prototype": old.prototype, "spread": old.spread}, str(tmp_path / "1" / PROTOTYPES_NAME))  # pre-fit
-    with pytest.warns(UserWarning, match="predate the spread by prefix length.*--prototype-data"):
-        mixed = _mixed(tiny_model, [tmp_path / "0", tmp_path / "1"], null_expert=True, null_distance=2.5)
+    mixed = _mixed(tiny_model, [tmp_path / "0", tmp_path / "1"], null_expert=True, null_distance=2.5)
     floors, slopes = zip(*(load_prototypes(tmp_path / str(d), 4, 64).by_length() for d in (0, 1)))
     assert bool((floors[0] != old.spread).any()) and bool((slopes[0] > 0).any()) and not bool(slopes[1].any())
     for layer, (_, adapter) in enumerate(adapters(mixed)):
@@ -206,6 +205,27 @@ def test_the_null_threshold_is_d_times_the_largest_branch_spread_at_each_prefix_
         assert router.spread_slope.tolist() == [slopes[0][layer].item(), 0.0]
         assert router.null_distance.item() == pytest.approx(2.5 * max(f[layer].item() for f in floors))
         assert router.null_slope.item() == pytest.approx(2.5 * slopes[0][layer].item())
+
+
+def test_a_null_expert_over_prototypes_recorded_before_the_spread_by_length_needs_a_distance_given(
+        tiny_model, tiny_folder, tmp_path):
+    """Their threshold is the same at every length, for which the default D (chosen for the threshold by length)
+    is too tight: refused in one line naming both ways out; a D given is taken, with a warning."""
+    for domain in (0, 1):
+        _branch(tiny_model, tmp_path / str(domain), domain, seed=domain)
+    old = load_prototypes(tmp_path / "1", 4, 64)
+    save_file({"prototype": old.prototype, "spread": old.spread}, str(tmp_path / "1" / PROTOTYPES_NAME))
+
+    def mix(output, **kw):
+        return run_mix(MixArguments(adapters=[str(tmp_path / "0"), str(tmp_path / "1")],
+                                    output_dir=str(tmp_path / output), model=str(tiny_folder), **kw))
+
+    with pytest.raises(ConfigError, match=r"1's prototypes predate .*--prototype-data.*--null-distance"):
+        mix("refused", null_expert=True)
+    assert not (tmp_path / "refused").exists()
+    with pytest.warns(UserWarning, match="predate the spread by prefix length"):
+        mix("given", null_expert=True, null_distance=4.0)
+    mix("no-null")  # without a null expert the spreads are not used
 
 
 def test_adding_a_skill_to_a_mix_leaves_the_experts_already_there_untouched(tiny_model, tiny_folder, tmp_path):

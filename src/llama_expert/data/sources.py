@@ -196,10 +196,14 @@ def select_split(splits: Dict[str, List[str]], split: str, source: str) -> List[
     return docs
 
 
-def load_split(name: Optional[str], config: Optional[str], tokenizer, split: str) -> List[str]:
-    """Documents of one split; a single local file counts whole (it is the split). ``validation`` falls
-    back to ``test`` for datasets without one."""
+def load_split(name: Optional[str], config: Optional[str], tokenizer, split: str,
+               hold_out: bool = False) -> List[str]:
+    """Documents of one split; a single local file counts whole (it is the split), unless ``hold_out``: then its
+    ``train`` and ``validation`` are the parts ``train --dataset FILE`` trains and validates on (its last 5% held
+    out) and its ``test`` is the whole file. ``validation`` falls back to ``test`` for datasets without one."""
     if name and Path(name).expanduser().is_file():
+        if hold_out and split != "test":
+            return select_split(_local_dataset(Path(name).expanduser(), tokenizer), split, name)
         return read_documents(Path(name).expanduser(), tokenizer)
     splits = load_text_dataset(name, config, tokenizer)
     if split == "validation" and not splits.get("validation") and splits.get("test"):

@@ -123,7 +123,7 @@ class ExpertModelBenchmark:
         return self._ids
 
     def _source_ids(self, source: str) -> torch.Tensor:
-        docs = load_split(source, self.dataset_config, self.tokenizer, self.split)
+        docs = load_split(source, self.dataset_config, self.tokenizer, self.split, hold_out=True)
         return tokenize_documents(docs, self.tokenizer, self.progress)
 
     def windows(self) -> torch.Tensor:
@@ -349,7 +349,8 @@ class BenchmarkArguments:
                                       "dataset; several, comma-separated: each domain, their mean, and the "
                                       "domain-expert mutual information per layer")
     dataset_config: Optional[str] = option(None, "Hub dataset config, e.g. wikitext-2-raw-v1")
-    split: str = option("test", "split to evaluate: train, validation or test")
+    split: str = option("test", "split to evaluate: train, validation or test (of one file: validation is its last 5%, "
+                                "which `train` holds out, train the rest, test the whole file)")
     seq_len: int = option(2048, "perplexity window length")
     max_tokens: Optional[int] = option(None, "evaluate at most this many tokens")
     batch_size: int = option(1, "windows per forward pass")

@@ -57,46 +57,66 @@ class Prototypes:
 
 
 class _LayerSums:
-    """Running sums over one layer's router inputs: of ``h`` (the prototype), and per prefix length of the prefix means
-    ``m_t`` and of ``||m_t||^2`` (the spread: ``E||m - p||^2 = E||m||^2 - 2 p.E[m] + ||p||^2``), in float64."""
+    """Running sums over one layer's router inputs: of ``h`` (the prototype), and of the prefix means ``m_n`` and of
+    ``||m_n||^2`` over the prefix lengths ``n``, plain and divided by ``n`` (the spread: ``E||m - p||^2 = E||m||^2 -
+    2 p.E[m] + ||p||^2``, and the sums its fit by length needs: ``fit_from_sums``), in float64: memory of a few
+    vectors per layer, whatever the block length."""
 
     def __init__(self):
-        self.hidden = self.means = self.squares = 0.0
-        self.tokens = self.blocks = self.first = 0  # first: the shortest prefix length summed
+        self.hidden = self.means = self.squares = self.inverse_means = self.inverse_squares = 0.0
+        self.tokens = self.blocks = 0
+        self.lengths: Optional[torch.Tensor] = None  # the prefix lengths summed (from SPREAD_FROM on)
 
     def __call__(self, module, args) -> None:
         hidden = args[0].detach().double()  # [B, T, d]
         counts = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype, device=hidden.device)
-        self.first = min(SPREAD_FROM, hidden.shape[1])
-        means = (hidden.cumsum(dim=1) / counts.view(1, -1, 1))[:, self.first - 1:]
+        first = min(SPREAD_FROM, hidden.shape[1])
+        means = (hidden.cumsum(dim=1) / counts.view(1, -1, 1))[:, first - 1:]  # [B, T', d]
+        inverse = 1.0 / counts[first - 1:].view(1, -1, 1)
+        squares = means.pow(2).sum(-1, keepdim=True)
         self.hidden = self.hidden + hidden.sum(dim=(0, 1)).cpu()
         self.tokens += hidden.shape[0] * hidden.shape[1]
-        self.means = self.means + means.sum(dim=0).cpu()  # [T', d]: per prefix length from SPREAD_FROM on
-        self.squares = self.squares + means.pow(2).sum(dim=(0, 2)).cpu()  # [T']
+        self.means = self.means + means.sum(dim=(0, 1)).cpu()
+        self.inverse_means = self.inverse_means + (means * inverse).sum(dim=(0, 1)).cpu()
+        self.squares = self.squares + float(squares.sum())
+        self.inverse_squares = self.inverse_squares + float((squares * inverse).sum())
         self.blocks += hidden.shape[0]
+        self.lengths = counts[first - 1:].cpu()
 
     def result(self) -> Tuple[torch.Tensor, float, float, float]:
-        """(prototype, spread, floor, slope) of the layer."""
+        """(prototype, spread, floor, slope) of the layer: with ``D(n)`` the mean squared distance per dimension at
+        length n, ``sum_n D(n)`` and ``sum_n D(n) / n`` follow from the sums, and they are all the fit needs."""
         prototype = self.hidden / self.tokens
-        distances = (self.squares - 2 * self.means @ prototype + self.blocks * float(prototype @ prototype))
-        distances = distances / (self.blocks * prototype.numel())  # [T']: mean squared distance at each length
-        lengths = torch.arange(len(distances), dtype=torch.float64) + self.first
-        return (prototype.float(), float(distances.mean())) + fit_by_length(lengths, distances)
+        norm, scale = float(prototype @ prototype), self.blocks * prototype.numel()
+        inverse = 1.0 / self.lengths
+        total = (self.squares - 2 * float(prototype @ self.means) + self.blocks * norm * len(inverse)) / scale
+        weighted = (self.inverse_squares - 2 * float(prototype @ self.inverse_means)
+                    + self.blocks * norm * float(inverse.sum())) / scale
+        fit = fit_from_sums(len(inverse), float(inverse.sum()), float(inverse.pow(2).sum()), total, weighted)
+        return (prototype.float(), total / len(inverse)) + fit
 
 
 def fit_by_length(lengths: torch.Tensor, distances: torch.Tensor) -> Tuple[float, float]:
     """``(floor, slope) >= 0`` of the least-squares fit ``distances ~ floor + slope / lengths``; one length, or
     distances that do not shrink with the length, give ``(their mean, 0)``: the same spread at every length."""
-    inverse = 1.0 / lengths
-    if len(lengths) < 2:
-        return float(distances.mean()), 0.0
-    slope = float(((inverse - inverse.mean()) * (distances - distances.mean())).sum()
-                  / (inverse - inverse.mean()).pow(2).sum())
+    inverse = 1.0 / lengths.double()
+    distances = distances.double()
+    return fit_from_sums(len(lengths), float(inverse.sum()), float(inverse.pow(2).sum()), float(distances.sum()),
+                         float((inverse * distances).sum()))
+
+
+def fit_from_sums(count: int, x: float, xx: float, y: float, xy: float) -> Tuple[float, float]:
+    """``fit_by_length`` from its sums over the ``count`` points: of ``x = 1 / n``, ``x^2``, ``y = D(n)`` and
+    ``x y``."""
+    spread_x = xx - x * x / count
+    if count < 2 or spread_x <= 0:
+        return y / count, 0.0
+    slope = (xy - x * y / count) / spread_x
     if slope <= 0:
-        return float(distances.mean()), 0.0
-    floor = float(distances.mean() - slope * inverse.mean())
+        return y / count, 0.0
+    floor = (y - slope * x) / count
     if floor < 0:  # the best fit through the origin
-        return 0.0, float((inverse * distances).sum() / inverse.pow(2).sum())
+        return 0.0, xy / xx
     return floor, slope
 
 

@@ -62,9 +62,9 @@ class MixArguments(AdapterCommandArguments):
     temperature: float = option(1.0, "prototype router temperature T: the logit of branch i is -d_i / T")
     null_expert: bool = option(False, "add a null expert (the base model's own behaviour) for text unlike every "
                                       "branch's training text")
-    null_distance: float = option(NULL_DISTANCE, "with --null-expert: the null wins where every prototype is farther "
-                                                 "than this many times the largest branch spread of the layer at the "
-                                                 "prefix's length")
+    null_distance: Optional[float] = option(None, f"with --null-expert: the null wins where every prototype is "
+                                                  f"farther than this many times the largest branch spread of the "
+                                                  f"layer at the prefix's length (default {NULL_DISTANCE})")
     prototype_data: Optional[str] = option(None, "text to measure the prototypes of adapters that record none (a LoRA "
                                                  "trained elsewhere) on: one source per adapter, comma-separated, in "
                                                  "their order; '-' keeps an adapter's own")
@@ -82,7 +82,7 @@ class MixArguments(AdapterCommandArguments):
         checks = [(self.top_k >= 1, f"--top-k must be >= 1, got {self.top_k}."),
                   (math.isfinite(self.temperature) and self.temperature > 0,
                    f"--temperature must be a finite number > 0, got {self.temperature}."),
-                  (math.isfinite(self.null_distance) and self.null_distance > 0,
+                  (self.null_distance is None or (math.isfinite(self.null_distance) and self.null_distance > 0),
                    f"--null-distance must be a finite number > 0, got {self.null_distance}.")]
         for ok, message in checks:
             if not ok:
@@ -93,6 +93,10 @@ class MixArguments(AdapterCommandArguments):
                               f"one per adapter, in their order ('-' for one that records its own prototypes).")
         if self.prototype_tokens < 1:
             raise ConfigError(f"--prototype-tokens must be >= 1, got {self.prototype_tokens}.")
+
+    def distance(self) -> float:
+        """D: the one given, or the default (chosen on validation for the threshold by length)."""
+        return NULL_DISTANCE if self.null_distance is None else self.null_distance
 
     def prototype_sources(self) -> List[Optional[str]]:
         """Per adapter, the text to measure its prototypes on, or None: its own."""
@@ -122,6 +126,7 @@ class Branch:
     spread_slope: torch.Tensor  # [L]
     name: str = ""  # the branch's folder name (a mixed adapter's experts keep the names its mix recorded)
     bank: str = BESIDE  # the mix's bank that holds this kind of expert
+    by_length: bool = True  # False: recorded before the spread by length (format 3), the same spread at every length
 
     @property
     def rank(self) -> int:
@@ -149,12 +154,7 @@ def own_or_measured(model, folder, windows: Optional[torch.Tensor]) -> Prototype
     else the ones its folder records."""
     if windows is not None:
         return measure_prototypes(model, windows)
-    prototypes = load_prototypes(folder, len(decoder_layers(model)), model.config.hidden_size)
-    if prototypes.floor is None:
-        warnings.warn(f"{folder}'s prototypes predate the spread by prefix length (llama-expert format 4): a null "
-                      f"expert's threshold for it is the same at every length, which lets more unlike text through; "
-                      f"measure them again with --prototype-data on its training text.")
-    return prototypes
+    return load_prototypes(folder, len(decoder_layers(model)), model.config.hidden_size)
 
 
 @torch.no_grad()
@@ -190,7 +190,8 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
                                         for name in ("weight", "spread", "spread_slope"))
         else:
             prototype, (spread, slope) = prototypes.prototype, prototypes.by_length()
-        experts.append(Branch(parts, prototype, spread, slope, names[e], config.expert_type))
+        by_length = read_adapter_config(folder).get("format_version", 1) >= 4 if mixed else prototypes.floor is not None
+        experts.append(Branch(parts, prototype, spread, slope, names[e], config.expert_type, by_length))
     remove_adapters(model)
     return experts
 
@@ -217,7 +218,8 @@ def peft_lora_expert(model, folder, windows: Optional[torch.Tensor] = None) -> B
                                   f"base's {target} {projection.in_features} -> {projection.out_features}: it "
                                   f"belongs to another base. Mix LoRAs of one base.")
         parts.append({PREFIXES[INSIDE][target]: rows for target, rows in loras.items()})
-    return Branch(parts, prototypes.prototype, *prototypes.by_length(), Path(folder).resolve().name, INSIDE)
+    return Branch(parts, prototypes.prototype, *prototypes.by_length(), Path(folder).resolve().name, INSIDE,
+                  prototypes.floor is not None)
 
 
 def expert_rows(adapter, expert: int, folder) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -277,10 +279,26 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
             router.spread_slope[i] = branch.spread_slope[layer]
         if router.null_distance is not None:  # D times (the largest spread + the largest slope / n): the largest
             # spread at every length or more (exactly it for one branch)
-            router.null_distance.fill_(args.null_distance * float(router.spread.max()))
-            router.null_slope.fill_(args.null_distance * float(router.spread_slope.max()))
+            router.null_distance.fill_(args.distance() * float(router.spread.max()))
+            router.null_slope.fill_(args.distance() * float(router.spread_slope.max()))
         adapter.residual_scale.fill_(1.0)
     return model
+
+
+def check_spreads(branches: List[Branch], args: MixArguments) -> None:
+    """A null expert over branches whose spread is the same at every length (recorded before format 4): the default
+    D was chosen for the threshold by length and would send much of their own text to the null, so it is refused;
+    a D given is taken, with a warning."""
+    old = next((b.name for b in branches if not b.by_length), None)
+    if not args.null_expert or old is None:
+        return
+    message = (f"{old}'s prototypes predate the spread by prefix length (llama-expert format 4): its null threshold "
+               f"is the same at every length")
+    if args.null_distance is None:
+        raise ConfigError(f"{message}, for which the default --null-distance {NULL_DISTANCE} is too tight; measure "
+                          f"them again with --prototype-data on its training text, or give --null-distance (4 was "
+                          f"that threshold's default).")
+    warnings.warn(f"{message}; --prototype-data on its training text measures the spread by length.")
 
 
 def check_one_base(folders: List[str]) -> None:
@@ -324,13 +342,14 @@ def run_mix(args: MixArguments) -> Path:
         model = load_base_model(base, auth_token=args.auth_token)
         branches = [expert for folder, windows in zip(args.adapters, prototype_windows(args, base))
                     for expert in read_experts(model, folder, windows)]
+        check_spreads(branches, args)
         if args.top_k > len(branches):
             raise ConfigError(f"--top-k {args.top_k} is more than the {len(branches)} experts these adapters bring; "
                               f"give at most {len(branches)}.")
         mix_branches(model, branches, args)
         report = {"adapters": [str(a) for a in args.adapters], "base": base, "top_k": args.top_k,
                   "temperature": args.temperature, "null_expert": args.null_expert,
-                  "null_distance": args.null_distance if args.null_expert else None,
+                  "null_distance": args.distance() if args.null_expert else None,
                   "ranks": [b.rank for b in branches],
                   "experts": [b.name for b in branches],  # what `serve`'s routing page calls each expert
                   "prototype_data": args.prototype_sources() if args.prototype_data else None}
