@@ -9,7 +9,7 @@ text in 512-token windows reported beside it. A run is a named configuration at 
     python benchmarks/multidomain_sweep.py run --jobs 8 --deadline 300 lora:1e-3:1 lora:1e-3:2 ...  # 8 at once
     python benchmarks/multidomain_sweep.py table                       # the table of every finished run
     python benchmarks/multidomain_sweep.py retention lora:1e-3 moe:3e-3   # train on prose only: what is forgotten
-    python benchmarks/multidomain_sweep.py retention-mix [--null-distance 1.75]   # each prose-only run + the null
+    python benchmarks/multidomain_sweep.py retention-mix [--null-distance 1.5]   # each prose-only run + the null
     python benchmarks/multidomain_sweep.py null-validation [--distances 1.5,1.75,2,2.5]   # the null distance, chosen
     python benchmarks/multidomain_sweep.py retention-table             # code and math change against the base
     python benchmarks/multidomain_sweep.py publish docs/results/multidomain-sweep   # summaries + table, committable

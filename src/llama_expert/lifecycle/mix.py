@@ -47,7 +47,7 @@ from .arguments import AdapterCommandArguments
 from .calibration import calibration_windows
 from .output import check_output, locked_output, write_outputs
 
-NULL_DISTANCE = 1.75  # chosen on validation text: docs/results/experts-by-design-cheap/null-distance-validation.md
+NULL_DISTANCE = 1.5  # chosen on validation text: docs/results/experts-by-design-cheap/null-distance-validation.md
 BRANCH_HINT = ("train each branch with --expert-type lora_experts --num-experts 1 --top-k 1 (a --shared-expert-rank "
                "is fine), or as a LoRA with --method lora")
 
