@@ -279,18 +279,18 @@ def retention_mix(null_distance: float) -> None:
         sys.exit(f"no retention adapters under {OUT / 'retention'}: run `retention NAME:LR[:SEED]` first")
     for run in runs:
         mixed, report = mixed_paths(run.name, null_distance)
-        if report.exists() and report.stat().st_mtime > (run / "adapter_model.safetensors").stat().st_mtime:
+        if fresh(report, run):
             print(f"up to date: {report}", flush=True)  # measured after the run's adapter was written
         elif mix_alone(run, mixed, null_distance):
             measure_as_its_run(run, mixed, report)
             print(f"mixed and measured: {mixed}", flush=True)
 
 
-def mixed_paths(run: str, null_distance: float):
-    """(folder, report) of run ``run`` mixed at null distance D: OUT/retention-mix/<run>-null<D>[.json]. Not
+def mixed_paths(run: str, null_distance: float, under: str = MIXED):
+    """(folder, report) of run ``run`` mixed at null distance D: OUT/<under>/<run>-null<D>[.json]. Not
     ``with_suffix``: D may hold a "." (2.5), which it would take for a suffix and replace."""
     name = f"{run}-null{null_distance:g}"
-    return OUT / MIXED / name, OUT / MIXED / f"{name}.json"
+    return OUT / under / name, OUT / under / f"{name}.json"
 
 
 def mix_alone(run: Path, mixed: Path, null_distance: float) -> bool:
@@ -330,7 +330,7 @@ def null_validation(distances) -> None:
     for run in runs:
         alone = validation_report(run, folder / f"{run.name}.json", run)
         for distance in distances:
-            mixed, report = folder / f"{run.name}-null{distance:g}", folder / f"{run.name}-null{distance:g}.json"
+            mixed, report = mixed_paths(run.name, distance, VALIDATION)
             if not fresh(report, run) and not mix_alone(run, mixed, distance):
                 sys.exit(f"{run.name} does not mix: null-validation takes LoRA runs")
             rows[distance].append(shares(validation_report(mixed, report, run), alone, base))

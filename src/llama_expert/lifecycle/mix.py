@@ -166,7 +166,8 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
     layers = len(decoder_layers(model))
     if holds_lora(folder):
         return [peft_lora_expert(model, folder, windows)]
-    config = saved_expert_config(read_adapter_config(folder), folder)
+    meta = read_adapter_config(folder)
+    config = saved_expert_config(meta, folder)
     mixed = is_mixed(config)
     if not mixed:
         check_branch(config, layers, folder)
@@ -181,6 +182,7 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
     layer_adapters = [adapter for _, adapter in adapters(model)]
     count, label = layer_adapters[0].num_experts, Path(folder).resolve().name
     names = (expert_names(folder, count) or [f"{label} expert {e}" for e in range(count)]) if mixed else [label]
+    by_length = meta.get("format_version", 1) >= 4 if mixed else prototypes.floor is not None  # spread by length
     experts = []
     for e in range(count):
         parts = [expert_rows(adapter, e, folder) for adapter in layer_adapters]
@@ -190,7 +192,6 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
                                         for name in ("weight", "spread", "spread_slope"))
         else:
             prototype, (spread, slope) = prototypes.prototype, prototypes.by_length()
-        by_length = read_adapter_config(folder).get("format_version", 1) >= 4 if mixed else prototypes.floor is not None
         experts.append(Branch(parts, prototype, spread, slope, names[e], config.expert_type, by_length))
     remove_adapters(model)
     return experts
@@ -265,6 +266,7 @@ def mix_config(branches: List[Branch], args: MixArguments) -> ExpertConfig:
 def mix_branches(model, branches: List[Branch], args: MixArguments):
     """Put mixed adapters on ``model`` (a bare base): expert i of each layer is branch i, routed by its prototype."""
     augment_model(model, mix_config(branches, args))
+    distance = args.distance()
     for layer, (_, adapter) in enumerate(adapters(model)):
         bank, router = adapter.experts, adapter.router
         for prefix in PREFIXES[bank.registered_name].values():
@@ -279,8 +281,8 @@ def mix_branches(model, branches: List[Branch], args: MixArguments):
             router.spread_slope[i] = branch.spread_slope[layer]
         if router.null_distance is not None:  # D times (the largest spread + the largest slope / n): the largest
             # spread at every length or more (exactly it for one branch)
-            router.null_distance.fill_(args.distance() * float(router.spread.max()))
-            router.null_slope.fill_(args.distance() * float(router.spread_slope.max()))
+            router.null_distance.fill_(distance * float(router.spread.max()))
+            router.null_slope.fill_(distance * float(router.spread_slope.max()))
         adapter.residual_scale.fill_(1.0)
     return model
 
