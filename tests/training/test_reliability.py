@@ -408,3 +408,36 @@ def test_settings_a_checkpoint_predates_do_not_block_resume():
     now = {"learning_rate": 1e-3, "expert_config": {"top_k": 2, "router_jitter": 0.01}, "output_dir": "x"}
     assert settings_changes(saved, now) == []
     assert settings_changes(saved, {**now, "expert_config": {"top_k": 1}}) == ["top_k: checkpoint 2, now 1"]
+
+
+@pytest.mark.parametrize("older", ["one tensor fewer", "other shapes"])
+def test_an_optimiser_state_of_other_parameters_is_refused_with_a_way_on(base, tmp_path, older):
+    """A checkpoint written by a version whose adapter had other parameters (format 4 added ``null_slope``): one
+    line naming both counts and the way on, not torch's bare ValueError or moments stepped on the wrong tensor."""
+    from llama_expert.training.checkpoints import save_training_state
+
+    out = tmp_path / "run"
+    _train(base, out, max_steps=4, stop_after_steps=2)
+    last = out / "checkpoints" / "last"
+    state = load_training_state(last)
+    optimizer = state["optimizer"]
+    if older == "one tensor fewer":
+        dropped = optimizer["param_groups"][0]["params"].pop()
+        optimizer["state"].pop(dropped, None)
+    else:
+        moments = next(m for m in optimizer["state"].values() if m["exp_avg"].dim() == 2)
+        moments["exp_avg"] = moments["exp_avg"][:, :1].contiguous()
+        moments["exp_avg_sq"] = moments["exp_avg_sq"][:, :1].contiguous()
+    save_training_state(last, state)
+    with pytest.raises(ConfigError) as info:
+        _train(base, out, max_steps=4, resume=True)
+    message = str(info.value)
+    assert "does not fit the tensors this run trains" in message and "\n" not in message
+    assert f"--init-adapter {last} in a new --output-dir" in message
+    folder, text = base
+    from llama_expert.training.methods import AdapterStart
+
+    method = MoEMethod.from_adapter(AdapterStart(init_adapter=str(last)))  # the way on the message names
+    result = fine_tune(method, _args(tmp_path / "again", max_steps=1), DataArguments(dataset=str(text)),
+                       model_id=str(folder))
+    assert result.steps == 1

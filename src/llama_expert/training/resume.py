@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
+import torch
+
 from ..errors import ConfigError, LlamaExpertError
 from .checkpoints import CheckpointError, checkpoint_candidates, load_training_state, require_checkpoint
 
@@ -51,6 +53,23 @@ def check_compatible(found: Path, state: dict, run_config: dict, world: int) -> 
         raise ConfigError(f"cannot resume from {found}: it ran on {state['world_size']} processes, this run has "
                           f"{world}. Resume with accelerate launch --num_processes {state['world_size']}, or train "
                           f"in a new --output-dir.")
+
+
+def check_optimizer_fits(found: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimiser state that does not fit the tensors this run trains: a checkpoint written by a version
+    whose adapter had other parameters (format 4 added the null's ``null_slope``). Torch would raise a bare
+    ValueError on other counts, and on other shapes step each moment on the wrong tensor or fail mid-run."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    before = [len(group["params"]) for group in saved["param_groups"]]
+    now = [len(group["params"]) for group in optimizer.param_groups]
+    misfit = before != now or any(
+        value.dim() > 0 and value.shape != params[index].shape
+        for index, moments in saved["state"].items() for value in moments.values() if torch.is_tensor(value))
+    if misfit:
+        raise ConfigError(f"cannot resume from {found}: its optimiser state does not fit the tensors this run trains "
+                          f"({sum(before)} in groups of {before}, now {sum(now)} in {now}; it was written by a "
+                          f"llama-expert whose adapter had other parameters). Finish it with that version, or start "
+                          f"a new run from its weights: --init-adapter {found} in a new --output-dir.")
 
 
 def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Callable[[Path], None],

@@ -37,7 +37,7 @@ from .checkpoints import STAGING_PREFIXES, rng_state, save_training_state, set_r
 from .compilation import compile_for_training
 from .loggers import TrainingLoggers
 from .optimizer import build_optimizer, rebuild_optimizer
-from .resume import load_latest
+from .resume import check_optimizer_fits, load_latest
 from .schedule import Schedule
 from .sharding import average_gradients, fsdp_requested, shard_frozen_base
 from .stopping import StopRequests
@@ -192,6 +192,7 @@ class Trainer:
             if hook_states is None and "structure" in saved:  # written before hooks had names
                 hook_states = {"dynamic": saved["structure"]}
             self.saved_hook_states = hook_states or {}
+        check_optimizer_fits(folder, saved["optimizer"], self.optimizer)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"][self.rank])
