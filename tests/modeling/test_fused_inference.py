@@ -427,6 +427,36 @@ def test_without_the_kernel_adapters_take_the_pytorch_fused_path(tmp_path, envir
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
 
 
+@needs_compiler
+def test_the_kernel_gives_the_null_logit_of_the_general_path_bit_for_bit():
+    """The null's logit ``-(D + S / n) / T`` in the same float32 operations on both paths, so that they choose alike
+    where it nearly ties a real expert's: random thresholds, slopes, temperatures (T != 1 above all) and lengths."""
+    import ctypes
+    import random
+
+    from llama_expert.modeling.decode_kernel import PlanStruct, kernel_function, kernel_library
+
+    library = kernel_library()
+    assert library is not None, "the kernel should build here"
+    logits = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p)(
+        kernel_function(library, "prototype_logits"))
+    draw, zero, out = random.Random(0), torch.zeros(1), torch.zeros(2)
+    for _ in range(2000):
+        temperature = draw.choice([0.1, 0.3, 1 / 3, 0.7, 2.5, draw.uniform(0.01, 5.0)])
+        router = ROUTERS.get("prototype")(1, 1, 1, temperature=temperature, null=True)
+        count = float(draw.randint(1, 4000))
+        with torch.no_grad():
+            router.null_distance.fill_(draw.uniform(0.01, 50.0))
+            router.null_slope.fill_(draw.uniform(-20.0, 50.0))
+            general = router.logits(torch.zeros(1, 1), torch.tensor([count]))[0, -1]
+        plan_of = router.kernel_routing()
+        plan = PlanStruct(hidden=1, experts=2, real=1, top_k=1, prefix_mean=1, divisor=plan_of.divisor,
+                          null_logit=plan_of.null_logit, null_slope=plan_of.null_slope, alpha=1.0,
+                          router_rows=zero.data_ptr(), centre=zero.data_ptr(), row_norms=zero.data_ptr())
+        logits(ctypes.addressof(plan), zero.data_ptr(), count, out.data_ptr())
+        assert general.item() == out[1].item(), (temperature, count)
+
+
 # --- routers that route by the sequence's prefix mean (sequence_aux_free, prototype: a mix's router) ---
 
 PREFIX_CASES = [("prototype", "lora_experts", 1), ("prototype", "lora_experts+shared", 2),

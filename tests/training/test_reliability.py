@@ -410,34 +410,40 @@ def test_settings_a_checkpoint_predates_do_not_block_resume():
     assert settings_changes(saved, {**now, "expert_config": {"top_k": 1}}) == ["top_k: checkpoint 2, now 1"]
 
 
-@pytest.mark.parametrize("older", ["one tensor fewer", "other shapes"])
-def test_an_optimiser_state_of_other_parameters_is_refused_with_a_way_on(base, tmp_path, older):
+@pytest.mark.parametrize("older, multiplier", [("one tensor fewer", 1.0), ("one tensor fewer", 4.0),
+                                               ("other shapes", 1.0)])
+def test_an_optimiser_state_of_other_parameters_is_refused_with_a_way_on(base, tmp_path, older, multiplier):
     """A checkpoint written by a version whose adapter had other parameters (format 4 added ``null_slope``): one
-    line naming both counts and the way on, not torch's bare ValueError or moments stepped on the wrong tensor."""
+    line naming the misfit and the way on, not torch's bare ValueError or a failure at the first step; the way on
+    (the same command with --init-adapter in place of the expert flags) then trains. A router learning-rate
+    multiplier puts the routers in a group of their own."""
     from llama_expert.training.checkpoints import save_training_state
 
     out = tmp_path / "run"
-    _train(base, out, max_steps=4, stop_after_steps=2)
+    config = ExpertConfig(num_experts=4, router_lr_multiplier=multiplier)
+    _train(base, out, config, max_steps=4, stop_after_steps=2)
     last = out / "checkpoints" / "last"
     state = load_training_state(last)
     optimizer = state["optimizer"]
+    assert len(optimizer["param_groups"]) == (2 if multiplier != 1.0 else 1)
     if older == "one tensor fewer":
-        dropped = optimizer["param_groups"][0]["params"].pop()
+        dropped = optimizer["param_groups"][-1]["params"].pop()
         optimizer["state"].pop(dropped, None)
+        misfit = "trained tensors in groups of"
     else:
-        moments = next(m for m in optimizer["state"].values() if m["exp_avg"].dim() == 2)
+        index, moments = next((i, m) for i, m in optimizer["state"].items() if m["exp_avg"].dim() == 2)
         moments["exp_avg"] = moments["exp_avg"][:, :1].contiguous()
         moments["exp_avg_sq"] = moments["exp_avg_sq"][:, :1].contiguous()
+        misfit = f"its exp_avg of tensor {index} is [{moments['exp_avg'].shape[0]}, 1]"
     save_training_state(last, state)
     with pytest.raises(ConfigError) as info:
-        _train(base, out, max_steps=4, resume=True)
+        _train(base, out, config, max_steps=4, resume=True)
     message = str(info.value)
-    assert "does not fit the tensors this run trains" in message and "\n" not in message
-    assert f"--init-adapter {last} in a new --output-dir" in message
+    assert "does not fit the tensors this run trains" in message and misfit in message and "\n" not in message
+    assert f"--init-adapter {last} in place of the expert flags" in message
     folder, text = base
-    from llama_expert.training.methods import AdapterStart
-
-    method = MoEMethod.from_adapter(AdapterStart(init_adapter=str(last)))  # the way on the message names
-    result = fine_tune(method, _args(tmp_path / "again", max_steps=1), DataArguments(dataset=str(text)),
-                       model_id=str(folder))
-    assert result.steps == 1
+    again = _cli("train", "--model", str(folder), "--dataset", str(text), "--output-dir", str(tmp_path / "again"),
+                 "--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--no-progress", "--mixed-precision",
+                 "no", "--max-steps", "1", "--init-adapter", str(last))
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]

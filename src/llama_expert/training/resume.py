@@ -10,7 +10,7 @@ warning for an older one (``checkpoints.checkpoint_candidates``: ``last``, its p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -55,21 +55,36 @@ def check_compatible(found: Path, state: dict, run_config: dict, world: int) -> 
                           f"in a new --output-dir.")
 
 
+def optimizer_misfit(saved: dict, optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """How the saved optimiser state differs from the tensors ``optimizer`` trains, in number per group or in shape
+    (its moments, by torch's flat numbering across groups), or None when it fits."""
+    before = [len(group["params"]) for group in saved["param_groups"]]
+    now = [len(group["params"]) for group in optimizer.param_groups]
+    if before != now:
+        return f"it holds {sum(before)} trained tensors in groups of {before}, this run {sum(now)} in {now}"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, moments in sorted(saved["state"].items()):
+        for name, value in moments.items():
+            if name != "step" and torch.is_tensor(value) and value.shape != params[index].shape:
+                return (f"its {name} of tensor {index} is {list(value.shape)}, the tensor this run trains there "
+                        f"{list(params[index].shape)}")
+    return None
+
+
 def check_optimizer_fits(found: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimiser state that does not fit the tensors this run trains: a checkpoint written by a version
     whose adapter had other parameters (format 4 added the null's ``null_slope``). Torch would raise a bare
-    ValueError on other counts, and on other shapes step each moment on the wrong tensor or fail mid-run."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    before = [len(group["params"]) for group in saved["param_groups"]]
-    now = [len(group["params"]) for group in optimizer.param_groups]
-    misfit = before != now or any(
-        value.dim() > 0 and value.shape != params[index].shape
-        for index, moments in saved["state"].items() for value in moments.values() if torch.is_tensor(value))
+    ValueError on other counts, and fail at the first step on other shapes. (A state of other layouts, as
+    DeepSpeed's, is left to its own loader.)"""
+    if not {"state", "param_groups"} <= saved.keys():
+        return
+    misfit = optimizer_misfit(saved, optimizer)
     if misfit:
         raise ConfigError(f"cannot resume from {found}: its optimiser state does not fit the tensors this run trains "
-                          f"({sum(before)} in groups of {before}, now {sum(now)} in {now}; it was written by a "
-                          f"llama-expert whose adapter had other parameters). Finish it with that version, or start "
-                          f"a new run from its weights: --init-adapter {found} in a new --output-dir.")
+                          f"({misfit}: it was written by a llama-expert whose adapter had other parameters). Finish "
+                          f"it with that version, or start a new run from its weights: the same command with "
+                          f"--init-adapter {found} in place of the expert flags (it brings them; keep --method and "
+                          f"--train-only), in a new --output-dir, from step 0.")
 
 
 def load_latest(output_dir: Path, run_config: dict, world: int, load_weights: Callable[[Path], None],

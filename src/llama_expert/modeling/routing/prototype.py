@@ -72,7 +72,7 @@ class PrototypeRouter(PrefixMeanRouting, RouterBase):
         squared = (means.pow(2).sum(-1, keepdim=True) - 2 * means @ prototypes.T + prototypes.pow(2).sum(-1))
         logits = -squared.clamp_min(0.0) / (means.shape[-1] * self.temperature)
         if self.null_distance is not None:
-            # -(D + S / n) / T in the kernel's order of float32 operations, so that both choose alike at a near tie
+            # -(D + S / n) / T in the kernel's order of float32 operations: the same null logit, bit for bit
             null = -self.null_distance.float() / self.temperature \
                 + (-self.null_slope.float() / self.temperature) / counts.float().clamp_min(1.0)
             logits = torch.cat([logits, null.view(-1, 1)], dim=1)
