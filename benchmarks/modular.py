@@ -20,6 +20,7 @@ must not move:
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows seeds   # another seed's repeated rows
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows lora-library   # ... the LoRA library's
     SEED=2 OUT=runs/modular-seed2 python benchmarks/modular.py run --rows peft-routers   # ... PEFT's routers
+    OUT=runs/modular python benchmarks/modular.py run --rows branches   # the branches and their mixes alone
     python benchmarks/modular.py seeds runs/modular runs/modular-seed2 ...          # those rows, mean ± std
     python benchmarks/modular.py mixes runs/modular runs/modular-seed2 ...          # every mix's folder, one a line
     STEPS=2 TEST_TOKENS=512 OUT=runs/modular-smoke python benchmarks/modular.py run   # a smoke run
@@ -153,6 +154,7 @@ LIBRARY = [f"lora-{domain}" for domain in DOMAINS]  # the per-domain PEFT LoRAs:
 LORA_MIXES = mix_names("loras-mixed")  # that library mixed by `llama-expert mix` (experts inside the MLP, mixlora)
 ROWS = {"all": None,  # every row
         "seeds": [*(f"branch-{domain}" for domain in DOMAINS), "lora-mix-r4", "lora-mix-r12"],  # repeated over seeds
+        "branches": [f"branch-{domain}" for domain in DOMAINS],  # the branches, their mixes, those on unseen text
         "lora-library": [*LIBRARY, "lora-docs"],  # the per-domain LoRAs, their mixes and the skill added to them
         "peft-routers": LIBRARY}  # PEFT's Arrow and X-LoRA over the per-domain LoRAs
 ADDED = {"mixed-plus-docs": ["mixed", "branch-docs"],  # a fourth skill mixed into a mix: (the mix, the new skill)
@@ -183,11 +185,14 @@ def run(jobs: int, rows: str = "all") -> None:
     mixes = []
     if rows != "lora-library":
         mixes += mix_and_calibrate("mixed", [f"branch-{domain}" for domain in DOMAINS], jobs)
-    if rows != "seeds":
+    if rows not in ("seeds", "branches"):
         mixes += mix_and_calibrate("loras-mixed", LIBRARY, jobs)
     for name in [*wanted, *mixes]:
         measure_adapter(name)
-    if rows != "seeds":  # the LoRA library's mixes on text none of the LoRAs saw, then with a fourth skill
+    if rows == "branches":  # the branch mixes on text none of the branches saw
+        for name in MIXES:
+            measure_adapter(name, UNSEEN, prefix="unseen-")
+    if rows not in ("seeds", "branches"):  # the LoRA library's mixes on unseen text, then with a fourth skill
         for name in LORA_MIXES:
             measure_adapter(name, UNSEEN, prefix="unseen-")
         add_skill([name for name in ADDED if name.startswith("loras-")])
@@ -382,8 +387,8 @@ def main(argv) -> None:
     parser.add_argument("folders", nargs="*", help="seeds, mixes: one OUT folder a seed")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", "1")), help="trainings at a time")
     parser.add_argument("--rows", choices=list(ROWS), default="all", help="run: every row, only the rows repeated over "
-                        "seeds (another SEED, its own OUT), only the per-domain LoRAs and their mixes, or only PEFT's "
-                        "routers over those LoRAs")
+                        "seeds (another SEED, its own OUT), only the branches and their mixes, only the per-domain "
+                        "LoRAs and their mixes, or only PEFT's routers over those LoRAs")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.jobs, args.rows)

@@ -84,3 +84,24 @@ def test_mixes_lists_every_mix_folder_of_every_seed_for_route_after_prefix():
     names = ["mixed", "mixed-null", "mixed-calibrated", "mixed-null-calibrated"]
     names += [f"loras-{name}" for name in names]
     assert out == [f"runs/{seed}/{name}" for seed in "ab" for name in names]
+
+
+def test_run_of_the_branches_rows_trains_mixes_and_measures_only_the_branches(benchmark_script, tmp_path,
+                                                                                monkeypatch):
+    """`run --rows branches` (a seed's branch mixes measured again without its LoRAs on the mix): the three
+    branches trained, mixed with and without the null, calibrated, each measured on the test text and the mixes on
+    unseen text; no LoRA trained, mixed or measured."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    modular = benchmark_script("modular")
+    done = []
+    monkeypatch.setattr(modular, "run_parallel", lambda commands, jobs: done.extend(f"train {n}" for n in commands))
+    monkeypatch.setattr(modular, "mix", lambda name, inputs, *extra: done.append(f"mix {name}"))
+    monkeypatch.setattr(modular, "measure", lambda name, adapter, dataset=modular.TEST: done.append(f"measure {name}"))
+    modular.run(1, "branches")
+    branches = [f"branch-{domain}" for domain in ("math", "code", "prose")]
+    assert [d for d in done if d.startswith("train")] == [f"train {n}" for n in branches] + [
+        "train mixed-calibrated", "train mixed-null-calibrated"]
+    assert [d for d in done if d.startswith("mix")] == ["mix mixed", "mix mixed-null"]
+    measured = [d.split()[1] for d in done if d.startswith("measure")]
+    assert measured == [*branches, *modular.MIXES, *(f"unseen-{name}" for name in modular.MIXES)]
+    assert not any("lora" in d for d in done)
