@@ -26,11 +26,11 @@ class LlamaStyleMLP(torch.nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(h)) * self.up_proj(h))
 
 
-def _adapter(expert_type, router_type, num_experts=7):
+def _adapter(expert_type, router_type, num_experts=7, **config):
     torch.manual_seed(0)
     adapter = MoEAdapter(LlamaStyleMLP(), HIDDEN, num_experts,
                          ExpertConfig(expert_type=expert_type, router_type=router_type, lora_r=4, top_k=2,
-                                      lora_dropout=0.0))
+                                      lora_dropout=0.0, **config))
     with torch.no_grad():
         for p in adapter.parameters():
             if p.requires_grad or p.dim() == 1:
@@ -124,20 +124,44 @@ def _decode_inputs(adapter, hidden, prefix):
     adapter.token_mask.prefix = prefix
 
 
+def _null_for_some_tokens(adapter, hidden, prefix):
+    """A null threshold ``D + S / n``: ``S`` the least-squares slope of the pass's nearest prototype distances by
+    prefix length, ``D`` between the floors its tokens would tie at, so that the null is chosen for half of them."""
+    from llama_expert.integration.prototypes import fit_by_length
+    from llama_expert.modeling.routing.prefix_state import sequence_prefix_means
+
+    _decode_inputs(adapter, hidden, prefix)
+    means = sequence_prefix_means(adapter.router, hidden, adapter.token_mask)
+    keep = means.mask.bool() if means.mask is not None else torch.ones_like(means.counts, dtype=torch.bool)
+    with torch.no_grad():
+        nearest = -adapter.router.logits(means.means, means.counts)[:, :-1].amax(-1) * adapter.router.temperature
+        _, slope = fit_by_length(means.counts[keep].double(), nearest[keep].double())
+        below = (nearest[keep] - slope / means.counts[keep]).sort().values  # the floor each token would tie at
+        half = len(below) // 2
+        adapter.router.null_distance.fill_(float(below[half - 1] + below[half]) / 2)  # half win, half lose
+        adapter.router.null_slope.fill_(slope)
+        chosen = adapter.router.logits(means.means, means.counts)[keep].argmax(-1) == adapter.router.num_experts - 1
+    assert chosen.any() and not chosen.all()
+
+
 @pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
-@pytest.mark.parametrize("router_type,bank", [(name, "shared_core") for name in ROUTERS.names()]
-                         + [("prototype", "mixlora")])  # mixlora with prototype: a mix of PEFT LoRAs
-def test_the_inference_forward_compiles_as_one_graph(router_type, bank, decode):
+@pytest.mark.parametrize("router_type,bank,null", [(name, "shared_core", False) for name in ROUTERS.names()]
+                         + [("prototype", "mixlora", False),  # mixlora with prototype: a mix of PEFT LoRAs
+                            ("prototype", "lora_experts", True)])  # the null's threshold by the prefix's length
+def test_the_inference_forward_compiles_as_one_graph(router_type, bank, null, decode):
     """``torch.compile(fullgraph=True)`` of the adapter's eval forward (no gradients) traces without a graph break,
     so no host synchronisation (what a CUDA graph cannot hold), for every router with the default bank, in a prompt
-    pass (with padding) and a decode step (one token, with the prefix state earlier passes left); it computes what
-    the eager forward computes, and a sequence router writes the same prefix sums."""
+    pass (with padding) and a decode step (one token, with the prefix state earlier passes left), and a mix's
+    router with a null expert whose threshold reads each token's prefix length (``pass_counts``, set per pass); it
+    computes what the eager forward computes, and a sequence router writes the same prefix sums."""
     from llama_expert.modeling.routing import PrefixState
 
-    adapter = _adapter(bank, router_type, num_experts=4)
+    adapter = _adapter(bank, router_type, num_experts=4, null_expert=null)
     adapter.decode_kernel = bank != "mixlora"  # mixlora eager: the general path the compiler traces, not its kernel
     hidden = torch.randn(2, 1 if decode else 5, HIDDEN)
     earlier = {adapter.router: (torch.randn(2, HIDDEN), torch.tensor([3.0, 5.0]))} if decode else {}
+    if null:
+        _null_for_some_tokens(adapter, hidden, PrefixState(dict(earlier)))
     results = []
     for forward in (adapter, torch.compile(adapter, fullgraph=True, backend="aot_eager")):
         prefix = PrefixState(dict(earlier))
