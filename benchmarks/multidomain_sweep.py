@@ -208,9 +208,27 @@ def mean_std(values, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def seed_of(folder: Path) -> int:
+    return int(RUN_FOLDER.match(folder.name)["seed"] or 1)
+
+
+def best_rates(validation: dict) -> dict:
+    """Per configuration, its learning rate of the lowest mean validation perplexity over the seeds every one of its
+    rates was run with (``validation``: (name, lr) -> [(seed, perplexity), ...]). The protocol chooses the rate at
+    seed 1 and runs more seeds at that rate alone: one seed's value is never weighed against a mean of more."""
+    best = {}
+    for name in {name for name, _ in validation}:
+        rates = {lr: dict(runs) for (n, lr), runs in validation.items() if n == name}
+        shared = set.intersection(*(set(by_seed) for by_seed in rates.values()))
+        best[name] = min(rates, key=lambda lr: statistics.mean(
+            v for seed, v in rates[lr].items() if seed in shared or not shared))
+    return best
+
+
 def table() -> None:
     """Per configuration and learning rate: mean ± std over the seeds run (std from two seeds on). The best
-    learning rate of each configuration is the one with the lowest mean validation perplexity."""
+    learning rate of each configuration is the one with the lowest mean validation perplexity over the seeds all
+    its rates share (``best_rates``)."""
     groups = grouped_runs(OUT)
     if not groups:
         sys.exit(f"no */training_summary.json under {OUT}: run some configurations first")
@@ -227,10 +245,8 @@ def table() -> None:
                          mean=[s["test"]["after"]["perplexity"] for s in summaries], nmi=nmis,
                          speed=statistics.mean(s["tokens"] / s["seconds"] for s in summaries),
                          memory=max(memory) if memory else None)
-    best = {}
-    for (name, lr), row in rows.items():
-        if name not in best or statistics.mean(row["validation"]) < statistics.mean(rows[(name, best[name])]["validation"]):
-            best[name] = lr
+    best = best_rates({key: [(seed_of(folder), s["final_validation"]["perplexity"]) for s, folder in runs]
+                       for key, runs in groups.items()})
     print(f"| configuration | lr | seeds | trainable | validation | {' | '.join(domains)} | test mean | NMI mid | "
           "tokens/s | peak memory |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(domains) + "---:|---:|---:|---:|")

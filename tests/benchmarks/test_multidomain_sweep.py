@@ -146,3 +146,13 @@ def test_the_null_distance_is_chosen_on_validation_as_the_smallest_that_keeps_90
                               "--distances", "1.5,2"], capture_output=True, text=True, check=True, cwd=ROOT,
                              env={**os.environ, "OUT": str(tmp_path)}).stdout
     assert printed.strip().endswith("chosen: D = 2")
+
+
+def test_the_best_rate_is_chosen_on_the_seeds_every_rate_shares(sweep):
+    """The protocol picks a rate at seed 1, then runs seeds 2 and 3 at it alone: a worse seed 2 must not hand the
+    choice to a rate run once (seed 1: 3e-3 beats 1e-3; the means over all seeds, 9.70 and 9.65, would not). Rates
+    that share no seed are compared on all their seeds."""
+    validation = {("lora", 3e-3): [(1, 9.60), (2, 9.80)], ("lora", 1e-3): [(1, 9.65)],
+                  ("oracle", 1e-2): [(2, 9.0)], ("oracle", 3e-2): [(1, 9.5)]}
+    assert sweep.best_rates(validation) == {"lora": 3e-3, "oracle": 1e-2}
+    assert sweep.seed_of(Path("lora-lr3e-3-seed2")) == 2 and sweep.seed_of(Path("lora-lr3e-3")) == 1
