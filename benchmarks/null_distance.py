@@ -9,9 +9,10 @@ mean to the prototype, ``||m_t - p_l||^2 / d``, is beyond ``D * (b_l + w_l / n)`
 the prefix's length, ``b_l + w_l / n`` the recorded spread at that length; section 2 of docs/design.md;
 ``--fixed`` divides by the mean spread ``s_l`` instead, the threshold of adapter files before format 4). This
 measures that ratio on the adapter's own model (as the prototypes were measured) for each domain's windows (512
-tokens within the first 8,192 of each training file's split, bfloat16) and prints, per domain, prefix length and ``D``, the share of (window, layer) pairs beyond it:
-the share of tokens there that a mix at ``D`` gives the null (exactly so in the first layer; in a later one, where
-the layers before it chose the skill, since a null choice changes what the later layers see).
+tokens within the first 8,192 of each training file's split, bfloat16) and prints, per domain, prefix length and
+``D``, the share of (window, layer) pairs beyond it: the share of tokens there that a mix at ``D`` gives the null
+(exactly so in the first layer; in a later one, where the layers before it chose the skill, since a null choice
+changes what the later layers see).
 """
 
 import argparse
@@ -32,8 +33,9 @@ POSITIONS = (16, 32, 64, 128, 256, 512)  # prefix lengths reported
 @torch.no_grad()
 def ratios(model, windows: torch.Tensor, prototypes, positions=POSITIONS, fixed: bool = False) -> torch.Tensor:
     """[windows, layers, positions]: ``||m_t - p_l||^2 / d`` over the spread at each prefix length n of ``positions``,
-    ``b_l + w_l / n`` (``fixed``: the mean spread ``s_l``), on ``model`` (the skill in every layer: what the mix computes until a layer chooses the null, which changes the
-    later layers' inputs; the first layer's share is exactly the mix's, tests/benchmarks/test_null_distance.py)."""
+    ``b_l + w_l / n`` (``fixed``: the mean spread ``s_l``), on ``model`` (the skill in every layer: what the mix
+    computes until a layer chooses the null, which changes the later layers' inputs; the first layer's share is
+    exactly the mix's, tests/benchmarks/test_null_distance.py)."""
     layers, found = decoder_layers(model), []
     floor, slope = (prototypes.spread, torch.zeros_like(prototypes.spread)) if fixed else prototypes.by_length()
     spreads = floor[:, None] + slope[:, None] / torch.tensor(positions, dtype=torch.float32)  # [L, positions]
