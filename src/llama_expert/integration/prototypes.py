@@ -48,10 +48,15 @@ class Prototypes:
     floor: Optional[torch.Tensor] = None  # [L] float32: that distance at prefix length n is about floor + slope / n
     slope: Optional[torch.Tensor] = None  # [L] float32 (None, None: recorded before the fit was, floor = spread)
 
+    @property
+    def fitted(self) -> bool:
+        """Whether the spread by length was recorded (format 4 on); a file recorded before the fit was has it not."""
+        return self.floor is not None and self.slope is not None
+
     def by_length(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(floor, slope)`` [L] each: the spread at prefix length n is ``floor + slope / n``; a file recorded before
         the fit gives ``(spread, 0)``, the same spread at every length."""
-        if self.floor is None or self.slope is None:
+        if not self.fitted:
             return self.spread.clone(), torch.zeros_like(self.spread)
         return self.floor, self.slope
 

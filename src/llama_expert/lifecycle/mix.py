@@ -182,7 +182,7 @@ def read_experts(model, folder, windows: Optional[torch.Tensor] = None) -> List[
     layer_adapters = [adapter for _, adapter in adapters(model)]
     count, label = layer_adapters[0].num_experts, Path(folder).resolve().name
     names = (expert_names(folder, count) or [f"{label} expert {e}" for e in range(count)]) if mixed else [label]
-    by_length = meta.get("format_version", 1) >= 4 if mixed else prototypes.floor is not None  # spread by length
+    by_length = meta.get("format_version", 1) >= 4 if mixed else prototypes.fitted  # spread by length
     experts = []
     for e in range(count):
         parts = [expert_rows(adapter, e, folder) for adapter in layer_adapters]
@@ -220,7 +220,7 @@ def peft_lora_expert(model, folder, windows: Optional[torch.Tensor] = None) -> B
                                   f"belongs to another base. Mix LoRAs of one base.")
         parts.append({PREFIXES[INSIDE][target]: rows for target, rows in loras.items()})
     return Branch(parts, prototypes.prototype, *prototypes.by_length(), Path(folder).resolve().name, INSIDE,
-                  prototypes.floor is not None)
+                  prototypes.fitted)
 
 
 def expert_rows(adapter, expert: int, folder) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
