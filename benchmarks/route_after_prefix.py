@@ -2,38 +2,67 @@
 the modular-experts goal (>= 95% of tokens after the first 32), which `benchmark`'s routing health gives only over
 all tokens (a lower bound of it).
 
-    python benchmarks/route_after_prefix.py ADAPTER [ADAPTER ...] [--skip 32] [--test-tokens 4096]
+    python benchmarks/route_after_prefix.py ADAPTER [ADAPTER ...] [--skip 32] [--test-tokens 4096] [--rule R]
+    python benchmarks/route_after_prefix.py MIX --split validation --rule scaled   # another nearest-prototype rule
 
 Each domain's test windows (512 tokens within the first TEST_TOKENS, as `benchmarks/modular.py` measures them) are
 routed in one eval pass each (`metrics.routing.token_routing`, bfloat16 base, as the table). In a layer a token
 matches when its highest-gated choice is its domain's expert: a mix's i-th expert is the i-th domain of
 DOMAIN_TRAIN (math, code, prose); a null expert's choice never matches. Shares are over every layer, per domain
 and as the mean over domains, before and after position ``skip``.
+
+``--rule`` asks what another rule would choose from the same prefix means of a mix (a prototype router), each
+layer on the hidden states the mix's own routing gave: with ``D_i`` the squared distance per dimension to prototype
+i and ``s_i(n) = spread_i + spread_slope_i / n`` how far a prefix of n tokens of its own text lies from it on
+average, ``raw`` picks the least ``D_i`` (the mix's own rule without a null), ``scaled`` the least ``D_i / s_i(n)``
+and ``gauss`` the least ``D_i / s_i(n) + log s_i(n)`` (the likeliest under an isotropic Gaussian of that spread).
 """
 
 import argparse
 
 import torch
 
+from llama_expert.errors import ConfigError
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert import load_augmented_model
 from llama_expert.integration.base_models import load_tokenizer
-from llama_expert.metrics.routing import token_routing
+from llama_expert.integration.surgery import adapters
+from llama_expert.metrics.routing import recording_routing, token_routing
 
 from common import DOMAIN_TRAIN, TEST, command, machine, today
 
+RULES = {"raw": lambda distance, spread: distance,
+         "scaled": lambda distance, spread: distance / spread,
+         "gauss": lambda distance, spread: distance / spread + spread.log()}
 
-def matches(model, window: torch.Tensor, domain: int) -> torch.Tensor:
-    """[layers, T]: whether each token's highest-gated choice in each layer is expert ``domain``."""
-    return torch.stack([row["gates"].argmax(-1) == domain for row in token_routing(model, window)])
+
+def matches(model, window: torch.Tensor, domain: int, rule: str = "chosen") -> torch.Tensor:
+    """[layers, T]: whether each token's highest-gated choice in each layer (or what ``rule`` picks) is expert
+    ``domain``."""
+    if rule == "chosen":
+        return torch.stack([row["gates"].argmax(-1) == domain for row in token_routing(model, window)])
+    with torch.no_grad(), recording_routing(model, decisions=True):
+        model(input_ids=window.view(1, -1), use_cache=False)
+        layers = [(adapter.router, adapter.router.decisions[-1]) for _, adapter in adapters(model)]
+    lengths = torch.arange(1, window.numel() + 1, dtype=torch.float32).view(-1, 1)
+    found = []
+    for router, routing in layers:
+        if not hasattr(router, "spread_slope"):
+            raise ConfigError(f"--rule {rule} needs a mix (a prototype router); this adapter's router is "
+                              f"{type(router).__name__}: measure it without --rule.")
+        experts = router.weight.shape[0]
+        distance = -routing.logits[:, :experts].float().cpu() * router.temperature
+        spread = router.spread.detach().float() + router.spread_slope.detach().float() / lengths
+        found.append(RULES[rule](distance, spread).argmin(-1) == domain)
+    return torch.stack(found)
 
 
-def shares(model, bench: ExpertModelBenchmark, skip: int) -> dict:
+def shares(model, bench: ExpertModelBenchmark, skip: int, rule: str = "chosen") -> dict:
     """Per domain name: (share matching before ``skip``, share matching from ``skip`` on), over layers and tokens."""
     windows, labels = bench.windows(), bench.window_domains()
     found = {}
     for domain, name in enumerate(bench.domain_names):
-        hits = torch.cat([matches(model, window, domain) for window in windows[labels == domain]], dim=1)
+        hits = torch.cat([matches(model, window, domain, rule) for window in windows[labels == domain]], dim=1)
         per_position = hits.view(hits.shape[0], -1, windows.shape[1]).float()  # [layers, windows, T]
         found[name] = (float(per_position[:, :, :skip].mean()), float(per_position[:, :, skip:].mean()))
     return found
@@ -45,17 +74,23 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--skip", type=int, default=32)
     parser.add_argument("--test-tokens", type=int, default=4096)
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="validation: the held-out rows of each domain's training file")
+    parser.add_argument("--rule", choices=("chosen", *RULES), default="chosen",
+                        help="chosen: the adapter's own choices; else what that rule picks (a mix only)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
-    print(f"route = domain, {command()}, {today()}, {machine('cpu')}, bfloat16 base, 512-token windows within the "
-          f"first {args.test_tokens} tokens of each domain's test text; experts in the order {list(DOMAIN_TRAIN)}")
+    dataset = TEST if args.split == "test" else ",".join(DOMAIN_TRAIN.values())
+    print(f"route = domain ({args.rule}), {command()}, {today()}, {machine('cpu')}, bfloat16 base, 512-token windows "
+          f"within the first {args.test_tokens} tokens of each domain's {args.split} text; experts in the order "
+          f"{list(DOMAIN_TRAIN)}")
     print(f"| adapter | domain | first {args.skip} tokens | after them |")
     print("|---|---|---:|---:|")
     for path in args.adapters:
         model = load_augmented_model(args.model, path, dtype=torch.bfloat16)[0].eval()
-        bench = ExpertModelBenchmark(model, tokenizer, dataset=TEST, seq_len=512, max_tokens=args.test_tokens,
-                                     progress=False)
-        found = shares(model, bench, args.skip)
+        bench = ExpertModelBenchmark(model, tokenizer, dataset=dataset, split=args.split, seq_len=512,
+                                     max_tokens=args.test_tokens, progress=False)
+        found = shares(model, bench, args.skip, args.rule)
         for name, (before, after) in found.items():
             print(f"| {path} | {name} | {100 * before:.1f}% | {100 * after:.1f}% |")
         means = [sum(values) / len(found) for values in zip(*found.values())]

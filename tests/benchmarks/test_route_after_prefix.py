@@ -7,6 +7,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from llama_expert import ExpertConfig, augment_model
+from llama_expert.errors import ConfigError
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 
 @pytest.fixture
@@ -38,3 +39,61 @@ def test_the_shares_before_and_after_the_skip_make_the_routing_health_share(scri
         overall = sum(layer["domain_fractions"][index][index] for layer in layers) / len(layers)
         assert (skip * before + (64 - skip) * after) / 64 == pytest.approx(overall, abs=1e-6)
     assert len({round(after, 6) for _, after in found.values()}) > 1  # not a constant: the routing varies
+
+
+def _prototype_mix(folder):
+    """A model routed as a mix routes: by the nearest of three random prototypes, top-1, no null."""
+    torch.manual_seed(0)
+    model = augment_model(LlamaForCausalLM.from_pretrained(folder),
+                          ExpertConfig(num_experts=3, top_k=1, router_type="prototype",
+                                       expert_type="lora_experts", expert_allocation="uniform")).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.normal_(std=0.05)
+    return model
+
+
+def _bench(model, folder, tmp_path):
+    """Two domains' windows of 64 tokens."""
+    paths = []
+    for name, text in {"a": "Add 12 and 30 to get 42. " * 40, "b": "def f(x):\n    return x + 1\n" * 40}.items():
+        paths.append(tmp_path / f"{name}.txt")
+        paths[-1].write_text(text)
+    return ExpertModelBenchmark(model, AutoTokenizer.from_pretrained(folder), dataset=",".join(map(str, paths)),
+                                seq_len=64, max_tokens=128, progress=False)
+
+
+def test_the_raw_rule_is_the_mixs_own_choice_and_a_common_spread_changes_no_rule(script, trained_base, tmp_path):
+    folder, _ = trained_base
+    model = _prototype_mix(folder)
+    bench = _bench(model, folder, tmp_path)
+    chosen = script.shares(model, bench, 10)
+    assert script.shares(model, bench, 10, "raw") == chosen
+    assert len({share for pair in chosen.values() for share in pair}) > 1  # the routing varies
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.spread"):
+                p.fill_(2.5)  # the same spread for every expert: dividing by it, or adding its log, ranks alike
+    assert script.shares(model, bench, 10, "scaled") == chosen
+    assert script.shares(model, bench, 10, "gauss") == chosen
+
+
+def test_a_wider_spread_draws_more_tokens_under_the_scaled_rule(script, trained_base, tmp_path):
+    folder, _ = trained_base
+    model = _prototype_mix(folder)
+    bench = _bench(model, folder, tmp_path)
+    before = script.shares(model, bench, 10, "scaled")["a"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.spread_slope"):
+                p[0] = 1e6  # expert 0's text lies far from its prototype at every length: it takes every token
+    assert script.shares(model, bench, 10, "scaled")["a"] == (1.0, 1.0) != before
+
+
+def test_a_rule_asks_for_a_mix(script, trained_base, tmp_path):
+    folder, _ = trained_base
+    model = augment_model(LlamaForCausalLM.from_pretrained(folder), ExpertConfig(num_experts=3, top_k=1)).eval()
+    bench = _bench(model, folder, tmp_path)
+    with pytest.raises(ConfigError, match="needs a mix"):
+        script.shares(model, bench, 10, "scaled")
