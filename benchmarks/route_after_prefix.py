@@ -11,11 +11,15 @@ matches when its highest-gated choice is its domain's expert: a mix's i-th exper
 DOMAIN_TRAIN (math, code, prose); a null expert's choice never matches. Shares are over every layer, per domain
 and as the mean over domains, before and after position ``skip``.
 
-``--rule`` asks what another rule would choose from the same prefix means of a mix (a prototype router), each
-layer on the hidden states the mix's own routing gave: with ``D_i`` the squared distance per dimension to prototype
-i and ``s_i(n) = spread_i + spread_slope_i / n`` how far a prefix of n tokens of its own text lies from it on
-average, ``raw`` picks the least ``D_i`` (the mix's own rule without a null), ``scaled`` the least ``D_i / s_i(n)``
-and ``gauss`` the least ``D_i / s_i(n) + log s_i(n)`` (the likeliest under an isotropic Gaussian of that spread).
+``--rule`` asks what another rule would choose from the same prefix means of a mix (a prototype router): a
+counterfactual per layer, on the hidden states the mix's own routing gave (no model is routed by the rule, and no
+perplexity follows from it). With ``D_i`` the squared distance per dimension to prototype i and ``s_i(n) = spread_i
++ spread_slope_i / n`` how far a prefix of n tokens of its own text lies from it on average (fitted on n >= 32,
+``integration.prototypes``; below that it is the fit's extrapolation), ``raw`` picks the least ``D_i`` (the mix's
+own rule when it has no null expert; with one, compare a rule with ``raw``, not with the mix's choices, since no
+rule here picks the null), ``scaled`` the least ``D_i / s_i(n)`` and ``gauss`` the least ``D_i / s_i(n) + log
+s_i(n)`` (the likeliest under an isotropic Gaussian of that spread). A window is one unpadded sequence, so token t
+has a prefix of t + 1 tokens.
 """
 
 import argparse
@@ -41,18 +45,20 @@ def matches(model, window: torch.Tensor, domain: int, rule: str = "chosen") -> t
     ``domain``."""
     if rule == "chosen":
         return torch.stack([row["gates"].argmax(-1) == domain for row in token_routing(model, window)])
+    for _, adapter in adapters(model):
+        if not hasattr(adapter.router, "spread_slope"):
+            raise ConfigError(f"--rule {rule} needs a mix (a prototype router); this adapter's router is "
+                              f"{type(adapter.router).__name__}: measure it without --rule.")
+    device = next(model.parameters()).device
     with torch.no_grad(), recording_routing(model, decisions=True):
-        model(input_ids=window.view(1, -1), use_cache=False)
+        model(input_ids=window.view(1, -1).to(device), use_cache=False)
         layers = [(adapter.router, adapter.router.decisions[-1]) for _, adapter in adapters(model)]
     lengths = torch.arange(1, window.numel() + 1, dtype=torch.float32).view(-1, 1)
     found = []
     for router, routing in layers:
-        if not hasattr(router, "spread_slope"):
-            raise ConfigError(f"--rule {rule} needs a mix (a prototype router); this adapter's router is "
-                              f"{type(router).__name__}: measure it without --rule.")
-        experts = router.weight.shape[0]
+        experts = router.weight.shape[0]  # the logits' last column is the null's, where there is one
         distance = -routing.logits[:, :experts].float().cpu() * router.temperature
-        spread = router.spread.detach().float() + router.spread_slope.detach().float() / lengths
+        spread = router.spread.detach().float().cpu() + router.spread_slope.detach().float().cpu() / lengths
         found.append(RULES[rule](distance, spread).argmin(-1) == domain)
     return torch.stack(found)
 
@@ -77,7 +83,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="validation: the held-out rows of each domain's training file")
     parser.add_argument("--rule", choices=("chosen", *RULES), default="chosen",
-                        help="chosen: the adapter's own choices; else what that rule picks (a mix only)")
+                        help="chosen: the adapter's own choices; raw, scaled, gauss: what that rule picks among the "
+                             "real experts (a mix only; the docstring defines them)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
     dataset = TEST if args.split == "test" else ",".join(DOMAIN_TRAIN.values())

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from llama_expert import ExpertConfig, augment_model
 from llama_expert.errors import ConfigError
 from llama_expert.evaluation.benchmark import ExpertModelBenchmark
+from llama_expert.integration.surgery import adapters, decoder_layers
 
 @pytest.fixture
 def script(benchmark_script):
@@ -77,6 +78,53 @@ def test_the_raw_rule_is_the_mixs_own_choice_and_a_common_spread_changes_no_rule
                 p.fill_(2.5)  # the same spread for every expert: dividing by it, or adding its log, ranks alike
     assert script.shares(model, bench, 10, "scaled") == chosen
     assert script.shares(model, bench, 10, "gauss") == chosen
+
+
+def _distances(model, window: torch.Tensor) -> list:
+    """Per layer, [T, E] the squared distance per dimension of each prefix mean of the MLP's input to each prototype,
+    taken directly (float64), not from the router's logits."""
+    inputs = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0][0].double()))
+             for layer in decoder_layers(model)]
+    with torch.no_grad():
+        model(input_ids=window.view(1, -1), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    lengths = torch.arange(1, window.numel() + 1, dtype=torch.float64).view(-1, 1)
+    return [((hidden.cumsum(0) / lengths)[:, None, :] - adapter.router.weight.detach().double()[None]).pow(2).mean(-1)
+            for hidden, (_, adapter) in zip(inputs, adapters(model))]
+
+
+def _by_hand(model, distances: list, rule: str) -> torch.Tensor:
+    """[layers, T] the expert each rule picks."""
+    picks = []
+    for distance, (_, adapter) in zip(distances, adapters(model)):
+        lengths = torch.arange(1, distance.shape[0] + 1, dtype=torch.float64).view(-1, 1)
+        spread = adapter.router.spread.detach().double() + adapter.router.spread_slope.detach().double() / lengths
+        score = {"raw": distance, "scaled": distance / spread, "gauss": distance / spread + spread.log()}[rule]
+        picks.append(score.argmin(-1))
+    return torch.stack(picks)
+
+
+def test_the_rules_pick_what_a_hand_computation_from_the_prefix_means_picks(script, trained_base, tmp_path):
+    folder, _ = trained_base
+    model = _prototype_mix(folder)
+    window = _bench(model, folder, tmp_path).windows()[0]
+    distances = _distances(model, window)  # the spreads do not move the routing of a mix without a null
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for distance, (_, adapter) in zip(distances, adapters(model)):
+            adapter.router.temperature = 2.0  # the distances come back from logits divided by it
+            # spreads of the distances' own size (so that their logs matter beside D / s), each shrinking with the
+            # prefix's length at its own rate
+            size = distance[-32:].mean(0).float()
+            adapter.router.spread.copy_(size * (torch.rand(3) + 0.5))
+            adapter.router.spread_slope.copy_(size * torch.rand(3) * 8)
+    picks = {rule: _by_hand(model, distances, rule) for rule in ("raw", "scaled", "gauss")}
+    assert not torch.equal(picks["raw"], picks["scaled"]) and not torch.equal(picks["scaled"], picks["gauss"])
+    for rule, pick in picks.items():
+        for expert in range(3):
+            assert torch.equal(script.matches(model, window, expert, rule), pick == expert), (rule, expert)
 
 
 def test_a_wider_spread_draws_more_tokens_under_the_scaled_rule(script, trained_base, tmp_path):
