@@ -31,7 +31,7 @@ from llama_expert.evaluation.benchmark import ExpertModelBenchmark
 from llama_expert import load_augmented_model
 from llama_expert.integration.base_models import load_tokenizer
 from llama_expert.integration.surgery import adapters
-from llama_expert.metrics.routing import recording_routing, token_routing
+from llama_expert.metrics.routing import token_routing
 
 from common import DOMAIN_TRAIN, TEST, command, machine, today
 
@@ -43,21 +43,20 @@ RULES = {"raw": lambda distance, spread: distance,
 def matches(model, window: torch.Tensor, domain: int, rule: str = "chosen") -> torch.Tensor:
     """[layers, T]: whether each token's highest-gated choice in each layer (or what ``rule`` picks) is expert
     ``domain``."""
-    if rule == "chosen":
-        return torch.stack([row["gates"].argmax(-1) == domain for row in token_routing(model, window)])
-    for _, adapter in adapters(model):
-        if not hasattr(adapter.router, "spread_slope"):
+    routers = {name: adapter.router for name, adapter in adapters(model)}
+    for router in routers.values():
+        if rule != "chosen" and not hasattr(router, "spread_slope"):
             raise ConfigError(f"--rule {rule} needs a mix (a prototype router); this adapter's router is "
-                              f"{type(adapter.router).__name__}: measure it without --rule.")
-    device = next(model.parameters()).device
-    with torch.no_grad(), recording_routing(model, decisions=True):
-        model(input_ids=window.view(1, -1).to(device), use_cache=False)
-        layers = [(adapter.router, adapter.router.decisions[-1]) for _, adapter in adapters(model)]
+                              f"{type(router).__name__}: measure it without --rule.")
+    rows = token_routing(model, window)
+    if rule == "chosen":
+        return torch.stack([row["gates"].argmax(-1) == domain for row in rows])
     lengths = torch.arange(1, window.numel() + 1, dtype=torch.float32).view(-1, 1)
     found = []
-    for router, routing in layers:
+    for row in rows:
+        router = routers[row["module"]]
         experts = router.weight.shape[0]  # the logits' last column is the null's, where there is one
-        distance = -routing.logits[:, :experts].float().cpu() * router.temperature
+        distance = -row["logits"][:, :experts] * router.temperature
         spread = router.spread.detach().float().cpu() + router.spread_slope.detach().float().cpu() / lengths
         found.append(RULES[rule](distance, spread).argmin(-1) == domain)
     return torch.stack(found)

@@ -83,7 +83,8 @@ def token_routing(model, input_ids: torch.Tensor) -> List[Dict[str, object]]:
     choice for every token (0 where not chosen; a row sums to 1, or to less for switch's gate ``p_i`` and for a token
     that expert_choice gave no expert), with ``C`` the layer's choices, ``null`` (1 when its last is the null expert,
     else 0), ``top_k``, ``slots`` (the experts a token may get: ``top_k``, or every expert for expert_choice) and
-    the adapter's ``module`` name. ``input_ids``: [T] token ids, routed in one eval pass as
+    the adapter's ``module`` name, and ``logits`` [T, C] (float32, on the CPU: the router's clean logits, for a
+    rule other than the router's own). ``input_ids``: [T] token ids, routed in one eval pass as
     ``routing_health`` routes a window (no noise)."""
     if not is_augmented(model):
         raise ConfigError("token_routing needs an augmented model (one with MoE adapters); this one has none.")
@@ -101,7 +102,7 @@ def token_routing(model, input_ids: torch.Tensor) -> List[Dict[str, object]]:
         gates = torch.zeros(routing.indices.shape[0], router.num_experts, dtype=torch.float32)
         gates.scatter_add_(1, routing.indices.cpu(), routing.gates.detach().float().cpu())
         rows.append({"module": name, "gates": gates, "null": int(router.null_choices), "top_k": int(router.top_k),
-                     "slots": int(routing.indices.shape[1])})
+                     "slots": int(routing.indices.shape[1]), "logits": routing.logits.detach().float().cpu()})
     return rows
 
 
